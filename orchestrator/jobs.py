@@ -1,0 +1,129 @@
+"""Preparing and submitting a job: validate at the edge, shard, record, enqueue."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.scan import Scan, scan_data
+from orchestrator.weights import resolve_weights
+from shared import keys
+from shared.celery_app import app
+from shared.errors import LayerError, OutputError, UsageError
+from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
+from shared.jobstore import JobStore
+from shared.manifest import write_manifest
+from shared.models import MIN_INPUT_SIZE_PX, PREPROCESS_MODES, VGG16_LAYERS, feature_shape
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    """What the user asked for, straight from the command line."""
+
+    data_dir: Path
+    out_dir: Path
+    shard_size: int = 256
+    input_size_px: int = 150
+    layer: str = "block5_pool"
+    preprocess: str = "vgg16"
+    batch_size: int = 20
+    dtype: str = "float32"
+    weights: str = "imagenet"
+    seed: int = 0
+    allow_failed_shards: bool = False
+    max_deliveries: int = 3
+    keras_home: Path = Path.home() / ".keras"
+
+
+def validate(req: ExtractRequest) -> None:
+    """Refuse bad options before touching anything, quoting the value received."""
+    if req.layer not in VGG16_LAYERS:
+        raise LayerError(f"unknown layer {req.layer!r}; VGG16's base has: {', '.join(VGG16_LAYERS)}")
+    if req.input_size_px < MIN_INPUT_SIZE_PX:
+        raise UsageError(f"--input-size must be at least {MIN_INPUT_SIZE_PX} for VGG16; got {req.input_size_px}")
+    if min(feature_shape(req.input_size_px, req.layer)[:2]) < 1:
+        raise UsageError(f"--input-size {req.input_size_px} is too small for layer {req.layer}")
+    if req.preprocess not in PREPROCESS_MODES:
+        raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}; got {req.preprocess!r}")
+    if req.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}; got {req.dtype!r}")
+    for name, value in (("--shard-size", req.shard_size), ("--batch-size", req.batch_size),
+                        ("--max-deliveries", req.max_deliveries)):
+        if value < 1:
+            raise UsageError(f"{name} must be a positive whole number; got {value}")
+
+
+def check_output(out_dir: Path) -> Path:
+    """Create OUT if needed and prove it writable, or say why not."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".convoy-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to output directory {out_dir} ({exc.strerror or exc}); "
+            "choose another --out or fix its permissions"
+        ) from None
+    return out_dir.resolve()
+
+
+def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
+    shards = {}
+    for split, entries in scan.splits.items():
+        for index, start in enumerate(range(0, len(entries), shard_size)):
+            shards[shard_id(split, index)] = entries[start : start + shard_size]
+    return shards
+
+
+def prepare(req: ExtractRequest, options: dict | None = None) -> tuple[JobSpec, dict[str, list[list]], Scan]:
+    """Everything up to, not including, talking to the broker."""
+    validate(req)
+    scan = scan_data(req.data_dir)
+    out = check_output(req.out_dir)
+    weights_path, sha = resolve_weights(req.weights, req.seed, out, req.keras_home)
+    shards = make_shards(scan, req.shard_size)
+    model = ModelConfig(
+        layer=req.layer,
+        input_size_px=req.input_size_px,
+        preprocess=req.preprocess,
+        weights=req.weights,
+        weights_path=str(weights_path),
+        weights_sha256=sha,
+        batch_size=req.batch_size,
+        dtype=req.dtype,
+    )
+    spec = JobSpec(
+        job_id=new_job_id(),
+        data_dir=str(scan.data_dir),
+        out_dir=str(out),
+        model=model,
+        class_names=scan.class_names,
+        shard_ids=list(shards),
+        allow_failed_shards=req.allow_failed_shards,
+        max_deliveries=req.max_deliveries,
+        options={"scan_skipped": scan.skipped, "ignored": scan.ignored, "layout": scan.layout,
+                 "seed": req.seed, **(options or {})},
+    )
+    return spec, shards, scan
+
+
+def submit(store: JobStore, spec: JobSpec, shards: dict[str, list[list]]) -> str:
+    """Record the job in Redis and on disk, then enqueue one task per shard."""
+    write_manifest(spec, shards)
+    store.create(spec, shards)
+    enqueue_shards(spec.job_id, list(shards))
+    return spec.job_id
+
+
+def enqueue_shards(job_id: str, shard_ids: list[str]) -> None:
+    for sid in shard_ids:
+        app.send_task(keys.EXTRACT_TASK, args=[job_id, sid], queue=keys.EXTRACT_QUEUE)
+
+
+def keras_home_from_env() -> Path:
+    """Where Keras keeps downloads: $KERAS_HOME, else ~/.keras (Keras's own rule)."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")

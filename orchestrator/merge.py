@@ -1,0 +1,32 @@
+"""``convoy merge``: rebuild (and optionally materialize) merged files from shard files on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.features import materialize, merge_job_files, shard_fingerprint
+from shared.job import fingerprint
+from shared.manifest import read_manifest, spec_and_shards
+from shared.settings import Settings
+
+
+def _out_dir(target: str, settings: Settings) -> Path:
+    if Path(target).is_dir():
+        return Path(target)
+    from orchestrator.cli import _store
+
+    return Path(_store(settings).spec(target).out_dir)
+
+
+def merge_target(target: str, settings: Settings, make_copy: bool) -> dict[str, str]:
+    """Merge every shard file whose fingerprint is current; return split -> merged file."""
+    spec, shards = spec_and_shards(read_manifest(_out_dir(target, settings)))
+    current = {
+        sid for sid, entries in shards.items()
+        if shard_fingerprint(spec.shard_file(sid)) == fingerprint(spec.model, entries)
+    }
+    merged = merge_job_files(spec, current)
+    if make_copy:
+        for path in merged.values():
+            materialize(Path(path))
+    return merged

@@ -1,0 +1,110 @@
+"""Scanning DATA: which layout it has, its classes, and every image in sorted path order."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import DataError
+from shared.images import IMAGE_EXTENSIONS, is_image_name
+from shared.job import SEED_SPLITS, SINGLE_SPLIT
+
+LAYOUT_HELP = (
+    "expected DATA/{train,validation,test}/{class}/*, DATA/{class}/*, or a flat folder of images"
+)
+
+
+@dataclass
+class Scan:
+    """What is in DATA. ``splits`` maps a split to its sorted (relative path, label) pairs."""
+
+    data_dir: Path
+    layout: str  # "splits", "classes" or "flat"
+    class_names: list[str]
+    splits: dict[str, list[list]] = field(default_factory=dict)
+    ignored: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def _subdirs(path: Path) -> list[Path]:
+    with os.scandir(path) as it:
+        return sorted(Path(e.path) for e in it if e.is_dir(follow_symlinks=True) and not e.name.startswith("."))
+
+
+def _files_under(root: Path, recursive: bool) -> list[str]:
+    """Every file below ``root`` (relative to it), hidden ones excluded; no symlinked folders."""
+    found = []
+    for here, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        rel = os.path.relpath(here, root)
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def _valid_name(rel: str) -> bool:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _collect(scan: Scan, split: str, folder: Path, label: int, recursive: bool) -> None:
+    prefix = folder.relative_to(scan.data_dir)
+    for rel in _files_under(folder, recursive):
+        path = (prefix / rel).as_posix()
+        if not is_image_name(rel):
+            scan.ignored += 1
+        elif not _valid_name(path):
+            shown = path.encode("utf-8", "backslashreplace").decode()
+            scan.skipped.append({"path": shown, "reason": "file name is not valid UTF-8; rename it"})
+        else:
+            scan.splits.setdefault(split, []).append([path, label])
+
+
+def scan_data(data_dir: str | Path) -> Scan:
+    """Scan DATA or raise :class:`DataError` saying what is wrong with it."""
+    data = Path(data_dir)
+    if not data.exists():
+        raise DataError(f"data directory {data} does not exist; {LAYOUT_HELP}")
+    if not data.is_dir():
+        raise DataError(f"{data} is not a directory; {LAYOUT_HELP}")
+    data = data.resolve()
+    try:
+        scan = _scan(data)
+    except PermissionError as exc:
+        raise DataError(f"cannot read {exc.filename}: permission denied") from None
+    for split in scan.splits:
+        scan.splits[split].sort(key=lambda e: e[0])
+    if not scan.images:
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise DataError(f"no images in {data} (looked for {exts}); {LAYOUT_HELP}")
+    return scan
+
+
+def _scan(data: Path) -> Scan:
+    top = _subdirs(data)
+    split_dirs = [data / s for s in SEED_SPLITS if (data / s) in top]
+    if split_dirs:
+        classes = sorted({c.name for s in split_dirs for c in _subdirs(s)})
+        scan = Scan(data, "splits", classes)
+        for split_dir in split_dirs:
+            for class_dir in _subdirs(split_dir):
+                _collect(scan, split_dir.name, class_dir, classes.index(class_dir.name), True)
+            scan.ignored += sum(1 for e in os.scandir(split_dir) if e.is_file())
+        return scan
+    if top:
+        scan = Scan(data, "classes", [c.name for c in top])
+        for index, class_dir in enumerate(top):
+            _collect(scan, SINGLE_SPLIT, class_dir, index, True)
+        if scan.images:
+            scan.ignored += sum(1 for e in os.scandir(data) if e.is_file())
+            return scan
+    scan = Scan(data, "flat", [])
+    _collect(scan, SINGLE_SPLIT, data, -1, False)
+    return scan

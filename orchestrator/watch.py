@@ -1,0 +1,79 @@
+"""Waiting for a job: a live progress bar from Redis, and the job's summary at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from shared.errors import JobCancelled, JobFailed
+from shared.job import CANCELLED, DONE, FAILED
+from shared.jobstore import JobStore, is_final
+
+POLL_S = 0.5
+
+
+def progress_counts(store: JobStore, job_id: str) -> tuple[int, int]:
+    """(images done, images total) over all shards."""
+    states = store.shard_states(job_id).values()
+    return sum(int(s.get("done", 0)) for s in states), sum(int(s.get("total", 0)) for s in states)
+
+
+def wait_for_job(
+    store: JobStore,
+    job_id: str,
+    show_progress: bool,
+    alive: Callable[[], bool] | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Block until the job is final; return its state. Raises JobFailed / JobCancelled."""
+    console = console or Console(stderr=True)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
+        task = bar.add_task(job_id, total=None, rate=0.0)
+        t0 = time.monotonic()
+        while True:
+            state = store.status(job_id)
+            done, total = progress_counts(store, job_id)
+            rate = done / max(time.monotonic() - t0, 1e-9)
+            bar.update(task, completed=done, total=total or None, rate=rate,
+                       description=f"{job_id} {state.get('status', '?')}")
+            if is_final(state.get("status")):
+                break
+            if alive is not None and not alive():
+                raise JobFailed("every local worker exited; see the logs in OUT/logs")
+            time.sleep(POLL_S)
+    return finish_state(state)
+
+
+def finish_state(state: dict) -> dict:
+    status = state.get("status")
+    if status == FAILED:
+        raise JobFailed(state.get("error", "the job failed"))
+    if status == CANCELLED:
+        raise JobCancelled("the job was cancelled")
+    assert status == DONE
+    return state
+
+
+def print_summary(summary: dict, as_json: bool, out=None) -> None:
+    """Human lines on stderr-friendly stdout; with --json the last stdout line is JSON."""
+    out = out or sys.stdout
+    if as_json:
+        print(json.dumps(summary), file=out)
+        return
+    print(f"job {summary['job_id']}: {summary['images']} images in {summary['shards']} shards, "
+          f"{summary['seconds']:.1f} s ({summary['images_per_s']:.1f} img/s)", file=out)
+    for split, path in summary["features"].items():
+        print(f"  features[{split}] -> {path}", file=out)
+    if summary["skipped"]:
+        print(f"  skipped {len(summary['skipped'])} images:", file=out)
+        for item in summary["skipped"]:
+            print(f"    {item['path']}: {item['reason']}", file=out)
+    for item in summary.get("failed_shards", []):
+        print(f"  shard {item['shard']} failed: {item['reason']}", file=out)

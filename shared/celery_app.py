@@ -1,0 +1,57 @@
+"""The Celery app and its configuration, shared by the CLI (which only sends) and the workers."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared import keys
+from shared.settings import Settings
+
+#: Task modules the workers import. They import TensorFlow lazily, inside the tasks' helpers,
+#: so the worker's main process (which forks the pool) never initialises it.
+TASK_MODULES = ["workers.extract", "workers.merge"]
+
+app = Celery("convoy", include=TASK_MODULES)
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the app at the settings' broker and apply Convoy's delivery guarantees."""
+    url = settings.broker_url or "redis://127.0.0.1:6379/0"
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        broker_url=url,
+        result_backend=url,
+        # JSON only: nothing pickled crosses the broker, and pickled messages are refused.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        # A task is acknowledged after it ran; a dead pool process hands it back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Celery's Redis docs ask for the timeout in all three places.
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        visibility_timeout=settings.visibility_timeout_s,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        result_extended=True,
+        result_expires=7 * 24 * 3600,
+        # One direct exchange per queue: a message for `cam` can only ever land on `cam`.
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in keys.ALL_QUEUES],
+        task_default_queue=keys.EXTRACT_QUEUE,
+        task_routes={
+            keys.EXTRACT_TASK: {"queue": keys.EXTRACT_QUEUE},
+            keys.MERGE_TASK: {"queue": keys.TRAIN_QUEUE},
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app

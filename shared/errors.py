@@ -1,0 +1,53 @@
+"""Every error Convoy raises on purpose. Messages say what is wrong and how to fix it."""
+
+
+class ConvoyError(Exception):
+    """Base class of Convoy's own errors."""
+
+    exit_code = 1
+
+
+class UsageError(ConvoyError):
+    """The command line or its input is wrong; nothing was submitted."""
+
+    exit_code = 2
+
+
+class DataError(UsageError):
+    """The data directory is missing, empty or has no usable images."""
+
+
+class OutputError(UsageError):
+    """The output directory cannot be written."""
+
+
+class LayerError(UsageError):
+    """The requested layer does not exist in the model."""
+
+
+class WeightsError(UsageError):
+    """The weights cannot be had or do not load."""
+
+
+class BrokerError(UsageError):
+    """The broker cannot be reached."""
+
+
+class JobNotFound(UsageError):
+    """No job with this id is known to the broker or on disk."""
+
+
+class WeightsMismatch(ConvoyError):
+    """A worker's weights file does not have the hash the orchestrator recorded."""
+
+
+class ShardError(ConvoyError):
+    """A shard cannot be processed (not a bad image: those are skipped, not raised)."""
+
+
+class JobFailed(ConvoyError):
+    """The job ended failed; the message names the shard and the reason."""
+
+
+class JobCancelled(ConvoyError):
+    """The job was cancelled."""

@@ -1,0 +1,192 @@
+"""The HDF5 schema: shard files written atomically, merged per split with virtual datasets.
+
+Datasets (shard and merged files): ``features`` (N, h, w, c), ``labels`` (N,) int,
+``paths`` (N,) UTF-8 relative to DATA, ``skipped_paths`` / ``skipped_reasons`` (bad images).
+Attributes say how the features were made, so anyone holding a file can reproduce any row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class ShardResult:
+    """What one shard produced: rows for the images that decoded, reasons for those that didn't."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=_STR)
+    f.create_dataset("skipped_paths", data=np.array([p for p, _ in skipped], dtype=object), dtype=_STR)
+    f.create_dataset(
+        "skipped_reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=_STR
+    )
+    for key, value in attrs.items():
+        f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make ``tmp`` appear at ``final`` whole or not at all."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_shard(final: Path, result: ShardResult, attrs: dict) -> None:
+    """Write a shard file under a temporary name, flush it, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        with h5py.File(tmp, "w") as f:
+            feats = result.features
+            chunk_rows = max(1, min(len(feats), 64))
+            f.create_dataset(
+                "features", data=feats, chunks=(chunk_rows, *feats.shape[1:]) if len(feats) else None
+            )
+            _write_common(f, result.labels, result.paths, result.skipped, attrs)
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def shard_fingerprint(path: Path) -> str | None:
+    """The fingerprint a valid shard file was written with, or None if absent or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f or "paths" not in f:
+                return None
+            return str(f.attrs.get("fingerprint", "")) or None
+    except (OSError, KeyError):
+        return None
+
+
+def read_shard_summary(path: Path) -> dict:
+    """Rows and skipped images of a finished shard file."""
+    with h5py.File(path, "r") as f:
+        return {
+            "rows": int(f["features"].shape[0]),
+            "skipped": [
+                {"path": p, "reason": r}
+                for p, r in zip(
+                    f["skipped_paths"].asstr()[()].tolist(),
+                    f["skipped_reasons"].asstr()[()].tolist(),
+                    strict=True,
+                )
+            ],
+        }
+
+
+def merge_split(merged: Path, shard_files: list[Path], attrs: dict) -> Path:
+    """Build ``merged`` over ``shard_files`` (in order) with virtual datasets: no copy."""
+    sources = []
+    paths: list[str] = []
+    labels: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    shape_tail, dtype = None, np.float32
+    for shard in shard_files:
+        with h5py.File(shard, "r") as f:
+            n = f["features"].shape[0]
+            shape_tail, dtype = f["features"].shape[1:], f["features"].dtype
+            paths += f["paths"].asstr()[()].tolist()
+            labels.append(f["labels"][()])
+            skipped += zip(f["skipped_paths"].asstr()[()], f["skipped_reasons"].asstr()[()], strict=True)
+        if n:
+            # Relative names: the merged file keeps working when OUT is moved or mounted elsewhere.
+            sources.append((os.path.relpath(shard, merged.parent), n))
+    total = sum(n for _, n in sources)
+    tmp = _tmp_name(merged)
+    try:
+        with h5py.File(tmp, "w", libver="latest") as f:
+            if total and shape_tail is not None:
+                layout = h5py.VirtualLayout(shape=(total, *shape_tail), dtype=dtype)
+                row = 0
+                for name, n in sources:
+                    layout[row : row + n] = h5py.VirtualSource(
+                        name, "features", shape=(n, *shape_tail)
+                    )
+                    row += n
+                f.create_virtual_dataset("features", layout)
+            else:
+                f.create_dataset("features", shape=(0, *(shape_tail or (0, 0, 0))), dtype=dtype)
+            all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+            _write_common(f, all_labels, paths, skipped, {**attrs, "shards": len(shard_files)})
+        _publish(tmp, merged)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return merged
+
+
+def materialize(merged: Path) -> Path:
+    """Replace a virtual merged file by a self-contained copy (same datasets and attributes)."""
+    tmp = _tmp_name(merged)
+    try:
+        with h5py.File(merged, "r") as src, h5py.File(tmp, "w") as dst:
+            feats = src["features"]
+            chunk_rows = max(1, min(feats.shape[0], 64))
+            out = dst.create_dataset(
+                "features",
+                shape=feats.shape,
+                dtype=feats.dtype,
+                chunks=(chunk_rows, *feats.shape[1:]) if feats.shape[0] else None,
+            )
+            for start in range(0, feats.shape[0], 1024):
+                out[start : start + 1024] = feats[start : start + 1024]
+            for name in ("labels", "paths", "skipped_paths", "skipped_reasons"):
+                src.copy(src[name], dst, name=name)
+            dst.attrs.update(dict(src.attrs))
+            dst.attrs["materialized"] = 1
+        _publish(tmp, merged)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return merged
+
+
+def read_attrs(path: Path) -> dict:
+    """Attributes of a features file, JSON-valued ones decoded."""
+    with h5py.File(path, "r") as f:
+        out = {}
+        for key, value in f.attrs.items():
+            if isinstance(value, str) and value[:1] in "[{":
+                value = json.loads(value)
+            out[key] = value.item() if isinstance(value, np.generic) else value
+        return out
+
+
+#: Attributes that describe one shard, not the merged split.
+_SHARD_ONLY = ("fingerprint", "shard", "host")
+
+
+def merge_job_files(spec, finished: set[str]) -> dict[str, str]:
+    """Merge every split of a job (a :class:`shared.job.JobSpec`) over its finished shards."""
+    merged = {}
+    for split in spec.splits:
+        files = [
+            spec.shard_file(s) for s in spec.shard_ids if s.startswith(split + "/") and s in finished
+        ]
+        attrs = {k: v for k, v in read_attrs(files[0]).items() if k not in _SHARD_ONLY} if files else {}
+        merged[split] = str(merge_split(spec.merged_file(split), files, {**attrs, "split": split}))
+    return merged

@@ -1,0 +1,65 @@
+"""``OUT/manifest.json``: the job on disk, enough to rebuild it when Redis has lost it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from shared.errors import JobNotFound
+from shared.job import JobSpec
+
+MANIFEST_NAME = "manifest.json"
+
+
+def manifest_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / MANIFEST_NAME
+
+
+def write_manifest(spec: JobSpec, shards: dict[str, list[list]], extra: dict | None = None) -> Path:
+    """Write the manifest atomically (temporary file, then rename)."""
+    path = manifest_path(spec.out_dir)
+    body = {
+        "job_id": spec.job_id,
+        "spec": json.loads(spec.to_json()),
+        "shards": [
+            {
+                "id": sid,
+                "file": os.path.relpath(spec.shard_file(sid), spec.out_dir),
+                "images": len(entries),
+                "entries": entries,
+                "state": "queued",
+            }
+            for sid, entries in shards.items()
+        ],
+        **(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    path = manifest_path(out_dir)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobNotFound(f"no manifest at {path}; is this a Convoy output directory?") from None
+
+
+def spec_and_shards(manifest: dict) -> tuple[JobSpec, dict[str, list[list]]]:
+    spec = JobSpec.from_json(json.dumps(manifest["spec"]))
+    return spec, {s["id"]: s["entries"] for s in manifest["shards"]}
+
+
+def update_states(out_dir: str | Path, states: dict[str, str], extra: dict | None = None) -> None:
+    """Record final shard states (and summary fields) in the manifest."""
+    manifest = read_manifest(out_dir)
+    for shard in manifest["shards"]:
+        shard["state"] = states.get(shard["id"], shard["state"])
+    manifest.update(extra or {})
+    path = manifest_path(out_dir)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)

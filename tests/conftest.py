@@ -1,0 +1,137 @@
+"""One fixture per real backend: a Redis database of our own, and real worker processes.
+
+Redis: the server on 127.0.0.1:6379 when it answers (in CI it must), else the embedded one.
+Each test session locks a database number of its own, so parallel sessions don't collide.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_REDIS = "redis://127.0.0.1:6379"
+
+
+def _system_redis() -> bool:
+    try:
+        return bool(redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _lock_database(base_url: str) -> tuple[str, redis.Redis]:
+    """Claim a free database 1..15 with a lock key that expires if this session dies."""
+    for db in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{base_url}/{db}")
+        if client.set("convoy-test-lock", os.getpid(), nx=True, ex=3600):
+            for key in client.scan_iter():
+                if key != b"convoy-test-lock":
+                    client.delete(key)
+            return f"{base_url}/{db}", client
+    raise RuntimeError("every Redis database 1..15 is locked by another test session")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    if _system_redis():
+        url, client = _lock_database(SYSTEM_REDIS)
+        yield url
+        client.delete("convoy-test-lock")
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must test against the Redis on 127.0.0.1:6379, and it does not answer")
+    from orchestrator.cluster import EmbeddedBroker
+
+    broker = EmbeddedBroker(tmp_path_factory.mktemp("broker"))
+    url = broker.start()
+    yield url
+    broker.stop()
+
+
+def convoy(*args: str, env: dict | None = None, timeout: float = 300, check: bool = False):
+    """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"convoy {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@dataclass
+class Cluster:
+    url: str
+    procs: list[subprocess.Popen]
+    log_dir: Path
+
+    @property
+    def env(self) -> dict:
+        return {"CONVOY_BROKER_URL": self.url}
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.log_dir.glob("*.log")))
+
+
+def start_worker(url: str, log_dir: Path, name: str, queues: str = "extract,train,cam",
+                 extra_env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "CONVOY_BROKER_URL": url, "CONVOY_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           **(extra_env or {})}
+    log = open(log_dir / f"{name}.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "worker", "--queues", queues, "--hostname", f"{name}@%h"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+    )
+
+
+def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_ready(url: str, names: list[str], timeout: float = 90) -> None:
+    """Block until every named worker answers a ping (its pool is up)."""
+    from shared.celery_app import configure
+    from shared.settings import Settings
+
+    app = configure(Settings(broker_url=url))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=1.0) or []
+        seen = {host.split("@")[0] for reply in replies for host in reply}
+        if set(names) <= seen:
+            return
+    raise TimeoutError(f"workers {names} did not come up within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def cluster(redis_url, tmp_path_factory):
+    """Two real worker processes on all queues, shared by the tests that need a cluster."""
+    log_dir = tmp_path_factory.mktemp("worker-logs")
+    names = ["w1", "w2"]
+    procs = [start_worker(redis_url, log_dir, n) for n in names]
+    wait_ready(redis_url, names)
+    yield Cluster(redis_url, procs, log_dir)
+    for p in procs:
+        stop_worker(p)
+
+
+@pytest.fixture(scope="session")
+def images_tree(tmp_path_factory):
+    """A seed-layout tree of 40x40 PNGs: 6/2/2 per class."""
+    from tests.imagegen import make_tree
+
+    return make_tree(tmp_path_factory.mktemp("data") / "tree", {"train": 6, "validation": 2, "test": 2})

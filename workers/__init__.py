@@ -1,0 +1,1 @@
+"""Celery tasks, one module per queue: extract (and merge), train, cam."""

@@ -1,0 +1,29 @@
+"""The feature extractor: VGG16's base cut at a layer, called as a compiled function."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.job import ModelConfig
+from shared.models import build_feature_extractor, preprocess
+
+
+class Extractor:
+    """Pixels in, features out; built once per process and reused across tasks."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        import tensorflow as tf
+
+        self.config = model
+        self.model = build_feature_extractor(model.weights_path, model.input_size_px, model.layer)
+        size = model.input_size_px
+        # One trace for every batch size; `predict` per batch would rebuild its loop each call.
+        self._call = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+        )
+        self._dtype = np.float16 if model.dtype == "float16" else np.float32
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        x = preprocess(pixels, self.config.preprocess)
+        return np.asarray(self._call(x)).astype(self._dtype, copy=False)

@@ -1,0 +1,48 @@
+"""Merging on the ``train`` queue: per split, one virtual HDF5 file over the shard files."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from shared import keys
+from shared.celery_app import app
+from shared.features import merge_job_files
+from shared.job import DONE, FAILED, MERGING, JobSpec
+from shared.jobstore import JobStore, is_final
+from shared.manifest import update_states
+from workers.runtime import runtime
+
+log = logging.getLogger("convoy.merge")
+
+@app.task(name=keys.MERGE_TASK, bind=True)
+def merge_job(self, job_id: str) -> dict:
+    """Merge a job's finished shards; the job ends done (or goes on to training)."""
+    store = runtime().store
+    spec = store.spec(job_id)
+    if is_final(store.status(job_id).get("status")):
+        return {"job": job_id, "state": "skipped"}
+    store.set_status(job_id, MERGING)
+    try:
+        summary = merge_all(store, spec)
+    except Exception as exc:
+        store.finish(job_id, FAILED, error=f"merge failed: {type(exc).__name__}: {exc}")
+        raise
+    store.finish(job_id, DONE, summary=json.dumps(summary))
+    return {"job": job_id, "state": DONE, "images": summary["images"]}
+
+
+def merge_all(store: JobStore, spec: JobSpec) -> dict:
+    finished = store.finished_shards(spec.job_id)
+    states = store.shard_states(spec.job_id)
+    features, images, skipped = merge_job_files(spec, finished), 0, list(spec.options.get("scan_skipped", []))
+    for state in states.values():
+        images += int(state.get("rows", 0))
+        skipped += state.get("skipped", [])
+    failed = [
+        {"shard": s, "reason": states.get(s, {}).get("error", "")}
+        for s in sorted(store.failed_shards(spec.job_id))
+    ]
+    summary = {"images": images, "skipped": skipped, "features": features, "failed_shards": failed}
+    update_states(spec.out_dir, {s: st.get("state", "queued") for s, st in states.items()}, {"summary": summary})
+    return summary

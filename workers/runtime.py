@@ -1,0 +1,105 @@
+"""Per-process worker state: settings, the Redis client and the model, made once after the fork.
+
+Celery forks the pool from a main process that never imports TensorFlow; each child sets its
+thread pools and builds its model in ``worker_process_init`` and reuses it for every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from celery.signals import worker_process_init
+
+from shared.errors import WeightsMismatch
+from shared.job import JobSpec, ModelConfig, sha256_file
+from shared.jobstore import JobStore, connect
+from shared.settings import Settings
+
+log = logging.getLogger("convoy.worker")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: JobStore
+    _extractors: dict = field(default_factory=dict)
+
+    def spec(self, job_id: str) -> JobSpec:
+        return _cached_spec(self.store, job_id)
+
+    def extractor(self, model: ModelConfig):
+        """The feature extractor for ``model``, rebuilt only when the configuration changes."""
+        key = (model.weights_sha256, model.input_size_px, model.layer, model.preprocess)
+        if key not in self._extractors:
+            from workers.inference import Extractor
+
+            verify_weights(model)
+            self._extractors.clear()  # one model per process: memory stays flat
+            self._extractors[key] = Extractor(model)
+        return self._extractors[key]
+
+
+_RUNTIME: Runtime | None = None
+_SETTINGS: Settings | None = None
+
+
+def install(settings: Settings) -> None:
+    """Called by ``convoy worker`` in the main process before the pool forks."""
+    global _SETTINGS
+    _SETTINGS = settings
+
+
+def runtime() -> Runtime:
+    global _RUNTIME
+    if _RUNTIME is None:
+        settings = _SETTINGS or Settings.from_env()
+        _RUNTIME = Runtime(settings=settings, store=JobStore(connect(settings.broker_url or "")))
+    return _RUNTIME
+
+
+@lru_cache(maxsize=32)
+def _cached_spec(store: JobStore, job_id: str) -> JobSpec:
+    return store.spec(job_id)
+
+
+@lru_cache(maxsize=8)
+def _weights_digest(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def verify_weights(model: ModelConfig) -> None:
+    """Refuse to run on weights other than those the orchestrator recorded."""
+    try:
+        st = os.stat(model.weights_path)
+    except OSError as exc:
+        raise WeightsMismatch(
+            f"weights file {model.weights_path} is not readable on this worker ({exc.strerror}); "
+            "put it on storage every worker sees at the same path"
+        ) from None
+    digest = _weights_digest(model.weights_path, st.st_mtime_ns, st.st_size)
+    if digest != model.weights_sha256:
+        raise WeightsMismatch(
+            f"weights file {model.weights_path} has sha256 {digest[:12]}…, the job recorded "
+            f"{model.weights_sha256[:12]}…; the file changed after submission: resubmit the job"
+        )
+
+
+@worker_process_init.connect
+def _init_process(**_kwargs) -> None:
+    settings = _SETTINGS or Settings.from_env()
+    configure_tensorflow(settings.tf_threads)
+    runtime()
+
+
+def configure_tensorflow(threads: int) -> None:
+    """Size TensorFlow's pools so N workers on C cores don't oversubscribe."""
+    import tensorflow as tf
+
+    if threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
