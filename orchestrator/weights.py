@@ -7,7 +7,7 @@ from pathlib import Path
 
 from shared.errors import WeightsError
 from shared.job import sha256_file
-from shared.models import MIN_INPUT_SIZE_PX, build_vgg16_base, save_random_weights
+from shared.models import MIN_INPUT_SIZE_PX, build_vgg16_base, import_tensorflow, save_random_weights
 
 #: Keras's own address and MD5 for VGG16's base without the top (keras/applications/vgg16.py).
 IMAGENET_NOTOP_URL = (
@@ -28,6 +28,7 @@ def fetch_imagenet(keras_home: Path) -> Path:
     cached = imagenet_cache_path(keras_home)
     if cached.exists():
         return cached
+    import_tensorflow()
     import keras
 
     old = socket.getdefaulttimeout()

@@ -3,6 +3,8 @@ the CLI validates layer names without paying for it."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +52,29 @@ def feature_shape(input_size_px: int, layer: str) -> tuple[int, int, int]:
     return side, side, channels
 
 
+def import_tensorflow():
+    """Import TensorFlow with its C++ start-up notices hidden.
+
+    They are written to file descriptor 2 before TF_CPP_MIN_LOG_LEVEL is read, so they would
+    otherwise land between a user's command and its one-line error message.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tensorflow
+
+
 def build_vgg16_base(weights: str | Path | None, input_size_px: int):
     """keras.applications.VGG16's convolutional base with these weights (a path or None)."""
+    import_tensorflow()
     import keras
 
     return keras.applications.VGG16(
@@ -73,6 +96,7 @@ def build_feature_extractor(weights: str | Path, input_size_px: int, layer: str)
 
 def save_random_weights(path: Path, seed: int) -> None:
     """Randomly initialised VGG16 base weights, made once and shared by every worker."""
+    import_tensorflow()
     import keras
 
     keras.utils.set_random_seed(seed)

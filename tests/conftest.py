@@ -102,8 +102,9 @@ def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: floa
             proc.wait()
 
 
-def wait_ready(url: str, names: list[str], timeout: float = 90) -> None:
-    """Block until every named worker answers a ping (its pool is up)."""
+def wait_ready(url: str, names: list[str], timeout: float = 90, procs: list | None = None,
+               log_dir: Path | None = None) -> None:
+    """Block until every named worker answers a ping (its pool is up); fail early if one exits."""
     from shared.celery_app import configure
     from shared.settings import Settings
 
@@ -114,6 +115,9 @@ def wait_ready(url: str, names: list[str], timeout: float = 90) -> None:
         seen = {host.split("@")[0] for reply in replies for host in reply}
         if set(names) <= seen:
             return
+        if procs and any(p.poll() is not None for p in procs):
+            logs = "".join(f.read_text()[-3000:] for f in sorted(log_dir.glob("*.log"))) if log_dir else ""
+            raise RuntimeError(f"a worker exited during start-up:\n{logs}")
     raise TimeoutError(f"workers {names} did not come up within {timeout}s")
 
 
@@ -123,7 +127,7 @@ def cluster(redis_url, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("worker-logs")
     names = ["w1", "w2"]
     procs = [start_worker(redis_url, log_dir, n) for n in names]
-    wait_ready(redis_url, names)
+    wait_ready(redis_url, names, procs=procs, log_dir=log_dir)
     yield Cluster(redis_url, procs, log_dir)
     for p in procs:
         stop_worker(p)

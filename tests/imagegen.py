@@ -42,3 +42,37 @@ def make_flat(root: Path, n: int, size_px: int = 40, seed: int = 0) -> Path:
     for i in range(n):
         pattern("stripes" if i % 2 else "blobs", size_px, rng).save(root / f"img-{i:03d}.jpg")
     return root
+
+
+def make_odd_images(folder: Path) -> dict[str, str | None]:
+    """Every kind of awkward file, named by kind; value: a reason substring, or None if usable."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    good = pattern("blobs", 48, rng)
+    expected: dict[str, str | None] = {}
+
+    good.save(folder / "truncated.jpg", quality=95)
+    data = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    expected["truncated.jpg"] = "corrupt"
+    (folder / "zero.jpg").write_bytes(b"")
+    expected["zero.jpg"] = "empty file"
+    (folder / "text.jpg").write_text("this is not a picture\n")
+    expected["text.jpg"] = "not an image"
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")
+    expected["bomb.png"] = "decompression bomb"
+    os.symlink("loop.png", folder / "loop.png")
+    expected["loop.png"] = "symbolic links"
+
+    good.convert("RGBA").save(folder / "alpha.png")
+    good.convert("L").save(folder / "grey.png")
+    good.convert("P").save(folder / "palette.gif")
+    good.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.asarray(good.convert("L"), np.uint16) * 257).save(folder / "deep16.png")
+    good.save(folder / "plain.webp")
+    good.save(folder / "plain.bmp")
+    for name in ("alpha.png", "grey.png", "palette.gif", "cmyk.jpg", "deep16.png", "plain.webp", "plain.bmp"):
+        expected[name] = None
+    return expected
