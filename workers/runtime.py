@@ -96,7 +96,9 @@ def _init_process(**_kwargs) -> None:
 
 def configure_tensorflow(threads: int) -> None:
     """Size TensorFlow's pools so N workers on C cores don't oversubscribe."""
-    import tensorflow as tf
+    from shared.models import import_tensorflow
+
+    tf = import_tensorflow()
 
     if threads > 0:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
