@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator import monitor_cli
+from orchestrator.train_options import add_train_options
 from shared.errors import ConvoyError, UsageError
 from shared.job import FINAL_STATES
 from shared.models import DEFAULT_LAYER, PREPROCESS_MODES
@@ -53,6 +55,25 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     _broker_option(p)
 
 
+def _cam_parser(sub) -> None:
+    cam = sub.add_parser("cam", help="Grad-CAM heatmaps of images under a classifier, on the cam queue")
+    cam.add_argument("model", help="a .keras classifier (e.g. OUT/model/full_model.keras) or vgg16-imagenet")
+    cam.add_argument("images", type=Path, nargs="+", help="image files or a folder of images")
+    cam.add_argument("--out", type=Path, required=True, help="CAMDIR: heatmaps.h5, overlays/, index.html")
+    which = cam.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="class_index", type=int, help="class index K (default: the predicted one)")
+    which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes (1)")
+    cam.add_argument("--layer", help="conv layer (default: the last one, also inside a nested base)")
+    cam.add_argument("--batch-size", type=_positive, default=16, help="images per task and forward pass (16)")
+    cam.add_argument("--preprocess", choices=("none", "vgg16", "rescale"),
+                     help="applied before the model (default: vgg16 for vgg16-imagenet, else none)")
+    cam.add_argument("--workers", type=_positive, default=1, help="local worker processes without --broker (1)")
+    cam.add_argument("--detach", action="store_true", help="print the job id and return (needs --broker)")
+    cam.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    cam.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _broker_option(cam)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="convoy", description="Distributed VGG16 features, classifiers and heatmaps.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,10 +83,35 @@ def build_parser() -> Parser:
     run.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
                      help="local worker processes (default: one per 2 cores)")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    run.add_argument("--no-train", action="store_true", help="extract only (default: train when DATA has labels)")
+    run.add_argument("--finetune", action="store_true", help="after training, fine-tune the base's top block")
+    add_train_options(run, "--train-batch-size")
+    run.add_argument("--cam", type=int, default=8, metavar="N", help="Grad-CAM maps of N test images after training")
 
     submit = sub.add_parser("submit", help="submit a job to a running cluster and return its id")
     kinds = submit.add_subparsers(dest="kind", required=True, metavar="KIND")
-    _extract_options(kinds.add_parser("extract", help="feature extraction"))
+    extract = kinds.add_parser("extract", help="feature extraction")
+    _extract_options(extract)
+    extract.add_argument("--then-train", action="store_true", help="train a classifier when extraction ends")
+    extract.add_argument("--finetune", action="store_true", help="with --then-train: fine-tune after training")
+    add_train_options(extract, "--train-batch-size")
+    for kind, text in (("train", "train a classifier on an existing job's features"),
+                       ("finetune", "fine-tune a job whose classifier is trained")):
+        again = kinds.add_parser(kind, help=text)
+        again.add_argument("job", help="job id")
+        again.add_argument("--seed", type=int, default=None, help="training seed (default: the job's --seed)")
+        again.add_argument("--wait", action="store_true", help="wait for the job to end and print its summary")
+        again.add_argument("--json", action="store_true", help="print JSON")
+        if kind == "train":
+            again.add_argument("--finetune", action="store_true", help="fine-tune after training")
+        add_train_options(again)
+        _broker_option(again)
+
+    predict = sub.add_parser("predict", help="classify images with a trained full_model.keras or finetuned.keras")
+    predict.add_argument("model", type=Path, help="OUT/model/full_model.keras or finetuned.keras")
+    predict.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    predict.add_argument("--json", action="store_true", help="print a JSON list")
+    _broker_option(predict)
 
     status = sub.add_parser("status", help="a job's state, or every job's when no id is given")
     status.add_argument("job", nargs="?", help="job id")
@@ -85,6 +131,14 @@ def build_parser() -> Parser:
     merge.add_argument("--materialize", action="store_true", help="write self-contained copies, not virtual datasets")
     _broker_option(merge)
 
+    resume = sub.add_parser("resume", help="rebuild a job from OUT/manifest.json and run only what is missing")
+    resume.add_argument("target", help="the job's OUT directory, or its job id")
+    resume.add_argument("--out", type=Path, help="OUT, when the broker no longer knows the job id")
+    resume.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="local worker processes when no broker is configured")
+    resume.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    _broker_option(resume)
+
     cancel = sub.add_parser("cancel", help="cancel a job: running shards stop, queued ones are dropped")
     cancel.add_argument("job")
     _broker_option(cancel)
@@ -93,6 +147,8 @@ def build_parser() -> Parser:
     sample.add_argument("out", type=Path)
     sample.add_argument("--images", type=_positive, default=400)
     sample.add_argument("--seed", type=int, default=0)
+    _cam_parser(sub)
+    monitor_cli.add_parsers(sub, _broker_option)  # flower, workers
     return parser
 
 
@@ -138,22 +194,37 @@ def cmd_run(args, settings: Settings) -> int:
     from orchestrator.watch import wait_for_job
 
     t0 = time.monotonic()
-    spec, shards, _scan = prepare(_request(args))
+    spec, shards, scan = prepare(_request(args))
+    spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
     show = not args.no_progress and sys.stderr.isatty()
     if settings.broker_url:
         store = _store(settings)
         submit(store, spec, shards)
         state = wait_for_job(store, spec.job_id, show)
+        cam = _cam_after_training(args, spec, settings, show)
     else:
         with local_cluster(settings, args.workers, Path(spec.out_dir) / "logs") as (local, pool):
             store = _store(local)
             submit(store, spec, shards)
             state = wait_for_job(store, spec.job_id, show, alive=pool.alive)
-    _print_result(spec, state, time.monotonic() - t0, args.json)
+            cam = _cam_after_training(args, spec, local, show)
+    _print_result(spec, state, time.monotonic() - t0, args.json, cam)
     return 0
 
 
-def _print_result(spec, state: dict, seconds: float, as_json: bool) -> None:
+def _cam_after_training(args, spec, settings: Settings, show: bool) -> dict | None:
+    """Heatmaps of --cam test images into OUT/cam when training left a model; None otherwise."""
+    from orchestrator.cam import cam_for_run
+    from shared.errors import JobFailed
+
+    try:
+        return cam_for_run(Path(spec.out_dir), settings, args.cam, show=show, since=spec.created_at)
+    except JobFailed as exc:  # the model is trained and saved: report, don't lose the summary
+        print(f"convoy: warning: Grad-CAM failed: {exc}", file=sys.stderr)
+        return {"error": str(exc)}
+
+
+def _print_result(spec, state: dict, seconds: float, as_json: bool, cam: dict | None = None) -> None:
     from orchestrator.watch import print_summary
 
     summary = json.loads(state.get("summary", "{}"))
@@ -167,17 +238,74 @@ def _print_result(spec, state: dict, seconds: float, as_json: bool) -> None:
         "failed_shards": summary.get("failed_shards", []),
         "seconds": round(seconds, 3),
         "images_per_s": round(summary.get("images", 0) / max(seconds, 1e-9), 2),
+        "model": summary.get("model", {}),
+        "metrics": summary.get("metrics", {}),
+        "training": summary.get("training", {}),
+        "timings": summary.get("timings", {}),
     }
+    if cam is not None:
+        summary["cam"] = cam
     print_summary(summary, as_json)
+    if cam and not as_json and "index" in cam:
+        print(f"  cam -> {cam['index']}")
+
+
+def _chain_options(args, spec, scan, train: bool, explicit: bool) -> dict:
+    from orchestrator.training import chain_options, train_config
+
+    config = train_config(args, args.seed)
+    return chain_options(spec, scan, config, train or args.finetune, args.finetune, explicit)
 
 
 def cmd_submit(args, settings: Settings) -> int:
     from orchestrator.jobs import prepare, submit
 
+    if args.kind in ("train", "finetune"):
+        return cmd_submit_training(args, settings)
     store = _store(settings)
-    spec, shards, _scan = prepare(_request(args))
+    spec, shards, scan = prepare(_request(args))
+    spec.options.update(_chain_options(args, spec, scan, train=args.then_train, explicit=True))
     submit(store, spec, shards)
     print(json.dumps({"job_id": spec.job_id, "shards": len(shards), "out": spec.out_dir}) if args.json else spec.job_id)
+    return 0
+
+
+def cmd_submit_training(args, settings: Settings) -> int:
+    from orchestrator import training
+    from orchestrator.watch import wait_for_job
+
+    store = _store(settings)
+    seed = args.seed if args.seed is not None else int(store.spec(args.job).options.get("seed", 0))
+    config = training.train_config(args, seed)
+    if args.kind == "train":
+        training.submit_training(store, args.job, config, args.finetune)
+    else:
+        training.submit_finetune(store, args.job, config)
+    if not args.wait:
+        print(json.dumps({"job_id": args.job}) if args.json else args.job)
+        return 0
+    t0 = time.monotonic()
+    state = wait_for_job(store, args.job, not args.json and sys.stderr.isatty())
+    _print_result(store.spec(args.job), state, time.monotonic() - t0, args.json)
+    return 0
+
+
+def cmd_predict(args, settings: Settings) -> int:
+    import tempfile
+
+    from orchestrator import training
+    from orchestrator.cluster import local_cluster
+
+    model, paths = training.model_file(args.model), training.image_paths(args.images)
+    if settings.broker_url:
+        _store(settings)
+        rows = training.predict(model, paths, settings.task_time_limit_s)
+    else:
+        with tempfile.TemporaryDirectory(prefix="convoy-predict-") as logs, \
+                local_cluster(settings, 1, Path(logs)) as (local, _pool):
+            _store(local)
+            rows = training.predict(model, paths, local.task_time_limit_s)
+    training.print_predictions(rows, args.json)
     return 0
 
 
@@ -226,6 +354,28 @@ def cmd_merge(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_resume(args, settings: Settings) -> int:
+    from orchestrator.cluster import local_cluster
+    from orchestrator.resume import out_dir_of, resume
+    from orchestrator.watch import wait_for_job
+
+    t0 = time.monotonic()
+    if settings.broker_url:
+        store = _store(settings)
+        spec, missing = resume(store, out_dir_of(args.target, args.out, store))
+        print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)
+        state = wait_for_job(store, spec.job_id, sys.stderr.isatty())
+    else:
+        out = out_dir_of(args.target, args.out, None)
+        with local_cluster(settings, args.workers, out / "logs") as (local, pool):
+            store = _store(local)
+            spec, missing = resume(store, out)
+            print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)
+            state = wait_for_job(store, spec.job_id, sys.stderr.isatty(), alive=pool.alive)
+    _print_result(spec, state, time.monotonic() - t0, args.json)
+    return 0
+
+
 def cmd_cancel(args, settings: Settings) -> int:
     from shared.job import CANCELLED
 
@@ -247,12 +397,28 @@ def cmd_sample(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_cam(args, settings: Settings) -> int:
+    from orchestrator.cam import CamRequest, print_cam_summary, run_cam
+    from orchestrator.jobs import keras_home_from_env
+
+    req = CamRequest(model=args.model, inputs=args.images, out_dir=args.out, layer=args.layer,
+                     class_index=args.class_index, top_k=args.top_k, batch_size=args.batch_size,
+                     preprocess=args.preprocess, keras_home=keras_home_from_env())
+    show = not args.no_progress and not args.json and sys.stderr.isatty()
+    print_cam_summary(run_cam(req, settings, args.workers, show, args.detach), args.json)
+    return 0
+
+
 COMMANDS = {
+    **monitor_cli.COMMANDS,
     "run": cmd_run,
     "submit": cmd_submit,
     "status": cmd_status,
     "worker": cmd_worker,
     "merge": cmd_merge,
     "cancel": cmd_cancel,
+    "resume": cmd_resume,
     "sample": cmd_sample,
+    "cam": cmd_cam,
+    "predict": cmd_predict,
 }

@@ -77,3 +77,7 @@ def print_summary(summary: dict, as_json: bool, out=None) -> None:
             print(f"    {item['path']}: {item['reason']}", file=out)
     for item in summary.get("failed_shards", []):
         print(f"  shard {item['shard']} failed: {item['reason']}", file=out)
+    for name, value in summary.get("metrics", {}).items():
+        print(f"  {name}: {value:.4f}", file=out)
+    for name, path in summary.get("model", {}).items():
+        print(f"  model[{name}] -> {path}", file=out)

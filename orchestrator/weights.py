@@ -16,6 +16,13 @@ IMAGENET_NOTOP_URL = (
 )
 IMAGENET_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
 IMAGENET_NOTOP_NAME = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+#: The same for VGG16 with its ImageNet classifier top (1000 classes, input 224).
+IMAGENET_TOP_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+    "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+)
+IMAGENET_TOP_MD5 = "64373286793e3c8b2b4e3219cbf3544b"
+IMAGENET_TOP_NAME = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
 DOWNLOAD_TIMEOUT_S = 20
 
 
@@ -25,7 +32,18 @@ def imagenet_cache_path(keras_home: Path) -> Path:
 
 def fetch_imagenet(keras_home: Path) -> Path:
     """The cached ImageNet weights, downloaded once through Keras's cache if missing."""
-    cached = imagenet_cache_path(keras_home)
+    hint = "use --weights PATH (a weights file) or --weights none --seed S (random, seeded)"
+    return _fetch(keras_home, IMAGENET_NOTOP_NAME, IMAGENET_NOTOP_URL, IMAGENET_NOTOP_MD5, hint)
+
+
+def fetch_imagenet_top(keras_home: Path) -> Path:
+    """VGG16's full ImageNet weights (with the classifier top), for ``convoy cam vgg16-imagenet``."""
+    hint = "pass a .keras model file instead of vgg16-imagenet"
+    return _fetch(keras_home, IMAGENET_TOP_NAME, IMAGENET_TOP_URL, IMAGENET_TOP_MD5, hint)
+
+
+def _fetch(keras_home: Path, name: str, url: str, md5: str, hint: str) -> Path:
+    cached = keras_home / "models" / name
     if cached.exists():
         return cached
     import_tensorflow()
@@ -34,20 +52,13 @@ def fetch_imagenet(keras_home: Path) -> Path:
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline must fail fast, not hang
     try:
-        path = keras.utils.get_file(
-            IMAGENET_NOTOP_NAME,
-            IMAGENET_NOTOP_URL,
-            cache_dir=str(keras_home),
-            cache_subdir="models",
-            file_hash=IMAGENET_NOTOP_MD5,
-        )
+        path = keras.utils.get_file(name, url, cache_dir=str(keras_home), cache_subdir="models", file_hash=md5)
     except Exception as exc:  # urllib, SSL and hash errors all mean "not available here"
         cached.unlink(missing_ok=True)
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise WeightsError(
             f"ImageNet weights are not in the Keras cache ({cached}) and could not be "
-            f"downloaded ({reason}); copy that file there from a machine with internet, or use "
-            "--weights PATH (a weights file) or --weights none --seed S (random, seeded)"
+            f"downloaded ({reason}); copy that file there from a machine with internet, or {hint}"
         ) from None
     finally:
         socket.setdefaulttimeout(old)

@@ -10,7 +10,9 @@ from shared.settings import Settings
 
 #: Task modules the workers import. They import TensorFlow lazily, inside the tasks' helpers,
 #: so the worker's main process (which forks the pool) never initialises it.
-TASK_MODULES = ["workers.extract", "workers.merge"]
+TASK_MODULES = ["workers.extract", "workers.merge", "workers.train", "workers.cam",
+                # Last: its start-up hook lists devices after workers.runtime configured TensorFlow.
+                "workers.identity"]
 
 app = Celery("convoy", include=TASK_MODULES)
 
@@ -49,6 +51,10 @@ def configure(settings: Settings) -> Celery:
         task_routes={
             keys.EXTRACT_TASK: {"queue": keys.EXTRACT_QUEUE},
             keys.MERGE_TASK: {"queue": keys.TRAIN_QUEUE},
+            keys.CAM_TASK: {"queue": keys.CAM_QUEUE},
+            keys.TRAIN_TASK: {"queue": keys.TRAIN_QUEUE},
+            keys.FINETUNE_TASK: {"queue": keys.TRAIN_QUEUE},
+            keys.PREDICT_TASK: {"queue": keys.TRAIN_QUEUE},
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -25,6 +25,10 @@ class LayerError(UsageError):
     """The requested layer does not exist in the model."""
 
 
+class ModelError(UsageError):
+    """The model file is missing, does not load, or cannot be split at its conv layer."""
+
+
 class WeightsError(UsageError):
     """The weights cannot be had or do not load."""
 
@@ -51,3 +55,11 @@ class JobFailed(ConvoyError):
 
 class JobCancelled(ConvoyError):
     """The job was cancelled."""
+
+
+class TrainingDataError(UsageError):
+    """The job's data cannot train a classifier: no labels, one class, or an empty split."""
+
+
+class ModelFileError(UsageError):
+    """A model file is missing, or was not written by Convoy's training."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,18 @@ def write_shard(final: Path, result: ShardResult, attrs: dict) -> None:
         _publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+    _remove_stale_temporaries(final)
+
+
+def _remove_stale_temporaries(final: Path, older_than_s: float = 3 * 3600) -> None:
+    """Temporaries left by writers killed mid-shard; young ones may belong to a live duplicate."""
+    now = time.time()
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            if now - stale.stat().st_mtime > older_than_s:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def shard_fingerprint(path: Path) -> str | None:

@@ -35,8 +35,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_pixels(path: str | Path, size_px: int) -> np.ndarray:
-    """Pixels of ``path`` as uint8 (size_px, size_px, 3), or :class:`BadImage` with the reason."""
+def load_pixels(path: str | Path, size_px: int | None) -> np.ndarray:
+    """Pixels of ``path`` as uint8 (size_px, size_px, 3) (None: the image's own size), or
+    :class:`BadImage` with the reason."""
     try:
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
@@ -46,7 +47,7 @@ def load_pixels(path: str | Path, size_px: int) -> np.ndarray:
             with Image.open(path) as img:
                 img.load()
                 img = _to_rgb(img)
-                if img.size != (size_px, size_px):
+                if size_px and img.size != (size_px, size_px):
                     img = img.resize((size_px, size_px), Image.BILINEAR)
                 return np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -61,3 +62,10 @@ def load_pixels(path: str | Path, size_px: int) -> np.ndarray:
         raise BadImage(f"unreadable or corrupt: {exc.strerror or exc}") from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"corrupt image data: {exc}") from None
+
+
+def resize_pixels(pixels: np.ndarray, height_px: int, width_px: int) -> np.ndarray:
+    """uint8 RGB pixels at (height_px, width_px), resized exactly as :func:`load_pixels` does."""
+    if pixels.shape[:2] == (height_px, width_px):
+        return pixels
+    return np.asarray(Image.fromarray(pixels, "RGB").resize((width_px, height_px), Image.BILINEAR), dtype=np.uint8)

@@ -46,6 +46,7 @@ class JobStore:
             mapping={s: json.dumps({"state": QUEUED, "done": 0, "total": len(e)}) for s, e in shards.items()},
         )
         pipe.zadd(keys.jobs_index(), {job: spec.created_at})
+        pipe.sadd(keys.active_jobs(), job)
         pipe.execute()
 
     # --- reading ------------------------------------------------------------------------
@@ -69,6 +70,9 @@ class JobStore:
         raw = self.r.hgetall(keys.job_shard_state(job_id))
         return {s: json.loads(v) for s, v in sorted(raw.items())}
 
+    def active_job_ids(self) -> set[str]:
+        return set(self.r.smembers(keys.active_jobs()))
+
     def job_ids(self) -> list[str]:
         return self.r.zrange(keys.jobs_index(), 0, -1)
 
@@ -86,13 +90,14 @@ class JobStore:
         script = """
         local cur = redis.call('HGET', KEYS[1], 'status')
         if cur == 'done' or cur == 'failed' or cur == 'cancelled' then return 0 end
-        redis.call('HSET', KEYS[1], unpack(ARGV))
+        redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+        redis.call('SREM', KEYS[2], ARGV[1])
         return 1
         """
+        assert status in FINAL_STATES
         mapping = {"status": status, f"{status}_at": time.time(), **fields}
         args = [str(x) for kv in mapping.items() for x in kv]
-        assert status in FINAL_STATES
-        return bool(self.r.eval(script, 1, keys.job_state(job_id), *args))
+        return bool(self.r.eval(script, 2, keys.job_state(job_id), keys.active_jobs(), job_id, *args))
 
     def update_shard(self, job_id: str, shard: str, **fields) -> dict:
         key = keys.job_shard_state(job_id)

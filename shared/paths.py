@@ -33,3 +33,19 @@ def check_shard_paths(spec: JobSpec, entries: list[list], settings: Settings) ->
             raise ShardError(f"image path {rel!r} is absolute or contains '..'; refused")
         out.append(str(data / pure))
     return out
+
+
+def check_data_path(path: str | Path, settings: Settings) -> Path:
+    """Refuse a file outside the worker's data roots (e.g. an image to classify)."""
+    resolved = Path(path).resolve()
+    if not _within(resolved, settings.data_roots):
+        raise ShardError(f"{resolved} is outside CONVOY_DATA_ROOTS; refused")
+    return resolved
+
+
+def check_output_path(path: str | Path, settings: Settings) -> Path:
+    """Refuse an output directory outside the worker's output roots."""
+    resolved = Path(path).resolve()
+    if not _within(resolved, settings.output_roots):
+        raise ShardError(f"output directory {resolved} is outside CONVOY_OUTPUT_ROOTS; refused")
+    return resolved

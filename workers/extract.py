@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 
 import numpy as np
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared import keys
 from shared.celery_app import app
 from shared.errors import ConvoyError
 from shared.features import ShardResult, shard_fingerprint, write_shard
 from shared.job import JobSpec, fingerprint
+from shared.jobstore import is_final
 from shared.paths import check_shard_paths
 from workers import barrier
 from workers.decode import iter_batches
+from workers.lease import Lease
 from workers.provenance import feature_attrs
 from workers.runtime import runtime
 
@@ -27,13 +30,18 @@ class Stopped(Exception):
     """The job was cancelled or failed while this shard ran."""
 
 
+class Draining(Exception):
+    """This worker is shutting down warm: hand the shard back to the queue."""
+
+
 @app.task(name=keys.EXTRACT_TASK, bind=True)
 def extract_shard(self, job_id: str, shard: str) -> dict:
     """Extract features for ``shard`` (e.g. ``train/00003``) of job ``job_id``."""
     rt = runtime()
     store = rt.store
     spec = rt.spec(job_id)
-    if store.is_stopped(job_id):
+    if is_final(store.status(job_id).get("status")):
+        # Cancelled, failed, or a late redelivery of a job that already finished.
         return {"shard": shard, "state": "stopped"}
     host = self.request.hostname or socket.gethostname()
     deliveries = store.count_delivery(job_id, shard)
@@ -43,14 +51,19 @@ def extract_shard(self, job_id: str, shard: str) -> dict:
             "look for an image that crashes the decoder or raise --max-deliveries"
         )
         return barrier.shard_failed(store, spec, shard, reason)
-    store.update_shard(
-        job_id, shard, state="running", worker=host, deliveries=deliveries, started_at=time.time()
-    )
     try:
-        return _run(self, rt, spec, shard, host)
+        with Lease(store, job_id, shard, owner=f"{host}:{os.getpid()}"):
+            store.update_shard(job_id, shard, state="running", worker=host, pid=os.getpid(),
+                               deliveries=deliveries, started_at=time.time(), error="")
+            return _run(self, rt, spec, shard, host)
     except Stopped:
         store.update_shard(job_id, shard, state="stopped")
         return {"shard": shard, "state": "stopped"}
+    except Draining:
+        # A deploy is not the shard's fault: give the delivery back, then requeue the message.
+        store.r.hincrby(keys.job_deliveries(job_id), shard, -1)
+        store.update_shard(job_id, shard, state="queued", error=f"handed back by {host} (warm shutdown)")
+        raise Reject("worker shutting down; shard handed back", requeue=True) from None
     except SoftTimeLimitExceeded:
         reason = f"exceeded the soft time limit of {rt.settings.task_soft_time_limit_s}s; use a smaller --shard-size"
         return barrier.shard_failed(store, spec, shard, reason)
@@ -122,4 +135,6 @@ def _report(task, store, spec, shard, done: int, total: int, t_start: float) -> 
     task.send_event("task-progress", **meta)
     if store.is_stopped(spec.job_id):
         raise Stopped()
+    if store.r.exists(keys.worker_draining(task.request.hostname or "")):
+        raise Draining()
 

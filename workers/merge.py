@@ -8,7 +8,7 @@ import logging
 from shared import keys
 from shared.celery_app import app
 from shared.features import merge_job_files
-from shared.job import DONE, FAILED, MERGING, JobSpec
+from shared.job import DONE, FAILED, MERGING, TRAINING, JobSpec
 from shared.jobstore import JobStore, is_final
 from shared.manifest import update_states
 from workers.runtime import runtime
@@ -28,6 +28,11 @@ def merge_job(self, job_id: str) -> dict:
     except Exception as exc:
         store.finish(job_id, FAILED, error=f"merge failed: {type(exc).__name__}: {exc}")
         raise
+    if spec.options.get("then_train"):
+        # The next link of the chain: training takes the job from here and ends it.
+        store.set_status(job_id, TRAINING, summary=json.dumps(summary))
+        app.send_task(keys.TRAIN_TASK, args=[job_id], queue=keys.TRAIN_QUEUE)
+        return {"job": job_id, "state": TRAINING, "images": summary["images"]}
     store.finish(job_id, DONE, summary=json.dumps(summary))
     return {"job": job_id, "state": DONE, "images": summary["images"]}
 

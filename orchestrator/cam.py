@@ -1,0 +1,246 @@
+"""``convoy cam``: validate the model and images at the edge, submit batches to the ``cam``
+queue, wait with a progress bar; and the CAM step ``convoy run`` takes after training."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.jobs import check_output
+from shared import keys
+from shared.camjob import CAM_PREPROCESS, CamSpec, CamStore
+from shared.errors import DataError, JobFailed, LayerError, UsageError
+from shared.gradcam import VGG16_IMAGENET
+from shared.images import is_image_name
+from shared.job import DONE, FAILED, new_job_id, sha256_file
+from shared.settings import Settings
+
+POLL_S = 0.5
+#: Classes of VGG16's ImageNet top.
+IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class CamRequest:
+    """What the user asked for, straight from the command line."""
+
+    model: str
+    inputs: list[Path]
+    out_dir: Path
+    layer: str | None = None
+    class_index: int | None = None
+    top_k: int = 1
+    batch_size: int = 16
+    preprocess: str | None = None  # None: vgg16 for vgg16-imagenet, none for model files
+    keras_home: Path = field(default_factory=lambda: Path.home() / ".keras")
+
+
+# --- validating at the edge ---------------------------------------------------------------
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(here) / f for f in files if not f.startswith(".") and is_image_name(f)]
+    return sorted(found)
+
+
+def collect_images(inputs: list[Path]) -> tuple[Path, list[str]]:
+    """(root, sorted image paths relative to it) from files and folders, or DataError."""
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files += _images_under(item)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item} is neither an image file nor a folder")
+    if not files:
+        raise DataError(f"no images in {', '.join(map(str, inputs))}; pass image files or a folder holding them")
+    files = sorted({f.resolve() for f in files})
+    single_dir = len(inputs) == 1 and inputs[0].is_dir()
+    root = inputs[0].resolve() if single_dir else Path(os.path.commonpath([f.parent for f in files]))
+    return root, [f.relative_to(root).as_posix() for f in files]
+
+
+def _check_vgg16_imagenet(req: CamRequest) -> None:
+    from shared.models import VGG16_LAYERS
+
+    convs = [name for name in VGG16_LAYERS if "_conv" in name]
+    if req.layer is not None and req.layer not in VGG16_LAYERS:
+        raise LayerError(f"unknown layer {req.layer!r}; the model's conv layers are: {', '.join(convs)}")
+    _check_classes(req, IMAGENET_CLASSES)
+
+
+def _check_classes(req: CamRequest, n_classes: int) -> None:
+    if req.class_index is not None and not 0 <= req.class_index < n_classes:
+        raise UsageError(f"--class must be in 0..{n_classes - 1} for this model; got {req.class_index}")
+    if not 1 <= req.top_k <= n_classes:
+        raise UsageError(f"--top-k must be in 1..{n_classes} for this model; got {req.top_k}")
+
+
+def resolve_model(req: CamRequest) -> tuple[Path, str]:
+    """(file the workers load, its sha256), after proving the model, layer and class fit."""
+    if req.model == VGG16_IMAGENET:
+        from orchestrator.weights import fetch_imagenet_top
+
+        _check_vgg16_imagenet(req)
+        path = fetch_imagenet_top(req.keras_home)
+    else:
+        from shared.gradcam import GradCam, load_model
+
+        path = Path(req.model)
+        cam = GradCam(load_model(path), req.layer)  # ModelError / LayerError, exit 2
+        _check_classes(req, cam.n_classes)
+    path = path.resolve()
+    return path, sha256_file(path)
+
+
+def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
+    """Everything up to, not including, talking to the broker."""
+    preprocess = req.preprocess or ("vgg16" if req.model == VGG16_IMAGENET else "none")
+    if preprocess not in CAM_PREPROCESS:
+        raise UsageError(f"--preprocess must be one of {', '.join(CAM_PREPROCESS)}; got {preprocess!r}")
+    if req.class_index is not None and req.top_k != 1:
+        raise UsageError("--class and --top-k exclude each other; pass one")
+    root, rels = collect_images(req.inputs)
+    out = check_output(req.out_dir)
+    path, sha = resolve_model(req)
+    batches = [rels[i : i + req.batch_size] for i in range(0, len(rels), req.batch_size)]
+    spec = CamSpec(
+        job_id=new_job_id(), model=req.model, model_path=str(path), model_sha256=sha, out_dir=str(out),
+        root=str(root), n_batches=len(batches), n_images=len(rels), batch_size=req.batch_size,
+        layer=req.layer, class_index=req.class_index, top_k=req.top_k, preprocess=preprocess,
+    )
+    return spec, batches
+
+
+# --- submitting and waiting ---------------------------------------------------------------
+
+def submit_cam(store: CamStore, spec: CamSpec, batches: list[list[str]]) -> str:
+    """Record the job in Redis, then enqueue one small task (job id, batch index) per batch."""
+    from shared.celery_app import app
+
+    (Path(spec.out_dir) / "cam-job.json").write_text(spec.to_json())
+    store.create(spec, batches)
+    for index in range(len(batches)):
+        app.send_task(keys.CAM_TASK, args=[spec.job_id, index], queue=keys.CAM_QUEUE)
+    return spec.job_id
+
+
+def wait_cam(store: CamStore, job_id: str, show: bool, alive: Callable[[], bool] | None = None) -> dict:
+    """Block until the job ends; its summary, or JobFailed with the worker's reason."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
+        task = bar.add_task(f"cam {job_id}", total=None)
+        while True:
+            state = store.state(job_id)
+            bar.update(task, completed=int(state.get("done", 0)), total=int(state.get("total", 0)) or None)
+            if state.get("status") in (DONE, FAILED, "cancelled"):
+                break
+            if alive is not None and not alive():
+                raise JobFailed("every local worker exited; see the logs in CAMDIR/logs")
+            time.sleep(POLL_S)
+    if state.get("status") != DONE:
+        raise JobFailed(state.get("error", "the Grad-CAM job failed"))
+    return json.loads(state.get("summary", "{}"))
+
+
+def _submit_and_wait(settings: Settings, spec: CamSpec, batches, show: bool, alive=None) -> dict:
+    from shared.celery_app import configure
+    from shared.jobstore import connect
+
+    configure(settings)
+    store = CamStore(connect(settings.broker_url or ""))
+    submit_cam(store, spec, batches)
+    return wait_cam(store, spec.job_id, show, alive)
+
+
+def run_cam(req: CamRequest, settings: Settings, workers: int = 1, show: bool = False,
+            detach: bool = False) -> dict:
+    """Submit a CAM job and wait for it (on the broker, or an embedded local cluster)."""
+    if detach and not settings.broker_url:
+        raise UsageError("--detach needs a running cluster: pass --broker URL (or set CONVOY_BROKER_URL)")
+    t0 = time.monotonic()
+    spec, batches = prepare_cam(req)
+    if detach:
+        from shared.celery_app import configure
+        from shared.jobstore import connect
+
+        configure(settings)
+        submit_cam(CamStore(connect(settings.broker_url or "")), spec, batches)
+        return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images}
+    if settings.broker_url:
+        summary = _submit_and_wait(settings, spec, batches, show)
+    else:
+        from orchestrator.cluster import local_cluster
+
+        with local_cluster(settings, workers, Path(spec.out_dir) / "logs") as (local, pool):
+            summary = _submit_and_wait(local, spec, batches, show, alive=pool.alive)
+    seconds = time.monotonic() - t0
+    return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images, **summary,
+            "seconds": round(seconds, 3), "images_per_s": round(spec.n_images / max(seconds, 1e-9), 2)}
+
+
+def print_cam_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    if "heatmaps" not in summary:
+        print(summary["job_id"])  # --detach: the id is what the user needs
+        return
+    print(f"cam {summary['job_id']}: {summary['rows']} heatmaps of {summary['images']} images "
+          f"(layer {summary['layer']}), {summary['seconds']:.1f} s")
+    print(f"  heatmaps -> {summary['heatmaps']}\n  index    -> {summary['index']}")
+    for item in summary.get("skipped", []):
+        print(f"  skipped {item['path']}: {item['reason']}")
+
+
+# --- after training -------------------------------------------------------------------------
+
+def trained_model(out_dir: Path, since: float = 0.0) -> Path | None:
+    """The model training left in OUT (fine-tuned if there is one) at or after ``since``, or None."""
+    for name in ("finetuned.keras", "full_model.keras"):
+        path = out_dir / "model" / name
+        if path.is_file() and path.stat().st_mtime >= since:  # not one left by an earlier run
+            return path
+    return None
+
+
+def run_images(out_dir: Path, n: int) -> list[Path]:
+    """The first ``n`` images of the job's test split (else validation, else any), in path order."""
+    from shared.manifest import read_manifest
+
+    manifest = read_manifest(out_dir)
+    data = Path(manifest["spec"]["data_dir"])
+    by_split: dict[str, list[str]] = {}
+    for shard in manifest["shards"]:
+        by_split.setdefault(shard["id"].split("/")[0], []).extend(rel for rel, _label in shard["entries"])
+    for split in ("test", "validation", *sorted(by_split)):
+        if by_split.get(split):
+            return [data / rel for rel in sorted(by_split[split])[:n]]
+    return []
+
+
+def cam_for_run(out_dir: Path, settings: Settings, n: int, workers: int = 1, show: bool = False,
+                since: float = 0.0) -> dict | None:
+    """CAMs for ``n`` test images into OUT/cam with the model trained since ``since`` (a time);
+    None when there is none. Returns the paths ``convoy run --json`` reports under ``cam``.
+    """
+    model = trained_model(Path(out_dir), since)
+    if model is None or n < 1:
+        return None
+    images = run_images(Path(out_dir), n)
+    if not images:
+        return None
+    req = CamRequest(model=str(model), inputs=images, out_dir=Path(out_dir) / "cam")
+    summary = run_cam(req, settings, workers=workers, show=show)
+    return {"dir": summary["out"], "heatmaps": summary["heatmaps"], "index": summary["index"],
+            "overlays": summary["overlays"]}

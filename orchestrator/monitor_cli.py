@@ -1,0 +1,54 @@
+"""The monitoring commands, ``convoy flower`` and ``convoy workers``: their options and what they
+run. ``orchestrator.cli`` registers them; the work is in ``flower`` and ``workers_list``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.errors import UsageError
+from shared.settings import BROKER_ENV, Settings
+
+
+def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``flower`` and ``workers`` to the CLI's subcommands."""
+    flower = sub.add_parser("flower", help="the Flower dashboard on the cluster, with a login")
+    flower.add_argument("--port", type=int, default=5555, help="HTTP port (default 5555)")
+    flower.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    flower.add_argument("--db", type=Path, metavar="PATH", help="keep tasks and workers across restarts in PATH")
+    flower.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve without FLOWER_BASIC_AUTH (anyone who can reach it can stop workers)")
+    broker_option(flower)
+
+    workers = sub.add_parser("workers", help="list workers: host, queues, concurrency, device, current shard")
+    workers.add_argument("--json", action="store_true", help="print JSON")
+    workers.add_argument("--ping", metavar="NAME", help="exit 0 if worker NAME (e.g. extract@host) answers, else 1")
+    workers.add_argument("--timeout", type=float, default=1.5, help="seconds to wait for replies (default 1.5)")
+    broker_option(workers)
+
+
+def cmd_flower(args, settings: Settings) -> int:
+    from orchestrator.flower import FlowerOptions, run_flower
+
+    opts = FlowerOptions(port=args.port, address=args.address, db_path=args.db,
+                         insecure_no_auth=args.insecure_no_auth)
+    return run_flower(settings, opts)
+
+
+def cmd_workers(args, settings: Settings) -> int:
+    from orchestrator import workers_list
+    from shared.celery_app import configure
+    from shared.jobstore import JobStore, connect
+
+    if not settings.broker_url:
+        raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
+    store = JobStore(connect(settings.broker_url))
+    app = configure(settings)
+    if args.ping:
+        return 0 if workers_list.ping(app, args.ping, timeout_s=max(args.timeout, 1.0)) else 1
+    workers_list.print_workers(workers_list.list_workers(app, store, args.timeout), args.json)
+    return 0
+
+
+COMMANDS = {"flower": cmd_flower, "workers": cmd_workers}

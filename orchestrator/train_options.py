@@ -1,0 +1,39 @@
+"""Command-line options of training, kept apart so building the parser stays cheap."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from shared.classifier import TrainConfig
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def memory_size(text: str) -> int:
+    """``--max-memory``: bytes from ``512M``, ``2G``, ``1.5GiB`` or a plain number of bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** "bkmgt".index(unit or "b"))
+
+
+def add_train_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    """Classifier options; ``batch_flag`` is ``--train-batch-size`` where extraction has --batch-size."""
+    d = TrainConfig()
+    g = p.add_argument_group("training (defaults: the seed's)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs of the classifier ({d.epochs})")
+    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"RMSprop rate ({d.learning_rate})")
+    g.add_argument(batch_flag, dest="train_batch_size", type=int, default=d.batch_size,
+                   help=f"training batch size ({d.batch_size})")
+    g.add_argument("--dense-units", type=int, default=d.dense_units, help=f"units of the Dense layer ({d.dense_units})")
+    g.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout rate ({d.dropout})")
+    g.add_argument("--max-memory", type=memory_size, default=0,
+                   help="features larger than this stream from disk (default: a quarter of the worker's RAM)")
+    g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                   help=f"fine-tuning epochs ({d.finetune_epochs})")
+    g.add_argument("--finetune-learning-rate", type=float, default=d.finetune_learning_rate,
+                   help=f"fine-tuning RMSprop rate ({d.finetune_learning_rate})")
+    g.add_argument("--unfreeze-from", default=d.unfreeze_from,
+                   help=f"first base layer fine-tuning trains ({d.unfreeze_from})")

@@ -1,0 +1,149 @@
+"""Asking for training, fine-tuning and predictions: validate at the edge, then enqueue.
+
+The orchestrator never trains. It checks that the job's data can train a classifier (labels,
+two classes or more, images in every split), records what was asked in the job, and sends one
+task to the ``train`` queue; the workers chain the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from orchestrator.scan import Scan
+from shared import keys
+from shared.celery_app import app
+from shared.classifier import TrainConfig
+from shared.errors import DataError, JobNotFound, ModelFileError, UsageError
+from shared.images import is_image_name
+from shared.job import DONE, FAILED, TRAINING, JobSpec
+from shared.jobstore import JobStore
+from shared.models import VGG16_LAYERS
+from shared.trainset import check_trainable, plan_splits, scan_sizes
+
+
+def train_config(args: argparse.Namespace, seed: int) -> dict:
+    """The training configuration from the command line, after checking its values."""
+    checks = (("--epochs", args.epochs, 1), ("--dense-units", args.dense_units, 1),
+              ("batch size", args.train_batch_size, 1), ("--finetune-epochs", args.finetune_epochs, 1))
+    for name, value, least in checks:
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}; got {value}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1); got {args.dropout}")
+    for name, rate in (("--learning-rate", args.learning_rate), ("--finetune-learning-rate",
+                                                                 args.finetune_learning_rate)):
+        if rate <= 0:
+            raise UsageError(f"{name} must be positive; got {rate}")
+    if args.unfreeze_from not in VGG16_LAYERS:
+        raise UsageError(f"unknown --unfreeze-from {args.unfreeze_from!r}; VGG16's base has: {', '.join(VGG16_LAYERS)}")
+    return TrainConfig(
+        epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.train_batch_size,
+        dense_units=args.dense_units, dropout=args.dropout, seed=seed, max_memory_bytes=args.max_memory,
+        finetune_epochs=args.finetune_epochs, finetune_learning_rate=args.finetune_learning_rate,
+        unfreeze_from=args.unfreeze_from,
+    ).to_dict()
+
+
+def _check_unfreeze(spec: JobSpec, layer: str) -> None:
+    if VGG16_LAYERS.index(layer) > VGG16_LAYERS.index(spec.model.layer):
+        raise UsageError(f"--unfreeze-from {layer} lies above the job's layer {spec.model.layer}; "
+                         "choose a layer at or below it")
+
+
+def chain_options(spec: JobSpec, scan: Scan, config: dict, train: bool, finetune: bool, explicit: bool) -> dict:
+    """Job options that make the merge go on to training (and fine-tuning).
+
+    ``explicit`` is False for ``convoy run``'s default: data without labels then just skips
+    training. Data with labels that cannot train (one class, an empty split) is refused.
+    """
+    if not (train or finetune) or (not scan.class_names and not explicit):
+        return {}
+    check_trainable(spec.job_id, scan.class_names, scan_sizes(scan.splits))
+    if finetune:
+        _check_unfreeze(spec, config["unfreeze_from"])
+    return {"then_train": True, "then_finetune": finetune, "train": config}
+
+
+def _trainable_job(store: JobStore, job_id: str) -> JobSpec:
+    spec = store.spec(job_id)
+    status = store.status(job_id).get("status")
+    if status not in (DONE, FAILED):
+        raise UsageError(f"job {job_id} is {status}; wait until it is done (`convoy status {job_id} --watch`)")
+    missing = [s for s in spec.splits if not spec.merged_file(s).exists()]
+    if missing:
+        raise JobNotFound(f"job {job_id} has no merged features for {', '.join(missing)}; "
+                          f"run `convoy merge {spec.out_dir}` or resubmit the extraction")
+    plan_splits(spec, int(spec.options.get("seed", 0)))
+    return spec
+
+
+def submit_training(store: JobStore, job_id: str, config: dict, finetune_after: bool) -> None:
+    """Train an existing job's classifier (and then fine-tune it, when asked)."""
+    spec = _trainable_job(store, job_id)
+    if finetune_after:
+        _check_unfreeze(spec, config["unfreeze_from"])
+    store.set_status(job_id, TRAINING, stage="train", error="")
+    app.send_task(keys.TRAIN_TASK, args=[job_id, config, finetune_after], queue=keys.TRAIN_QUEUE)
+
+
+def submit_finetune(store: JobStore, job_id: str, config: dict) -> None:
+    """Fine-tune a job whose classifier has been trained."""
+    spec = _trainable_job(store, job_id)
+    _check_unfreeze(spec, config["unfreeze_from"])
+    head = Path(spec.out_dir) / "model" / "classifier.keras"
+    if not head.exists():
+        raise ModelFileError(f"job {job_id} has no trained classifier ({head}); "
+                             f"run `convoy submit train {job_id}` first")
+    store.set_status(job_id, TRAINING, stage="finetune", error="")
+    app.send_task(keys.FINETUNE_TASK, args=[job_id, config], queue=keys.TRAIN_QUEUE)
+
+
+# --- predict ------------------------------------------------------------------------------
+
+def model_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist; pass OUT/model/full_model.keras or finetuned.keras")
+    if path.suffix != ".keras":
+        raise ModelFileError(f"{path} is not a .keras model; pass OUT/model/full_model.keras or finetuned.keras")
+    return path.resolve()
+
+
+def image_paths(inputs: list[Path]) -> list[str]:
+    """Absolute image paths from files and folders (searched recursively, sorted)."""
+    found: list[str] = []
+    for item in inputs:
+        if item.is_dir():
+            found += sorted(str(p.resolve()) for p in item.rglob("*") if p.is_file() and is_image_name(p.name))
+        elif item.is_file():
+            found.append(str(item.resolve()))
+        else:
+            raise DataError(f"{item} does not exist; pass image files or folders of images")
+    if not found:
+        raise DataError(f"no images in {', '.join(map(str, inputs))}")
+    return found
+
+
+def predict(model: Path, paths: list[str], timeout_s: float) -> list[dict]:
+    """Classify ``paths`` on a worker of the ``train`` queue and wait for the answer."""
+    result = app.send_task(keys.PREDICT_TASK, args=[str(model), paths], queue=keys.TRAIN_QUEUE)
+    try:
+        answer = result.get(timeout=timeout_s)
+    finally:
+        result.forget()
+    if "error" in answer:
+        raise ModelFileError(answer["error"])
+    return answer["predictions"]
+
+
+def print_predictions(rows: list[dict], as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        if "error" in row:
+            print(f"{row['path']}\t-\t-\t({row['error']})")
+        else:
+            print(f"{row['path']}\t{row['class']}\t{row['probability']:.4f}")

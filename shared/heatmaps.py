@@ -1,0 +1,100 @@
+"""The Grad-CAM HDF5 schema: one part file per batch, assembled into CAMDIR/heatmaps.h5.
+
+Datasets: ``heatmaps`` (N, h, w) float32 in [0, 1] at the conv layer's resolution, ``paths``
+(N,) relative to the job's root, ``class_index`` (N,), ``score`` (N,) (probability of that
+class), ``flags`` (N,) ("zero", "saturated", comma-separated), ``rank`` (N,) (0 = best of the
+top-k), ``overlay`` (N,) (PNG relative to CAMDIR), ``skipped_paths`` / ``skipped_reasons``.
+Attributes: ``layer``, ``model``, ``model_sha256`` and how the job was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from shared.features import _publish, _tmp_name
+
+_STR = h5py.string_dtype("utf-8")
+_STRINGS = ("paths", "flags", "overlay")
+_NUMBERS = {"class_index": np.int64, "score": np.float32, "rank": np.int64}
+
+
+@dataclass
+class CamRows:
+    """What one batch (or the whole job) produced."""
+
+    heatmaps: np.ndarray
+    paths: list[str]
+    class_index: np.ndarray
+    score: np.ndarray
+    flags: list[str]
+    rank: np.ndarray
+    overlay: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.array(values, dtype=object)
+
+
+def write_rows(final: Path, rows: CamRows, attrs: dict) -> None:
+    """Write ``rows`` under a temporary name, then rename: the file is whole or absent."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("heatmaps", data=rows.heatmaps.astype(np.float32))
+            for name in _STRINGS:
+                f.create_dataset(name, data=_strings(getattr(rows, name)), dtype=_STR)
+            for name, dtype in _NUMBERS.items():
+                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=dtype))
+            f.create_dataset("skipped_paths", data=_strings([p for p, _ in rows.skipped]), dtype=_STR)
+            f.create_dataset("skipped_reasons", data=_strings([r for _, r in rows.skipped]), dtype=_STR)
+            for key, value in attrs.items():
+                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_rows(path: Path) -> CamRows:
+    with h5py.File(path, "r") as f:
+        text = {n: list(f[n].asstr()[()]) for n in (*_STRINGS, "skipped_paths", "skipped_reasons")}
+        return CamRows(
+            heatmaps=f["heatmaps"][()],
+            paths=text["paths"],
+            class_index=f["class_index"][()],
+            score=f["score"][()],
+            flags=text["flags"],
+            rank=f["rank"][()],
+            overlay=text["overlay"],
+            skipped=list(zip(text["skipped_paths"], text["skipped_reasons"], strict=True)),
+        )
+
+
+def _join(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+
+def concat(parts: list[CamRows], hw: tuple[int, int]) -> CamRows:
+    """All parts in order; ``hw`` shapes the empty result when no image could be used."""
+    maps = [p.heatmaps for p in parts if len(p.heatmaps)]
+    return CamRows(
+        heatmaps=np.concatenate(maps) if maps else np.zeros((0, *hw), np.float32),
+        paths=[x for p in parts for x in p.paths],
+        class_index=_join([p.class_index for p in parts], np.int64),
+        score=_join([p.score for p in parts], np.float32),
+        flags=[x for p in parts for x in p.flags],
+        rank=_join([p.rank for p in parts], np.int64),
+        overlay=[x for p in parts for x in p.overlay],
+        skipped=[x for p in parts for x in p.skipped],
+    )
+
+
+def read_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}

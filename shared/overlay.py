@@ -1,0 +1,77 @@
+"""What a person looks at: each heatmap over its original image, and one page showing them all.
+
+As the book does: resize the map to the original image, colour it with the jet map, and add it
+at 0.4 intensity to the original pixels (``superimposed = heatmap_jet * 0.4 + img``), clipped
+to 0..255.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: Weight of the coloured heatmap added to the original image (the book's 0.4).
+INTENSITY = 0.4
+
+
+@lru_cache(maxsize=1)
+def _jet() -> np.ndarray:
+    """matplotlib's jet as a (256, 3) table of 0..255 values."""
+    from matplotlib import colormaps
+
+    return colormaps["jet"](np.arange(256))[:, :3] * 255.0
+
+
+def resize_heatmap(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The (h, w) map at (height, width), bilinear, still in [0, 1]."""
+    img = Image.fromarray(np.asarray(heatmap, np.float32), mode="F")
+    return np.clip(np.asarray(img.resize((width, height), Image.BILINEAR)), 0.0, 1.0)
+
+
+def superimpose(original: np.ndarray, heatmap: np.ndarray, intensity: float = INTENSITY) -> np.ndarray:
+    """uint8 (H, W, 3): the jet-coloured heatmap added to ``original`` (uint8 RGB, H x W)."""
+    height, width = original.shape[:2]
+    levels = np.uint8(np.round(255 * resize_heatmap(heatmap, width, height)))
+    coloured = _jet()[levels]
+    return np.clip(coloured * intensity + original.astype(np.float64), 0, 255).astype(np.uint8)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Write under a temporary name, then rename, so a reader never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def overlay_name(position: int, rel_path: str, class_index: int, ranked: bool) -> str:
+    """A unique, readable file name for one row: image position, stem, and class when top-k."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(rel_path).stem)[:60]
+    suffix = f"-class{class_index}" if ranked else ""
+    return f"{position:05d}-{stem}{suffix}.png"
+
+
+def write_index(path: Path, rows, title: str) -> None:
+    """index.html: every overlay with its path, class, score and flags; the skipped images."""
+    cards = [
+        f'<figure><img src="{html.escape(o)}" loading="lazy"><figcaption>{html.escape(p)}<br>'
+        f"class {c} &middot; score {s:.4f}{' &middot; ' + html.escape(f) if f else ''}</figcaption></figure>"
+        for o, p, c, s, f in zip(rows.overlay, rows.paths, rows.class_index, rows.score, rows.flags, strict=True)
+    ]
+    skipped = "".join(f"<li>{html.escape(p)}: {html.escape(r)}</li>" for p, r in rows.skipped)
+    body = (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;vertical-align:top}"
+        "img{max-width:320px;max-height:320px;display:block}figcaption{font-size:12px;max-width:320px;"
+        "word-break:break-all}</style>"
+        f"<h1>{html.escape(title)}</h1><p>{len(cards)} heatmaps</p>{''.join(cards)}"
+        + (f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else "")
+    )
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, path)

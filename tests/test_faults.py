@@ -1,0 +1,215 @@
+"""Faults with real processes: killed pool processes and machines, warm shutdowns, duplicate
+deliveries, poison shards, cancel, and a broker that forgot everything. Every accepted image
+ends up in the output exactly once, or the job says which were not and why."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from orchestrator.scan import scan_data
+from shared.jobstore import JobStore, connect
+from tests.conftest import SYSTEM_REDIS, _lock_database, _system_redis, convoy, start_worker, stop_worker, wait_ready
+from tests.imagegen import make_tree
+
+#: Shards big enough to be caught mid-way on a 2-core machine.
+ARGS = ["--input-size", "48", "--weights", "none", "--seed", "5", "--shard-size", "30", "--batch-size", "2"]
+
+
+@pytest.fixture()
+def private(tmp_path):
+    """A Redis database of this test's own, so killing its workers touches no one else."""
+    if not _system_redis():
+        pytest.skip("fault tests need the Redis on 127.0.0.1:6379")
+    url, client = _lock_database(SYSTEM_REDIS)
+    procs: dict[str, object] = {}
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+
+    class Private:
+        def __init__(self):
+            self.url, self.procs, self.log_dir = url, procs, log_dir
+            self.store = JobStore(connect(url))
+
+        def start(self, *names: str, **kw) -> None:
+            for n in names:
+                procs[n] = start_worker(url, log_dir, n, **kw)
+            wait_ready(url, list(names), procs=[procs[n] for n in names], log_dir=log_dir)
+
+        def logs(self) -> str:
+            return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(log_dir.glob("*.log")))
+
+    yield Private()
+    for p in procs.values():
+        stop_worker(p, signal.SIGKILL)
+    for key in client.scan_iter():
+        if key != b"convoy-test-lock":
+            client.delete(key)
+    client.delete("convoy-test-lock")
+
+
+def _data(tmp_path: Path, per_split: int = 20) -> Path:
+    return make_tree(tmp_path / "data", {"train": per_split, "validation": 2, "test": 2}, size_px=48)
+
+
+def _submit(private, data: Path, out: Path, *extra: str) -> str:
+    proc = convoy("submit", "extract", str(data), "--out", str(out), *ARGS, *extra, "--broker", private.url,
+                  check=True)
+    return proc.stdout.strip()
+
+
+def _wait_running(store: JobStore, job: str, min_done: int = 2, timeout: float = 120) -> tuple[str, dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for shard, state in store.shard_states(job).items():
+            if state.get("state") == "running" and int(state.get("done", 0)) >= min_done and state.get("pid"):
+                return shard, state
+        time.sleep(0.1)
+    raise TimeoutError("no shard got going")
+
+
+def _wait_final(store: JobStore, job: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = store.status(job)
+        if status.get("status") in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job} did not end: {store.shard_states(job)}")
+
+
+def _exactly_once(data: Path, out: Path) -> None:
+    scan = scan_data(data)
+    for split, entries in scan.splits.items():
+        with h5py.File(out / "features" / f"{split}.h5") as f:
+            paths = f["paths"].asstr()[()].tolist()
+            assert f["features"].shape[0] == len(paths)
+        assert paths == [p for p, _ in entries], split
+    for shard in (out / "features").glob("*/shard-*.h5"):
+        with h5py.File(shard) as f:  # every visible shard file is whole
+            assert f["features"].shape[0] == len(f["paths"])
+
+
+def test_pool_process_killed_mid_shard(private, tmp_path):
+    private.start("p1")
+    data, out = _data(tmp_path), tmp_path / "out"
+    job = _submit(private, data, out)
+    shard, state = _wait_running(private.store, job)
+    os.kill(int(state["pid"]), signal.SIGKILL)
+    final = _wait_final(private.store, job)
+    assert final["status"] == "done", (final, private.logs())
+    assert int(private.store.shard_states(job)[shard]["deliveries"]) >= 2
+    _exactly_once(data, out)
+
+
+def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
+    private.start("m1", "m2")
+    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+    job = _submit(private, data, out)
+    shard, state = _wait_running(private.store, job)
+    victim = state["worker"].split("@")[0]
+    killed_at = time.monotonic()
+    os.killpg(private.procs[victim].pid, signal.SIGKILL)
+    while private.store.shard_states(job)[shard].get("state") != "done":
+        assert time.monotonic() - killed_at < 90, private.store.shard_states(job)[shard]
+        time.sleep(0.2)
+    recovery_s = time.monotonic() - killed_at
+    after = private.store.shard_states(job)[shard]
+    assert after["worker"].split("@")[0] != victim
+    print(f"\nfault 2: kill -> shard {shard} done elsewhere in {recovery_s:.1f} s")
+    assert _wait_final(private.store, job)["status"] == "done"
+    _exactly_once(data, out)
+
+
+def test_sigterm_hands_the_shard_back(private, tmp_path):
+    private.start("t1", "t2")
+    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+    job = _submit(private, data, out)
+    shard, state = _wait_running(private.store, job)
+    victim = state["worker"].split("@")[0]
+    os.killpg(private.procs[victim].pid, signal.SIGTERM)
+    private.procs[victim].wait(timeout=60)  # warm shutdown does not wait for the whole shard
+    assert _wait_final(private.store, job)["status"] == "done", private.logs()
+    assert private.store.shard_states(job)[shard]["worker"].split("@")[0] != victim
+    _exactly_once(data, out)
+
+
+def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
+    from orchestrator.jobs import enqueue_shards
+    from shared.celery_app import configure
+    from shared.settings import Settings
+
+    private.start("d1", "d2")
+    data, out = _data(tmp_path, per_split=6), tmp_path / "out"
+    configure(Settings(broker_url=private.url))
+    job = _submit(private, data, out)
+    spec = private.store.spec(job)
+    enqueue_shards(job, spec.shard_ids)  # every shard a second time, while the first copies run
+    assert _wait_final(private.store, job)["status"] == "done", private.logs()
+    assert len(private.store.finished_shards(job)) == len(spec.shard_ids)
+    report = json.loads(convoy("status", job, "--json", "--broker", private.url, check=True).stdout)
+    assert report["images_done"] == report["images_total"] == 20
+    _exactly_once(data, out)
+
+
+def test_poison_shard_is_given_up_and_named(private, tmp_path):
+    private.start("x1")
+    data, out = _data(tmp_path, per_split=20), tmp_path / "out"
+    job = _submit(private, data, out, "--max-deliveries", "2")
+    first, _ = _wait_running(private.store, job, min_done=1)
+    killed: set[int] = set()
+    for _ in range(2):  # the worker "dies" every time it runs this shard
+        deadline = time.monotonic() + 120
+        while True:
+            state = private.store.shard_states(job)[first]
+            pid = int(state.get("pid") or 0)
+            if state.get("state") == "running" and pid and pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+    final = _wait_final(private.store, job)
+    assert final["status"] == "failed", (private.store.shard_states(job)[first], private.logs())
+    assert first in final["error"] and "given up after 2 deliveries" in final["error"]
+
+
+def test_cancel_stops_the_job_and_nothing_else(private, tmp_path):
+    private.start("c1")
+    data = _data(tmp_path, per_split=30)
+    job = _submit(private, data, tmp_path / "out")
+    _wait_running(private.store, job)
+    proc = convoy("cancel", job, "--broker", private.url, check=True)
+    assert "cancelled" in proc.stdout
+    final = _wait_final(private.store, job, timeout=60)
+    assert final["status"] == "cancelled"
+    time.sleep(2)
+    states = private.store.shard_states(job)
+    assert all(s["state"] in ("queued", "stopped") for s in states.values()), states
+    other = _submit(private, _data(tmp_path / "b", per_split=2), tmp_path / "out2")
+    assert _wait_final(private.store, other)["status"] == "done"
+
+
+def test_resume_after_the_broker_forgot_everything(private, tmp_path):
+    private.start("r1")
+    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+    job = _submit(private, data, out)
+    while not private.store.finished_shards(job):
+        time.sleep(0.2)
+    stop_worker(private.procs.pop("r1"), signal.SIGKILL)
+    private.store.r.flushdb()
+    private.store.r.set("convoy-test-lock", os.getpid(), ex=3600)
+    done_files = {p: p.stat().st_mtime_ns for p in (out / "features").glob("*/shard-*.h5")}
+    private.start("r2")
+    proc = convoy("resume", str(out), "--json", "--broker", private.url, timeout=300)
+    assert proc.returncode == 0, proc.stderr + private.logs()
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["job_id"] == job and summary["images"] == 68
+    assert all(p.stat().st_mtime_ns == t for p, t in done_files.items()), "finished shards must not rerun"
+    _exactly_once(data, out)

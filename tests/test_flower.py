@@ -1,0 +1,121 @@
+"""``convoy flower`` for real: it refuses to serve without a login, its API answers 401 without
+credentials, and a job's tasks read back through its HTTP API name job and shard, never secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import requests
+
+from orchestrator.cluster import free_port
+from tests.conftest import ROOT, convoy
+from tests.imagegen import make_tree
+
+LOGIN = ("convoy", "flower-test-pass")
+#: Redis's default user without a password accepts any password, so the job can be submitted
+#: with a URL that carries a secret against the test server, and we look for that secret.
+BROKER_SECRET = "broker-s3cret-never-shown"
+
+
+def _with_password(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"default:{BROKER_SECRET}@{parts.hostname}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _wait_for_events(base: str, timeout_s: float = 60) -> None:
+    """Until Flower has seen a worker heartbeat: it is receiving the cluster's events."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if 'flower_worker_online{worker="w1@' in requests.get(f"{base}/metrics", timeout=2).text:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"Flower at {base} saw no worker heartbeat within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def flower(cluster, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("flower") / "flower.log"
+    env = {**os.environ, "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
+    cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(port),
+           "--broker", _with_password(cluster.url), "--db", str(log.parent / "flower.db")]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_events(base)
+        yield base, log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_flower_refuses_to_start_without_a_login(redis_url):
+    proc = convoy("flower", "--broker", redis_url, "--port", str(free_port()), env={"FLOWER_BASIC_AUTH": ""},
+                  timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "FLOWER_BASIC_AUTH=user:password" in lines[0] and "--insecure-no-auth" in lines[0]
+
+
+def test_flower_refuses_a_malformed_login(redis_url):
+    proc = convoy("flower", "--broker", redis_url, env={"FLOWER_BASIC_AUTH": "just-a-user"}, timeout=60)
+    assert proc.returncode == 2 and "user:password" in proc.stderr
+
+
+def test_api_answers_401_without_credentials(flower):
+    base, _log = flower
+    assert requests.get(f"{base}/api/tasks", timeout=5).status_code == 401
+    assert requests.get(f"{base}/api/tasks", auth=(LOGIN[0], "wrong"), timeout=5).status_code == 401
+    assert requests.get(f"{base}/api/workers", timeout=5).status_code == 401
+    assert requests.get(f"{base}/api/tasks", auth=LOGIN, timeout=5).status_code == 200
+
+
+def _job_tasks(base: str, job_id: str, shards: int, timeout_s: float = 60) -> dict:
+    """The job's tasks as Flower shows them, once every shard and the merge succeeded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        tasks = requests.get(f"{base}/api/tasks", auth=LOGIN, timeout=5).json()
+        mine = {tid: t for tid, t in tasks.items() if job_id in (t.get("args") or "")}
+        done = [t for t in mine.values() if t.get("state") == "SUCCESS"]
+        if len(done) >= shards + 1:
+            return mine
+        time.sleep(0.5)
+    raise TimeoutError(f"Flower did not show the {shards} shards of job {job_id} as done: {mine}")
+
+
+def test_job_tasks_read_back_through_flower(cluster, flower, tmp_path):
+    base, log = flower
+    data = make_tree(tmp_path / "data", {"train": 2, "validation": 1, "test": 1})
+    proc = convoy("run", str(data), "--out", str(tmp_path / "out"), "--input-size", "32", "--weights", "none",
+                  "--shard-size", "2", "--no-train", "--json", "--broker", _with_password(cluster.url))
+    assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    job_id = summary["job_id"]
+
+    tasks = _job_tasks(base, job_id, summary["shards"])
+    shards = sorted(t["args"] for t in tasks.values() if t["name"] == "convoy.extract_shard")
+    assert shards == sorted(repr([job_id, s]) for s in
+                            ("test/00000", "train/00000", "train/00001", "validation/00000"))
+    assert any(t["name"] == "convoy.merge_job" for t in tasks.values())
+    assert all(t["worker"].split("@")[0] in ("w1", "w2") for t in tasks.values())
+
+    # The secret rode in the broker URL of the submitting CLI and of Flower itself.
+    workers = requests.get(f"{base}/api/workers", params={"refresh": 1}, auth=LOGIN, timeout=30).text
+    seen = json.dumps(tasks) + workers + requests.get(f"{base}/api/tasks", auth=LOGIN, timeout=5).text
+    assert BROKER_SECRET not in seen and BROKER_SECRET not in log.read_text(errors="replace")
+    assert BROKER_SECRET not in proc.stdout + proc.stderr
+
+    metrics = requests.get(f"{base}/metrics", timeout=5).text
+    assert 'type="task-succeeded"' in metrics and "flower_task_runtime_seconds_bucket" in metrics

@@ -1,0 +1,197 @@
+"""Training and fine-tuning on the ``train`` queue, chained to extraction by events.
+
+Real Redis, real worker processes (the session's ``cluster``), the real CLI. The data set is
+two generated patterns at 32 px; random VGG16 weights cut at block3_pool keep enough of the
+pattern for a small head to learn it in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.jobstore import JobStore, connect
+from tests.conftest import convoy
+from tests.imagegen import make_flat, make_tree
+
+FAST = ["--input-size", "32", "--weights", "none", "--layer", "block3_pool", "--shard-size", "16"]
+TRAIN = ["--epochs", "10", "--learning-rate", "1e-3"]
+FINETUNE = ["--unfreeze-from", "block3_conv1"]
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, tmp_path_factory):
+    """One `convoy run --finetune` from images to classifier, full model and fine-tuned model."""
+    root = tmp_path_factory.mktemp("train")
+    data = make_tree(root / "data", {"train": 20, "validation": 6, "test": 10})
+    out = root / "out"
+    t0 = time.monotonic()
+    proc = convoy("run", str(data), "--out", str(out), *FAST, *TRAIN, *FINETUNE, "--finetune",
+                  "--finetune-epochs", "1", "--cam", "0", "--json", env=cluster.env, check=True)
+    return {"data": data, "out": out, "summary": _last_json(proc.stdout), "seconds": time.monotonic() - t0}
+
+
+def _store(cluster) -> JobStore:
+    return JobStore(connect(cluster.url))
+
+
+def test_run_trains_by_itself_after_the_last_shard(trained, cluster):
+    summary = trained["summary"]
+    assert summary["metrics"]["test_accuracy"] >= 0.8, summary["metrics"]
+    state = _store(cluster).status(summary["job_id"])
+    shards = _store(cluster).shard_states(summary["job_id"])
+    last_shard = max(float(s["finished_at"]) for s in shards.values())
+    # The chain ran on events: merge after the last shard, training after the merge, then done.
+    assert last_shard <= float(state["merging_at"]) <= float(state["training_at"]) <= float(state["done_at"])
+    model = trained["out"] / "model"
+    for name in ("classifier.keras", "full_model.keras", "history.json", "metrics.json", "curves.png",
+                 "finetuned.keras", "history_finetune.json", "metrics_finetune.json", "curves_finetune.png"):
+        assert (model / name).stat().st_size > 0, name
+    assert summary["model"]["full_model"] == str(model / "full_model.keras")
+    history = json.loads((model / "history.json").read_text())
+    assert history["epoch"] == list(range(1, 11)) and len(history["val_accuracy"]) == 10
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["class_names"] == ["blobs", "stripes"]
+    assert np.sum(metrics["confusion_matrix"]) == metrics["test_images"] == 20
+    assert set(metrics["per_class"]["blobs"]) == {"precision", "recall", "support"}
+    manifest = json.loads((trained["out"] / "manifest.json").read_text())
+    assert manifest["summary"]["metrics"]["test_accuracy"] == summary["metrics"]["test_accuracy"]
+
+
+def test_full_model_on_pixels_equals_classifier_on_features(trained):
+    import h5py
+    import keras
+
+    from shared.images import load_pixels
+
+    model = trained["out"] / "model"
+    with h5py.File(trained["out"] / "features" / "test.h5") as f:
+        features, paths = f["features"][()], f["paths"].asstr()[()].tolist()
+    pixels = np.stack([load_pixels(trained["data"] / p, 32) for p in paths]).astype(np.float32)
+    on_pixels = keras.models.load_model(model / "full_model.keras").predict(pixels, verbose=0)
+    on_features = keras.models.load_model(model / "classifier.keras").predict(features, verbose=0)
+    np.testing.assert_allclose(on_pixels, on_features, atol=1e-5)
+    finetuned = keras.models.load_model(model / "finetuned.keras").predict(pixels, verbose=0)
+    assert finetuned.shape == (20, 1) and np.all((finetuned >= 0) & (finetuned <= 1))
+
+
+def test_predict_through_the_workers(trained, cluster):
+    model = trained["out"] / "model" / "full_model.keras"
+    proc = convoy("predict", str(model), str(trained["data"] / "test"), "--json", env=cluster.env, check=True)
+    rows = _last_json(proc.stdout)
+    assert len(rows) == 20
+    right = sum(row["class"] == Path(row["path"]).parent.name for row in rows)
+    assert right >= 16, rows
+    assert all(0.5 <= row["probability"] <= 1 for row in rows)
+    text = convoy("predict", str(model), str(trained["data"] / "test" / "blobs" / "img-000.png"),
+                  env=cluster.env, check=True).stdout
+    assert text.strip().split("\t")[1] in ("blobs", "stripes")
+
+
+def test_finetune_resumes_from_its_checkpoint(trained, cluster):
+    model = trained["out"] / "model"
+    first = json.loads((model / "history_finetune.json").read_text())
+    assert first["resumed_from_epoch"] == 0 and first["epoch"] == [1]
+    job = trained["summary"]["job_id"]
+    proc = convoy("submit", "finetune", job, *FINETUNE, "--finetune-epochs", "2", "--wait", "--json",
+                  env=cluster.env, check=True)
+    summary = _last_json(proc.stdout)
+    history = json.loads((model / "history_finetune.json").read_text())
+    # Epoch 1's weights came from the checkpoint; only epoch 2 was trained.
+    assert history["resumed_from_epoch"] == 1 and history["epoch"] == [1, 2]
+    assert "finetune_test_accuracy" in summary["metrics"]
+
+
+def test_submit_train_retrains_streaming_from_disk(trained, cluster):
+    job = trained["summary"]["job_id"]
+    proc = convoy("submit", "train", job, "--epochs", "3", "--learning-rate", "1e-3", "--max-memory", "1K",
+                  "--wait", "--json", env=cluster.env, check=True)
+    summary = _last_json(proc.stdout)
+    assert summary["training"]["features_in_memory"] is False  # over the budget: batches from HDF5
+    assert 0 <= summary["metrics"]["test_accuracy"] <= 1
+    assert len(json.loads((trained["out"] / "model" / "history.json").read_text())["epoch"]) == 3
+
+
+def test_failed_training_ends_the_job_failed(trained, cluster):
+    """A training task that raises ends the job failed with the traceback's last line."""
+    from orchestrator.watch import wait_for_job
+    from shared import keys
+    from shared.celery_app import configure
+    from shared.errors import JobFailed
+    from shared.settings import Settings
+
+    job, store = trained["summary"]["job_id"], _store(cluster)
+    store.set_status(job, "training")
+    # No CLI path sends this (it checks --dense-units), so send the task as the merge would.
+    configure(Settings(broker_url=cluster.url)).send_task(keys.TRAIN_TASK, args=[job, {"dense_units": -1}, False],
+                                                          queue=keys.TRAIN_QUEUE)
+    with pytest.raises(JobFailed, match="training failed: ValueError: .*units"):
+        wait_for_job(store, job, show_progress=False)
+
+
+def test_failing_shard_ends_the_job_failed_fast(cluster, tmp_path):
+    """Weights changed after submission: every shard fails for good and nothing waits on it."""
+    from orchestrator.jobs import ExtractRequest, prepare, submit
+    from orchestrator.watch import wait_for_job
+    from shared.celery_app import configure
+    from shared.errors import JobFailed
+    from shared.settings import Settings
+
+    data = make_tree(tmp_path / "data", {"train": 3, "validation": 2, "test": 2})
+    req = ExtractRequest(data_dir=data, out_dir=tmp_path / "out", input_size_px=32, weights="none",
+                         seed=9731, shard_size=4)
+    spec, shards, _scan = prepare(req, {"then_train": True})
+    weights = Path(spec.model.weights_path)
+    weights.write_bytes(weights.read_bytes() + b"changed after submission")
+    configure(Settings(broker_url=cluster.url))
+    store = _store(cluster)
+    t0 = time.monotonic()
+    submit(store, spec, shards)
+    with pytest.raises(JobFailed, match="sha256"):
+        wait_for_job(store, spec.job_id, show_progress=False)
+    assert time.monotonic() - t0 < 60
+    assert store.status(spec.job_id)["error"].startswith("shard ")
+    assert not (tmp_path / "out" / "model").exists()
+    proc = convoy("status", spec.job_id, "--json", env=cluster.env)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["status"] == "failed"
+
+
+def _refused(args: list[str], env: dict) -> str:
+    proc = convoy(*args, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    return proc.stderr
+
+
+def test_data_that_cannot_train_is_refused(cluster, tmp_path):
+    out = str(tmp_path / "out")  # shared, so the random weights are made once
+    flat = make_flat(tmp_path / "flat", 4)
+    assert "no labels" in _refused(["submit", "extract", str(flat), "--out", out, *FAST, "--then-train"],
+                                   cluster.env)
+    one = make_tree(tmp_path / "one", {"train": 2, "validation": 1, "test": 1})
+    for split in ("train", "validation", "test"):
+        for extra in (one / split / "stripes").iterdir():
+            extra.unlink()
+        (one / split / "stripes").rmdir()
+    assert "one class" in _refused(["run", str(one), "--out", out, *FAST], cluster.env)
+    no_test = make_tree(tmp_path / "no_test", {"train": 2, "validation": 1}, splits=("train", "validation"))
+    assert "split test" in _refused(["submit", "extract", str(no_test), "--out", out, *FAST, "--then-train"],
+                                    cluster.env)
+    job = _extracted_job(flat, tmp_path, cluster)
+    assert "no labels" in _refused(["submit", "train", job], cluster.env)
+
+
+def _extracted_job(data: Path, tmp_path: Path, cluster) -> str:
+    proc = convoy("run", str(data), "--out", str(tmp_path / "flat-out"), *FAST, "--json", env=cluster.env,
+                  check=True)
+    summary = _last_json(proc.stdout)
+    assert summary["model"] == {}  # unlabelled data: `convoy run` just skips training
+    return summary["job_id"]

@@ -1,0 +1,158 @@
+"""The ``cam`` queue: one task computes Grad-CAM heatmaps and overlays for one batch of images;
+the batch that completes the job assembles ``heatmaps.h5`` and ``index.html``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from shared import keys
+from shared.camjob import HEATMAPS_NAME, INDEX_NAME, OVERLAYS_DIR, PARTS_DIR, CamSpec, CamStore
+from shared.celery_app import app
+from shared.errors import ConvoyError, ShardError
+from shared.heatmaps import CamRows, concat, read_rows, write_rows
+from shared.images import BadImage, load_pixels, resize_pixels
+from shared.job import DONE, FAILED
+from shared.overlay import overlay_name, superimpose, write_index, write_png
+from shared.paths import check_data_path, check_output_path
+from workers.runtime import runtime
+
+log = logging.getLogger("convoy.cam")
+
+
+@app.task(name=keys.CAM_TASK, bind=True)
+def cam_batch(self, job_id: str, batch: int) -> dict:
+    """Heatmaps for batch ``batch`` of Grad-CAM job ``job_id``."""
+    rt = runtime()
+    store = CamStore(rt.store.r)
+    spec = store.spec(job_id)
+    if store.is_over(job_id):
+        return {"batch": batch, "state": "skipped"}
+    deliveries = store.count_delivery(job_id, batch)
+    if deliveries > spec.max_deliveries:
+        _fail(store, spec, batch, f"given up after {deliveries - 1} deliveries (a worker died each time)")
+    store.started(job_id)
+    try:
+        rows = _run(rt.settings, spec, batch, store.batch(job_id, batch))
+        store.add_done(job_id, len(rows.paths) + len(rows.skipped))
+        if store.arrive(job_id, batch, spec.n_batches):
+            assemble(store, spec)
+    except ConvoyError as exc:
+        _fail(store, spec, batch, str(exc))
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(store, spec, batch, f"cannot write the outputs{where}: {exc.strerror or exc}")
+    except Exception as exc:  # a model that breaks on these inputs: end the job, don't retry
+        _fail(store, spec, batch, f"{type(exc).__name__}: {exc}")
+    return {"batch": batch, "state": "done", "rows": len(rows.paths), "skipped": len(rows.skipped)}
+
+
+def _fail(store: CamStore, spec: CamSpec, batch: int, reason: str) -> None:
+    """End the job failed (the waiting CLI reports the reason) and fail this task in Celery."""
+    store.finish(spec.job_id, FAILED, error=f"batch {batch} failed: {reason}")
+    raise ShardError(f"batch {batch} of Grad-CAM job {spec.job_id} failed: {reason}")
+
+
+def _image_paths(spec: CamSpec, rels: list[str], settings) -> list[Path]:
+    root = Path(spec.root)
+    out = []
+    for rel in rels:
+        pure = PurePosixPath(rel)
+        if pure.is_absolute() or ".." in pure.parts:
+            raise ShardError(f"image path {rel!r} is absolute or contains '..'; refused")
+        out.append(check_data_path(root / pure, settings))
+    return out
+
+
+def _decode(paths: list[Path], hw: tuple[int, int]) -> tuple[list[int], list, list[tuple[int, str]]]:
+    """(positions decoded, [(original, model-sized) pixels], [(position, reason)])."""
+    ok, images, skipped = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            original = load_pixels(path, None)
+        except BadImage as exc:
+            skipped.append((i, str(exc)))
+            continue
+        ok.append(i)
+        images.append((original, resize_pixels(original, *hw)))
+    return ok, images, skipped
+
+
+def _run(settings, spec: CamSpec, batch: int, rels: list[str]) -> CamRows:
+    from shared.models import preprocess
+    from workers.cam_model import cam_model
+
+    check_output_path(spec.out_dir, settings)
+    paths = _image_paths(spec, rels, settings)
+    cam = cam_model(spec)
+    t0 = time.perf_counter()
+    ok, images, skipped = _decode(paths, cam.input_hw)
+    rows = concat([], cam.heatmap_hw)
+    if images:
+        pixels = np.stack([small for _, small in images])
+        x = pixels.astype(np.float32) if spec.preprocess == "none" else preprocess(pixels, spec.preprocess)
+        rows = _rows(spec, batch, rels, ok, images, cam(x, spec.class_index, spec.top_k))
+    rows.skipped = [(rels[i], reason) for i, reason in skipped]
+    write_rows(spec.part_file(batch), rows, {"batch": batch})
+    log.info("cam batch %s of job %s: %d rows in %.2fs", batch, spec.job_id, len(rows.paths),
+             time.perf_counter() - t0)
+    return rows
+
+
+def _rows(spec: CamSpec, batch: int, rels, ok, images, result) -> CamRows:
+    """Rows of the batch, each with its overlay written next to the others."""
+    first = batch * spec.batch_size
+    overlays = []
+    for heatmap, image, class_index in zip(result.heatmaps, result.image, result.class_index, strict=True):
+        position = ok[image]
+        name = overlay_name(first + position, rels[position], int(class_index), ranked=spec.top_k > 1)
+        write_png(Path(spec.out_dir) / OVERLAYS_DIR / name, superimpose(images[image][0], heatmap))
+        overlays.append(f"{OVERLAYS_DIR}/{name}")
+    return CamRows(
+        heatmaps=result.heatmaps,
+        paths=[rels[ok[i]] for i in result.image],
+        class_index=result.class_index,
+        score=result.score,
+        flags=result.flags,
+        rank=result.rank,
+        overlay=overlays,
+    )
+
+
+def assemble(store: CamStore, spec: CamSpec) -> dict:
+    """heatmaps.h5 and index.html from the part files, then the job is done."""
+    from shared.gradcam import VGG16_IMAGENET
+    from workers.cam_model import cam_model
+
+    cam = cam_model(spec)
+    rows = concat([read_rows(spec.part_file(b)) for b in range(spec.n_batches)], cam.heatmap_hw)
+    out = Path(spec.out_dir)
+    attrs = {
+        "layer": cam.layer,
+        "model": spec.model if spec.model == VGG16_IMAGENET else str(Path(spec.model_path).resolve()),
+        "model_sha256": spec.model_sha256,
+        "preprocess": spec.preprocess,
+        "input_size": list(cam.input_hw),
+        "class": -1 if spec.class_index is None else spec.class_index,
+        "top_k": spec.top_k,
+        "root": spec.root,
+        "job_id": spec.job_id,
+    }
+    write_rows(out / HEATMAPS_NAME, rows, attrs)
+    write_index(out / INDEX_NAME, rows, f"Grad-CAM {spec.job_id}: {Path(spec.model).name}, layer {cam.layer}")
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    summary = {
+        "heatmaps": str(out / HEATMAPS_NAME),
+        "index": str(out / INDEX_NAME),
+        "overlays": [str(out / o) for o in rows.overlay],
+        "rows": len(rows.paths),
+        "skipped": [{"path": p, "reason": r} for p, r in rows.skipped],
+        "layer": cam.layer,
+    }
+    store.finish(spec.job_id, DONE, summary=json.dumps(summary))
+    return summary

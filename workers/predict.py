@@ -1,0 +1,72 @@
+"""Classifying images with a saved full model (``full_model.keras`` or ``finetuned.keras``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from shared.classifier import class_probability, predicted_classes
+from shared.errors import ModelFileError, ShardError
+from shared.images import BadImage, load_pixels
+from shared.paths import check_data_path
+from shared.settings import Settings
+from workers.fit import MODEL_INFO
+
+BATCH_SIZE = 32
+
+
+@lru_cache(maxsize=2)
+def _load(path: str, mtime_ns: int):
+    """Loaded once per process and model version, reused by every predict task."""
+    import keras
+
+    return keras.models.load_model(path)
+
+
+def load_model(path: Path):
+    try:
+        return _load(str(path), os.stat(path).st_mtime_ns)
+    except OSError as exc:
+        raise ModelFileError(f"model file {path} is not readable on this worker ({exc.strerror})") from None
+
+
+def class_names(model_path: Path, num_outputs: int) -> list[str]:
+    """From the ``model.json`` training wrote beside the model; class indices if it is gone."""
+    try:
+        return json.loads((model_path.parent / MODEL_INFO).read_text())["class_names"]
+    except (OSError, ValueError, KeyError):
+        return [str(i) for i in range(max(2, num_outputs))]
+
+
+def _decode(paths: list[str], size_px: int, settings: Settings) -> tuple[list[int], list, dict[int, str]]:
+    rows, pixels, errors = [], [], {}
+    for i, path in enumerate(paths):
+        try:
+            pixels.append(load_pixels(check_data_path(path, settings), size_px))
+            rows.append(i)
+        except (BadImage, ShardError) as exc:
+            errors[i] = str(exc)
+    return rows, pixels, errors
+
+
+def predict_paths(model_path: Path, paths: list[str], settings: Settings) -> list[dict]:
+    """One row per path: class name and its probability, or the reason it could not be read."""
+    model = load_model(model_path)
+    size_px = int(model.input_shape[1])
+    names = class_names(model_path, int(model.output_shape[-1]))
+    out: list[dict] = [{"path": p} for p in paths]
+    for start in range(0, len(paths), BATCH_SIZE):
+        chunk = paths[start : start + BATCH_SIZE]
+        rows, pixels, errors = _decode(chunk, size_px, settings)
+        for i, reason in errors.items():
+            out[start + i]["error"] = reason
+        if not rows:
+            continue
+        probs = np.asarray(model.predict(np.stack(pixels).astype(np.float32), verbose=0))
+        for i, cls, prob in zip(rows, predicted_classes(probs), class_probability(probs), strict=True):
+            out[start + i].update({"class": names[int(cls)], "probability": round(float(prob), 6)})
+    return out
