@@ -36,6 +36,7 @@ class CamRequest:
     top_k: int = 1
     batch_size: int = 16
     preprocess: str | None = None  # None: vgg16 for vgg16-imagenet, none for model files
+    root: Path | None = None  # paths are recorded relative to this (default: the images' common folder)
     keras_home: Path = field(default_factory=lambda: Path.home() / ".keras")
 
 
@@ -49,7 +50,7 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def collect_images(inputs: list[Path]) -> tuple[Path, list[str]]:
+def collect_images(inputs: list[Path], root: Path | None = None) -> tuple[Path, list[str]]:
     """(root, sorted image paths relative to it) from files and folders, or DataError."""
     files: list[Path] = []
     for item in inputs:
@@ -61,10 +62,13 @@ def collect_images(inputs: list[Path]) -> tuple[Path, list[str]]:
             raise DataError(f"{item} is neither an image file nor a folder")
     if not files:
         raise DataError(f"no images in {', '.join(map(str, inputs))}; pass image files or a folder holding them")
-    files = sorted({f.resolve() for f in files})
-    single_dir = len(inputs) == 1 and inputs[0].is_dir()
-    root = inputs[0].resolve() if single_dir else Path(os.path.commonpath([f.parent for f in files]))
-    return root, [f.relative_to(root).as_posix() for f in files]
+    # Absolute, not resolved: a symlinked image stays under the folder the user named.
+    files = sorted({Path(os.path.abspath(f)) for f in files})
+    if root is None:
+        single_dir = len(inputs) == 1 and inputs[0].is_dir()
+        root = inputs[0] if single_dir else Path(os.path.commonpath([f.parent for f in files]))
+    root = Path(os.path.abspath(root))
+    return root, [Path(os.path.relpath(f, root)).as_posix() for f in files]
 
 
 def _check_vgg16_imagenet(req: CamRequest) -> None:
@@ -107,7 +111,7 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
         raise UsageError(f"--preprocess must be one of {', '.join(CAM_PREPROCESS)}; got {preprocess!r}")
     if req.class_index is not None and req.top_k != 1:
         raise UsageError("--class and --top-k exclude each other; pass one")
-    root, rels = collect_images(req.inputs)
+    root, rels = collect_images(req.inputs, req.root)
     out = check_output(req.out_dir)
     path, sha = resolve_model(req)
     batches = [rels[i : i + req.batch_size] for i in range(0, len(rels), req.batch_size)]
@@ -203,6 +207,28 @@ def print_cam_summary(summary: dict, as_json: bool) -> None:
         print(f"  skipped {item['path']}: {item['reason']}")
 
 
+def cam_status(client, job_id: str, watch: bool, as_json: bool) -> int:
+    """``convoy status JOB`` for a Grad-CAM job: its state (after waiting, with --watch)."""
+    store = CamStore(client)
+    store.spec(job_id)  # JobNotFound, exit 2, for an id nobody knows
+    if watch:
+        try:
+            wait_cam(store, job_id, show=not as_json)
+        except JobFailed:
+            pass  # reported below, like any other final state
+    state = store.state(job_id)
+    report = {"job_id": job_id, "kind": "cam", "status": state.get("status", "unknown"),
+              "error": state.get("error", ""), "images_done": int(state.get("done", 0)),
+              "images_total": int(state.get("total", 0)),
+              "summary": json.loads(state["summary"]) if state.get("summary") else None}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print(f"cam job {job_id}: {report['status']}, {report['images_done']}/{report['images_total']} images"
+              + (f"; {report['error']}" if report["error"] else ""))
+    return 1 if report["status"] in (FAILED, "cancelled") else 0
+
+
 # --- after training -------------------------------------------------------------------------
 
 def trained_model(out_dir: Path, since: float = 0.0) -> Path | None:
@@ -214,8 +240,8 @@ def trained_model(out_dir: Path, since: float = 0.0) -> Path | None:
     return None
 
 
-def run_images(out_dir: Path, n: int) -> list[Path]:
-    """The first ``n`` images of the job's test split (else validation, else any), in path order."""
+def run_images(out_dir: Path, n: int) -> tuple[Path, list[Path]]:
+    """DATA and the first ``n`` images of the job's test split (else validation, else any)."""
     from shared.manifest import read_manifest
 
     manifest = read_manifest(out_dir)
@@ -225,8 +251,8 @@ def run_images(out_dir: Path, n: int) -> list[Path]:
         by_split.setdefault(shard["id"].split("/")[0], []).extend(rel for rel, _label in shard["entries"])
     for split in ("test", "validation", *sorted(by_split)):
         if by_split.get(split):
-            return [data / rel for rel in sorted(by_split[split])[:n]]
-    return []
+            return data, [data / rel for rel in sorted(by_split[split])[:n]]
+    return data, []
 
 
 def cam_for_run(out_dir: Path, settings: Settings, n: int, workers: int = 1, show: bool = False,
@@ -237,10 +263,10 @@ def cam_for_run(out_dir: Path, settings: Settings, n: int, workers: int = 1, sho
     model = trained_model(Path(out_dir), since)
     if model is None or n < 1:
         return None
-    images = run_images(Path(out_dir), n)
+    data, images = run_images(Path(out_dir), n)
     if not images:
         return None
-    req = CamRequest(model=str(model), inputs=images, out_dir=Path(out_dir) / "cam")
+    req = CamRequest(model=str(model), inputs=images, out_dir=Path(out_dir) / "cam", root=data)
     summary = run_cam(req, settings, workers=workers, show=show)
     return {"dir": summary["out"], "heatmaps": summary["heatmaps"], "index": summary["index"],
             "overlays": summary["overlays"]}

@@ -242,6 +242,7 @@ def _print_result(spec, state: dict, seconds: float, as_json: bool, cam: dict | 
         "metrics": summary.get("metrics", {}),
         "training": summary.get("training", {}),
         "timings": summary.get("timings", {}),
+        "extract_timings": summary.get("extract_timings", {}),
     }
     if cam is not None:
         summary["cam"] = cam
@@ -316,6 +317,10 @@ def cmd_status(args, settings: Settings) -> int:
     if not args.job:
         status.print_jobs(store, args.json)
         return 0
+    if not store.exists(args.job):  # a Grad-CAM job (convoy cam --detach) has keys of its own
+        from orchestrator.cam import cam_status
+
+        return cam_status(store.r, args.job, args.watch, args.json)
     if args.watch:
         return status.watch(store, args.job, args.json)
     report = status.job_report(store, args.job)

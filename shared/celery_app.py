@@ -18,10 +18,24 @@ app = Celery("convoy", include=TASK_MODULES)
 
 
 def configure(settings: Settings) -> Celery:
-    """Point the app at the settings' broker and apply Convoy's delivery guarantees."""
+    """Point the process's app at the settings' broker (once per process: Celery keeps its
+    connection pool for the first broker it talks to)."""
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def make_app(settings: Settings) -> Celery:
+    """A separate app for another broker in the same process (tests, tools)."""
+    other = Celery("convoy", set_as_current=False)
+    other.conf.update(celery_config(settings))
+    return other
+
+
+def celery_config(settings: Settings) -> dict:
+    """Convoy's delivery guarantees, as Celery settings."""
     url = settings.broker_url or "redis://127.0.0.1:6379/0"
     transport = {"visibility_timeout": settings.visibility_timeout_s}
-    app.conf.update(
+    return dict(
         broker_url=url,
         result_backend=url,
         # JSON only: nothing pickled crosses the broker, and pickled messages are refused.
@@ -45,6 +59,9 @@ def configure(settings: Settings) -> Celery:
         task_send_sent_event=True,
         result_extended=True,
         result_expires=7 * 24 * 3600,
+        # Ride out a broker restart instead of failing the task that reports its state.
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
         # One direct exchange per queue: a message for `cam` can only ever land on `cam`.
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in keys.ALL_QUEUES],
         task_default_queue=keys.EXTRACT_QUEUE,
@@ -60,4 +77,3 @@ def configure(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
-    return app

@@ -7,6 +7,7 @@ Attributes say how the features were made, so anyone holding a file can reproduc
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -45,11 +46,22 @@ def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
         f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` appear at ``final`` whole or not at all."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+def _publish(image: bytes | memoryview, final: Path) -> None:
+    """Write a file image to a temporary name, flush it, rename it: whole or not at all.
+
+    The HDF5 file is built in memory and written with plain file I/O, because HDF5 can crash
+    the process when the disk fills up during its own close; here a full disk is an OSError.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -58,20 +70,14 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def write_shard(final: Path, result: ShardResult, attrs: dict) -> None:
-    """Write a shard file under a temporary name, flush it, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
-    try:
-        with h5py.File(tmp, "w") as f:
-            feats = result.features
-            chunk_rows = max(1, min(len(feats), 64))
-            f.create_dataset(
-                "features", data=feats, chunks=(chunk_rows, *feats.shape[1:]) if len(feats) else None
-            )
-            _write_common(f, result.labels, result.paths, result.skipped, attrs)
-        _publish(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a shard file atomically (see :func:`_publish`)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        feats = result.features
+        chunk_rows = max(1, min(len(feats), 64))
+        f.create_dataset("features", data=feats, chunks=(chunk_rows, *feats.shape[1:]) if len(feats) else None)
+        _write_common(f, result.labels, result.paths, result.skipped, attrs)
+    _publish(buf.getbuffer(), final)
     _remove_stale_temporaries(final)
 
 
@@ -131,25 +137,20 @@ def merge_split(merged: Path, shard_files: list[Path], attrs: dict) -> Path:
             # Relative names: the merged file keeps working when OUT is moved or mounted elsewhere.
             sources.append((os.path.relpath(shard, merged.parent), n))
     total = sum(n for _, n in sources)
-    tmp = _tmp_name(merged)
-    try:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            if total and shape_tail is not None:
-                layout = h5py.VirtualLayout(shape=(total, *shape_tail), dtype=dtype)
-                row = 0
-                for name, n in sources:
-                    layout[row : row + n] = h5py.VirtualSource(
-                        name, "features", shape=(n, *shape_tail)
-                    )
-                    row += n
-                f.create_virtual_dataset("features", layout)
-            else:
-                f.create_dataset("features", shape=(0, *(shape_tail or (0, 0, 0))), dtype=dtype)
-            all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-            _write_common(f, all_labels, paths, skipped, {**attrs, "shards": len(shard_files)})
-        _publish(tmp, merged)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", libver="latest") as f:
+        if total and shape_tail is not None:
+            layout = h5py.VirtualLayout(shape=(total, *shape_tail), dtype=dtype)
+            row = 0
+            for name, n in sources:
+                layout[row : row + n] = h5py.VirtualSource(name, "features", shape=(n, *shape_tail))
+                row += n
+            f.create_virtual_dataset("features", layout)
+        else:
+            f.create_dataset("features", shape=(0, *(shape_tail or (0, 0, 0))), dtype=dtype)
+        all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        _write_common(f, all_labels, paths, skipped, {**attrs, "shards": len(shard_files)})
+    _publish(buf.getbuffer(), merged)
     return merged
 
 
@@ -172,7 +173,10 @@ def materialize(merged: Path) -> Path:
                 src.copy(src[name], dst, name=name)
             dst.attrs.update(dict(src.attrs))
             dst.attrs["materialized"] = 1
-        _publish(tmp, merged)
+        # Too large to build in memory: written in place, then renamed over the virtual file.
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, merged)
     finally:
         tmp.unlink(missing_ok=True)
     return merged

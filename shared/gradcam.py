@@ -44,12 +44,12 @@ class CamResult:
 
 def load_model(path: str | Path):
     """A Keras model file, loaded with ``safe_mode=True`` (no arbitrary code from the file)."""
-    import_tensorflow()
-    import keras
-
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist; pass a .keras file or {VGG16_IMAGENET!r}")
+    import_tensorflow()
+    import keras
+
     try:
         return keras.saving.load_model(str(path), safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises ValueError, TypeError, OSError... all mean "not loadable"
@@ -76,12 +76,25 @@ def _is_model(layer) -> bool:
     return isinstance(layer, keras.Model)
 
 
+def _chain(model) -> list:
+    """The model's layers in order, without its InputLayer (nothing to call)."""
+    import keras
+
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
 def walk_layers(model) -> list:
     """Every layer in forward order, nested models' layers in place of the nested model."""
     out = []
-    for layer in model.layers:
+    for layer in _chain(model):
         out += walk_layers(layer) if _is_model(layer) else [layer]
     return out
+
+
+def _last_leaf(model):
+    """The layer that makes the model's output, also when the head is a nested model."""
+    last = _chain(model)[-1]
+    return _last_leaf(last) if _is_model(last) else last
 
 
 def conv_layers(model) -> list[str]:
@@ -118,7 +131,7 @@ def _output_activation(model) -> tuple[str, bool]:
     """(activation name, whether the last layer applies it and must be bypassed)."""
     import keras
 
-    last = model.layers[-1]
+    last = _last_leaf(model)
     if isinstance(last, keras.layers.Softmax):
         return "softmax", True
     name = getattr(getattr(last, "activation", None), "__name__", "linear")
@@ -143,27 +156,38 @@ def _contains(model, name: str) -> bool:
     return any(layer.name == name for layer in walk_layers(model))
 
 
-def _split(model, name: str, stop_before_last: bool):
-    """A callable x -> (output of layer ``name``, model output or input of its last layer)."""
+def _split(model, name: str, stop: bool):
+    """A callable x -> (output of layer ``name`` or None, the model's output; with ``stop``, the
+    input of its final layer instead, so the activation can be bypassed)."""
     import keras
 
-    direct = [layer for layer in model.layers if layer.name == name]
-    if direct:
-        end = model.layers[-1].input if stop_before_last else model.outputs[0]
+    layers = _chain(model)
+    direct = [layer for layer in layers if layer.name == name]
+    if direct and not (stop and _is_model(layers[-1])):
+        end = layers[-1].input if stop else model.outputs[0]
         return keras.Model(model.inputs, [direct[0].output, end])
-    # The layer is inside a nested model: replay this model's chain of layers, calling the
-    # nested one through its own split. Keras cannot wire a nested layer's output to the outer
-    # input directly, and the keras.io recipe assumes a flat model.
-    layers = model.layers[:-1] if stop_before_last else model.layers
-    inner = {id(layer): _split(layer, name, False) for layer in layers if _is_model(layer) and _contains(layer, name)}
+    # The layer (or the final one) is inside a nested model: replay this model's chain, calling
+    # nested models through their own split. Keras cannot wire a nested layer's output to the
+    # outer input, and the keras.io recipe assumes a flat model. GradCam checks the replay.
+    steps = []
+    for i, layer in enumerate(layers):
+        is_last = i == len(layers) - 1
+        if stop and is_last and not _is_model(layer):
+            break  # the final layer's input is what the caller wants
+        if _is_model(layer) and (_contains(layer, name) or (stop and is_last)):
+            steps.append((True, _split(layer, name, stop and is_last)))
+        else:
+            steps.append((False, layer))
 
     def forward(x, training=False):
         conv = None
-        for layer in layers:
-            if id(layer) in inner:
-                conv, x = inner[id(layer)](x, training=training)
+        for nested, step in steps:
+            if nested:
+                found, x = step(x, training=training)
+                conv = conv if found is None else found
             else:
-                x = layer(x, training=training)
+                x = step(x, training=training)
+                conv = x if step.name == name else conv
         return conv, x
 
     return forward
@@ -176,8 +200,8 @@ class GradCam:
         self.model = model
         self.layer = choose_layer(model, layer)
         self.activation, bypass = _output_activation(model)
-        self._forward = _split(model, self.layer, stop_before_last=bypass)
-        self._last, self._bypass = model.layers[-1], bypass
+        self._forward = _split(model, self.layer, stop=bypass)
+        self._last, self._bypass = _last_leaf(model), bypass
         units = int(model.outputs[0].shape[-1])
         # One sigmoid unit (or one linear logit) is a binary classifier with classes 0 and 1.
         self.n_classes = 2 if units == 1 else units
@@ -202,7 +226,9 @@ class GradCam:
         import tensorflow as tf
 
         x = tf.random.stateless_uniform((1, *self.input_hw, 3), seed=(1, 2), maxval=255.0)
-        _conv, last = self._forward(x, training=False)
+        conv, last = self._forward(x, training=False)
+        if conv is None:
+            raise ModelError(f"layer {self.layer} is not on the path from the model's input to its output")
         logits, probs = self._scores(last)
         got = np.asarray(probs if self.activation in _SQUASHING else logits)
         want = np.asarray(self.model(x, training=False))

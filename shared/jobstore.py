@@ -13,18 +13,30 @@ from shared.job import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, JobSpec
 
 
 def connect(url: str) -> redis.Redis:
-    """A client for ``url`` that answers, or :class:`BrokerError` saying how to fix it."""
+    """A client for ``url`` that answers, or :class:`BrokerError` saying how to fix it.
+
+    The first ping fails fast (a typo in a URL should not hang the CLI); later commands
+    retry with backoff for about 40 s, so a broker restart does not fail running shards.
+    """
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
     from shared.settings import redact_url
 
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
     try:
-        client.ping()
+        redis.Redis.from_url(url, socket_connect_timeout=5).ping()
     except redis.RedisError as exc:
         raise BrokerError(
             f"cannot reach the broker at {redact_url(url)} ({exc}); start Redis or unset "
             "--broker / CONVOY_BROKER_URL to let `convoy run` start its own"
         ) from None
-    return client
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=5, base=0.2), retries=12),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 class JobStore:

@@ -50,8 +50,9 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def overlay_name(position: int, rel_path: str, class_index: int, ranked: bool) -> str:
-    """A unique, readable file name for one row: image position, stem, and class when top-k."""
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(rel_path).stem)[:60]
+    """A unique, readable file name for one row: image position, path, and class when top-k."""
+    plain = Path(rel_path).with_suffix("").as_posix()
+    stem = "".join(c if c.isalnum() or c in "-." else "_" for c in plain)[-60:]
     suffix = f"-class{class_index}" if ranked else ""
     return f"{position:05d}-{stem}{suffix}.png"
 

@@ -105,10 +105,10 @@ def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: floa
 def wait_ready(url: str, names: list[str], timeout: float = 90, procs: list | None = None,
                log_dir: Path | None = None) -> None:
     """Block until every named worker answers a ping (its pool is up); fail early if one exits."""
-    from shared.celery_app import configure
+    from shared.celery_app import make_app
     from shared.settings import Settings
 
-    app = configure(Settings(broker_url=url))
+    app = make_app(Settings(broker_url=url))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         replies = app.control.ping(timeout=1.0) or []
@@ -139,3 +139,43 @@ def images_tree(tmp_path_factory):
     from tests.imagegen import make_tree
 
     return make_tree(tmp_path_factory.mktemp("data") / "tree", {"train": 6, "validation": 2, "test": 2})
+
+
+class OwnRedis:
+    """A redis-server of a test's own (for restarts, persistence, passwords)."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        from orchestrator.cluster import free_port, redis_binary
+
+        self.workdir, self.args, self.port = workdir, args, free_port()
+        self.binary = redis_binary()
+        self.proc: subprocess.Popen | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> OwnRedis:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--save", "", *self.args],
+            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, password=self._password())
+        for _ in range(100):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("own redis-server did not start")
+
+    def _password(self) -> str | None:
+        return self.args[self.args.index("--requirepass") + 1] if "--requirepass" in self.args else None
+
+    @property
+    def url(self) -> str:
+        password = self._password()
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)

@@ -28,7 +28,8 @@ ORIGINAL_WH = (50, 40)  # images are not model-sized, so overlays must be resize
 # --- models built here, the way training and keras.applications build them ---------------------
 
 def _trained_style(path: Path) -> Path:
-    """VGG16 base (random, seeded) nested in a classifier, preprocessing inside as a frozen 1x1 conv."""
+    """Training's shape: pixels -> frozen 1x1 conv preprocessing -> VGG16 base (nested, random,
+    seeded) -> classifier head (a nested Sequential ending in one sigmoid unit)."""
     import keras
 
     keras.utils.set_random_seed(7)
@@ -36,9 +37,11 @@ def _trained_style(path: Path) -> Path:
     base.trainable = False
     # RGB -> BGR minus the ImageNet mean, as a 1x1 conv: the model takes raw 0-255 pixels.
     pre = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False)
-    model = keras.Sequential([keras.Input((SIDE, SIDE, 3)), pre, base, keras.layers.Flatten(),
-                              keras.layers.Dense(16, activation="relu"), keras.layers.Dropout(0.5),
-                              keras.layers.Dense(1, activation="sigmoid")])
+    head = keras.Sequential([keras.Input(base.output.shape[1:]), keras.layers.Flatten(),
+                             keras.layers.Dense(16, activation="relu"), keras.layers.Dropout(0.5),
+                             keras.layers.Dense(1, activation="sigmoid")], name="classifier")
+    pixels = keras.Input((SIDE, SIDE, 3), name="pixels")
+    model = keras.Model(pixels, head(base(pre(pixels), training=False)), name="full_model")
     pre.set_weights([np.eye(3, dtype="float32")[::-1].reshape(1, 1, 3, 3),
                      -np.array([103.939, 116.779, 123.68], "float32")])
     model.save(path)
@@ -125,8 +128,8 @@ def _reference_parts_trained(path: Path):
     import keras
 
     model = keras.saving.load_model(path)
-    model.layers[-1].activation = None  # keras.io: "Remove last layer's softmax"
-    pre, base, head = model.layers[0], model.layers[1], model.layers[2:]
+    _pixels_input, pre, base, head = model.layers
+    head.layers[-1].activation = None  # keras.io: "Remove last layer's softmax"
     inner = keras.Model(base.inputs, base.get_layer("block5_conv3").output)
     pool = base.get_layer("block5_pool")
 
@@ -134,10 +137,7 @@ def _reference_parts_trained(path: Path):
         return inner(pre(x))
 
     def classifier_model(a):
-        x = pool(a)
-        for layer in head:
-            x = layer(x, training=False)
-        return x
+        return head(pool(a), training=False)
 
     return conv_model, classifier_model
 
@@ -277,6 +277,21 @@ def test_cam_for_run_uses_the_trained_model_and_test_images(cluster, models, ima
     assert Path(cam["index"]).is_file()
 
 
+def test_convoy_run_cam_after_training(cluster, tmp_path):
+    from tests.imagegen import make_tree
+
+    data = make_tree(tmp_path / "data", {"train": 3, "validation": 1, "test": 2})
+    proc = convoy("run", str(data), "--out", str(tmp_path / "out"), "--input-size", "32", "--weights", "none",
+                  "--epochs", "1", "--dense-units", "8", "--cam", "3", "--json", env=cluster.env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()[-3000:]
+    cam = json.loads(proc.stdout.strip().splitlines()[-1])["cam"]
+    data = _read(tmp_path / "out" / "cam")
+    assert data["paths"] == ["test/blobs/img-000.png", "test/blobs/img-001.png", "test/stripes/img-000.png"]
+    assert data["attrs"]["layer"] == "block5_conv3" and data["heatmaps"].shape == (3, 2, 2)
+    assert len(cam["overlays"]) == 3 and all(Path(p).is_file() for p in cam["overlays"])
+    assert Path(cam["index"]).is_file()
+
+
 # --- routing: a cam-only worker serves CAM jobs; extraction waits for its own workers -----------------
 
 @pytest.fixture(scope="module")
@@ -322,9 +337,13 @@ def test_cam_only_worker_serves_cam_while_extraction_waits(cam_only, models, ima
     assert extract.returncode == 0, extract.stderr
     job = json.loads(extract.stdout.strip().splitlines()[-1])["job_id"]
     proc = convoy("cam", str(models["zero"]), str(images / "img-0.png"), "--out", str(tmp_path / "cam"),
-                  "--json", env=env)
-    assert proc.returncode == 0, proc.stderr + "".join(p.read_text() for p in log_dir.glob("*.log"))
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["rows"] == 1
+                  "--detach", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    cam_job = json.loads(proc.stdout.strip().splitlines()[-1])["job_id"]
+    watched = convoy("status", cam_job, "--watch", "--json", env=env, timeout=120)
+    assert watched.returncode == 0, watched.stderr + "".join(p.read_text() for p in log_dir.glob("*.log"))
+    report = json.loads(watched.stdout.strip().splitlines()[-1])
+    assert report["status"] == "done" and report["summary"]["rows"] == 1
     status = json.loads(convoy("status", job, "--json", env=env).stdout)
     assert status["status"] == "queued" and status["images_done"] == 0  # nobody took the extract task
     assert os.path.exists(tmp_path / "cam" / "heatmaps.h5")

@@ -13,13 +13,14 @@ import pytest
 
 from shared.job import sha256_file
 from tests.conftest import convoy
-from tests.imagegen import make_flat, make_odd_images, make_tree
+from tests.imagegen import make_flat, make_odd_images
 
 FAST = ["--input-size", "32", "--weights", "none", "--seed", "3"]
 
 
 def _run(cluster, data: Path, out: Path, *extra: str) -> dict:
-    proc = convoy("run", str(data), "--out", str(out), "--json", *extra, env=cluster.env if cluster else None,
+    proc = convoy("run", str(data), "--out", str(out), "--json", "--no-train", *extra,
+                  env=cluster.env if cluster else None,
                   check=False)
     assert proc.returncode == 0, proc.stderr[-3000:] + (cluster.logs() if cluster else "")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -73,7 +74,7 @@ def test_two_workers_and_one_worker_give_identical_files(cluster, images_tree, t
     two = _run(cluster, images_tree, tmp_path / "two", *FAST, "--shard-size", "2")
     weights = _read(two["features"]["train"])["attrs"]["weights_path"]
     env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
-    proc = convoy("run", str(images_tree), "--out", str(tmp_path / "one"), "--json", "--workers", "1",
+    proc = convoy("run", str(images_tree), "--out", str(tmp_path / "one"), "--json", "--workers", "1", "--no-train",
                   "--input-size", "32", "--weights", weights, "--shard-size", "2",
                   env={**env, "CONVOY_TF_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -37,9 +37,9 @@ def private(tmp_path):
             self.url, self.procs, self.log_dir = url, procs, log_dir
             self.store = JobStore(connect(url))
 
-        def start(self, *names: str, **kw) -> None:
+        def start(self, *names: str, extra_env: dict | None = None) -> None:
             for n in names:
-                procs[n] = start_worker(url, log_dir, n, **kw)
+                procs[n] = start_worker(url, log_dir, n, extra_env=extra_env)
             wait_ready(url, list(names), procs=[procs[n] for n in names], log_dir=log_dir)
 
         def logs(self) -> str:
@@ -141,16 +141,17 @@ def test_sigterm_hands_the_shard_back(private, tmp_path):
 
 
 def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
-    from orchestrator.jobs import enqueue_shards
-    from shared.celery_app import configure
+    from shared import keys
+    from shared.celery_app import make_app
     from shared.settings import Settings
 
     private.start("d1", "d2")
     data, out = _data(tmp_path, per_split=6), tmp_path / "out"
-    configure(Settings(broker_url=private.url))
+    app = make_app(Settings(broker_url=private.url))
     job = _submit(private, data, out)
     spec = private.store.spec(job)
-    enqueue_shards(job, spec.shard_ids)  # every shard a second time, while the first copies run
+    for shard in spec.shard_ids:  # every shard a second time, while the first copies run
+        app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.EXTRACT_QUEUE)
     assert _wait_final(private.store, job)["status"] == "done", private.logs()
     assert len(private.store.finished_shards(job)) == len(spec.shard_ids)
     report = json.loads(convoy("status", job, "--json", "--broker", private.url, check=True).stdout)
@@ -213,3 +214,89 @@ def test_resume_after_the_broker_forgot_everything(private, tmp_path):
     assert summary["job_id"] == job and summary["images"] == 68
     assert all(p.stat().st_mtime_ns == t for p, t in done_files.items()), "finished shards must not rerun"
     _exactly_once(data, out)
+
+
+def test_broker_restart_with_persistence(tmp_path):
+    from tests.conftest import OwnRedis
+
+    server = OwnRedis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always").start()
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    worker = start_worker(server.url, log_dir, "aof1")
+    try:
+        wait_ready(server.url, ["aof1"], procs=[worker], log_dir=log_dir)
+        store = JobStore(connect(server.url))
+        data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+        job = convoy("submit", "extract", str(data), "--out", str(out), *ARGS, "--broker", server.url,
+                     check=True).stdout.strip()
+        _wait_running(store, job)
+        server.stop()
+        time.sleep(2)
+        server.start()
+        final = _wait_final(store, job, timeout=300)
+        assert final["status"] == "done", (final, (log_dir / "aof1.log").read_text()[-3000:])
+        _exactly_once(data, out)
+    finally:
+        stop_worker(worker, signal.SIGKILL)
+        server.stop()
+
+
+def test_hung_work_hits_the_soft_time_limit(private, tmp_path):
+    private.start("tl1", extra_env={"CONVOY_TASK_TIME_LIMIT_S": "4"})
+    data = make_tree(tmp_path / "data", {"train": 100}, splits=("train",), size_px=96)
+    job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--input-size", "96",
+                 "--weights", "none", "--shard-size", "200", "--batch-size", "1", "--broker", private.url,
+                 check=True).stdout.strip()
+    final = _wait_final(private.store, job, timeout=120)
+    assert final["status"] == "failed" and "soft time limit" in final["error"], final
+    assert not list((tmp_path / "out" / "features").glob("*/shard-*.h5"))
+
+
+def test_output_disk_full_fails_the_shard_cleanly(private, tmp_path):
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        private.start("df1")
+        data = _data(tmp_path, per_split=4)
+        weights = tmp_path / "w"
+        # Weights live elsewhere: only the shard files must not fit.
+        proc = convoy("submit", "extract", str(data), "--out", str(weights), *ARGS, "--broker", private.url,
+                      check=True)
+        _wait_final(private.store, proc.stdout.strip())
+        wfile = next((weights / "weights").glob("*.weights.h5"))
+        job = convoy("submit", "extract", str(data), "--out", str(mount / "out"), "--input-size", "48",
+                     "--weights", str(wfile), "--broker", private.url, check=True).stdout.strip()
+        final = _wait_final(private.store, job)
+        assert final["status"] == "failed" and "No space left on device" in final["error"], final
+        for shard in (mount / "out" / "features").rglob("shard-*.h5"):
+            with h5py.File(shard) as f:  # shards that fitted are whole; the one that didn't is absent
+                assert f["features"].shape[0] == len(f["paths"])
+        assert not list((mount / "out" / "features").rglob(".shard-*"))
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+@pytest.mark.slow
+def test_soak_one_worker_killed_every_20s(private, tmp_path):
+    data = make_tree(tmp_path / "data", {"all": 1000}, splits=("all",), size_px=32)
+    private.start("s1", "s2")
+    job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--input-size", "32",
+                 "--weights", "none", "--shard-size", "50", "--broker", private.url, check=True).stdout.strip()
+    kills = 0
+    deadline = time.monotonic() + 1200
+    while private.store.status(job).get("status") not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(20)
+        if private.store.status(job).get("status") in ("done", "failed"):
+            break
+        os.killpg(private.procs["s2"].pid, signal.SIGKILL)
+        private.procs["s2"].wait()
+        kills += 1
+        private.procs["s2"] = start_worker(private.url, private.log_dir, "s2")
+    assert private.store.status(job)["status"] == "done"
+    print(f"\nsoak: {kills} kills")
+    _exactly_once(data, tmp_path / "out")

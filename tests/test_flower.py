@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,13 +96,20 @@ def _job_tasks(base: str, job_id: str, shards: int, timeout_s: float = 60) -> di
     raise TimeoutError(f"Flower did not show the {shards} shards of job {job_id} as done: {mine}")
 
 
-def test_job_tasks_read_back_through_flower(cluster, flower, tmp_path):
-    base, log = flower
-    data = make_tree(tmp_path / "data", {"train": 2, "validation": 1, "test": 1})
-    proc = convoy("run", str(data), "--out", str(tmp_path / "out"), "--input-size", "32", "--weights", "none",
+@pytest.fixture(scope="module")
+def job(cluster, flower, tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
+    """A small job, submitted with a broker URL that carries a password, run to the end."""
+    tmp = tmp_path_factory.mktemp("flower-job")
+    data = make_tree(tmp / "data", {"train": 2, "validation": 1, "test": 1})
+    proc = convoy("run", str(data), "--out", str(tmp / "out"), "--input-size", "32", "--weights", "none",
                   "--shard-size", "2", "--no-train", "--json", "--broker", _with_password(cluster.url))
     assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
+def test_job_tasks_read_back_through_flower(flower, job):
+    base, log = flower
+    summary, proc = job
     job_id = summary["job_id"]
 
     tasks = _job_tasks(base, job_id, summary["shards"])
@@ -119,3 +127,29 @@ def test_job_tasks_read_back_through_flower(cluster, flower, tmp_path):
 
     metrics = requests.get(f"{base}/metrics", timeout=5).text
     assert 'type="task-succeeded"' in metrics and "flower_task_runtime_seconds_bucket" in metrics
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Debian's chromium package for the dashboard test; .ci/run installs it")
+        pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
+    # --virtual-time-budget lets the page's own requests for the task table finish first.
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--window-size=1600,900", "--virtual-time-budget=8000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_dashboard_in_headless_chromium_shows_the_job(flower, job, tmp_path):
+    base, _log = flower
+    summary, _proc = job
+    tasks = _job_tasks(base, summary["job_id"], summary["shards"])
+    page = base.replace("http://", f"http://{LOGIN[0]}:{LOGIN[1]}@") + "/tasks"
+    dom = _chromium("--dump-dom", page).stdout
+    assert "Tasks · Flower" in dom
+    assert all(task_id in dom for task_id in tasks), "the task table lacks the job's tasks"
+    shot = tmp_path / "flower-tasks.png"
+    _chromium(f"--screenshot={shot}", page)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    print(f"\nFlower screenshot: {shot}")

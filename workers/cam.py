@@ -38,8 +38,9 @@ def cam_batch(self, job_id: str, batch: int) -> dict:
         _fail(store, spec, batch, f"given up after {deliveries - 1} deliveries (a worker died each time)")
     store.started(job_id)
     try:
-        rows = _run(rt.settings, spec, batch, store.batch(job_id, batch))
-        store.add_done(job_id, len(rows.paths) + len(rows.skipped))
+        rels = store.batch(job_id, batch)
+        rows = _run(rt.settings, spec, batch, rels)
+        store.add_done(job_id, len(rels))
         if store.arrive(job_id, batch, spec.n_batches):
             assemble(store, spec)
     except ConvoyError as exc:

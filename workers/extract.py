@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from shared import keys
 from shared.celery_app import app
@@ -92,6 +93,7 @@ def _run(task, rt, spec: JobSpec, shard: str, host: str) -> dict:
     }
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
+    timings["rss_mb"] = _rss_mb()
     return barrier.shard_finished(store, spec, shard, final, timings=timings)
 
 
@@ -106,6 +108,7 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
     for batch in iter_batches(abs_paths, model.input_size_px, model.batch_size):
         t_ready = time.perf_counter()
         timings["decode_wait_s"] += t_ready - t_mark
+        timings.setdefault("first_batch_at", time.time())
         if len(batch.rows):
             feats.append(extractor(batch.pixels))
             rows += batch.rows
@@ -126,13 +129,23 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
     return result, timings
 
 
+def _rss_mb() -> float:
+    """Resident memory of this process now (not the peak), to show it stays flat."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 def _report(task, store, spec, shard, done: int, total: int, t_start: float) -> None:
     """Progress to Redis (for `convoy status`) and to Celery events (for Flower)."""
     rate = done / max(time.perf_counter() - t_start, 1e-9)
     store.update_shard(spec.job_id, shard, done=done, total=total, images_per_s=round(rate, 2))
     meta = {"job": spec.job_id, "shard": shard, "done": done, "total": total}
-    task.update_state(state="PROGRESS", meta=meta)
-    task.send_event("task-progress", **meta)
+    try:
+        task.update_state(state="PROGRESS", meta=meta)
+        task.send_event("task-progress", **meta)
+    except OperationalError as exc:  # progress is best effort; the shard itself must go on
+        log.warning("could not publish progress of %s: %s", shard, exc)
     if store.is_stopped(spec.job_id):
         raise Stopped()
     if store.r.exists(keys.worker_draining(task.request.hostname or "")):

@@ -27,10 +27,6 @@ from workers.runtime import runtime
 log = logging.getLogger("convoy.train")
 
 
-def enqueue_training(job_id: str, config: dict | None = None, then_finetune: bool | None = None) -> None:
-    app.send_task(keys.TRAIN_TASK, args=[job_id, config, then_finetune], queue=keys.TRAIN_QUEUE)
-
-
 def enqueue_finetune(job_id: str, config: dict | None = None) -> None:
     app.send_task(keys.FINETUNE_TASK, args=[job_id, config], queue=keys.TRAIN_QUEUE)
 
@@ -46,7 +42,7 @@ def train_job(self, job_id: str, config: dict | None = None, then_finetune: bool
     result = _guarded(store, job_id, "training", lambda: train_head(spec, cfg))
     summary = _add(_summary(store, job_id), result)
     finetune = spec.options.get("then_finetune") if then_finetune is None else then_finetune
-    if finetune:
+    if finetune and not is_final(store.status(job_id).get("status")):  # not if cancelled meanwhile
         store.set_status(job_id, TRAINING, stage="finetune", summary=json.dumps(summary))
         enqueue_finetune(job_id, cfg.to_dict())
     else:
@@ -63,6 +59,7 @@ def finetune_job(self, job_id: str, config: dict | None = None) -> dict:
         return {"job": job_id, "state": "skipped"}
     cfg = TrainConfig.from_dict(config if config is not None else spec.options.get("train"))
     store.set_status(job_id, TRAINING, stage="finetune")
+
     def run() -> dict:
         check_job_paths(spec, rt.settings)  # fine-tuning reads the images themselves
         return finetune(spec, cfg)

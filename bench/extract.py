@@ -1,0 +1,178 @@
+"""Extraction benchmark: the seed's Keras loop vs `convoy run`, in one run on the same images.
+
+    python bench/extract.py                      # 400 sample photos of 500x375, input 150
+    python bench/extract.py --images 100 --input-size 64 --quick
+
+Prints a table (images/s, ratios, FP32 ceiling and share, stage breakdown, worker RSS across
+50 shards, start-up time), writes bench/results/extract.json and extract.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+#: VGG16's base at 150x150: 13.23 GFLOP per image (6.62 G multiply-adds); scales with area.
+GFLOP_PER_IMAGE_150 = 13.23
+
+SEED_LOOP = r"""
+import sys, time, json
+t0 = time.monotonic()
+import numpy as np, keras
+data, weights, size, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+conv_base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=(size, size, 3))
+n = 0
+t_loop = time.monotonic()
+for split in ("train", "validation", "test"):
+    ds = keras.utils.image_dataset_from_directory(f"{data}/{split}", image_size=(size, size), batch_size=batch,
+                                                  shuffle=False, label_mode="binary", verbose=False)
+    chunks = []
+    for images, labels in ds:
+        chunks.append(conv_base.predict(images / 255.0, verbose=0))
+        n += len(images)
+    features = np.concatenate(chunks)
+print(json.dumps({"images": n, "seconds": time.monotonic() - t0, "loop_s": time.monotonic() - t_loop}))
+"""
+
+
+def fp32_ceiling_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matrix-product rate in NumPy (best of a few)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_seed(data: Path, weights: Path, size: int, batch: int) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", SEED_LOOP, str(data), str(weights), str(size), str(batch)],
+                          capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_convoy(data: Path, out: Path, weights: Path, size: int, batch: int, workers: int, shard: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(out), "--weights", str(weights),
+           "--input-size", str(size), "--batch-size", str(batch), "--preprocess", "rescale", "--no-train",
+           "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--json"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"convoy run failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    timings = summary.get("extract_timings", {})
+    first = timings.get("first_batch_at")
+    summary["startup_s"] = round(first - t0, 2) if first else None
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--input-size", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 50-shard memory run")
+    args = parser.parse_args()
+
+    from orchestrator.sample import make_sample
+    from shared.models import save_random_weights
+
+    work = args.results / "work"
+    data = work / f"sample-{args.images}"
+    if not data.exists():
+        make_sample(data, args.images)
+    weights = work / "vgg16-random-seed0.weights.h5"
+    if not weights.exists():
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        save_random_weights(weights, 0)
+
+    result = {"machine": f"{os.cpu_count()} cores, {os.uname().machine}", "images": args.images,
+              "input_size": args.input_size, "batch_size": args.batch_size}
+    result["fp32_ceiling_gflops"] = round(fp32_ceiling_gflops(), 1)
+    gflop = GFLOP_PER_IMAGE_150 * (args.input_size / 150) ** 2
+    seed = run_seed(data, weights, args.input_size, args.batch_size)
+    result["seed"] = {**seed, "images_per_s": round(seed["images"] / seed["seconds"], 2),
+                      "loop_images_per_s": round(seed["images"] / seed["loop_s"], 2)}
+    for n in args.workers:
+        summary = run_convoy(data, work / f"convoy-{n}", weights, args.input_size, args.batch_size, n,
+                             args.shard_size)
+        t = summary["extract_timings"]
+        infer_rate = summary["images"] / t["inference_s"] * n if t.get("inference_s") else 0
+        result[f"convoy_{n}"] = {
+            "seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
+            "ratio_vs_seed": round(summary["images_per_s"] / result["seed"]["images_per_s"], 2),
+            "stages_s": {k: t[k] for k in ("decode_wait_s", "inference_s", "write_s")},
+            "inference_images_per_s": round(infer_rate, 2),
+            "inference_gflops": round(infer_rate * gflop, 1),
+            "share_of_ceiling": round(infer_rate * gflop / result["fp32_ceiling_gflops"], 2),
+            "startup_s": summary["startup_s"],
+        }
+    if not args.skip_rss:
+        summary = run_convoy(data, work / "convoy-rss", weights, args.input_size, args.batch_size, 1,
+                             max(1, args.images // 50))
+        rss = summary["extract_timings"]["rss_mb"]
+        result["rss"] = {"shards": len(rss), "first_mb": rss[0], "last_mb": rss[-1],
+                         "growth_mb": round(float(np.mean(rss[-10:]) - np.mean(rss[:10])), 1), "per_shard_mb": rss}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "extract.json").write_text(json.dumps(result, indent=1))
+    print_table(result)
+    plot(result, args.results / "extract.png")
+
+
+def print_table(r: dict) -> None:
+    print(f"machine: {r['machine']}; {r['images']} images, input {r['input_size']}, batch {r['batch_size']}")
+    print(f"NumPy FP32 ceiling: {r['fp32_ceiling_gflops']} GFLOP/s")
+    print(f"{'run':<12}{'img/s':>8}{'x seed':>8}{'infer img/s':>13}{'GFLOP/s':>9}{'ceiling':>9}"
+          f"{'decode wait':>13}{'inference':>11}{'write':>8}{'startup':>9}")
+    s = r["seed"]
+    print(f"{'seed loop':<12}{s['images_per_s']:>8}{1.0:>8}{s['loop_images_per_s']:>13}")
+    for key in sorted(k for k in r if k.startswith("convoy_")):
+        c = r[key]
+        st = c["stages_s"]
+        print(f"{key:<12}{c['images_per_s']:>8}{c['ratio_vs_seed']:>8}{c['inference_images_per_s']:>13}"
+              f"{c['inference_gflops']:>9}{c['share_of_ceiling']:>9.0%}{st['decode_wait_s']:>12}s"
+              f"{st['inference_s']:>10}s{st['write_s']:>7}s{c['startup_s']!s:>8}s")
+    if "rss" in r:
+        rss = r["rss"]
+        print(f"worker RSS over {rss['shards']} shards: {rss['first_mb']} -> {rss['last_mb']} MB "
+              f"(growth {rss['growth_mb']} MB, last 10 vs first 10)")
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["seed loop"] + sorted(k for k in r if k.startswith("convoy_"))
+    values = [r["seed"]["images_per_s"]] + [r[k]["images_per_s"] for k in names[1:]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, values, color=["grey"] + ["tab:blue"] * (len(names) - 1))
+    ax.set_ylabel("images/s (end to end)")
+    ax.set_title(f"VGG16 features, {r['images']} images at {r['input_size']}px ({r['machine']})")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""`convoy run` with no broker: it starts its own Redis and workers, and stops all of them,
+also on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.imagegen import make_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.add(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ctrl_c_stops_everything_it_started(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": 60, "validation": 2, "test": 2}, size_px=64)
+    env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(tmp_path / "out"),
+                             "--weights", "none", "--input-size", "64", "--workers", "2", "--shard-size", "8",
+                             "--no-train"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    kids: set[int] = set()
+    while time.monotonic() < deadline and not list((tmp_path / "out" / "features").glob("*/shard-*.h5")):
+        kids |= _children(proc.pid)
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    kids |= _children(proc.pid)
+    assert len(kids) >= 3, "a broker and two workers"
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    time.sleep(1)
+    assert not [k for k in kids if _alive(k)]
