@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import h5py
@@ -18,7 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import SYSTEM_REDIS, _lock_database, _system_redis, convoy, start_worker, stop_worker
+from tests.conftest import (
+    SYSTEM_REDIS,
+    _lock_database,
+    _system_redis,
+    convoy,
+    start_worker,
+    stop_worker,
+    wait_ready,
+)
 from tests.imagegen import pattern
 
 SIDE = 48  # model input; block5_conv3 is 3x3 here
@@ -303,26 +310,11 @@ def cam_only(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("cam-only-logs")
     proc = start_worker(url, log_dir, "camonly", queues="cam")
     try:
-        _wait_ready(url, "camonly", proc)
+        wait_ready(url, ["camonly"], procs=[proc], log_dir=log_dir)
         yield url, log_dir
     finally:
         stop_worker(proc)
         client.delete("convoy-test-lock")
-
-
-def _wait_ready(url: str, name: str, proc, timeout_s: float = 90) -> None:
-    """Like conftest.wait_ready, with an app of its own: the shared one may already be bound to
-    the cluster fixture's broker."""
-    from celery import Celery
-
-    probe = Celery("probe", broker=url)
-    probe.conf.update(accept_content=["json"], task_serializer="json", result_serializer="json")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        replies = probe.control.ping(timeout=1.0) or []
-        if any(host.split("@")[0] == name for reply in replies for host in reply):
-            return
-    raise TimeoutError(f"worker {name} did not come up within {timeout_s}s")
 
 
 def test_cam_only_worker_serves_cam_while_extraction_waits(cam_only, models, images, tmp_path):

@@ -44,22 +44,39 @@ def _wait_for_events(base: str, timeout_s: float = 60) -> None:
     raise TimeoutError(f"Flower at {base} saw no worker heartbeat within {timeout_s}s")
 
 
+class FlowerServer:
+    """``convoy flower`` as a real process, with persistent state so it can be restarted."""
+
+    def __init__(self, broker_url: str, state_dir) -> None:
+        self.port, self.log, self.db = free_port(), state_dir / "flower.log", state_dir / "flower.db"
+        self.broker_url, self.proc = broker_url, None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
+        cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(self.port),
+               "--broker", self.broker_url, "--db", str(self.db)]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        _wait_for_events(self.base)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # Flower saves its state on the way out
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def flower(cluster, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("flower") / "flower.log"
-    env = {**os.environ, "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
-    cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(port),
-           "--broker", _with_password(cluster.url), "--db", str(log.parent / "flower.db")]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    server = FlowerServer(_with_password(cluster.url), tmp_path_factory.mktemp("flower"))
     try:
-        _wait_for_events(base)
-        yield base, log
+        server.start()
+        yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        server.stop()
 
 
 def test_flower_refuses_to_start_without_a_login(redis_url):
@@ -76,7 +93,7 @@ def test_flower_refuses_a_malformed_login(redis_url):
 
 
 def test_api_answers_401_without_credentials(flower):
-    base, _log = flower
+    base = flower.base
     assert requests.get(f"{base}/api/tasks", timeout=5).status_code == 401
     assert requests.get(f"{base}/api/tasks", auth=(LOGIN[0], "wrong"), timeout=5).status_code == 401
     assert requests.get(f"{base}/api/workers", timeout=5).status_code == 401
@@ -108,7 +125,7 @@ def job(cluster, flower, tmp_path_factory) -> tuple[dict, subprocess.CompletedPr
 
 
 def test_job_tasks_read_back_through_flower(flower, job):
-    base, log = flower
+    base, log = flower.base, flower.log
     summary, proc = job
     job_id = summary["job_id"]
 
@@ -142,7 +159,7 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dashboard_in_headless_chromium_shows_the_job(flower, job, tmp_path):
-    base, _log = flower
+    base = flower.base
     summary, _proc = job
     tasks = _job_tasks(base, summary["job_id"], summary["shards"])
     page = base.replace("http://", f"http://{LOGIN[0]}:{LOGIN[1]}@") + "/tasks"
@@ -153,3 +170,13 @@ def test_dashboard_in_headless_chromium_shows_the_job(flower, job, tmp_path):
     _chromium(f"--screenshot={shot}", page)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     print(f"\nFlower screenshot: {shot}")
+
+
+def test_flower_keeps_the_job_across_a_restart(flower, job):
+    summary, _proc = job
+    before = _job_tasks(flower.base, summary["job_id"], summary["shards"])
+    flower.stop()
+    flower.start()
+    after = requests.get(f"{flower.base}/api/tasks", auth=LOGIN, timeout=5).json()
+    assert set(before) <= set(after)
+    assert all(after[tid]["state"] == "SUCCESS" for tid in before)

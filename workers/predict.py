@@ -24,7 +24,8 @@ def _load(path: str, mtime_ns: int):
     """Loaded once per process and model version, reused by every predict task."""
     import keras
 
-    return keras.models.load_model(path)
+    # safe_mode refuses Lambda layers and other code stored in a model file.
+    return keras.models.load_model(path, safe_mode=True, compile=False)
 
 
 def load_model(path: Path):
