@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - installs a virtual environment and runs `convoy run` on sample photographs
-#   make test   - runs the whole test suite
+#   make test   - runs the test suite (make test-slow: the slow tests; CI runs both)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ INPUT_SIZE ?= 150
 WEIGHTS ?= none
 DEMO_DIR ?= demo
 
-.PHONY: demo test lint install
+.PHONY: demo test test-slow lint install
 
 $(BIN)/convoy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ demo: $(BIN)/convoy
 
 test: $(BIN)/convoy
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(BIN)/convoy
+	$(BIN)/python -m pytest -ra -m slow $(PYTEST_ARGS)
 
 lint: $(BIN)/convoy
 	$(BIN)/ruff check .

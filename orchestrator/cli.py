@@ -319,7 +319,10 @@ def cmd_status(args, settings: Settings) -> int:
         return 0
     if not store.exists(args.job):  # a Grad-CAM job (convoy cam --detach) has keys of its own
         from orchestrator.cam import cam_status
+        from shared import keys
 
+        if not store.r.exists(keys.cam_spec(args.job)):
+            store.spec(args.job)  # raises JobNotFound: "no job ... on this broker"
         return cam_status(store.r, args.job, args.watch, args.json)
     if args.watch:
         return status.watch(store, args.job, args.json)

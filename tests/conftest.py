@@ -179,3 +179,14 @@ class OwnRedis:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=30)
+
+
+def wait_final(store, job: str, timeout: float = 240) -> dict:
+    """Block until the job is done, failed or cancelled; its state hash."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = store.status(job)
+        if state.get("status") in ("done", "failed", "cancelled"):
+            return state
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job} did not end: {store.shard_states(job)}")

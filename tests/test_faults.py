@@ -15,7 +15,16 @@ import pytest
 
 from orchestrator.scan import scan_data
 from shared.jobstore import JobStore, connect
-from tests.conftest import SYSTEM_REDIS, _lock_database, _system_redis, convoy, start_worker, stop_worker, wait_ready
+from tests.conftest import (
+    SYSTEM_REDIS,
+    _lock_database,
+    _system_redis,
+    convoy,
+    start_worker,
+    stop_worker,
+    wait_final,
+    wait_ready,
+)
 from tests.imagegen import make_tree
 
 #: Shards big enough to be caught mid-way on a 2-core machine.
@@ -74,16 +83,6 @@ def _wait_running(store: JobStore, job: str, min_done: int = 2, timeout: float =
     raise TimeoutError("no shard got going")
 
 
-def _wait_final(store: JobStore, job: str, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = store.status(job)
-        if status.get("status") in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job} did not end: {store.shard_states(job)}")
-
-
 def _exactly_once(data: Path, out: Path) -> None:
     scan = scan_data(data)
     for split, entries in scan.splits.items():
@@ -102,7 +101,7 @@ def test_pool_process_killed_mid_shard(private, tmp_path):
     job = _submit(private, data, out)
     shard, state = _wait_running(private.store, job)
     os.kill(int(state["pid"]), signal.SIGKILL)
-    final = _wait_final(private.store, job)
+    final = wait_final(private.store, job)
     assert final["status"] == "done", (final, private.logs())
     assert int(private.store.shard_states(job)[shard]["deliveries"]) >= 2
     _exactly_once(data, out)
@@ -123,7 +122,7 @@ def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
     after = private.store.shard_states(job)[shard]
     assert after["worker"].split("@")[0] != victim
     print(f"\nfault 2: kill -> shard {shard} done elsewhere in {recovery_s:.1f} s")
-    assert _wait_final(private.store, job)["status"] == "done"
+    assert wait_final(private.store, job)["status"] == "done"
     _exactly_once(data, out)
 
 
@@ -135,7 +134,7 @@ def test_sigterm_hands_the_shard_back(private, tmp_path):
     victim = state["worker"].split("@")[0]
     os.killpg(private.procs[victim].pid, signal.SIGTERM)
     private.procs[victim].wait(timeout=60)  # warm shutdown does not wait for the whole shard
-    assert _wait_final(private.store, job)["status"] == "done", private.logs()
+    assert wait_final(private.store, job)["status"] == "done", private.logs()
     assert private.store.shard_states(job)[shard]["worker"].split("@")[0] != victim
     _exactly_once(data, out)
 
@@ -152,7 +151,7 @@ def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     spec = private.store.spec(job)
     for shard in spec.shard_ids:  # every shard a second time, while the first copies run
         app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.EXTRACT_QUEUE)
-    assert _wait_final(private.store, job)["status"] == "done", private.logs()
+    assert wait_final(private.store, job)["status"] == "done", private.logs()
     assert len(private.store.finished_shards(job)) == len(spec.shard_ids)
     report = json.loads(convoy("status", job, "--json", "--broker", private.url, check=True).stdout)
     assert report["images_done"] == report["images_total"] == 20
@@ -176,7 +175,7 @@ def test_poison_shard_is_given_up_and_named(private, tmp_path):
                 break
             assert time.monotonic() < deadline, state
             time.sleep(0.05)
-    final = _wait_final(private.store, job)
+    final = wait_final(private.store, job)
     assert final["status"] == "failed", (private.store.shard_states(job)[first], private.logs())
     assert first in final["error"] and "given up after 2 deliveries" in final["error"]
 
@@ -188,13 +187,13 @@ def test_cancel_stops_the_job_and_nothing_else(private, tmp_path):
     _wait_running(private.store, job)
     proc = convoy("cancel", job, "--broker", private.url, check=True)
     assert "cancelled" in proc.stdout
-    final = _wait_final(private.store, job, timeout=60)
+    final = wait_final(private.store, job, timeout=60)
     assert final["status"] == "cancelled"
     time.sleep(2)
     states = private.store.shard_states(job)
     assert all(s["state"] in ("queued", "stopped") for s in states.values()), states
     other = _submit(private, _data(tmp_path / "b", per_split=2), tmp_path / "out2")
-    assert _wait_final(private.store, other)["status"] == "done"
+    assert wait_final(private.store, other)["status"] == "done"
 
 
 def test_resume_after_the_broker_forgot_everything(private, tmp_path):
@@ -233,7 +232,7 @@ def test_broker_restart_with_persistence(tmp_path):
         server.stop()
         time.sleep(2)
         server.start()
-        final = _wait_final(store, job, timeout=300)
+        final = wait_final(store, job, timeout=300)
         assert final["status"] == "done", (final, (log_dir / "aof1.log").read_text()[-3000:])
         _exactly_once(data, out)
     finally:
@@ -247,7 +246,7 @@ def test_hung_work_hits_the_soft_time_limit(private, tmp_path):
     job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--input-size", "96",
                  "--weights", "none", "--shard-size", "200", "--batch-size", "1", "--broker", private.url,
                  check=True).stdout.strip()
-    final = _wait_final(private.store, job, timeout=120)
+    final = wait_final(private.store, job, timeout=120)
     assert final["status"] == "failed" and "soft time limit" in final["error"], final
     assert not list((tmp_path / "out" / "features").glob("*/shard-*.h5"))
 
@@ -266,11 +265,11 @@ def test_output_disk_full_fails_the_shard_cleanly(private, tmp_path):
         # Weights live elsewhere: only the shard files must not fit.
         proc = convoy("submit", "extract", str(data), "--out", str(weights), *ARGS, "--broker", private.url,
                       check=True)
-        _wait_final(private.store, proc.stdout.strip())
+        wait_final(private.store, proc.stdout.strip())
         wfile = next((weights / "weights").glob("*.weights.h5"))
         job = convoy("submit", "extract", str(data), "--out", str(mount / "out"), "--input-size", "48",
                      "--weights", str(wfile), "--broker", private.url, check=True).stdout.strip()
-        final = _wait_final(private.store, job)
+        final = wait_final(private.store, job)
         assert final["status"] == "failed" and "No space left on device" in final["error"], final
         for shard in (mount / "out" / "features").rglob("shard-*.h5"):
             with h5py.File(shard) as f:  # shards that fitted are whole; the one that didn't is absent

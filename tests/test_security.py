@@ -12,7 +12,7 @@ from shared.celery_app import make_app
 from shared.job import JobSpec, ModelConfig, new_job_id
 from shared.jobstore import JobStore, connect
 from shared.settings import Settings
-from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_ready
+from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_final, wait_ready
 from tests.imagegen import make_flat
 
 
@@ -51,16 +51,6 @@ def _hand_made_job(store: JobStore, data_dir: str, out_dir: str, entries: list[l
     return job
 
 
-def _wait_final(store: JobStore, job: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = store.status(job)
-        if state.get("status") in ("done", "failed", "cancelled"):
-            return state
-        time.sleep(0.2)
-    raise TimeoutError(job)
-
-
 def test_paths_outside_the_roots_are_refused(tmp_path):
     server = OwnRedis(tmp_path / "redis").start()
     allowed, outs = tmp_path / "allowed", tmp_path / "outs"
@@ -96,7 +86,7 @@ def test_paths_outside_the_roots_are_refused(tmp_path):
         for name, (data_dir, out_dir, entries, reason) in cases.items():
             job = _hand_made_job(store, data_dir, out_dir, entries, (wpath, wsha))
             app.send_task(keys.EXTRACT_TASK, args=[job, "all/00000"], queue=keys.EXTRACT_QUEUE)
-            state = _wait_final(store, job)
+            state = wait_final(store, job)
             assert state["status"] == "failed" and reason in state["error"], (name, state)
         assert not (tmp_path / "loose").exists()
     finally:

@@ -6,36 +6,14 @@ since submission is refused, and a new one replaces the old so memory stays flat
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
 from shared.camjob import CamSpec
-from shared.errors import WeightsMismatch
-from shared.job import sha256_file
+from workers.runtime import verify_file
 
 _MODELS: dict = {}
 
 
-@lru_cache(maxsize=8)
-def _digest(path: str, mtime_ns: int, size: int) -> str:
-    return sha256_file(path)
-
-
 def verify_model_file(spec: CamSpec) -> None:
-    """Refuse to run on a model file other than the one the orchestrator hashed."""
-    try:
-        st = os.stat(spec.model_path)
-    except OSError as exc:
-        raise WeightsMismatch(
-            f"model file {spec.model_path} is not readable on this worker ({exc.strerror}); "
-            "put it on storage every worker sees at the same path"
-        ) from None
-    digest = _digest(spec.model_path, st.st_mtime_ns, st.st_size)
-    if digest != spec.model_sha256:
-        raise WeightsMismatch(
-            f"model file {spec.model_path} has sha256 {digest[:12]}…, the job recorded "
-            f"{spec.model_sha256[:12]}…; the file changed after submission: resubmit the job"
-        )
+    verify_file(spec.model_path, spec.model_sha256, "model file")
 
 
 def cam_model(spec: CamSpec):

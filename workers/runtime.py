@@ -66,25 +66,29 @@ def _cached_spec(store: JobStore, job_id: str) -> JobSpec:
 
 
 @lru_cache(maxsize=8)
-def _weights_digest(path: str, mtime_ns: int, size: int) -> str:
+def _digest(path: str, mtime_ns: int, size: int) -> str:
     return sha256_file(path)
 
 
-def verify_weights(model: ModelConfig) -> None:
-    """Refuse to run on weights other than those the orchestrator recorded."""
+def verify_file(path: str, expected_sha256: str, what: str) -> None:
+    """Refuse to load a file (weights, a model) other than the one the orchestrator hashed."""
     try:
-        st = os.stat(model.weights_path)
+        st = os.stat(path)
     except OSError as exc:
         raise WeightsMismatch(
-            f"weights file {model.weights_path} is not readable on this worker ({exc.strerror}); "
+            f"{what} {path} is not readable on this worker ({exc.strerror}); "
             "put it on storage every worker sees at the same path"
         ) from None
-    digest = _weights_digest(model.weights_path, st.st_mtime_ns, st.st_size)
-    if digest != model.weights_sha256:
+    digest = _digest(path, st.st_mtime_ns, st.st_size)
+    if digest != expected_sha256:
         raise WeightsMismatch(
-            f"weights file {model.weights_path} has sha256 {digest[:12]}…, the job recorded "
-            f"{model.weights_sha256[:12]}…; the file changed after submission: resubmit the job"
+            f"{what} {path} has sha256 {digest[:12]}…, the job recorded "
+            f"{expected_sha256[:12]}…; the file changed after submission: resubmit the job"
         )
+
+
+def verify_weights(model: ModelConfig) -> None:
+    verify_file(model.weights_path, model.weights_sha256, "weights file")
 
 
 @worker_process_init.connect
