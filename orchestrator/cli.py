@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from orchestrator import monitor_cli
@@ -343,6 +344,8 @@ def cmd_worker(args, settings: Settings) -> int:
     if not settings.broker_url:
         raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
     _store(settings)  # fail fast, with a clear line, when the broker does not answer
+    if not settings.tf_threads:  # N pool processes share the cores instead of each taking all
+        settings = replace(settings, tf_threads=max(1, (os.cpu_count() or 1) // args.concurrency))
     app = configure(settings)
     # Children import TensorFlow in worker_process_init; give them time before Celery gives up.
     app.conf.worker_proc_alive_timeout = 120

@@ -41,3 +41,40 @@ def test_sixteen_bit_png_keeps_its_range(tmp_path):
 def test_deleted_file_has_a_reason(tmp_path):
     with pytest.raises(BadImage, match="deleted after the scan"):
         load_pixels(tmp_path / "gone.png", 32)
+
+
+def test_unreadable_file_has_a_reason():
+    """Root reads everything, so a forked child drops to `nobody`, as a worker without rights."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to another user")
+    folder = tempfile.mkdtemp(prefix="convoy-perm-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, "locked.png")
+        pattern("blobs", 16, np.random.default_rng(0)).save(path)
+        os.chmod(path, 0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop privileges, try, report, leave without cleanup handlers
+            os.close(read_end)
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                load_pixels(path, 32)
+                message = "decoded"
+            except BadImage as exc:
+                message = str(exc)
+            except BaseException as exc:  # anything else is reported to the parent as text
+                message = f"unexpected {exc!r}"
+            os.write(write_end, message.encode())
+            os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_end) as fh:
+            assert "permission denied" in fh.read()
+    finally:
+        shutil.rmtree(folder)

@@ -170,3 +170,21 @@ def test_tls_broker_url_works(tmp_path):
         stop_worker(worker, signal.SIGKILL)
         server.kill()
         server.wait()
+
+
+def test_model_with_code_inside_is_refused(tmp_path):
+    """A Lambda layer stores Python code in the model file: safe mode refuses to load it."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    x = keras.layers.Conv2D(2, 3)(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    image = make_flat(tmp_path / "imgs", 1)
+    proc = convoy("cam", str(path), str(image), "--out", str(tmp_path / "cam"), "--json")
+    assert proc.returncode == 2, proc.stderr
+    assert "does not load as a Keras model" in proc.stderr and "Lambda" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cam" / "heatmaps.h5").exists()
