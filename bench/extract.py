@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,9 @@ SEED_LOOP = r"""
 import sys, time, json
 t0 = time.monotonic()
 import numpy as np, keras
-data, weights, size, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+data, weights, size, batch, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if precision == "bfloat16":
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
 conv_base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=(size, size, 3))
 n = 0
 t_loop = time.monotonic()
@@ -60,18 +63,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_seed(data: Path, weights: Path, size: int, batch: int) -> dict:
+def run_seed(data: Path, weights: Path, size: int, batch: int, precision: str) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", SEED_LOOP, str(data), str(weights), str(size), str(batch)],
+    proc = subprocess.run([sys.executable, "-c", SEED_LOOP, str(data), str(weights), str(size), str(batch),
+                           precision],
                           capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_convoy(data: Path, out: Path, weights: Path, size: int, batch: int, workers: int, shard: int) -> dict:
+def run_convoy(data: Path, out: Path, weights: Path, size: int, batch: int, workers: int, shard: int,
+               precision: str = "float32") -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # finished shards would be reused, not measured
     env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
     cmd = [sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(out), "--weights", str(weights),
            "--input-size", str(size), "--batch-size", str(batch), "--preprocess", "rescale", "--no-train",
-           "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--json"]
+           "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--precision", precision, "--json"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
@@ -92,6 +98,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 50-shard memory run")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="compute type for both the seed loop and Convoy (bfloat16 on GPUs / AMX CPUs)")
     args = parser.parse_args()
 
     from orchestrator.sample import make_sample
@@ -106,16 +114,16 @@ def main() -> None:
         weights.parent.mkdir(parents=True, exist_ok=True)
         save_random_weights(weights, 0)
 
-    result = {"machine": f"{os.cpu_count()} cores, {os.uname().machine}", "images": args.images,
-              "input_size": args.input_size, "batch_size": args.batch_size}
+    result = {"machine": machine(), "images": args.images, "input_size": args.input_size,
+              "batch_size": args.batch_size, "precision": args.precision}
     result["fp32_ceiling_gflops"] = round(fp32_ceiling_gflops(), 1)
     gflop = GFLOP_PER_IMAGE_150 * (args.input_size / 150) ** 2
-    seed = run_seed(data, weights, args.input_size, args.batch_size)
+    seed = run_seed(data, weights, args.input_size, args.batch_size, args.precision)
     result["seed"] = {**seed, "images_per_s": round(seed["images"] / seed["seconds"], 2),
                       "loop_images_per_s": round(seed["images"] / seed["loop_s"], 2)}
     for n in args.workers:
         summary = run_convoy(data, work / f"convoy-{n}", weights, args.input_size, args.batch_size, n,
-                             args.shard_size)
+                             args.shard_size, args.precision)
         t = summary["extract_timings"]
         infer_rate = summary["images"] / t["inference_s"] * n if t.get("inference_s") else 0
         result[f"convoy_{n}"] = {
@@ -139,8 +147,18 @@ def main() -> None:
     plot(result, args.results / "extract.png")
 
 
+def machine() -> str:
+    """CPU model and core count, plus the GPU when TensorFlow would use one."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               os.uname().machine)
+    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.strip() if shutil.which("nvidia-smi") else ""
+    return f"{os.cpu_count()} cores {cpu}" + (f", GPU {gpus}" if gpus else "")
+
+
 def print_table(r: dict) -> None:
-    print(f"machine: {r['machine']}; {r['images']} images, input {r['input_size']}, batch {r['batch_size']}")
+    print(f"machine: {r['machine']}; {r['images']} images, input {r['input_size']}, batch {r['batch_size']}, "
+          f"{r['precision']}")
     print(f"NumPy FP32 ceiling: {r['fp32_ceiling_gflops']} GFLOP/s")
     print(f"{'run':<12}{'img/s':>8}{'x seed':>8}{'infer img/s':>13}{'GFLOP/s':>9}{'ceiling':>9}"
           f"{'decode wait':>13}{'inference':>11}{'write':>8}{'startup':>9}")

@@ -48,6 +48,8 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="vgg16", help="vgg16 or rescale (x1/255)")
     p.add_argument("--batch-size", type=_positive, default=20, help="images per forward pass (default 20)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature type")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="compute type; bfloat16 is several times faster on GPUs and AMX CPUs")
     p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random, seeded) or a weights file")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none")
     p.add_argument("--allow-failed-shards", action="store_true", help="finish the job even if shards fail for good")
@@ -174,7 +176,7 @@ def _request(args):
     return ExtractRequest(
         data_dir=args.data, out_dir=args.out, shard_size=args.shard_size, input_size_px=args.input_size,
         layer=args.layer, preprocess=args.preprocess, batch_size=args.batch_size, dtype=args.dtype,
-        weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
+        precision=args.precision, weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
         max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(),
     )
 
@@ -191,21 +193,30 @@ def _store(settings: Settings):
 
 def cmd_run(args, settings: Settings) -> int:
     from orchestrator.cluster import local_cluster
-    from orchestrator.jobs import prepare, submit
+    from orchestrator.jobs import check_request, prepare, submit
     from orchestrator.watch import wait_for_job
 
     t0 = time.monotonic()
-    spec, shards, scan = prepare(_request(args))
-    spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
+    request = _request(args)
+    checked = check_request(request)
     show = not args.no_progress and sys.stderr.isatty()
+
+    def job():
+        spec, shards, scan = prepare(request, checked)
+        spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
+        return spec, shards
+
     if settings.broker_url:
         store = _store(settings)
+        spec, shards = job()
         submit(store, spec, shards)
         state = wait_for_job(store, spec.job_id, show)
         cam = _cam_after_training(args, spec, settings, show)
     else:
-        with local_cluster(settings, args.workers, Path(spec.out_dir) / "logs") as (local, pool):
+        # Workers import TensorFlow while the weights are resolved: start-up overlaps.
+        with local_cluster(settings, args.workers, checked[1] / "logs") as (local, pool):
             store = _store(local)
+            spec, shards = job()
             submit(store, spec, shards)
             state = wait_for_job(store, spec.job_id, show, alive=pool.alive)
             cam = _cam_after_training(args, spec, local, show)

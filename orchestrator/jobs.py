@@ -18,6 +18,7 @@ from shared.manifest import write_manifest
 from shared.models import MIN_INPUT_SIZE_PX, PREPROCESS_MODES, VGG16_LAYERS, feature_shape
 
 DTYPES = ("float32", "float16")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ExtractRequest:
     preprocess: str = "vgg16"
     batch_size: int = 20
     dtype: str = "float32"
+    precision: str = "float32"
     weights: str = "imagenet"
     seed: int = 0
     allow_failed_shards: bool = False
@@ -49,6 +51,8 @@ def validate(req: ExtractRequest) -> None:
         raise UsageError(f"--input-size {req.input_size_px} is too small for layer {req.layer}")
     if req.preprocess not in PREPROCESS_MODES:
         raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}; got {req.preprocess!r}")
+    if req.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {req.precision!r}")
     if req.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}; got {req.dtype!r}")
     for name, value in (("--shard-size", req.shard_size), ("--batch-size", req.batch_size),
@@ -79,11 +83,18 @@ def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
     return shards
 
 
-def prepare(req: ExtractRequest, options: dict | None = None) -> tuple[JobSpec, dict[str, list[list]], Scan]:
-    """Everything up to, not including, talking to the broker."""
+def check_request(req: ExtractRequest) -> tuple[Scan, Path]:
+    """The quick checks (options, DATA, OUT): a usage error surfaces before anything starts."""
     validate(req)
     scan = scan_data(req.data_dir)
-    out = check_output(req.out_dir)
+    return scan, check_output(req.out_dir)
+
+
+def prepare(
+    req: ExtractRequest, checked: tuple[Scan, Path] | None = None, options: dict | None = None
+) -> tuple[JobSpec, dict[str, list[list]], Scan]:
+    """Everything up to, not including, talking to the broker (the weights may take a while)."""
+    scan, out = checked or check_request(req)
     weights_path, sha = resolve_weights(req.weights, req.seed, out, req.keras_home)
     shards = make_shards(scan, req.shard_size)
     model = ModelConfig(
@@ -95,6 +106,7 @@ def prepare(req: ExtractRequest, options: dict | None = None) -> tuple[JobSpec, 
         weights_sha256=sha,
         batch_size=req.batch_size,
         dtype=req.dtype,
+        precision=req.precision,
     )
     spec = JobSpec(
         job_id=new_job_id(),

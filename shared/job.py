@@ -33,6 +33,7 @@ class ModelConfig:
     batch_size: int
     dtype: str
     model: str = "vgg16"
+    precision: str = "float32"  # compute type: float32, or bfloat16 (mixed) for GPUs and AMX CPUs
 
 
 @dataclass
@@ -89,6 +90,7 @@ def fingerprint(model: ModelConfig, entries: list[list]) -> str:
         "preprocess": model.preprocess,
         "weights_sha256": model.weights_sha256,
         "dtype": model.dtype,
+        "precision": model.precision,
         "entries": entries,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -148,7 +148,7 @@ def test_failing_shard_ends_the_job_failed_fast(cluster, tmp_path):
     data = make_tree(tmp_path / "data", {"train": 3, "validation": 2, "test": 2})
     req = ExtractRequest(data_dir=data, out_dir=tmp_path / "out", input_size_px=32, weights="none",
                          seed=9731, shard_size=4)
-    spec, shards, _scan = prepare(req, {"then_train": True})
+    spec, shards, _scan = prepare(req, options={"then_train": True})
     weights = Path(spec.model.weights_path)
     weights.write_bytes(weights.read_bytes() + b"changed after submission")
     configure(Settings(broker_url=cluster.url))

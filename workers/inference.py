@@ -15,15 +15,30 @@ class Extractor:
         import tensorflow as tf
 
         self.config = model
-        self.model = build_feature_extractor(model.weights_path, model.input_size_px, model.layer)
+        self.model = _build(model)
         size = model.input_size_px
         # One trace for every batch size; `predict` per batch would rebuild its loop each call.
         self._call = tf.function(
             lambda x: self.model(x, training=False),
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+            autograph=False,  # a plain call: nothing for AutoGraph to convert
         )
         self._dtype = np.float16 if model.dtype == "float16" else np.float32
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         x = preprocess(pixels, self.config.preprocess)
         return np.asarray(self._call(x)).astype(self._dtype, copy=False)
+
+
+def _build(model: ModelConfig):
+    """The extractor in the job's compute precision; the global policy is restored after."""
+    import keras
+
+    if model.precision == "float32":
+        return build_feature_extractor(model.weights_path, model.input_size_px, model.layer)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        return build_feature_extractor(model.weights_path, model.input_size_px, model.layer)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -33,6 +33,7 @@ def feature_attrs(spec: JobSpec, split: str) -> dict:
         "weights_path": m.weights_path,
         "weights_sha256": m.weights_sha256,
         "dtype": m.dtype,
+        "precision": m.precision,
         "class_names": spec.class_names,
         "versions": versions(),
         "job_id": spec.job_id,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
@@ -32,7 +32,7 @@ class Runtime:
 
     def extractor(self, model: ModelConfig):
         """The feature extractor for ``model``, rebuilt only when the configuration changes."""
-        key = (model.weights_sha256, model.input_size_px, model.layer, model.preprocess)
+        key = replace(model, batch_size=0)  # everything but the batch size shapes the model
         if key not in self._extractors:
             from workers.inference import Extractor
 
