@@ -26,6 +26,7 @@ def job_report(store: JobStore, job_id: str) -> dict:
     return {
         "job_id": job_id,
         "status": state.get("status", "unknown"),
+        "stage": state.get("stage", ""),  # train or finetune while the job is training
         "error": state.get("error", ""),
         "out": spec.out_dir,
         "images_done": done,
@@ -39,8 +40,10 @@ def job_report(store: JobStore, job_id: str) -> dict:
 
 
 def _table(report: dict) -> Table:
-    title = (f"job {report['job_id']}: {report['status']}  {report['images_done']}/{report['images_total']} images"
-             f"  {report['images_per_s']} img/s" + (f"  ETA {report['eta_s']} s" if report["eta_s"] else ""))
+    stage = f" ({report['stage']})" if report["status"] == "training" and report["stage"] else ""
+    done = f"{report['images_done']}/{report['images_total']} images"
+    title = (f"job {report['job_id']}: {report['status']}{stage}  {done}  {report['images_per_s']} img/s"
+             + (f"  ETA {report['eta_s']} s" if report["eta_s"] else ""))
     table = Table(title=title, title_justify="left")
     for col in ("shard", "state", "images", "img/s", "worker", "skipped", "error"):
         table.add_column(col)

@@ -17,7 +17,7 @@ _POOL: ThreadPoolExecutor | None = None
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)))
+        _POOL = ThreadPoolExecutor(max_workers=max(2, min(32, os.cpu_count() or 2)))  # GPU hosts need many
     return _POOL
 
 
