@@ -1,0 +1,149 @@
+"""The ``convoy`` command line's grammar: every command, option and default, in one place."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from orchestrator import monitor_cli
+from orchestrator.train_options import add_train_options
+from shared.models import DEFAULT_LAYER, PREPROCESS_MODES
+from shared.settings import BROKER_ENV
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"convoy: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _broker_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", metavar="URL", help=f"Redis URL of the cluster (env {BROKER_ENV})")
+
+
+def _extract_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat")
+    p.add_argument("--out", type=Path, required=True, help="output directory (features, manifest, logs)")
+    p.add_argument("--shard-size", type=_positive, default=256, help="images per shard (default 256)")
+    p.add_argument("--input-size", type=_positive, default=150, help="resize side, pixels (150)")
+    p.add_argument("--layer", default=DEFAULT_LAYER, help=f"layer of VGG16's base to extract (default {DEFAULT_LAYER})")
+    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="vgg16", help="vgg16 or rescale (x1/255)")
+    p.add_argument("--batch-size", type=_positive, default=20, help="images per forward pass (default 20)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature type")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="compute type; bfloat16 is several times faster on GPUs and AMX CPUs")
+    p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random, seeded) or a weights file")
+    p.add_argument("--seed", type=int, default=0, help="seed for --weights none")
+    p.add_argument("--allow-failed-shards", action="store_true", help="finish the job even if shards fail for good")
+    p.add_argument("--max-deliveries", type=_positive, default=3, help="deliveries before giving up (3)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    _broker_option(p)
+
+
+def _cam_parser(sub) -> None:
+    cam = sub.add_parser("cam", help="Grad-CAM heatmaps of images under a classifier, on the cam queue")
+    cam.add_argument("model", help="a .keras classifier (e.g. OUT/model/full_model.keras) or vgg16-imagenet")
+    cam.add_argument("images", type=Path, nargs="+", help="image files or a folder of images")
+    cam.add_argument("--out", type=Path, required=True, help="CAMDIR: heatmaps.h5, overlays/, index.html")
+    which = cam.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="class_index", type=int, help="class index K (default: the predicted one)")
+    which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes (1)")
+    cam.add_argument("--layer", help="conv layer (default: the last one, also inside a nested base)")
+    cam.add_argument("--batch-size", type=_positive, default=16, help="images per task and forward pass (16)")
+    cam.add_argument("--preprocess", choices=("none", "vgg16", "rescale"),
+                     help="applied before the model (default: vgg16 for vgg16-imagenet, else none)")
+    cam.add_argument("--workers", type=_positive, default=1, help="local worker processes without --broker (1)")
+    cam.add_argument("--detach", action="store_true", help="print the job id and return (needs --broker)")
+    cam.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    cam.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _broker_option(cam)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="convoy", description="Distributed VGG16 features, classifiers and heatmaps.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a whole job here: embedded broker and workers unless --broker")
+    _extract_options(run)
+    run.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
+                     help="local worker processes (default: one per 2 cores)")
+    run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    run.add_argument("--no-train", action="store_true", help="extract only (default: train when DATA has labels)")
+    run.add_argument("--finetune", action="store_true", help="after training, fine-tune the base's top block")
+    add_train_options(run, "--train-batch-size")
+    run.add_argument("--cam", type=int, default=8, metavar="N", help="Grad-CAM maps of N test images after training")
+
+    submit = sub.add_parser("submit", help="submit a job to a running cluster and return its id")
+    kinds = submit.add_subparsers(dest="kind", required=True, metavar="KIND")
+    extract = kinds.add_parser("extract", help="feature extraction")
+    _extract_options(extract)
+    extract.add_argument("--then-train", action="store_true", help="train a classifier when extraction ends")
+    extract.add_argument("--finetune", action="store_true", help="with --then-train: fine-tune after training")
+    add_train_options(extract, "--train-batch-size")
+    for kind, text in (("train", "train a classifier on an existing job's features"),
+                       ("finetune", "fine-tune a job whose classifier is trained")):
+        again = kinds.add_parser(kind, help=text)
+        again.add_argument("job", help="job id")
+        again.add_argument("--seed", type=int, default=None, help="training seed (default: the job's --seed)")
+        again.add_argument("--wait", action="store_true", help="wait for the job to end and print its summary")
+        again.add_argument("--json", action="store_true", help="print JSON")
+        if kind == "train":
+            again.add_argument("--finetune", action="store_true", help="fine-tune after training")
+        add_train_options(again)
+        _broker_option(again)
+
+    predict = sub.add_parser("predict", help="classify images with a trained full_model.keras or finetuned.keras")
+    predict.add_argument("model", type=Path, help="OUT/model/full_model.keras or finetuned.keras")
+    predict.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    predict.add_argument("--json", action="store_true", help="print a JSON list")
+    _broker_option(predict)
+
+    status = sub.add_parser("status", help="a job's state, or every job's when no id is given")
+    status.add_argument("job", nargs="?", help="job id")
+    status.add_argument("--watch", action="store_true", help="refresh until the job ends")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    _broker_option(status)
+
+    worker = sub.add_parser("worker", help="start a worker on the configured broker")
+    worker.add_argument("--queues", default="extract,train,cam", help="comma-separated: extract, train, cam")
+    worker.add_argument("--concurrency", type=_positive, default=1, help="pool processes (default 1: one model each)")
+    worker.add_argument("--hostname", default="convoy@%h", help="worker name (Celery's %%h is the host)")
+    worker.add_argument("--loglevel", default="INFO")
+    _broker_option(worker)
+
+    merge = sub.add_parser("merge", help="rebuild a job's merged files from its shard files")
+    merge.add_argument("target", help="a job's OUT directory (or its job id, with a broker)")
+    merge.add_argument("--materialize", action="store_true", help="write self-contained copies, not virtual datasets")
+    _broker_option(merge)
+
+    resume = sub.add_parser("resume", help="rebuild a job from OUT/manifest.json and run only what is missing")
+    resume.add_argument("target", help="the job's OUT directory, or its job id")
+    resume.add_argument("--out", type=Path, help="OUT, when the broker no longer knows the job id")
+    resume.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="local worker processes when no broker is configured")
+    resume.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    _broker_option(resume)
+
+    cancel = sub.add_parser("cancel", help="cancel a job: running shards stop, queued ones are dropped")
+    cancel.add_argument("job")
+    _broker_option(cancel)
+
+    sample = sub.add_parser("sample", help="write a small two-class, three-split folder of real photographs")
+    sample.add_argument("out", type=Path)
+    sample.add_argument("--images", type=_positive, default=400)
+    sample.add_argument("--seed", type=int, default=0)
+    _cam_parser(sub)
+    monitor_cli.add_parsers(sub, _broker_option)  # flower, workers
+    return parser
