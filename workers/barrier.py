@@ -15,9 +15,11 @@ from shared.jobstore import JobStore
 
 
 def shard_finished(
-    store: JobStore, spec: JobSpec, shard: str, final: Path, reused: bool = False, timings: dict | None = None
+    store: JobStore, spec: JobSpec, shard: str, final: Path, reused: bool = False, timings: dict | None = None,
+    summary: dict | None = None,
 ) -> dict:
-    summary = read_shard_summary(final)
+    """Record a finished shard; ``summary`` (rows, skipped) is read from the file when not given."""
+    summary = summary or read_shard_summary(final)
     total = summary["rows"] + len(summary["skipped"])
     store.update_shard(
         spec.job_id,

@@ -94,7 +94,8 @@ def _run(task, rt, spec: JobSpec, shard: str, host: str) -> dict:
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
     timings["rss_mb"] = _rss_mb()
-    return barrier.shard_finished(store, spec, shard, final, timings=timings)
+    summary = {"rows": len(result.paths), "skipped": [{"path": p, "reason": r} for p, r in result.skipped]}
+    return barrier.shard_finished(store, spec, shard, final, timings=timings, summary=summary)
 
 
 def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, dict]:
