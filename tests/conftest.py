@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,19 @@ def _lock_database(base_url: str) -> tuple[str, redis.Redis]:
                     client.delete(key)
             return f"{base_url}/{db}", client
     raise RuntimeError("every Redis database 1..15 is locked by another test session")
+
+
+@contextmanager
+def own_database():
+    """A Redis database of the caller's own (for workers it may kill, or queues only it serves);
+    emptied when taken, released after."""
+    if not _system_redis():
+        pytest.skip("needs the Redis on 127.0.0.1:6379 for a database of its own")
+    url, client = _lock_database(SYSTEM_REDIS)
+    try:
+        yield url
+    finally:
+        client.delete("convoy-test-lock")
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import (
-    SYSTEM_REDIS,
-    _lock_database,
-    _system_redis,
     convoy,
+    own_database,
     start_worker,
     stop_worker,
     wait_ready,
@@ -304,17 +302,14 @@ def test_convoy_run_cam_after_training(cluster, tmp_path):
 @pytest.fixture(scope="module")
 def cam_only(tmp_path_factory):
     """A worker on the cam queue alone, on a Redis database of its own (no other worker there)."""
-    if not _system_redis():
-        pytest.skip("needs the Redis server on 127.0.0.1:6379 for a second database")
-    url, client = _lock_database(SYSTEM_REDIS)
     log_dir = tmp_path_factory.mktemp("cam-only-logs")
-    proc = start_worker(url, log_dir, "camonly", queues="cam")
-    try:
-        wait_ready(url, ["camonly"], procs=[proc], log_dir=log_dir)
-        yield url, log_dir
-    finally:
-        stop_worker(proc)
-        client.delete("convoy-test-lock")
+    with own_database() as url:
+        proc = start_worker(url, log_dir, "camonly", queues="cam")
+        try:
+            wait_ready(url, ["camonly"], procs=[proc], log_dir=log_dir)
+            yield url, log_dir
+        finally:
+            stop_worker(proc)
 
 
 def test_cam_only_worker_serves_cam_while_extraction_waits(cam_only, models, images, tmp_path):

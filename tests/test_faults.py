@@ -16,10 +16,8 @@ import pytest
 from orchestrator.scan import scan_data
 from shared.jobstore import JobStore, connect
 from tests.conftest import (
-    SYSTEM_REDIS,
-    _lock_database,
-    _system_redis,
     convoy,
+    own_database,
     start_worker,
     stop_worker,
     wait_final,
@@ -34,33 +32,27 @@ ARGS = ["--input-size", "48", "--weights", "none", "--seed", "5", "--shard-size"
 @pytest.fixture()
 def private(tmp_path):
     """A Redis database of this test's own, so killing its workers touches no one else."""
-    if not _system_redis():
-        pytest.skip("fault tests need the Redis on 127.0.0.1:6379")
-    url, client = _lock_database(SYSTEM_REDIS)
     procs: dict[str, object] = {}
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
 
     class Private:
-        def __init__(self):
+        def __init__(self, url: str):
             self.url, self.procs, self.log_dir = url, procs, log_dir
             self.store = JobStore(connect(url))
 
         def start(self, *names: str, extra_env: dict | None = None) -> None:
             for n in names:
-                procs[n] = start_worker(url, log_dir, n, extra_env=extra_env)
-            wait_ready(url, list(names), procs=[procs[n] for n in names], log_dir=log_dir)
+                procs[n] = start_worker(self.url, log_dir, n, extra_env=extra_env)
+            wait_ready(self.url, list(names), procs=[procs[n] for n in names], log_dir=log_dir)
 
         def logs(self) -> str:
             return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(log_dir.glob("*.log")))
 
-    yield Private()
-    for p in procs.values():
-        stop_worker(p, signal.SIGKILL)
-    for key in client.scan_iter():
-        if key != b"convoy-test-lock":
-            client.delete(key)
-    client.delete("convoy-test-lock")
+    with own_database() as url:
+        yield Private(url)
+        for p in procs.values():
+            stop_worker(p, signal.SIGKILL)
 
 
 def _data(tmp_path: Path, per_split: int = 20) -> Path:
