@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.jobs import check_output
-from shared import keys
-from shared.camjob import CAM_PREPROCESS, CamSpec, CamStore
+from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
+from shared.celery_app import send_step
 from shared.errors import DataError, JobFailed, LayerError, UsageError
 from shared.gradcam import VGG16_IMAGENET
 from shared.images import is_image_name
-from shared.job import DONE, FAILED, new_job_id, sha256_file
+from shared.job import new_job_id, sha256_file
+from shared.jobstore import JobStore
 from shared.settings import Settings
+from shared.states import JobStatus, is_final
 
 POLL_S = 0.5
 #: Classes of VGG16's ImageNet top.
@@ -125,18 +127,16 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
 
 # --- submitting and waiting ---------------------------------------------------------------
 
-def submit_cam(store: CamStore, spec: CamSpec, batches: list[list[str]]) -> str:
-    """Record the job in Redis, then enqueue one small task (job id, batch index) per batch."""
-    from shared.celery_app import app
-
+def submit_cam(store: JobStore, spec: CamSpec, batches: list[list[str]], ttl_s: int) -> str:
+    """Record the job in the store, then send one small message (job id, batch step) per batch."""
     (Path(spec.out_dir) / "cam-job.json").write_text(spec.to_json())
-    store.create(spec, batches)
-    for index in range(len(batches)):
-        app.send_task(keys.CAM_TASK, args=[spec.job_id, index], queue=keys.CAM_QUEUE)
+    steps = store.create_cam(spec, {batch_id(i): batch for i, batch in enumerate(batches)}, ttl_s)
+    for step in steps:
+        send_step(spec.job_id, step)
     return spec.job_id
 
 
-def wait_cam(store: CamStore, job_id: str, show: bool, alive: Callable[[], bool] | None = None) -> dict:
+def wait_cam(store: JobStore, job_id: str, show: bool, alive: Callable[[], bool] | None = None) -> dict:
     """Block until the job ends; its summary, or JobFailed with the worker's reason."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -145,26 +145,31 @@ def wait_cam(store: CamStore, job_id: str, show: bool, alive: Callable[[], bool]
     with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
         task = bar.add_task(f"cam {job_id}", total=None)
         while True:
-            state = store.state(job_id)
-            bar.update(task, completed=int(state.get("done", 0)), total=int(state.get("total", 0)) or None)
-            if state.get("status") in (DONE, FAILED, "cancelled"):
+            state = store.status(job_id)
+            bar.update(task, completed=int(state.get("images_done", 0)),
+                       total=int(state.get("images_total", 0)) or None)
+            if is_final(state.get("status")):
                 break
             if alive is not None and not alive():
                 raise JobFailed("every local worker exited; see the logs in CAMDIR/logs")
             time.sleep(POLL_S)
-    if state.get("status") != DONE:
+    if state.get("status") != JobStatus.DONE:
         raise JobFailed(state.get("error", "the Grad-CAM job failed"))
     return json.loads(state.get("summary", "{}"))
 
 
 def _submit_and_wait(settings: Settings, spec: CamSpec, batches, show: bool, alive=None) -> dict:
+    store = _cam_store(settings)
+    submit_cam(store, spec, batches, settings.job_ttl_s)
+    return wait_cam(store, spec.job_id, show, alive)
+
+
+def _cam_store(settings: Settings) -> JobStore:
     from shared.celery_app import configure
     from shared.jobstore import connect
 
     configure(settings)
-    store = CamStore(connect(settings.broker_url or ""))
-    submit_cam(store, spec, batches)
-    return wait_cam(store, spec.job_id, show, alive)
+    return JobStore(connect(settings.broker_url or ""))
 
 
 def run_cam(req: CamRequest, settings: Settings, workers: int = 1, show: bool = False,
@@ -175,11 +180,7 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, show: bool = 
     t0 = time.monotonic()
     spec, batches = prepare_cam(req)
     if detach:
-        from shared.celery_app import configure
-        from shared.jobstore import connect
-
-        configure(settings)
-        submit_cam(CamStore(connect(settings.broker_url or "")), spec, batches)
+        submit_cam(_cam_store(settings), spec, batches, settings.job_ttl_s)
         return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images}
     if settings.broker_url:
         summary = _submit_and_wait(settings, spec, batches, show)
@@ -207,10 +208,8 @@ def print_cam_summary(summary: dict, as_json: bool) -> None:
         print(f"  skipped {item['path']}: {item['reason']}")
 
 
-def cam_status(client, job_id: str, watch: bool, as_json: bool) -> int:
+def cam_status(store: JobStore, job_id: str, watch: bool, as_json: bool) -> int:
     """``convoy status JOB`` for a Grad-CAM job: its state (after waiting, with --watch)."""
-    store = CamStore(client)
-    store.spec(job_id)  # JobNotFound, exit 2, for an id nobody knows
     if watch:
         try:
             wait_cam(store, job_id, show=not as_json)
@@ -218,15 +217,15 @@ def cam_status(client, job_id: str, watch: bool, as_json: bool) -> int:
             pass  # reported below, like any other final state
     state = store.state(job_id)
     report = {"job_id": job_id, "kind": "cam", "status": state.get("status", "unknown"),
-              "error": state.get("error", ""), "images_done": int(state.get("done", 0)),
-              "images_total": int(state.get("total", 0)),
+              "error": state.get("error", ""), "images_done": int(state.get("images_done", 0)),
+              "images_total": int(state.get("images_total", 0)),
               "summary": json.loads(state["summary"]) if state.get("summary") else None}
     if as_json:
         print(json.dumps(report))
     else:
         print(f"cam job {job_id}: {report['status']}, {report['images_done']}/{report['images_total']} images"
               + (f"; {report['error']}" if report["error"] else ""))
-    return 1 if report["status"] in (FAILED, "cancelled") else 0
+    return 1 if report["status"] in (JobStatus.FAILED, JobStatus.CANCELLED) else 0
 
 
 # --- after training -------------------------------------------------------------------------

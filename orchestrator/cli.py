@@ -12,14 +12,13 @@ from pathlib import Path
 from orchestrator import monitor_cli
 from orchestrator.parser import build_parser
 from shared.errors import ConvoyError, UsageError
-from shared.job import FINAL_STATES
 from shared.settings import BROKER_ENV, Settings, redact_url
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env().with_broker(getattr(args, "broker", None))
     try:
+        settings = Settings.from_env().with_broker(getattr(args, "broker", None))
         return COMMANDS[args.command](args, settings)
     except ConvoyError as exc:
         print(f"convoy: error: {exc}", file=sys.stderr)
@@ -70,7 +69,7 @@ def cmd_run(args, settings: Settings) -> int:
     if settings.broker_url:
         store = _store(settings)
         spec, shards = job()
-        submit(store, spec, shards)
+        submit(store, spec, shards, settings.job_ttl_s)
         state = wait_for_job(store, spec.job_id, show)
         cam = _cam_after_training(args, spec, settings, show)
     else:
@@ -78,7 +77,7 @@ def cmd_run(args, settings: Settings) -> int:
         with local_cluster(settings, args.workers, checked[1] / "logs") as (local, pool):
             store = _store(local)
             spec, shards = job()
-            submit(store, spec, shards)
+            submit(store, spec, shards, local.job_ttl_s)
             state = wait_for_job(store, spec.job_id, show, alive=pool.alive)
             cam = _cam_after_training(args, spec, local, show)
     _print_result(spec, state, time.monotonic() - t0, args.json, cam)
@@ -139,7 +138,7 @@ def cmd_submit(args, settings: Settings) -> int:
     store = _store(settings)
     spec, shards, scan = prepare(_request(args))
     spec.options.update(_chain_options(args, spec, scan, train=args.then_train, explicit=True))
-    submit(store, spec, shards)
+    submit(store, spec, shards, settings.job_ttl_s)
     print(json.dumps({"job_id": spec.job_id, "shards": len(shards), "out": spec.out_dir}) if args.json else spec.job_id)
     return 0
 
@@ -186,22 +185,34 @@ def cmd_predict(args, settings: Settings) -> int:
 def cmd_status(args, settings: Settings) -> int:
     from orchestrator import status
 
+    target = args.job
+    if target and Path(target).is_dir():  # OUT: live from the broker while it knows the job, else the manifest
+        from shared.manifest import read_manifest
+
+        job_id = read_manifest(Path(target))["job_id"]
+        store = _store(settings) if settings.broker_url else None
+        if store is None or not store.exists(job_id):
+            return _print_status(status.manifest_report(Path(target)), args.json)
+        target = job_id
     store = _store(settings)
-    if not args.job:
+    if not target:
         status.print_jobs(store, args.json)
         return 0
-    if not store.exists(args.job):  # a Grad-CAM job (convoy cam --detach) has keys of its own
+    store.spec(target)  # JobNotFound, exit 2: "no job ... on this broker"
+    if store.kind(target) == "cam":
         from orchestrator.cam import cam_status
-        from shared import keys
 
-        if not store.r.exists(keys.cam_spec(args.job)):
-            store.spec(args.job)  # raises JobNotFound: "no job ... on this broker"
-        return cam_status(store.r, args.job, args.watch, args.json)
+        return cam_status(store, target, args.watch, args.json)
     if args.watch:
-        return status.watch(store, args.job, args.json)
-    report = status.job_report(store, args.job)
-    status.print_report(report, args.json)
-    return 0 if report["status"] not in ("failed", "cancelled") else 1
+        return status.watch(store, target, args.json)
+    return _print_status(status.job_report(store, target), args.json)
+
+
+def _print_status(report: dict, as_json: bool) -> int:
+    from orchestrator import status
+
+    status.print_report(report, as_json)
+    return 1 if report["status"] in ("failed", "cancelled") else 0
 
 
 def cmd_worker(args, settings: Settings) -> int:
@@ -245,14 +256,14 @@ def cmd_resume(args, settings: Settings) -> int:
     t0 = time.monotonic()
     if settings.broker_url:
         store = _store(settings)
-        spec, missing = resume(store, out_dir_of(args.target, args.out, store))
+        spec, missing = resume(store, out_dir_of(args.target, args.out, store), settings.job_ttl_s)
         print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)
         state = wait_for_job(store, spec.job_id, sys.stderr.isatty())
     else:
         out = out_dir_of(args.target, args.out, None)
         with local_cluster(settings, args.workers, out / "logs") as (local, pool):
             store = _store(local)
-            spec, missing = resume(store, out)
+            spec, missing = resume(store, out, local.job_ttl_s)
             print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)
             state = wait_for_job(store, spec.job_id, sys.stderr.isatty(), alive=pool.alive)
     _print_result(spec, state, time.monotonic() - t0, args.json)
@@ -260,16 +271,30 @@ def cmd_resume(args, settings: Settings) -> int:
 
 
 def cmd_cancel(args, settings: Settings) -> int:
-    from shared.job import CANCELLED
+    from shared.states import JobStatus
 
     store = _store(settings)
     store.spec(args.job)
-    if store.finish(args.job, CANCELLED, error="cancelled by the user"):
+    if store.end_job(args.job, JobStatus.CANCELLED, error="cancelled by the user"):
+        _record_cancel(store, args.job)
         print(f"job {args.job} cancelled")
         return 0
-    status = store.status(args.job).get("status")
+    status = store.job_status(args.job)
     print(f"job {args.job} already ended ({status})")
-    return 0 if status in FINAL_STATES else 1
+    return 0 if status and status.is_final else 1
+
+
+def _record_cancel(store, job_id: str) -> None:
+    """The cancel in OUT/manifest.json too, when this machine sees OUT (workers record other ends)."""
+    from shared.manifest import record_end
+
+    if store.kind(job_id) != "extract":
+        return
+    spec = store.spec(job_id)
+    try:
+        record_end(spec.out_dir, store.status(job_id), {})
+    except (OSError, ConvoyError):
+        pass
 
 
 def cmd_sample(args, settings: Settings) -> int:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from orchestrator.scan import Scan, scan_data
 from orchestrator.weights import resolve_weights
-from shared import keys
-from shared.celery_app import app
+from shared.celery_app import send_step
 from shared.errors import LayerError, OutputError, UsageError
 from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
-from shared.jobstore import JobStore
+from shared.jobstore import JobStore, NewStep
 from shared.manifest import write_manifest
 from shared.models import MIN_INPUT_SIZE_PX, PREPROCESS_MODES, VGG16_LAYERS, feature_shape
 
@@ -123,17 +122,28 @@ def prepare(
     return spec, shards, scan
 
 
-def submit(store: JobStore, spec: JobSpec, shards: dict[str, list[list]]) -> str:
-    """Record the job in Redis and on disk, then enqueue one task per shard."""
+def submit(store: JobStore, spec: JobSpec, shards: dict[str, list[list]], ttl_s: int) -> str:
+    """Take OUT for the job, record the job in Redis and on disk, then send one message per shard."""
+    own_output(store, spec.out_dir, spec.job_id)
     write_manifest(spec, shards)
-    store.create(spec, shards)
-    enqueue_shards(spec.job_id, list(shards))
+    send_steps(spec.job_id, store.create(spec, shards, ttl_s))
     return spec.job_id
 
 
-def enqueue_shards(job_id: str, shard_ids: list[str]) -> None:
-    for sid in shard_ids:
-        app.send_task(keys.EXTRACT_TASK, args=[job_id, sid], queue=keys.EXTRACT_QUEUE)
+def own_output(store: JobStore, out_dir: str, job_id: str) -> None:
+    """OUT belongs to one job at a time: refuse it while another job that writes it has not ended."""
+    owner = store.claim_out(out_dir, job_id)
+    if owner:
+        raise OutputError(
+            f"output directory {out_dir} belongs to job {owner}, which has not ended; wait for it "
+            f"(`convoy status {owner} --watch`), cancel it (`convoy cancel {owner}`) or choose another --out"
+        )
+
+
+def send_steps(job_id: str, steps: list[NewStep]) -> None:
+    # A message that fails to go out here is lost, not fatal: the reconciler sends it again.
+    for step in steps:
+        send_step(job_id, step)
 
 
 def keras_home_from_env() -> Path:

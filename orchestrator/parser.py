@@ -111,7 +111,7 @@ def build_parser() -> Parser:
     _broker_option(predict)
 
     status = sub.add_parser("status", help="a job's state, or every job's when no id is given")
-    status.add_argument("job", nargs="?", help="job id")
+    status.add_argument("job", nargs="?", help="job id, or OUT (read from its manifest once the keys expired)")
     status.add_argument("--watch", action="store_true", help="refresh until the job ends")
     status.add_argument("--json", action="store_true", help="print JSON")
     _broker_option(status)

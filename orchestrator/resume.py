@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.jobs import enqueue_shards
-from shared import keys
-from shared.celery_app import app
+from orchestrator.jobs import own_output, send_steps
 from shared.errors import UsageError
-from shared.features import read_shard_summary, shard_fingerprint
+from shared.features import shard_fingerprint
 from shared.job import JobSpec, fingerprint
 from shared.jobstore import JobStore
 from shared.manifest import read_manifest, spec_and_shards
@@ -25,20 +23,12 @@ def out_dir_of(target: str, out: Path | None, store: JobStore | None) -> Path:
     raise UsageError(f"job {target!r} is unknown to the broker; pass its output directory: convoy resume OUT")
 
 
-def resume(store: JobStore, out_dir: Path) -> tuple[JobSpec, list[str]]:
-    """Recreate the job's state in Redis; enqueue the shards without a current file."""
+def resume(store: JobStore, out_dir: Path, ttl_s: int) -> tuple[JobSpec, list[str]]:
+    """Recreate the job (same id) in Redis and send its shards: those with a current file are
+    reused by the workers without being run again. Returns the shards that will really run."""
     spec, shards = spec_and_shards(read_manifest(out_dir))
-    store.create(spec, shards)
-    missing = []
-    for sid, entries in shards.items():
-        final = spec.shard_file(sid)
-        if shard_fingerprint(final) != fingerprint(spec.model, entries):
-            missing.append(sid)
-            continue
-        summary = read_shard_summary(final)
-        store.update_shard(spec.job_id, sid, state="done", done=len(entries), total=len(entries),
-                           rows=summary["rows"], skipped=summary["skipped"], reused=True)
-        if store.mark_finished(spec.job_id, sid, len(shards)):
-            app.send_task(keys.MERGE_TASK, args=[spec.job_id], queue=keys.TRAIN_QUEUE)
-    enqueue_shards(spec.job_id, missing)
+    own_output(store, spec.out_dir, spec.job_id)
+    missing = [sid for sid, entries in shards.items()
+               if shard_fingerprint(spec.shard_file(sid)) != fingerprint(spec.model, entries)]
+    send_steps(spec.job_id, store.create(spec, shards, ttl_s))
     return spec, missing

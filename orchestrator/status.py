@@ -1,55 +1,107 @@
-"""``convoy status``: job state read from Redis, as a table or JSON."""
+"""``convoy status``: where a job is, read from Redis (or from ``OUT/manifest.json`` once its keys
+expired, or its broker is gone), as a table or JSON."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from shared.jobstore import JobStore, is_final
+from shared import keys
+from shared.jobstore import JobStore
+from shared.manifest import read_manifest
+from shared.states import JobStatus, is_final
+
+WATCH_POLL_S = 0.5
+
+#: The queue a job's next step waits on, by its status.
+_QUEUE_OF = {
+    JobStatus.QUEUED: keys.EXTRACT_QUEUE, JobStatus.EXTRACTING: keys.EXTRACT_QUEUE,
+    JobStatus.MERGING: keys.MERGE_QUEUE, JobStatus.TRAINING: keys.TRAIN_QUEUE,
+    JobStatus.FINETUNING: keys.TRAIN_QUEUE, JobStatus.RUNNING: keys.CAM_QUEUE,
+    JobStatus.ASSEMBLING: keys.CAM_QUEUE,
+}
 
 
-def job_report(store: JobStore, job_id: str) -> dict:
-    spec = store.spec(job_id)
+def waiting_for(store: JobStore, state: dict) -> dict | None:
+    """``{"queue": q, "workers": 0}`` while the job's next step waits on a queue no live worker consumes."""
+    status = JobStatus.parse(state.get("status"))
+    if status is None or status.is_final:
+        return None
+    queue = keys.CAM_QUEUE if state.get("kind") == "cam" else _QUEUE_OF[status]
+    return None if store.live_workers(queue) else {"queue": queue, "workers": 0}
+
+
+def waiting_words(waiting: dict | None) -> str:
+    if not waiting:
+        return ""
+    queue = waiting["queue"]
+    return (f"waiting for a worker on queue {queue}: none is listening; "
+            f"start one with `convoy worker --queues {queue}`")
+
+
+def brief(store: JobStore, job_id: str) -> dict:
+    """The job's status and counts: one hash read, whatever the number of shards (for --watch)."""
     state = store.status(job_id)
-    shards = store.shard_states(job_id)
-    done = sum(int(s.get("done", 0)) for s in shards.values())
-    total = sum(int(s.get("total", 0)) for s in shards.values())
-    running = [s for s in shards.values() if s.get("state") == "running"]
-    rate = sum(float(s.get("images_per_s", 0)) for s in running)
-    skipped = list(spec.options.get("scan_skipped", []))
-    for s in shards.values():
-        skipped += s.get("skipped", [])
     return {
         "job_id": job_id,
+        "kind": state.get("kind", "extract"),
         "status": state.get("status", "unknown"),
-        "stage": state.get("stage", ""),  # train or finetune while the job is training
         "error": state.get("error", ""),
-        "out": spec.out_dir,
-        "images_done": done,
-        "images_total": total,
-        "images_per_s": round(rate, 2),
-        "eta_s": round((total - done) / rate, 1) if rate > 0 else None,
-        "shards": shards,
-        "skipped": skipped,
+        "images_done": int(state.get("images_done", 0)),
+        "images_total": int(state.get("images_total", 0)),
+        "waiting_for": waiting_for(store, state),
         "summary": json.loads(state["summary"]) if state.get("summary") else None,
     }
 
 
-def _table(report: dict) -> Table:
-    stage = f" ({report['stage']})" if report["status"] == "training" and report["stage"] else ""
+def job_report(store: JobStore, job_id: str) -> dict:
+    """Everything about an extraction job, every shard included."""
+    spec = store.spec(job_id)
+    report = brief(store, job_id)
+    shards = store.shard_states(job_id)
+    rate = sum(float(s.get("images_per_s", 0)) for s in shards.values() if s.get("state") == "running")
+    skipped = list(spec.options.get("scan_skipped", []))
+    for s in shards.values():
+        skipped += s.get("skipped") or []
+    left = report["images_total"] - report["images_done"]
+    return {**report, "out": spec.out_dir, "images_per_s": round(rate, 2),
+            "eta_s": round(left / rate, 1) if rate > 0 else None, "shards": shards, "skipped": skipped}
+
+
+def manifest_report(out_dir: Path) -> dict:
+    """A job's report from its OUT: how it ended (or that it never recorded an end)."""
+    manifest = read_manifest(out_dir)
+    end = manifest.get("end", {})
+    shards = {s["id"]: {"state": s.get("state", ""), "total": s.get("images", 0),
+                        "done": s.get("images", 0) if s.get("state") == "done" else 0} for s in manifest["shards"]}
+    summary = manifest.get("summary")
+    return {
+        "job_id": manifest["job_id"], "kind": "extract", "source": "manifest",
+        "status": end.get("status", "unknown"), "error": end.get("error", ""), "out": str(out_dir),
+        "images_done": int(end.get("images_done", 0)), "images_total": sum(s["total"] for s in shards.values()),
+        "images_per_s": 0.0, "eta_s": None, "shards": shards, "waiting_for": None,
+        "skipped": (summary or {}).get("skipped", []), "summary": summary,
+    }
+
+
+def _title(report: dict) -> str:
     done = f"{report['images_done']}/{report['images_total']} images"
-    title = (f"job {report['job_id']}: {report['status']}{stage}  {done}  {report['images_per_s']} img/s"
-             + (f"  ETA {report['eta_s']} s" if report["eta_s"] else ""))
-    table = Table(title=title, title_justify="left")
+    title = f"job {report['job_id']}: {report['status']}  {done}  {report.get('images_per_s', 0)} img/s"
+    return title + (f"  ETA {report['eta_s']} s" if report.get("eta_s") else "")
+
+
+def _table(report: dict) -> Table:
+    table = Table(title=_title(report), title_justify="left")
     for col in ("shard", "state", "images", "img/s", "worker", "skipped", "error"):
         table.add_column(col)
     for sid, s in report["shards"].items():
         table.add_row(sid, s.get("state", ""), f"{s.get('done', 0)}/{s.get('total', 0)}",
-                      str(s.get("images_per_s", "")), s.get("worker", ""), str(len(s.get("skipped", []))),
+                      str(s.get("images_per_s", "")), s.get("worker", ""), str(len(s.get("skipped") or [])),
                       s.get("error", ""))
     return table
 
@@ -60,6 +112,8 @@ def print_report(report: dict, as_json: bool) -> None:
         return
     console = Console()
     console.print(_table(report))
+    if report["waiting_for"]:
+        console.print(waiting_words(report["waiting_for"]))
     if report["error"]:
         console.print(f"[red]error:[/red] {report['error']}")
     for item in report["skipped"]:
@@ -67,24 +121,33 @@ def print_report(report: dict, as_json: bool) -> None:
 
 
 def watch(store: JobStore, job_id: str, as_json: bool) -> int:
+    """Follow the job (one hash read per poll) until it ends; then the whole report."""
+    line = brief(store, job_id)
+    with Live(_line(line), refresh_per_second=2, transient=True) as live:
+        while not is_final(line["status"]):
+            time.sleep(WATCH_POLL_S)
+            line = brief(store, job_id)
+            live.update(_line(line))
     report = job_report(store, job_id)
-    with Live(_table(report), refresh_per_second=2, transient=as_json) as live:
-        while not is_final(report["status"]):
-            time.sleep(1)
-            report = job_report(store, job_id)
-            live.update(_table(report))
     print_report(report, as_json)
-    return 0 if report["status"] == "done" else 1
+    return 0 if report["status"] == JobStatus.DONE else 1
+
+
+def _line(report: dict) -> str:
+    words = waiting_words(report["waiting_for"])
+    return f"job {report['job_id']}: {report['status']}  {report['images_done']}/{report['images_total']} images" + (
+        f"  ({words})" if words else "")
 
 
 def print_jobs(store: JobStore, as_json: bool) -> None:
     rows = [{"job_id": j, **store.status(j)} for j in store.job_ids()]
+    rows = [r for r in rows if "status" in r]  # keys expired, index not yet pruned
     if as_json:
         print(json.dumps(rows))
         return
     table = Table(title="jobs", title_justify="left")
-    for col in ("job", "status", "error"):
+    for col in ("job", "kind", "status", "error"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["job_id"], row.get("status", ""), row.get("error", ""))
+        table.add_row(row["job_id"], row.get("kind", ""), row.get("status", ""), row.get("error", ""))
     Console().print(table)

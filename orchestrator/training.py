@@ -12,13 +12,14 @@ from pathlib import Path
 
 from orchestrator.scan import Scan
 from shared import keys
-from shared.celery_app import app
+from shared.celery_app import app, send_step
 from shared.classifier import TrainConfig
 from shared.errors import DataError, JobNotFound, ModelFileError, UsageError
 from shared.images import is_image_name
-from shared.job import DONE, FAILED, TRAINING, JobSpec
-from shared.jobstore import JobStore
+from shared.job import JobSpec
+from shared.jobstore import JobStore, NewStep
 from shared.models import VGG16_LAYERS
+from shared.states import JobStatus
 from shared.trainset import check_trainable, plan_splits, scan_sizes
 
 
@@ -67,8 +68,8 @@ def chain_options(spec: JobSpec, scan: Scan, config: dict, train: bool, finetune
 
 def _trainable_job(store: JobStore, job_id: str) -> JobSpec:
     spec = store.spec(job_id)
-    status = store.status(job_id).get("status")
-    if status not in (DONE, FAILED):
+    status = store.job_status(job_id)
+    if status not in (JobStatus.DONE, JobStatus.FAILED):
         raise UsageError(f"job {job_id} is {status}; wait until it is done (`convoy status {job_id} --watch`)")
     missing = [s for s in spec.splits if not spec.merged_file(s).exists()]
     if missing:
@@ -83,8 +84,9 @@ def submit_training(store: JobStore, job_id: str, config: dict, finetune_after: 
     spec = _trainable_job(store, job_id)
     if finetune_after:
         _check_unfreeze(spec, config["unfreeze_from"])
-    store.set_status(job_id, TRAINING, stage="train", error="")
-    app.send_task(keys.TRAIN_TASK, args=[job_id, config, finetune_after], queue=keys.TRAIN_QUEUE)
+    step = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING,
+                   params={"config": config, "then_finetune": finetune_after})
+    _reopen(store, job_id, step, (keys.TRAIN_STEP, keys.FINETUNE_STEP))
 
 
 def submit_finetune(store: JobStore, job_id: str, config: dict) -> None:
@@ -95,8 +97,15 @@ def submit_finetune(store: JobStore, job_id: str, config: dict) -> None:
     if not head.exists():
         raise ModelFileError(f"job {job_id} has no trained classifier ({head}); "
                              f"run `convoy submit train {job_id}` first")
-    store.set_status(job_id, TRAINING, stage="finetune", error="")
-    app.send_task(keys.FINETUNE_TASK, args=[job_id, config], queue=keys.TRAIN_QUEUE)
+    step = NewStep(keys.FINETUNE_STEP, keys.TRAIN_QUEUE, keys.FINETUNE_TASK, JobStatus.FINETUNING,
+                   params={"config": config})
+    _reopen(store, job_id, step, (keys.FINETUNE_STEP,))
+
+
+def _reopen(store: JobStore, job_id: str, step: NewStep, forget: tuple[str, ...]) -> None:
+    if not store.reopen(job_id, step, forget):
+        raise UsageError(f"job {job_id} is running again already; watch it with `convoy status {job_id} --watch`")
+    send_step(job_id, step)
 
 
 # --- predict ------------------------------------------------------------------------------

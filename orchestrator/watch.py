@@ -10,17 +10,16 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from orchestrator.status import brief, waiting_words
 from shared.errors import JobCancelled, JobFailed
-from shared.job import CANCELLED, DONE, FAILED
-from shared.jobstore import JobStore, is_final
+from shared.jobstore import JobStore
+from shared.states import JobStatus, is_final
 
 POLL_S = 0.5
 
 
-def progress_counts(store: JobStore, job_id: str) -> tuple[int, int]:
-    """(images done, images total) over all shards."""
-    states = store.shard_states(job_id).values()
-    return sum(int(s.get("done", 0)) for s in states), sum(int(s.get("total", 0)) for s in states)
+#: How long a job may wait on a queue nobody consumes before the user is told.
+WARN_WAITING_AFTER_S = 10
 
 
 def wait_for_job(
@@ -30,34 +29,44 @@ def wait_for_job(
     alive: Callable[[], bool] | None = None,
     console: Console | None = None,
 ) -> dict:
-    """Block until the job is final; return its state. Raises JobFailed / JobCancelled."""
+    """Block until the job is final; return its state. Raises JobFailed / JobCancelled.
+
+    Each poll reads the job's own hash (one round trip, whatever the number of shards).
+    """
     console = console or Console(stderr=True)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
         task = bar.add_task(job_id, total=None, rate=0.0)
         t0 = time.monotonic()
+        waiting_since, warned = None, False
         while True:
-            state = store.status(job_id)
-            done, total = progress_counts(store, job_id)
-            rate = done / max(time.monotonic() - t0, 1e-9)
-            bar.update(task, completed=done, total=total or None, rate=rate,
-                       description=f"{job_id} {state.get('status', '?')}")
-            if is_final(state.get("status")):
+            report = brief(store, job_id)
+            done, total = report["images_done"], report["images_total"]
+            bar.update(task, completed=done, total=total or None, rate=done / max(time.monotonic() - t0, 1e-9),
+                       description=f"{job_id} {report['status']}")
+            if is_final(report["status"]):
                 break
+            if report["waiting_for"]:
+                waiting_since = waiting_since or time.monotonic()
+                if not warned and time.monotonic() - waiting_since > WARN_WAITING_AFTER_S:
+                    console.print(f"convoy: {waiting_words(report['waiting_for'])}")
+                    warned = True
+            else:
+                waiting_since, warned = None, False
             if alive is not None and not alive():
                 raise JobFailed("every local worker exited; see the logs in OUT/logs")
             time.sleep(POLL_S)
-    return finish_state(state)
+    return finish_state(store.status(job_id))
 
 
 def finish_state(state: dict) -> dict:
     status = state.get("status")
-    if status == FAILED:
+    if status == JobStatus.FAILED:
         raise JobFailed(state.get("error", "the job failed"))
-    if status == CANCELLED:
+    if status == JobStatus.CANCELLED:
         raise JobCancelled("the job was cancelled")
-    assert status == DONE
+    assert status == JobStatus.DONE
     return state
 
 

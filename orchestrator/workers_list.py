@@ -24,11 +24,6 @@ def describe_task(task: dict) -> str:
     return f"{task.get('name', '?')}({args[0] if args else ''})"
 
 
-def _info(store: JobStore, name: str) -> dict:
-    text = store.r.get(keys.worker_info(name))
-    return json.loads(text) if text else {}
-
-
 def list_workers(app: Celery, store: JobStore, timeout_s: float = 1.5) -> list[dict]:
     """One row per worker that answered, sorted by name."""
     inspect = app.control.inspect(timeout=timeout_s)
@@ -37,7 +32,7 @@ def list_workers(app: Celery, store: JobStore, timeout_s: float = 1.5) -> list[d
     active = inspect.active() or {}
     rows = []
     for name in sorted(set(stats) | set(queues) | set(active)):
-        info = _info(store, name)
+        info = store.worker_record(name)
         pool = stats.get(name, {}).get("pool", {})
         rows.append({
             "worker": name,

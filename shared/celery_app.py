@@ -10,7 +10,7 @@ from shared.settings import Settings
 
 #: Task modules the workers import. They import TensorFlow lazily, inside the tasks' helpers,
 #: so the worker's main process (which forks the pool) never initialises it.
-TASK_MODULES = ["workers.extract", "workers.merge", "workers.train", "workers.cam",
+TASK_MODULES = ["workers.extract", "workers.merge", "workers.train", "workers.cam", "workers.reconciler",
                 # Last: its start-up hook lists devices after workers.runtime configured TensorFlow.
                 "workers.identity"]
 
@@ -54,6 +54,10 @@ def celery_config(settings: Settings) -> dict:
         visibility_timeout=settings.visibility_timeout_s,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=settings.task_soft_time_limit_s,
+        # Training and fine-tuning get their own, much longer, limits.
+        task_annotations={name: {"time_limit": settings.train_time_limit_s,
+                                 "soft_time_limit": settings.train_soft_time_limit_s}
+                          for name in (keys.TRAIN_TASK, keys.FINETUNE_TASK)},
         task_track_started=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -67,8 +71,9 @@ def celery_config(settings: Settings) -> dict:
         task_default_queue=keys.EXTRACT_QUEUE,
         task_routes={
             keys.EXTRACT_TASK: {"queue": keys.EXTRACT_QUEUE},
-            keys.MERGE_TASK: {"queue": keys.TRAIN_QUEUE},
+            keys.MERGE_TASK: {"queue": keys.MERGE_QUEUE},
             keys.CAM_TASK: {"queue": keys.CAM_QUEUE},
+            keys.ASSEMBLE_TASK: {"queue": keys.CAM_QUEUE},
             keys.TRAIN_TASK: {"queue": keys.TRAIN_QUEUE},
             keys.FINETUNE_TASK: {"queue": keys.TRAIN_QUEUE},
             keys.PREDICT_TASK: {"queue": keys.TRAIN_QUEUE},
@@ -77,3 +82,15 @@ def celery_config(settings: Settings) -> dict:
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+
+
+def send_step(job_id: str, step) -> None:
+    """Send the message of one step (a :class:`shared.jobstore.NewStep`): the only way work is queued.
+
+    The message id is the step's, recorded with it, so the reconciler can tell whether the
+    message still waits on its queue.
+    """
+    from shared import faults
+
+    faults.point("before-enqueue")
+    app.send_task(step.task, args=[job_id, step.step], queue=step.queue, task_id=step.msg)

@@ -10,11 +10,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-#: Job states, in the order a healthy job goes through them.
-QUEUED, RUNNING, MERGING, TRAINING, DONE = "queued", "running", "merging", "training", "done"
-FAILED, CANCELLED = "failed", "cancelled"
-FINAL_STATES = frozenset({DONE, FAILED, CANCELLED})
-
 #: Split name used when DATA has no train/validation/test folders.
 SINGLE_SPLIT = "all"
 SEED_SPLITS = ("train", "validation", "test")

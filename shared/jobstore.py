@@ -1,22 +1,36 @@
-"""Job state in Redis: the one module that knows how a job is laid out there."""
+"""The one job-state store: every Redis read and write of Convoy goes through :class:`JobStore`.
+
+One layout serves every kind of job (an extraction chain shard → merge → train → fine-tune, and
+Grad-CAM batch → assemble). Each job has a spec, a state hash, its steps' inputs, and one hash per
+step; transitions are the atomic scripts of :mod:`shared.lua`; progress is written field by
+field. The README's "Job lifecycle" section draws the states and the key layout.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
+import uuid
+from dataclasses import dataclass, field
 
 import redis
 
-from shared import keys
+from shared import keys, lua
 from shared.errors import BrokerError, JobNotFound
-from shared.job import CANCELLED, DONE, FAILED, FINAL_STATES, QUEUED, JobSpec
+from shared.states import JobStatus, StepState, is_final
+
+#: Seconds a client retries a command while the broker restarts. Leases outlive it.
+CLIENT_RETRY_WINDOW_S = 25
+#: Kombu's Redis transport keeps a queue's messages in these lists (one per priority step).
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 
 def connect(url: str) -> redis.Redis:
     """A client for ``url`` that answers, or :class:`BrokerError` saying how to fix it.
 
     The first ping fails fast (a typo in a URL should not hang the CLI); later commands
-    retry with backoff for about 40 s, so a broker restart does not fail running shards.
+    retry with backoff for about 25 s (CLIENT_RETRY_WINDOW_S), so a broker restart does not
+    fail running steps, and a lease (45 s) outlives the retrying.
     """
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
@@ -33,10 +47,35 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         decode_responses=True,
-        socket_connect_timeout=5,
-        retry=Retry(ExponentialBackoff(cap=5, base=0.2), retries=12),
+        socket_connect_timeout=3,
+        socket_timeout=30,
+        retry=Retry(ExponentialBackoff(cap=4, base=0.2), retries=8),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class NewStep:
+    """A step a job starts with, or one a transition queues next."""
+
+    step: str
+    queue: str
+    task: str
+    status: JobStatus | None = None  # the job's status once this step is queued
+    params: dict = field(default_factory=dict)
+    msg: str = field(default_factory=new_message_id)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker got when it asked to run a step."""
+
+    outcome: str  # claimed | capped | busy | already | stopped | unknown
+    deliveries: int
 
 
 class JobStore:
@@ -44,127 +83,288 @@ class JobStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
+            "CLAIM", "RENEW", "PROGRESS", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
+            "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT")}
+
+    def _run(self, name: str, args: list, script_keys: list | None = None):
+        return self._scripts[name](keys=script_keys or [], args=[str(a) for a in args])
 
     # --- creating -----------------------------------------------------------------------
-    def create(self, spec: JobSpec, shards: dict[str, list[list]]) -> None:
-        job = spec.job_id
-        pipe = self.r.pipeline()
+    def create(self, spec, shards: dict[str, list[list]], ttl_s: int) -> list[NewStep]:
+        """Record an extraction job (a :class:`shared.job.JobSpec`); its steps, to enqueue."""
+        steps = [NewStep(s, keys.EXTRACT_QUEUE, keys.EXTRACT_TASK) for s in shards]
+        self._create(spec.job_id, "extract", spec.to_json(), shards, steps, spec.max_deliveries, ttl_s,
+                     spec.out_dir, spec.created_at)
+        return steps
+
+    def create_cam(self, spec, batches: dict[str, list[str]], ttl_s: int) -> list[NewStep]:
+        """Record a Grad-CAM job (a :class:`shared.camjob.CamSpec`); its steps, to enqueue."""
+        steps = [NewStep(s, keys.CAM_QUEUE, keys.CAM_TASK) for s in batches]
+        self._create(spec.job_id, "cam", spec.to_json(), batches, steps, spec.max_deliveries, ttl_s,
+                     spec.out_dir, spec.created_at)
+        return steps
+
+    def _create(self, job: str, kind: str, spec_json: str, inputs: dict[str, list], steps: list[NewStep],
+                max_deliveries: int, ttl_s: int, out_dir: str, created_at: float) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        for step in self.r.hkeys(keys.job_steps(job)):  # a resumed job starts afresh
+            pipe.delete(keys.job_step(job, step))
         pipe.delete(*keys.job_keys(job))
-        pipe.set(keys.job_spec(job), spec.to_json())
-        pipe.hset(keys.job_state(job), mapping={"status": QUEUED, "created_at": time.time()})
-        pipe.hset(keys.job_shards(job), mapping={s: json.dumps(e) for s, e in shards.items()})
-        pipe.hset(
-            keys.job_shard_state(job),
-            mapping={s: json.dumps({"state": QUEUED, "done": 0, "total": len(e)}) for s, e in shards.items()},
-        )
-        pipe.zadd(keys.jobs_index(), {job: spec.created_at})
+        pipe.set(keys.job_spec(job), spec_json)
+        pipe.hset(keys.job_state(job), mapping={
+            "kind": kind, "status": JobStatus.QUEUED.value, "created_at": created_at, "images_done": 0,
+            "images_total": sum(len(v) for v in inputs.values()), "max_deliveries": max_deliveries,
+            "ttl": ttl_s, "out_key": keys.out_owner(_path_hash(out_dir))})
+        pipe.hset(keys.job_inputs(job), mapping={s: json.dumps(v) for s, v in inputs.items()})
+        for step in steps:
+            pipe.hset(keys.job_step(job, step.step), mapping={
+                "state": StepState.QUEUED.value, "queue": step.queue, "task": step.task, "msg": step.msg,
+                "deliveries": 0, "done": 0, "total": len(inputs[step.step]), "params": "{}"})
+            pipe.hset(keys.job_steps(job), step.step, step.queue)
+        seconds, micros = self.r.time()  # the scripts' clock, not this machine's
+        pipe.zadd(keys.pending(keys.EXTRACT_QUEUE if kind == "extract" else keys.CAM_QUEUE),
+                  {keys.member(job, s.step): seconds + micros / 1e6 for s in steps})
+        pipe.zadd(keys.jobs_index(), {job: created_at})
         pipe.sadd(keys.active_jobs(), job)
         pipe.execute()
 
+    def claim_out(self, out_dir: str, job: str) -> str | None:
+        """Make ``job`` the owner of ``out_dir``; the owner's id if another unfinished job holds it."""
+        owner = self._run("CLAIM_OUT", [job], [keys.out_owner(_path_hash(out_dir))])
+        return owner or None
+
     # --- reading ------------------------------------------------------------------------
-    def spec(self, job_id: str) -> JobSpec:
-        text = self.r.get(keys.job_spec(job_id))
+    def _spec_text(self, job: str) -> str:
+        text = self.r.get(keys.job_spec(job))
         if text is None:
-            raise JobNotFound(f"no job {job_id!r} on this broker; list jobs with `convoy status`")
-        return JobSpec.from_json(text)
+            raise JobNotFound(f"no job {job!r} on this broker; list jobs with `convoy status`")
+        return text
+
+    def spec(self, job_id: str):
+        from shared.job import JobSpec
+
+        return JobSpec.from_json(self._spec_text(job_id))
+
+    def cam_spec(self, job_id: str):
+        from shared.camjob import CamSpec
+
+        return CamSpec.from_json(self._spec_text(job_id))
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(keys.job_spec(job_id)))
 
-    def entries(self, job_id: str, shard: str) -> list[list]:
-        text = self.r.hget(keys.job_shards(job_id), shard)
+    def kind(self, job_id: str) -> str | None:
+        return self.r.hget(keys.job_state(job_id), "kind")
+
+    def inputs(self, job_id: str, step: str) -> list:
+        text = self.r.hget(keys.job_inputs(job_id), step)
         return json.loads(text) if text else []
 
+    entries = inputs
+
     def status(self, job_id: str) -> dict:
+        """The job's state hash: status, error, images_done, images_total, summary, timestamps."""
         return self.r.hgetall(keys.job_state(job_id))
 
+    def job_status(self, job_id: str) -> JobStatus | None:
+        return JobStatus.parse(self.r.hget(keys.job_state(job_id), "status"))
+
+    def steps(self, job_id: str) -> dict[str, dict]:
+        """Every step's hash, in step order (one round trip for all of them)."""
+        names = sorted(self.r.hkeys(keys.job_steps(job_id)))
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.job_step(job_id, name))
+        return {name: _decode_step(raw) for name, raw in zip(names, pipe.execute(), strict=True)}
+
     def shard_states(self, job_id: str) -> dict[str, dict]:
-        raw = self.r.hgetall(keys.job_shard_state(job_id))
-        return {s: json.loads(v) for s, v in sorted(raw.items())}
+        """The steps that have inputs: shards, or a Grad-CAM job's batches."""
+        inputs = set(self.r.hkeys(keys.job_inputs(job_id)))
+        return {s: v for s, v in self.steps(job_id).items() if s in inputs}
 
-    def active_job_ids(self) -> set[str]:
-        return set(self.r.smembers(keys.active_jobs()))
-
-    def job_ids(self) -> list[str]:
-        return self.r.zrange(keys.jobs_index(), 0, -1)
-
-    def is_stopped(self, job_id: str) -> bool:
-        """True when the job was cancelled or has already failed: shards stop early."""
-        return self.r.hget(keys.job_state(job_id), "status") in (CANCELLED, FAILED)
-
-    # --- writing ------------------------------------------------------------------------
-    def set_status(self, job_id: str, status: str, **fields) -> None:
-        mapping = {"status": status, f"{status}_at": time.time(), **fields}
-        self.r.hset(keys.job_state(job_id), mapping={k: str(v) for k, v in mapping.items()})
-
-    def finish(self, job_id: str, status: str, **fields) -> bool:
-        """Move the job to a final state unless it is in one already; True if this call did."""
-        script = """
-        local cur = redis.call('HGET', KEYS[1], 'status')
-        if cur == 'done' or cur == 'failed' or cur == 'cancelled' then return 0 end
-        redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-        redis.call('SREM', KEYS[2], ARGV[1])
-        return 1
-        """
-        assert status in FINAL_STATES
-        mapping = {"status": status, f"{status}_at": time.time(), **fields}
-        args = [str(x) for kv in mapping.items() for x in kv]
-        return bool(self.r.eval(script, 2, keys.job_state(job_id), keys.active_jobs(), job_id, *args))
-
-    def update_shard(self, job_id: str, shard: str, **fields) -> dict:
-        key = keys.job_shard_state(job_id)
-        state = json.loads(self.r.hget(key, shard) or "{}")
-        state.update(fields)
-        self.r.hset(key, shard, json.dumps(state))
-        return state
-
-    def count_delivery(self, job_id: str, shard: str) -> int:
-        return int(self.r.hincrby(keys.job_deliveries(job_id), shard, 1))
-
-    def mark_finished(self, job_id: str, shard: str, total: int) -> bool:
-        """Record a shard as finished; True for the one call that completes the job's shards."""
-        return self._arrive(job_id, keys.job_finished(job_id), shard, total)
-
-    def mark_failed(self, job_id: str, shard: str, total: int) -> bool:
-        """Record a shard as failed for good; True if that completes the job's shards."""
-        return self._arrive(job_id, keys.job_failed(job_id), shard, total)
-
-    def _arrive(self, job_id: str, set_key: str, shard: str, total: int) -> bool:
-        # One atomic step: add, count both sets, and claim the merge if everything is in.
-        # A redelivered shard adds nothing new, and the claim can be won only once.
-        script = """
-        redis.call('SADD', KEYS[1], ARGV[1])
-        local n = redis.call('SCARD', KEYS[2]) + redis.call('SCARD', KEYS[3])
-        if n >= tonumber(ARGV[2]) then
-            return redis.call('SETNX', KEYS[4], '1')
-        end
-        return 0
-        """
-        return bool(
-            self.r.eval(
-                script,
-                4,
-                set_key,
-                keys.job_finished(job_id),
-                keys.job_failed(job_id),
-                keys.job_merge_claim(job_id),
-                shard,
-                total,
-            )
-        )
-
-    def failed_shards(self, job_id: str) -> set[str]:
-        return set(self.r.smembers(keys.job_failed(job_id)))
+    def step(self, job_id: str, step: str) -> dict:
+        return _decode_step(self.r.hgetall(keys.job_step(job_id, step)))
 
     def finished_shards(self, job_id: str) -> set[str]:
         return set(self.r.smembers(keys.job_finished(job_id)))
 
-    def release_merge_claim(self, job_id: str) -> None:
-        self.r.delete(keys.job_merge_claim(job_id))
+    def failed_shards(self, job_id: str) -> set[str]:
+        return set(self.r.smembers(keys.job_failed(job_id)))
+
+    def job_ids(self) -> list[str]:
+        return self.r.zrange(keys.jobs_index(), 0, -1)
+
+    def active_job_ids(self) -> set[str]:
+        return set(self.r.smembers(keys.active_jobs()))
+
+    def job_key_ttls(self, job_id: str) -> dict[str, int]:
+        """Every key of the job with its TTL in seconds (-1: none), for checks and tests."""
+        names = keys.job_keys(job_id) + [keys.job_step(job_id, s) for s in self.r.hkeys(keys.job_steps(job_id))]
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.ttl(name)
+        return {n: t for n, t in zip(names, pipe.execute(), strict=True) if t != -2}
+
+    # --- the step protocol --------------------------------------------------------------
+    def claim(self, job: str, step: str, token: str, worker: str, pid: int, lease_s: float,
+              moves: tuple[JobStatus, JobStatus] | None = None) -> Claim:
+        """Take ``step`` for this worker: count the delivery, take its lease, move the job's status."""
+        src, dst = (moves[0].value, moves[1].value) if moves else ("", "")
+        outcome, deliveries = self._run("CLAIM", [job, step, token, worker, pid, lease_s, src, dst])
+        return Claim(outcome, int(deliveries))
+
+    def renew(self, job: str, step: str, token: str, lease_s: float, worker: str) -> str:
+        """ok | lost (another holder, or repaired) | ended (the job is final) | draining."""
+        return self._run("RENEW", [job, step, token, lease_s, worker])
+
+    def progress(self, job: str, step: str, token: str, done: int, rate: float, worker: str) -> str:
+        """Images done so far by this holder; the answer is :meth:`renew`'s."""
+        return self._run("PROGRESS", [job, step, token, done, round(rate, 2), worker])
+
+    def finish_step(self, job: str, step: str, outcome: StepState, *, done: int | None = None, error: str = "",
+                    fields: dict | None = None, job_fields: dict | None = None, fail_job: bool = True,
+                    job_error: str = "", barrier: int = 0, then: NewStep | None = None) -> str:
+        """A step ends done or failed: one transition that also trips the barrier or queues ``then``.
+
+        Returns dup (it had ended already: nothing changes), late (the job had ended), failed (this
+        failure ended the job), wait (other steps are still out), next (``then`` was queued: send
+        it) or done (the job is done).
+        """
+        payload = {"job": job, "step": step, "outcome": outcome.value, "error": error,
+                   "fields": {k: _field(v) for k, v in (fields or {}).items()},
+                   "job_fields": {k: _field(v) for k, v in (job_fields or {}).items()},
+                   "fail_job": fail_job, "job_error": job_error, "barrier": barrier}
+        if done is not None:
+            payload["done"] = done
+        if then is not None:
+            payload["next"] = {"step": then.step, "queue": then.queue, "task": then.task, "msg": then.msg,
+                               "status": (then.status or JobStatus.QUEUED).value, "params": json.dumps(then.params)}
+        return self._run("FINISH", [json.dumps(payload)])
+
+    def release(self, job: str, step: str, token: str, handback: bool, reason: str) -> bool:
+        """The holder lets go: ``stopped`` (the job ended), or back to the queue (a warm shutdown)."""
+        return bool(self._run("RELEASE", [job, step, token, "handback" if handback else "stopped", reason]))
+
+    def end_job(self, job: str, status: JobStatus, **fields) -> bool:
+        """Move the job to a final state unless it is in one already; True if this call did."""
+        assert status.is_final
+        args = [job, status.value] + [str(x) for kv in fields.items() for x in kv]
+        return bool(self._run("END", args))
+
+    def reopen(self, job: str, then: NewStep, forget: tuple[str, ...]) -> bool:
+        """Queue a new step (train, fine-tune) for a job that ended, forgetting the steps ``forget``
+        of an earlier chain; False if the job has not ended."""
+        return bool(self._run("REOPEN", [job, then.step, then.queue, then.task, then.msg, json.dumps(then.params),
+                                         (then.status or JobStatus.QUEUED).value, *forget]))
+
+    def params(self, job: str, step: str) -> dict:
+        return json.loads(self.r.hget(keys.job_step(job, step), "params") or "{}")
+
+    # --- what the reconciler needs --------------------------------------------------------
+    def received(self, job: str, step: str, worker: str) -> None:
+        self._run("RECEIVED", [job, step, worker])
+
+    def lapsed_leases(self, limit: int = 500) -> list[str]:
+        return self._run("LAPSED", [limit])
+
+    def held_members(self, limit: int = 500) -> list[str]:
+        return self.r.zrange(keys.held(), 0, limit - 1)
+
+    def old_pending(self, queue: str, age_s: float, limit: int) -> tuple[int, list[str]]:
+        """(how many steps are queued on ``queue`` since more than ``age_s``, up to ``limit`` of them)."""
+        count, *members = self._run("OLD_PENDING", [queue, age_s, limit])
+        return int(count), members
+
+    def repair(self, member: str, kind: str, reason: str, old_msg: str = "") -> NewStep | None:
+        """Claim one repair of a lost edge; the step to enqueue again, or None if another did it."""
+        msg = new_message_id()
+        found = self._run("REPAIR", [member, kind, reason, msg, old_msg])
+        if not found:
+            return None
+        return NewStep(keys.split_member(member)[1], found[1], found[0], msg=msg)
+
+    def message_of(self, member: str) -> str | None:
+        return self.r.hget(keys.job_step(*keys.split_member(member)), "msg")
+
+    def queue_length(self, queue: str) -> int:
+        pipe = self.r.pipeline(transaction=False)
+        for suffix in _PRIORITY_SUFFIXES:
+            pipe.llen(queue + suffix)
+        return sum(pipe.execute())
+
+    def queued_message_ids(self, queue: str) -> set[str]:
+        """The task ids of the messages waiting on ``queue`` (read only when something is missing)."""
+        ids = set()
+        for suffix in _PRIORITY_SUFFIXES:
+            for raw in self.r.lrange(queue + suffix, 0, -1):
+                try:
+                    ids.add(json.loads(raw)["headers"]["id"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return ids
+
+    def heartbeat(self, worker: str, queues: list[str], ttl_s: float) -> None:
+        self._run("HEARTBEAT", [worker, ttl_s, *queues])
+
+    def forget_worker(self, worker: str, queues: list[str]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrem(keys.live_workers(queue), worker)
+        pipe.execute()
+
+    def live_workers(self, queue: str) -> int:
+        return int(self._run("LIVE_WORKERS", [queue]))
+
+    def prune_index(self, limit: int = 20) -> int:
+        """Drop the oldest index entries whose keys have expired; how many went."""
+        gone = [j for j in self.r.zrange(keys.jobs_index(), 0, limit - 1) if not self.r.exists(keys.job_state(j))]
+        if gone:
+            self.r.zrem(keys.jobs_index(), *gone)
+        return len(gone)
+
+    # --- workers ---------------------------------------------------------------------------
+    def set_draining(self, worker: str, draining: bool) -> None:
+        if draining:
+            self.r.set(keys.worker_draining(worker), "1", ex=24 * 3600)
+        else:
+            self.r.delete(keys.worker_draining(worker))
+
+    def publish_worker(self, worker: str, record: dict, ttl_s: int) -> None:
+        self.r.set(keys.worker_info(worker), json.dumps(record), ex=ttl_s)
+
+    def refresh_worker(self, worker: str, ttl_s: int) -> None:
+        self.r.expire(keys.worker_info(worker), ttl_s)
+
+    def worker_record(self, worker: str) -> dict:
+        text = self.r.get(keys.worker_info(worker))
+        return json.loads(text) if text else {}
 
 
-def is_final(status: str | None) -> bool:
-    return status in FINAL_STATES
+def _path_hash(path: str) -> str:
+    return hashlib.sha256(str(path).encode()).hexdigest()[:24]
 
 
-__all__ = ["JobStore", "connect", "is_final", "DONE", "FAILED", "CANCELLED"]
+def _field(value) -> str | int | float:
+    return value if isinstance(value, str | int | float) and not isinstance(value, bool) else json.dumps(value)
+
+
+_JSON_FIELDS = ("skipped", "timings", "params")
+_INT_FIELDS = ("done", "total", "rows", "deliveries")
+
+
+def _decode_step(raw: dict) -> dict:
+    """A step hash with its JSON and number fields decoded."""
+    out = dict(raw)
+    for name in _JSON_FIELDS:
+        if name in out:
+            out[name] = json.loads(out[name] or "null")
+    for name in _INT_FIELDS:
+        if name in out:
+            out[name] = int(float(out[name] or 0))
+    if "reused" in out:
+        out["reused"] = out["reused"] in ("1", "true", "True")
+    return out
+
+
+__all__ = ["JobStore", "NewStep", "Claim", "connect", "is_final", "JobStatus", "StepState"]

@@ -1,139 +1,158 @@
-"""Queue names, task names and Redis key names: the one place both sides agree on them."""
+"""Queue names, task names and Redis key names: the one place both sides agree on them.
 
-#: Queue served by extraction workers (GPU machines in production).
+The job-state scripts in :mod:`shared.jobstore` build the same names in Lua; :data:`LUA`
+below is their only spelling there, generated from the functions of this module.
+"""
+
+#: Queue served by extraction workers (GPU machines in production). Merges run here too, so a
+#: cluster of extract workers alone finishes an extraction-only job.
 EXTRACT_QUEUE = "extract"
-#: Queue served by the training worker (merge, train, fine-tune, predict).
+#: Queue served by the training worker (train, fine-tune, predict).
 TRAIN_QUEUE = "train"
-#: Queue served by Grad-CAM workers.
+#: Queue served by Grad-CAM workers (batches and the assemble step).
 CAM_QUEUE = "cam"
 ALL_QUEUES = (EXTRACT_QUEUE, TRAIN_QUEUE, CAM_QUEUE)
+MERGE_QUEUE = EXTRACT_QUEUE
 
 EXTRACT_TASK = "convoy.extract_shard"
 MERGE_TASK = "convoy.merge_job"
 CAM_TASK = "convoy.cam_batch"
+ASSEMBLE_TASK = "convoy.cam_assemble"
 TRAIN_TASK = "convoy.train_job"
 FINETUNE_TASK = "convoy.finetune_job"
 PREDICT_TASK = "convoy.predict_images"
+
+#: Step ids of the one-per-job steps (shards are ``split/00003``, Grad-CAM batches ``cam/00003``).
+MERGE_STEP, TRAIN_STEP, FINETUNE_STEP, ASSEMBLE_STEP = "merge", "train", "finetune", "assemble"
+CAM_BATCH_PREFIX = "cam"
 
 #: Every key Convoy writes starts with this, so a shared Redis stays readable.
 PREFIX = "convoy"
 
 
+# --- one job (an extraction chain or a Grad-CAM job) ------------------------------------------
+
 def job_spec(job_id: str) -> str:
-    """JSON: what the job is (paths, model configuration, weights and their hash)."""
+    """JSON: what the job is (a JobSpec or a CamSpec)."""
     return f"{PREFIX}:job:{job_id}:spec"
 
 
 def job_state(job_id: str) -> str:
-    """Hash: status, error, timestamps."""
+    """Hash: kind, status, error, images_done/total, max_deliveries, ttl, summary, timestamps."""
     return f"{PREFIX}:job:{job_id}:state"
 
 
-def job_shards(job_id: str) -> str:
-    """Hash: shard id -> JSON list of [relative path, label]."""
-    return f"{PREFIX}:job:{job_id}:shards"
+def job_inputs(job_id: str) -> str:
+    """Hash: step id -> JSON list of the step's inputs ([path, label] entries, or CAM paths)."""
+    return f"{PREFIX}:job:{job_id}:inputs"
 
 
-def job_shard_state(job_id: str) -> str:
-    """Hash: shard id -> JSON {state, done, total, skipped, worker, error, deliveries}."""
-    return f"{PREFIX}:job:{job_id}:shard_state"
+def job_steps(job_id: str) -> str:
+    """Hash: step id -> queue, for every step the job has had (what a job's end expires)."""
+    return f"{PREFIX}:job:{job_id}:steps"
 
 
-def job_deliveries(job_id: str) -> str:
-    """Hash: shard id -> how many times a worker has started it."""
-    return f"{PREFIX}:job:{job_id}:deliveries"
+def job_step(job_id: str, step: str) -> str:
+    """Hash: one step's state, written field by field (state, done, total, worker, token, ...)."""
+    return f"{PREFIX}:job:{job_id}:step:{step}"
 
 
 def job_finished(job_id: str) -> str:
-    """Set of shard ids whose final file exists: the barrier counts it."""
+    """Set of barrier steps (shards, CAM batches) that finished: the barrier counts it."""
     return f"{PREFIX}:job:{job_id}:finished"
 
 
 def job_failed(job_id: str) -> str:
-    """Set of shard ids that failed for good."""
+    """Set of barrier steps that failed for good. A step is in one of the two sets, never both."""
     return f"{PREFIX}:job:{job_id}:failed"
 
 
-def job_merge_claim(job_id: str) -> str:
-    """SETNX flag: whoever sets it enqueues the merge, exactly once."""
-    return f"{PREFIX}:job:{job_id}:merge_claim"
+def job_keys(job_id: str) -> list[str]:
+    """Every fixed key of one job (the per-step hashes are listed in :func:`job_steps`)."""
+    return [job_spec(job_id), job_state(job_id), job_inputs(job_id), job_steps(job_id),
+            job_finished(job_id), job_failed(job_id)]
 
 
-def shard_lease(job_id: str, shard: str) -> str:
-    """String with a TTL: the worker running the shard renews it; when it lapses, the shard is re-queued."""
-    return f"{PREFIX}:job:{job_id}:lease:{shard}"
-
-
-def shard_requeue_claim(job_id: str, shard: str, delivery: int) -> str:
-    """SETNX flag: one re-queue per lapsed delivery, however many workers notice it."""
-    return f"{PREFIX}:job:{job_id}:requeue:{shard}:{delivery}"
-
-
-def worker_draining(hostname: str) -> str:
-    """Set when a worker got SIGTERM: its running shards hand themselves back at the next batch."""
-    return f"{PREFIX}:worker:{hostname}:draining"
-
+# --- the cluster -------------------------------------------------------------------------------
 
 def active_jobs() -> str:
-    """Set of job ids not yet in a final state: what the lease reaper looks at."""
+    """Set of job ids not yet in a final state."""
     return f"{PREFIX}:active"
 
 
 def jobs_index() -> str:
-    """Sorted set of job ids by submission time."""
+    """Sorted set of job ids by submission time (pruned once a job's keys expired)."""
     return f"{PREFIX}:jobs"
 
 
-def job_keys(job_id: str) -> list[str]:
-    """Every key of one job, for deleting or expiring it."""
-    return [
-        job_spec(job_id),
-        job_state(job_id),
-        job_shards(job_id),
-        job_shard_state(job_id),
-        job_deliveries(job_id),
-        job_finished(job_id),
-        job_failed(job_id),
-        job_merge_claim(job_id),
-    ]
+def leases() -> str:
+    """Sorted set ``job|step`` -> lease deadline (Redis time) of every running step."""
+    return f"{PREFIX}:leases"
 
 
-def cam_spec(job_id: str) -> str:
-    """JSON: a Grad-CAM job (model, its sha256, layer, class choice, CAMDIR, batch count)."""
-    return f"{PREFIX}:cam:{job_id}:spec"
+def pending(queue: str) -> str:
+    """Sorted set ``job|step`` -> time queued, for steps whose message should wait on ``queue``."""
+    return f"{PREFIX}:pending:{queue}"
 
 
-def cam_batches(job_id: str) -> str:
-    """Hash: batch index -> JSON list of image paths relative to the job's root."""
-    return f"{PREFIX}:cam:{job_id}:batches"
+def held() -> str:
+    """Sorted set ``job|step`` -> time a worker received its message, before the step started."""
+    return f"{PREFIX}:held"
 
 
-def cam_state(job_id: str) -> str:
-    """Hash: status, error, images done/total, summary."""
-    return f"{PREFIX}:cam:{job_id}:state"
+def live_workers(queue: str) -> str:
+    """Sorted set worker name -> heartbeat deadline, for the workers consuming ``queue``."""
+    return f"{PREFIX}:workers:{queue}"
 
 
-def cam_finished(job_id: str) -> str:
-    """Set of batch indices whose part file exists: the last one in assembles heatmaps.h5."""
-    return f"{PREFIX}:cam:{job_id}:finished"
+def out_owner(out_hash: str) -> str:
+    """String: the job that owns an output directory (by the hash of its path) until it ends."""
+    return f"{PREFIX}:out:{out_hash}"
 
 
-def cam_deliveries(job_id: str) -> str:
-    """Hash: batch index -> how many times a worker has started it."""
-    return f"{PREFIX}:cam:{job_id}:deliveries"
-
-
-def cam_assemble_claim(job_id: str) -> str:
-    """SETNX flag: whoever sets it assembles the job's outputs, exactly once."""
-    return f"{PREFIX}:cam:{job_id}:assemble_claim"
-
-
-def cam_keys(job_id: str) -> list[str]:
-    """Every key of one Grad-CAM job."""
-    return [cam_spec(job_id), cam_batches(job_id), cam_state(job_id), cam_finished(job_id),
-            cam_deliveries(job_id), cam_assemble_claim(job_id)]
+def worker_draining(hostname: str) -> str:
+    """Set when a worker got SIGTERM: its running steps hand themselves back at the next check."""
+    return f"{PREFIX}:worker:{hostname}:draining"
 
 
 def worker_info(nodename: str) -> str:
     """JSON, with a TTL: a worker's host, pid and device, written by its pool process."""
     return f"{PREFIX}:worker:{nodename}"
+
+
+def member(job_id: str, step: str) -> str:
+    """How a step is named in the cluster-wide sorted sets."""
+    return f"{job_id}|{step}"
+
+
+def split_member(text: str) -> tuple[str, str]:
+    job_id, _, step = text.partition("|")
+    return job_id, step
+
+
+def _lua_function(name: str, key, *params: str) -> str:
+    """``local function name(params)`` returning the key that ``key(*params)`` names in Python."""
+    markers = [f"\x00{i}\x00" for i in range(len(params))]
+    expr = "'" + key(*markers) + "'"
+    for marker, param in zip(markers, params, strict=True):
+        expr = expr.replace(marker, f"' .. {param} .. '")
+    return f"local function {name}({', '.join(params)}) return {expr} end\n"
+
+
+#: The key names above, as Lua functions for the job-state scripts.
+LUA = "".join([
+    _lua_function("k_spec", job_spec, "j"),
+    _lua_function("k_state", job_state, "j"),
+    _lua_function("k_inputs", job_inputs, "j"),
+    _lua_function("k_steps", job_steps, "j"),
+    _lua_function("k_step", job_step, "j", "s"),
+    _lua_function("k_finished", job_finished, "j"),
+    _lua_function("k_failed", job_failed, "j"),
+    _lua_function("k_active", active_jobs),
+    _lua_function("k_leases", leases),
+    _lua_function("k_pending", pending, "q"),
+    _lua_function("k_held", held),
+    _lua_function("k_workers", live_workers, "q"),
+    _lua_function("k_draining", worker_draining, "w"),
+    _lua_function("member", member, "j", "s"),
+])

@@ -63,3 +63,16 @@ def update_states(out_dir: str | Path, states: dict[str, str], extra: dict | Non
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path)
+
+
+#: The job-state fields the manifest keeps once a job ended (``convoy status OUT`` reads them).
+END_FIELDS = ("status", "error", "failed_step", "created_at", "ended_at", "images_done", "images_total")
+
+
+def record_end(out_dir: str | Path, state: dict, states: dict[str, str]) -> None:
+    """The job's final status, error and summary, for when Redis no longer has its keys."""
+    end = {k: state[k] for k in END_FIELDS if k in state}
+    extra = {"end": end}
+    if state.get("summary"):
+        extra["summary"] = json.loads(state["summary"])
+    update_states(out_dir, states, extra)

@@ -22,6 +22,41 @@ TF_THREADS_ENV = "CONVOY_TF_THREADS"
 TIME_LIMIT_ENV = "CONVOY_TASK_TIME_LIMIT_S"
 #: How many times a shard may be delivered before it is given up.
 MAX_DELIVERIES_ENV = "CONVOY_MAX_DELIVERIES"
+#: Hard time limit of training and fine-tuning, seconds (much longer than a shard's).
+TRAIN_TIME_LIMIT_ENV = "CONVOY_TRAIN_TIME_LIMIT_S"
+#: How long a job's keys stay in Redis after it ended: seconds, or with s/m/h/d (default 7d).
+JOB_TTL_ENV = "CONVOY_JOB_TTL"
+#: Fault injection for tests (see shared/faults.py): points, seed of the draws, log file.
+FAULTS_ENV, FAULTS_SEED_ENV, FAULTS_LOG_ENV = "CONVOY_FAULTS", "CONVOY_FAULTS_SEED", "CONVOY_FAULTS_LOG"
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(name: str, value: str) -> int:
+    """``3600``, ``90m``, ``7d``: a positive duration in seconds, or a UsageError naming the variable."""
+    text = value.strip().lower()
+    unit = _UNITS_S.get(text[-1:], 0)
+    try:
+        seconds = int(float(text[:-1] if unit else text) * (unit or 1))
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        from shared.errors import UsageError
+
+        raise UsageError(f"{name} must be a positive duration (seconds, or like 90m, 6h, 7d); got {value!r}")
+    return seconds
+
+
+def _count(name: str, value: str, least: int = 0) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = least - 1
+    if number < least:
+        from shared.errors import UsageError
+
+        raise UsageError(f"{name} must be a whole number of at least {least}; got {value!r}")
+    return number
 
 
 def _paths(value: str) -> tuple[Path, ...]:
@@ -38,6 +73,11 @@ class Settings:
     tf_threads: int = 0  # 0: let TensorFlow decide
     task_time_limit_s: int = 3600
     max_deliveries: int = 3
+    train_time_limit_s: int = 6 * 3600
+    job_ttl_s: int = 7 * 86400
+    faults: str = ""
+    faults_seed: str = ""
+    faults_log: str = ""
 
     @property
     def task_soft_time_limit_s(self) -> int:
@@ -46,8 +86,12 @@ class Settings:
 
     @property
     def visibility_timeout_s(self) -> int:
-        # Must exceed the hard limit, or Redis redelivers tasks that are still running.
-        return self.task_time_limit_s * 2 + 60
+        # Must exceed the longest hard limit, or Redis redelivers tasks that are still running.
+        return max(self.task_time_limit_s, self.train_time_limit_s) * 2 + 60
+
+    @property
+    def train_soft_time_limit_s(self) -> int:
+        return max(1, int(self.train_time_limit_s * 0.95))
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -56,9 +100,14 @@ class Settings:
             broker_url=env.get(BROKER_ENV) or None,
             data_roots=_paths(env.get(DATA_ROOTS_ENV, "")),
             output_roots=_paths(env.get(OUTPUT_ROOTS_ENV, "")),
-            tf_threads=int(env.get(TF_THREADS_ENV, "0") or 0),
-            task_time_limit_s=int(env.get(TIME_LIMIT_ENV, "3600") or 3600),
-            max_deliveries=int(env.get(MAX_DELIVERIES_ENV, "3") or 3),
+            tf_threads=_count(TF_THREADS_ENV, env.get(TF_THREADS_ENV) or "0"),
+            task_time_limit_s=_seconds(TIME_LIMIT_ENV, env.get(TIME_LIMIT_ENV) or "3600"),
+            max_deliveries=_count(MAX_DELIVERIES_ENV, env.get(MAX_DELIVERIES_ENV) or "3", least=1),
+            train_time_limit_s=_seconds(TRAIN_TIME_LIMIT_ENV, env.get(TRAIN_TIME_LIMIT_ENV) or "21600"),
+            job_ttl_s=_seconds(JOB_TTL_ENV, env.get(JOB_TTL_ENV) or "7d"),
+            faults=env.get(FAULTS_ENV, ""),
+            faults_seed=env.get(FAULTS_SEED_ENV, ""),
+            faults_log=env.get(FAULTS_LOG_ENV, ""),
         )
 
     def with_broker(self, url: str | None) -> Settings:
@@ -72,7 +121,13 @@ class Settings:
             TF_THREADS_ENV: str(self.tf_threads),
             TIME_LIMIT_ENV: str(self.task_time_limit_s),
             MAX_DELIVERIES_ENV: str(self.max_deliveries),
+            TRAIN_TIME_LIMIT_ENV: str(self.train_time_limit_s),
+            JOB_TTL_ENV: str(self.job_ttl_s),
         }
+        for name, value in ((FAULTS_ENV, self.faults), (FAULTS_SEED_ENV, self.faults_seed),
+                            (FAULTS_LOG_ENV, self.faults_log)):
+            if value:
+                env[name] = value
         if self.broker_url:
             env[BROKER_ENV] = self.broker_url
         return env

@@ -1,9 +1,8 @@
-"""The ``cam`` queue: one task computes Grad-CAM heatmaps and overlays for one batch of images;
-the batch that completes the job assembles ``heatmaps.h5`` and ``index.html``."""
+"""The ``cam`` queue: one step computes Grad-CAM heatmaps and overlays for one batch of images;
+when every batch is in, the assemble step writes ``heatmaps.h5`` and ``index.html``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -12,51 +11,56 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from shared import keys
-from shared.camjob import HEATMAPS_NAME, INDEX_NAME, OVERLAYS_DIR, PARTS_DIR, CamSpec, CamStore
+from shared.camjob import HEATMAPS_NAME, INDEX_NAME, OVERLAYS_DIR, PARTS_DIR, CamSpec, batch_index
 from shared.celery_app import app
-from shared.errors import ConvoyError, ShardError
+from shared.errors import ShardError
 from shared.heatmaps import CamRows, concat, read_rows, write_rows
 from shared.images import BadImage, load_pixels, resize_pixels
-from shared.job import DONE, FAILED
+from shared.jobstore import NewStep
 from shared.overlay import overlay_name, superimpose, write_index, write_png
 from shared.paths import check_data_path, check_output_path
+from shared.states import JobStatus
 from workers.runtime import runtime
+from workers.step import ConvoyStep, Outcome, Route
 
 log = logging.getLogger("convoy.cam")
 
 
-@app.task(name=keys.CAM_TASK, bind=True)
-def cam_batch(self, job_id: str, batch: int) -> dict:
-    """Heatmaps for batch ``batch`` of Grad-CAM job ``job_id``."""
+class CamBatchStep(ConvoyStep):
+    """A batch of a Grad-CAM job: its first claim moves the job to ``running``; all batches form
+    the barrier whose completion queues the assemble step."""
+
+    moves = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+    def describe(self, step: str) -> str:
+        return f"batch {batch_index(step)}"
+
+    def route(self, job_id: str, step: str) -> Route:
+        spec = runtime().store.cam_spec(job_id)
+        assemble = NewStep(keys.ASSEMBLE_STEP, keys.CAM_QUEUE, keys.ASSEMBLE_TASK, JobStatus.ASSEMBLING)
+        return Route(barrier=spec.n_batches, then=assemble)
+
+
+class AssembleStep(ConvoyStep):
+    label = "assemble"
+
+
+@app.task(name=keys.CAM_TASK, base=CamBatchStep, bind=True)
+def cam_batch(self, job_id: str, step: str) -> Outcome:
+    """Heatmaps for one batch (step ``cam/00003``) of Grad-CAM job ``job_id``."""
     rt = runtime()
-    store = CamStore(rt.store.r)
-    spec = store.spec(job_id)
-    if store.is_over(job_id):
-        return {"batch": batch, "state": "skipped"}
-    deliveries = store.count_delivery(job_id, batch)
-    if deliveries > spec.max_deliveries:
-        _fail(store, spec, batch, f"given up after {deliveries - 1} deliveries (a worker died each time)")
-    store.started(job_id)
-    try:
-        rels = store.batch(job_id, batch)
-        rows = _run(rt.settings, spec, batch, rels)
-        store.add_done(job_id, len(rels))
-        if store.arrive(job_id, batch, spec.n_batches):
-            assemble(store, spec)
-    except ConvoyError as exc:
-        _fail(store, spec, batch, str(exc))
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        _fail(store, spec, batch, f"cannot write the outputs{where}: {exc.strerror or exc}")
-    except Exception as exc:  # a model that breaks on these inputs: end the job, don't retry
-        _fail(store, spec, batch, f"{type(exc).__name__}: {exc}")
-    return {"batch": batch, "state": "done", "rows": len(rows.paths), "skipped": len(rows.skipped)}
+    spec = rt.store.cam_spec(job_id)
+    rels = rt.store.inputs(job_id, step)
+    rows = _run(rt.settings, spec, batch_index(step), rels)
+    return Outcome(result={"rows": len(rows.paths), "skipped": len(rows.skipped)}, done=len(rels),
+                   fields={"rows": len(rows.paths), "total": len(rels)})
 
 
-def _fail(store: CamStore, spec: CamSpec, batch: int, reason: str) -> None:
-    """End the job failed (the waiting CLI reports the reason) and fail this task in Celery."""
-    store.finish(spec.job_id, FAILED, error=f"batch {batch} failed: {reason}")
-    raise ShardError(f"batch {batch} of Grad-CAM job {spec.job_id} failed: {reason}")
+@app.task(name=keys.ASSEMBLE_TASK, base=AssembleStep, bind=True)
+def cam_assemble(self, job_id: str, step: str) -> Outcome:
+    """heatmaps.h5 and index.html from the batches' part files; then the job is done."""
+    summary = assemble(runtime().store.cam_spec(job_id))
+    return Outcome(result={"rows": summary["rows"]}, job_fields={"summary": summary})
 
 
 def _image_paths(spec: CamSpec, rels: list[str], settings) -> list[Path]:
@@ -125,8 +129,8 @@ def _rows(spec: CamSpec, batch: int, rels, ok, images, result) -> CamRows:
     )
 
 
-def assemble(store: CamStore, spec: CamSpec) -> dict:
-    """heatmaps.h5 and index.html from the part files, then the job is done."""
+def assemble(spec: CamSpec) -> dict:
+    """heatmaps.h5 and index.html from the part files."""
     from shared.gradcam import VGG16_IMAGENET
     from workers.cam_model import cam_model
 
@@ -155,5 +159,4 @@ def assemble(store: CamStore, spec: CamSpec) -> dict:
         "skipped": [{"path": p, "reason": r} for p, r in rows.skipped],
         "layer": cam.layer,
     }
-    store.finish(spec.job_id, DONE, summary=json.dumps(summary))
     return summary

@@ -8,94 +8,70 @@ import socket
 import time
 
 import numpy as np
-from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from shared import keys
 from shared.celery_app import app
-from shared.errors import ConvoyError
-from shared.features import ShardResult, shard_fingerprint, write_shard
-from shared.job import JobSpec, fingerprint
-from shared.jobstore import is_final
+from shared.features import ShardResult, read_shard_summary, shard_fingerprint, write_shard
+from shared.job import fingerprint
+from shared.jobstore import NewStep
 from shared.paths import check_shard_paths
-from workers import barrier
+from shared.states import JobStatus
 from workers.decode import iter_batches
-from workers.lease import Lease
 from workers.provenance import feature_attrs
 from workers.runtime import runtime
+from workers.step import ChainStep, Outcome, Route
 
 log = logging.getLogger("convoy.extract")
 
 
-class Stopped(Exception):
-    """The job was cancelled or failed while this shard ran."""
+class ExtractShard(ChainStep):
+    """A shard's step: its first claim moves the job to ``extracting``; all shards form the
+    barrier whose completion queues the merge."""
+
+    moves = (JobStatus.QUEUED, JobStatus.EXTRACTING)
+    capped_hint = ("a worker died each time; look for an image that crashes the decoder or raise "
+                   "--max-deliveries")
+
+    def describe(self, step: str) -> str:
+        return f"shard {step}"
+
+    def route(self, job_id: str, step: str) -> Route:
+        spec = runtime().spec(job_id)
+        merge = NewStep(keys.MERGE_STEP, keys.MERGE_QUEUE, keys.MERGE_TASK, JobStatus.MERGING)
+        return Route(barrier=len(spec.shard_ids), then=merge, fail_job=not spec.allow_failed_shards)
 
 
-class Draining(Exception):
-    """This worker is shutting down warm: hand the shard back to the queue."""
-
-
-@app.task(name=keys.EXTRACT_TASK, bind=True)
-def extract_shard(self, job_id: str, shard: str) -> dict:
+@app.task(name=keys.EXTRACT_TASK, base=ExtractShard, bind=True)
+def extract_shard(self, job_id: str, shard: str) -> Outcome:
     """Extract features for ``shard`` (e.g. ``train/00003``) of job ``job_id``."""
     rt = runtime()
-    store = rt.store
     spec = rt.spec(job_id)
-    if is_final(store.status(job_id).get("status")):
-        # Cancelled, failed, or a late redelivery of a job that already finished.
-        return {"shard": shard, "state": "stopped"}
     host = self.request.hostname or socket.gethostname()
-    deliveries = store.count_delivery(job_id, shard)
-    if deliveries > spec.max_deliveries:
-        reason = (
-            f"given up after {deliveries - 1} deliveries (a worker died each time); "
-            "look for an image that crashes the decoder or raise --max-deliveries"
-        )
-        return barrier.shard_failed(store, spec, shard, reason)
-    try:
-        with Lease(store, job_id, shard, owner=f"{host}:{os.getpid()}"):
-            store.update_shard(job_id, shard, state="running", worker=host, pid=os.getpid(),
-                               deliveries=deliveries, started_at=time.time(), error="")
-            return _run(self, rt, spec, shard, host)
-    except Stopped:
-        store.update_shard(job_id, shard, state="stopped")
-        return {"shard": shard, "state": "stopped"}
-    except Draining:
-        # A deploy is not the shard's fault: give the delivery back, then requeue the message.
-        store.r.hincrby(keys.job_deliveries(job_id), shard, -1)
-        store.update_shard(job_id, shard, state="queued", error=f"handed back by {host} (warm shutdown)")
-        raise Reject("worker shutting down; shard handed back", requeue=True) from None
-    except SoftTimeLimitExceeded:
-        reason = f"exceeded the soft time limit of {rt.settings.task_soft_time_limit_s}s; use a smaller --shard-size"
-        return barrier.shard_failed(store, spec, shard, reason)
-    except ConvoyError as exc:
-        return barrier.shard_failed(store, spec, shard, str(exc))
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        return barrier.shard_failed(store, spec, shard, f"cannot write the shard{where}: {exc.strerror or exc}")
-
-
-def _run(task, rt, spec: JobSpec, shard: str, host: str) -> dict:
-    store = rt.store
-    entries = store.entries(spec.job_id, shard)
+    entries = rt.store.inputs(job_id, shard)
     final = spec.shard_file(shard)
     abs_paths = check_shard_paths(spec, entries, rt.settings)
     fp = fingerprint(spec.model, entries)
     if shard_fingerprint(final) == fp:
         log.info("shard %s of job %s already has a current file; skipping", shard, spec.job_id)
-        return barrier.shard_finished(store, spec, shard, final, reused=True)
-    result, timings = _extract(task, rt, spec, shard, entries, abs_paths)
+        return _outcome(shard, read_shard_summary(final), reused=True, timings={})
+    result, timings = _extract(self, rt, spec, shard, entries, abs_paths)
     t0 = time.perf_counter()
-    attrs = feature_attrs(spec, split=shard.split("/")[0]) | {
-        "fingerprint": fp,
-        "shard": shard,
-        "host": host,
-    }
+    attrs = feature_attrs(spec, split=shard.split("/")[0]) | {"fingerprint": fp, "shard": shard, "host": host}
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
     timings["rss_mb"] = _rss_mb()
     summary = {"rows": len(result.paths), "skipped": [{"path": p, "reason": r} for p, r in result.skipped]}
-    return barrier.shard_finished(store, spec, shard, final, timings=timings, summary=summary)
+    return _outcome(shard, summary, reused=False, timings=timings)
+
+
+def _outcome(shard: str, summary: dict, reused: bool, timings: dict) -> Outcome:
+    """The shard's counts come from the result just written (or the file reused), never a re-read."""
+    total = summary["rows"] + len(summary["skipped"])
+    fields = {"rows": summary["rows"], "skipped": summary["skipped"], "total": total, "reused": reused,
+              "timings": timings}
+    result = {"shard": shard, "rows": summary["rows"], "skipped": len(summary["skipped"])}
+    return Outcome(result=result, fields=fields, done=total)
 
 
 def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, dict]:
@@ -138,17 +114,14 @@ def _rss_mb() -> float:
 
 
 def _report(task, store, spec, shard, done: int, total: int, t_start: float) -> None:
-    """Progress to Redis (for `convoy status`) and to Celery events (for Flower)."""
+    """Progress to Redis (for `convoy status`; stops the shard when it must) and to Celery events
+    (for Flower)."""
     rate = done / max(time.perf_counter() - t_start, 1e-9)
-    store.update_shard(spec.job_id, shard, done=done, total=total, images_per_s=round(rate, 2))
     meta = {"job": spec.job_id, "shard": shard, "done": done, "total": total}
     try:
         task.update_state(state="PROGRESS", meta=meta)
         task.send_event("task-progress", **meta)
     except OperationalError as exc:  # progress is best effort; the shard itself must go on
         log.warning("could not publish progress of %s: %s", shard, exc)
-    if store.is_stopped(spec.job_id):
-        raise Stopped()
-    if store.r.exists(keys.worker_draining(task.request.hostname or "")):
-        raise Draining()
+    task.ctx.progress(done, rate)
 

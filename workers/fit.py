@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,17 @@ def _write_info(folder: Path, spec: JobSpec) -> None:
     })
 
 
-def train_head(spec: JobSpec, config: TrainConfig) -> dict:
+def stop_callback(stop_check: Callable[[], None] | None) -> list:
+    """A Keras callback that asks the step protocol, at every batch, whether to stop (cancel, lost
+    lease, warm shutdown); raising there ends ``fit`` at once."""
+    if stop_check is None:
+        return []
+    import keras
+
+    return [keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: stop_check())]
+
+
+def train_head(spec: JobSpec, config: TrainConfig, stop_check: Callable[[], None] | None = None) -> dict:
     """Train the classifier on the merged features; save it, the full model and the reports."""
     import keras
 
@@ -93,7 +104,7 @@ def train_head(spec: JobSpec, config: TrainConfig) -> dict:
     t_fit = time.perf_counter()
     fitted = head.fit(**_fit_inputs(data["train"]), validation_data=_val(data["validation"]),
                       batch_size=config.batch_size if in_memory else None, epochs=config.epochs,
-                      shuffle=True, verbose=0)
+                      shuffle=True, verbose=0, callbacks=stop_callback(stop_check))
     t_eval = time.perf_counter()
     metrics = _evaluate(head, data["test"], plan["test"], spec.class_names)
     paths = _save_head_outputs(spec, head, _history(fitted.history), metrics)
@@ -177,7 +188,7 @@ def _checkpoint_key(head_file: Path, config: TrainConfig) -> str:
                        config.batch_size, config.seed])
 
 
-def finetune(spec: JobSpec, config: TrainConfig) -> dict:
+def finetune(spec: JobSpec, config: TrainConfig, stop_check: Callable[[], None] | None = None) -> dict:
     """Unfreeze the base from ``config.unfreeze_from`` on and train end to end on the images."""
     import keras
 
@@ -203,7 +214,8 @@ def finetune(spec: JobSpec, config: TrainConfig) -> dict:
     t_fit = time.perf_counter()
     if start < config.finetune_epochs:
         trainer.fit(data["train"], validation_data=data["validation"], epochs=config.finetune_epochs,
-                    initial_epoch=start, callbacks=[checkpoint.callback(full, history)], verbose=0)
+                    initial_epoch=start, callbacks=[checkpoint.callback(full, history), *stop_callback(stop_check)],
+                    verbose=0)
     t_eval = time.perf_counter()
     metrics = _evaluate(trainer, (data["test"], None), plan["test"], spec.class_names)
     history = {**history, "resumed_from_epoch": start}

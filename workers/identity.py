@@ -8,15 +8,12 @@ key of a dead worker is never shown.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import time
 
 from celery.signals import celeryd_init, task_prerun, worker_process_init
-
-from shared import keys
 
 log = logging.getLogger("convoy.worker")
 
@@ -75,7 +72,7 @@ def _publish(**_kwargs) -> None:
     from workers.runtime import runtime
 
     try:
-        runtime().store.r.set(keys.worker_info(_NODENAME), json.dumps(record(_NODENAME)), ex=RECORD_TTL_S)
+        runtime().store.publish_worker(_NODENAME, record(_NODENAME), RECORD_TTL_S)
     except Exception as exc:  # monitoring must never stop a worker from working
         log.warning("could not publish this worker's device record: %s", exc)
 
@@ -85,4 +82,4 @@ def _refresh(**_kwargs) -> None:
     if _NODENAME:
         from workers.runtime import runtime
 
-        runtime().store.r.expire(keys.worker_info(_NODENAME), RECORD_TTL_S)
+        runtime().store.refresh_worker(_NODENAME, RECORD_TTL_S)

@@ -1,53 +1,65 @@
-"""Merging on the ``train`` queue: per split, one virtual HDF5 file over the shard files."""
+"""The merge step: per split, one virtual HDF5 file over the shard files.
+
+It runs on the extract queue (a cluster of extract workers alone finishes an extraction-only
+job), after the barrier, and leads to training when the job asked for it.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 
 from shared import keys
 from shared.celery_app import app
-from shared.features import merge_job_files
-from shared.job import DONE, FAILED, MERGING, TRAINING, JobSpec
-from shared.jobstore import JobStore, is_final
+from shared.errors import ShardError
+from shared.features import merge_job_files, shard_fingerprint
+from shared.job import JobSpec, fingerprint
+from shared.jobstore import JobStore, NewStep
 from shared.manifest import update_states
+from shared.states import JobStatus
 from workers.runtime import runtime
+from workers.step import ChainStep, Outcome, Route
 
 log = logging.getLogger("convoy.merge")
 
-@app.task(name=keys.MERGE_TASK, bind=True)
-def merge_job(self, job_id: str) -> dict:
-    """Merge a job's finished shards; the job ends done (or goes on to training)."""
+
+class MergeStep(ChainStep):
+    label = "merge"
+
+    def route(self, job_id: str, step: str) -> Route:
+        spec = runtime().store.spec(job_id)
+        if not spec.options.get("then_train"):
+            return Route()
+        return Route(then=NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING))
+
+
+@app.task(name=keys.MERGE_TASK, base=MergeStep, bind=True)
+def merge_job(self, job_id: str, step: str = keys.MERGE_STEP) -> Outcome:
+    """Merge a job's finished shards into ``features/<split>.h5``."""
     store = runtime().store
-    spec = store.spec(job_id)
-    if is_final(store.status(job_id).get("status")):
-        return {"job": job_id, "state": "skipped"}
-    store.set_status(job_id, MERGING)
-    try:
-        summary = merge_all(store, spec)
-    except Exception as exc:
-        store.finish(job_id, FAILED, error=f"merge failed: {type(exc).__name__}: {exc}")
-        raise
-    if spec.options.get("then_train"):
-        # The next link of the chain: training takes the job from here and ends it.
-        store.set_status(job_id, TRAINING, summary=json.dumps(summary))
-        app.send_task(keys.TRAIN_TASK, args=[job_id], queue=keys.TRAIN_QUEUE)
-        return {"job": job_id, "state": TRAINING, "images": summary["images"]}
-    store.finish(job_id, DONE, summary=json.dumps(summary))
-    return {"job": job_id, "state": DONE, "images": summary["images"]}
+    summary = merge_all(store, store.spec(job_id))
+    return Outcome(result={"images": summary["images"]}, job_fields={"summary": summary})
+
+
+def check_shard_files(store: JobStore, spec: JobSpec, finished: set[str]) -> None:
+    """Every finished shard's file exists with its fingerprint: a merged file never reads zeros
+    or another job's features."""
+    for shard in sorted(finished):
+        expected = fingerprint(spec.model, store.inputs(spec.job_id, shard))
+        if shard_fingerprint(spec.shard_file(shard)) != expected:
+            raise ShardError(f"shard file {spec.shard_file(shard)} is missing or belongs to another job; "
+                             f"run `convoy resume {spec.out_dir}` to extract it again")
 
 
 def merge_all(store: JobStore, spec: JobSpec) -> dict:
     finished = store.finished_shards(spec.job_id)
+    check_shard_files(store, spec, finished)
     states = store.shard_states(spec.job_id)
     features, images, skipped = merge_job_files(spec, finished), 0, list(spec.options.get("scan_skipped", []))
-    for state in states.values():
-        images += int(state.get("rows", 0))
-        skipped += state.get("skipped", [])
-    failed = [
-        {"shard": s, "reason": states.get(s, {}).get("error", "")}
-        for s in sorted(store.failed_shards(spec.job_id))
-    ]
+    for sid in sorted(finished):
+        images += int(states[sid].get("rows", 0))
+        skipped += states[sid].get("skipped") or []
+    failed = [{"shard": s, "reason": states.get(s, {}).get("error", "")}
+              for s in sorted(store.failed_shards(spec.job_id))]
     summary = {"images": images, "skipped": skipped, "features": features, "failed_shards": failed,
                "extract_timings": extract_timings(states)}
     update_states(spec.out_dir, {s: st.get("state", "queued") for s, st in states.items()}, {"summary": summary})

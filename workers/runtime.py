@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import worker_process_init
 
+from shared import faults
 from shared.errors import WeightsMismatch
 from shared.job import JobSpec, ModelConfig, sha256_file
 from shared.jobstore import JobStore, connect
@@ -52,10 +53,15 @@ def install(settings: Settings) -> None:
     _SETTINGS = settings
 
 
+def installed_settings() -> Settings:
+    """The settings ``convoy worker`` installed, else the environment's (a bare ``celery worker``)."""
+    return _SETTINGS or Settings.from_env()
+
+
 def runtime() -> Runtime:
     global _RUNTIME
     if _RUNTIME is None:
-        settings = _SETTINGS or Settings.from_env()
+        settings = installed_settings()
         _RUNTIME = Runtime(settings=settings, store=JobStore(connect(settings.broker_url or "")))
     return _RUNTIME
 
@@ -93,38 +99,10 @@ def verify_weights(model: ModelConfig) -> None:
 
 @worker_process_init.connect
 def _init_process(**_kwargs) -> None:
-    settings = _SETTINGS or Settings.from_env()
+    settings = installed_settings()
+    faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
     configure_tensorflow(settings.tf_threads)
     runtime()
-
-
-def _main_store() -> JobStore:
-    """The worker main process's own client (never the pool children's)."""
-    settings = _SETTINGS or Settings.from_env()
-    return JobStore(connect(settings.broker_url or ""))
-
-
-@worker_ready.connect
-def _start_lease_reaper(sender=None, **_kwargs) -> None:
-    """In the worker's main process: re-queue shards of workers that vanished."""
-    from shared import keys
-    from shared.celery_app import app
-    from workers.lease import start_reaper
-
-    store = _main_store()
-    if sender is not None:
-        store.r.delete(keys.worker_draining(getattr(sender, "hostname", "")))  # restarted: take work again
-    start_reaper(store, lambda job, shard: app.send_task(keys.EXTRACT_TASK, args=[job, shard],
-                                                          queue=keys.EXTRACT_QUEUE))
-
-
-@worker_shutting_down.connect
-def _drain_on_warm_shutdown(sender=None, how=None, **_kwargs) -> None:
-    """SIGTERM (a deploy): running shards hand themselves back instead of holding the shutdown."""
-    from shared import keys
-
-    if how == "Warm" and sender:
-        _main_store().r.set(keys.worker_draining(str(sender)), "1", ex=24 * 3600)
 
 
 def configure_tensorflow(threads: int) -> None:

@@ -1,72 +1,74 @@
 """The ``train`` queue's training tasks: train the head, fine-tune, predict.
 
-The chain is driven by events, never by polling: the merge enqueues training when the job asked
-for it, training enqueues fine-tuning when asked, and the last step ends the job. Any failure
-ends the job ``failed`` with the traceback's last line, so nothing waits on a dead chain.
+The chain is driven by the step protocol: the merge queues training when the job asked for it,
+training queues fine-tuning when asked, and the last step ends the job. Any failure ends the job
+``failed`` with its reason; a training that keeps dying is given up after the delivery cap.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import traceback
 from pathlib import Path
 
 from shared import keys
 from shared.celery_app import app
 from shared.classifier import TrainConfig
 from shared.errors import ConvoyError
-from shared.job import DONE, FAILED, TRAINING, JobSpec
-from shared.jobstore import JobStore, is_final
-from shared.manifest import update_states
+from shared.job import JobSpec
+from shared.jobstore import JobStore, NewStep
 from shared.paths import check_job_paths
+from shared.states import JobStatus
 from workers.fit import finetune, train_head
 from workers.predict import predict_paths
 from workers.runtime import runtime
+from workers.step import ChainStep, Outcome, Route
 
 log = logging.getLogger("convoy.train")
 
 
-def enqueue_finetune(job_id: str, config: dict | None = None) -> None:
-    app.send_task(keys.FINETUNE_TASK, args=[job_id, config], queue=keys.TRAIN_QUEUE)
+class TrainStep(ChainStep):
+    label = "training"
+    capped_hint = "the worker died each time: out of memory? see the train worker's log"
+    time_limit_hint = "exceeded the soft time limit of training (CONVOY_TRAIN_TIME_LIMIT_S); raise it"
+
+    def route(self, job_id: str, step: str) -> Route:
+        store = runtime().store
+        params, spec = store.params(job_id, step), store.spec(job_id)
+        if not params.get("then_finetune", spec.options.get("then_finetune")):
+            return Route()
+        config = params.get("config") or spec.options.get("train")
+        return Route(then=NewStep(keys.FINETUNE_STEP, keys.TRAIN_QUEUE, keys.FINETUNE_TASK, JobStatus.FINETUNING,
+                                  params={"config": config}))
 
 
-@app.task(name=keys.TRAIN_TASK, bind=True)
-def train_job(self, job_id: str, config: dict | None = None, then_finetune: bool | None = None) -> dict:
-    """Train the classifier on a merged job's features; end the job or go on to fine-tuning."""
+class FinetuneStep(TrainStep):
+    label = "fine-tuning"
+
+    def route(self, job_id: str, step: str) -> Route:
+        return Route()
+
+
+def _config(store: JobStore, spec: JobSpec, step: str) -> TrainConfig:
+    return TrainConfig.from_dict(store.params(spec.job_id, step).get("config") or spec.options.get("train"))
+
+
+@app.task(name=keys.TRAIN_TASK, base=TrainStep, bind=True)
+def train_job(self, job_id: str, step: str) -> Outcome:
+    """Train the classifier on a merged job's features."""
     store, spec = _open(job_id)
-    if is_final(store.status(job_id).get("status")):
-        return {"job": job_id, "state": "skipped"}
-    cfg = TrainConfig.from_dict(config if config is not None else spec.options.get("train"))
-    store.set_status(job_id, TRAINING, stage="train")
-    result = _guarded(store, job_id, "training", lambda: train_head(spec, cfg))
-    summary = _add(_summary(store, job_id), result)
-    finetune = spec.options.get("then_finetune") if then_finetune is None else then_finetune
-    if finetune and not is_final(store.status(job_id).get("status")):  # not if cancelled meanwhile
-        store.set_status(job_id, TRAINING, stage="finetune", summary=json.dumps(summary))
-        enqueue_finetune(job_id, cfg.to_dict())
-    else:
-        _finish(store, spec, summary)
-    return {"job": job_id, "state": TRAINING if finetune else DONE, "metrics": result["metrics"]}
+    result = train_head(spec, _config(store, spec, step), stop_check=self.ctx.check)
+    return Outcome(result={"metrics": result["metrics"]}, job_fields={"summary": _add(_summary(store, job_id), result)})
 
 
-@app.task(name=keys.FINETUNE_TASK, bind=True)
-def finetune_job(self, job_id: str, config: dict | None = None) -> dict:
+@app.task(name=keys.FINETUNE_TASK, base=FinetuneStep, bind=True)
+def finetune_job(self, job_id: str, step: str) -> Outcome:
     """Fine-tune the top of the base with the trained head; resumes from its last checkpoint."""
     rt = runtime()
     store, spec = _open(job_id)
-    if is_final(store.status(job_id).get("status")):
-        return {"job": job_id, "state": "skipped"}
-    cfg = TrainConfig.from_dict(config if config is not None else spec.options.get("train"))
-    store.set_status(job_id, TRAINING, stage="finetune")
-
-    def run() -> dict:
-        check_job_paths(spec, rt.settings)  # fine-tuning reads the images themselves
-        return finetune(spec, cfg)
-
-    result = _guarded(store, job_id, "fine-tuning", run)
-    _finish(store, spec, _add(_summary(store, job_id), result))
-    return {"job": job_id, "state": DONE, "metrics": result["metrics"]}
+    check_job_paths(spec, rt.settings)  # fine-tuning reads the images themselves
+    result = finetune(spec, _config(store, spec, step), stop_check=self.ctx.check)
+    return Outcome(result={"metrics": result["metrics"]}, job_fields={"summary": _add(_summary(store, job_id), result)})
 
 
 @app.task(name=keys.PREDICT_TASK, bind=True)
@@ -84,17 +86,6 @@ def _open(job_id: str) -> tuple[JobStore, JobSpec]:
     return store, store.spec(job_id)
 
 
-def _guarded(store: JobStore, job_id: str, stage: str, work):
-    """Run ``work``; on any failure end the job failed with the traceback's last line, re-raise."""
-    try:
-        return work()
-    except Exception:
-        last = traceback.format_exc().strip().splitlines()[-1]
-        store.finish(job_id, FAILED, error=f"{stage} failed: {last}")
-        log.exception("%s of job %s failed", stage, job_id)
-        raise
-
-
 def _summary(store: JobStore, job_id: str) -> dict:
     return json.loads(store.status(job_id).get("summary") or "{}")
 
@@ -105,7 +96,3 @@ def _add(summary: dict, result: dict) -> dict:
         summary[key] = {**summary.get(key, {}), **result.get(key, {})}
     return summary
 
-
-def _finish(store: JobStore, spec: JobSpec, summary: dict) -> None:
-    if store.finish(spec.job_id, DONE, summary=json.dumps(summary)):
-        update_states(spec.out_dir, {}, {"summary": summary})

@@ -1,0 +1,46 @@
+"""Fault-injection points in the real code, off unless CONVOY_FAULTS turns them on.
+
+``CONVOY_FAULTS="after-claim=0.05,before-enqueue=0.1"`` makes :func:`point` SIGKILL its own
+process with that probability where the code calls it (like FoundationDB's BUGGIFY), so a test
+can crash a worker right after each claim and before each enqueue. ``CONVOY_FAULTS_SEED`` makes
+the draws replayable; ``CONVOY_FAULTS_LOG`` names a file that gets one line per injected crash.
+Only tests set these; the settings object carries them like any other option.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+#: Where the points are: after a worker claims a step or a repair, before any message is sent,
+#: and in a worker's main process right after it received a message (it dies holding it).
+POINTS = ("after-claim", "before-enqueue", "after-receive")
+
+_rates: dict[str, float] = {}
+_rng = random.Random()
+_log_path = ""
+
+
+def configure(spec: str, seed: str = "", log_path: str = "") -> None:
+    """Arm the points named in ``spec`` (``name=probability,...``); an empty spec disarms all."""
+    global _log_path
+    _rates.clear()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, rate = item.partition("=")
+        if name not in POINTS:
+            raise ValueError(f"unknown fault point {name!r}; known: {', '.join(POINTS)}")
+        _rates[name] = float(rate or 1)
+    _rng.seed(f"{seed}:{os.getpid()}" if seed else None)
+    _log_path = log_path
+
+
+def point(name: str) -> None:
+    """Crash this process here, with the configured probability (never when unarmed)."""
+    rate = _rates.get(name)
+    if not rate or _rng.random() >= rate:
+        return
+    if _log_path:
+        with open(_log_path, "a") as fh:
+            fh.write(f"{name} {os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,289 @@
+"""The job-state transitions, each one atomic Lua script that checks the state it moves from.
+
+Times come from Redis (``TIME``), so leases and heartbeats use one clock whatever the workers'
+clocks say. Key names come from :data:`shared.keys.LUA`. Every script that ends a job goes
+through ``end_job``: it drops the job's steps from the cluster-wide sets and gives every key
+of the job its time to live.
+"""
+
+from shared.keys import LUA as _KEYS
+
+_PRELUDE = _KEYS + """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function final(s) return s == 'done' or s == 'failed' or s == 'cancelled' end
+local function job_status(j) return redis.call('HGET', k_state(j), 'status') end
+local function end_job(j, status, fields, t)
+  local st = k_state(j)
+  local cur = redis.call('HGET', st, 'status')
+  if not cur or final(cur) then return 0 end
+  local ttl = tonumber(redis.call('HGET', st, 'ttl') or '604800')
+  local f = {'status', status, status .. '_at', t, 'ended_at', t}
+  for k, v in pairs(fields) do f[#f + 1] = k; f[#f + 1] = tostring(v) end
+  redis.call('HSET', st, unpack(f))
+  redis.call('SREM', k_active(), j)
+  local steps = redis.call('HGETALL', k_steps(j))
+  for i = 1, #steps, 2 do
+    local m = member(j, steps[i])
+    redis.call('ZREM', k_pending(steps[i + 1]), m)
+    redis.call('ZREM', k_leases(), m)
+    redis.call('ZREM', k_held(), m)
+    redis.call('EXPIRE', k_step(j, steps[i]), ttl)
+  end
+  for _, k in ipairs({k_spec(j), st, k_inputs(j), k_steps(j), k_finished(j), k_failed(j)}) do
+    redis.call('EXPIRE', k, ttl)
+  end
+  local out = redis.call('HGET', st, 'out_key')
+  if out and out ~= '' and redis.call('GET', out) == j then redis.call('DEL', out) end
+  return 1
+end
+local function add_step(j, s, queue, task, msg, params, t)
+  redis.call('HSET', k_step(j, s), 'state', 'queued', 'queue', queue, 'task', task, 'msg', msg,
+             'params', params, 'queued_at', t, 'deliveries', 0, 'done', 0, 'total', 0)
+  redis.call('HSET', k_steps(j), s, queue)
+  redis.call('ZADD', k_pending(queue), t, member(j, s))
+end
+"""
+
+#: ARGV: job, step, token, worker, pid, lease_s, from status, to status.
+#: -> {outcome, deliveries}: claimed | capped | busy | already | stopped | unknown.
+CLAIM = _PRELUDE + """
+local j, s = ARGV[1], ARGV[2]
+local js = job_status(j)
+if not js then return {'unknown', '0'} end
+if final(js) then return {'stopped', '0'} end
+local sk = k_step(j, s)
+local state = redis.call('HGET', sk, 'state')
+if not state then return {'unknown', '0'} end
+if state == 'done' or state == 'failed' then return {'already', '0'} end
+local m, t = member(j, s), now()
+if state == 'running' then
+  local deadline = redis.call('ZSCORE', k_leases(), m)
+  if deadline and tonumber(deadline) > t then return {'busy', '0'} end
+end
+local n = redis.call('HINCRBY', sk, 'deliveries', 1)
+if n > tonumber(redis.call('HGET', k_state(j), 'max_deliveries') or '3') then return {'capped', tostring(n)} end
+local old = tonumber(redis.call('HGET', sk, 'done') or '0')
+if old ~= 0 then redis.call('HINCRBY', k_state(j), 'images_done', -old) end
+redis.call('HSET', sk, 'state', 'running', 'token', ARGV[3], 'worker', ARGV[4], 'pid', ARGV[5],
+           'started_at', t, 'error', '', 'done', 0, 'holder', '')
+redis.call('ZADD', k_leases(), t + tonumber(ARGV[6]), m)
+redis.call('ZREM', k_pending(redis.call('HGET', sk, 'queue')), m)
+redis.call('ZREM', k_held(), m)
+if ARGV[8] ~= '' and js == ARGV[7] then
+  redis.call('HSET', k_state(j), 'status', ARGV[8], ARGV[8] .. '_at', t)
+end
+return {'claimed', tostring(n)}
+"""
+
+_HOLDS = """
+local j, s, token = ARGV[1], ARGV[2], ARGV[3]
+local sk = k_step(j, s)
+if redis.call('HGET', sk, 'token') ~= token or redis.call('HGET', sk, 'state') ~= 'running' then return 'lost' end
+if final(job_status(j)) then return 'ended' end
+"""
+
+#: ARGV: job, step, token, lease_s, worker. -> ok | lost | ended | draining.
+RENEW = _PRELUDE + _HOLDS + """
+redis.call('ZADD', k_leases(), 'XX', now() + tonumber(ARGV[4]), member(j, s))
+if redis.call('EXISTS', k_draining(ARGV[5])) == 1 then return 'draining' end
+return 'ok'
+"""
+
+#: ARGV: job, step, token, images done, images/s, worker. -> ok | lost | ended | draining.
+PROGRESS = _PRELUDE + _HOLDS + """
+local new = tonumber(ARGV[4])
+local old = tonumber(redis.call('HGET', sk, 'done') or '0')
+if new ~= old then redis.call('HINCRBY', k_state(j), 'images_done', new - old) end
+redis.call('HSET', sk, 'done', new, 'images_per_s', ARGV[5])
+if redis.call('EXISTS', k_draining(ARGV[6])) == 1 then return 'draining' end
+return 'ok'
+"""
+
+#: ARGV[1]: JSON {job, step, outcome, done?, error, fields, job_fields, fail_job, job_error,
+#: barrier, next?: {step, queue, task, msg, status, params}}.
+#: -> dup | late | failed | wait | next | done | unknown.
+FINISH = _PRELUDE + """
+local a = cjson.decode(ARGV[1])
+local j, s = a.job, a.step
+local sk = k_step(j, s)
+local state = redis.call('HGET', sk, 'state')
+if not state then return 'unknown' end
+if state == 'done' or state == 'failed' then return 'dup' end
+local m, t = member(j, s), now()
+local f = {'state', a.outcome, 'finished_at', t, 'error', a.error, 'token', ''}
+for k, v in pairs(a.fields) do f[#f + 1] = k; f[#f + 1] = tostring(v) end
+local js = job_status(j)
+if final(js) then
+  redis.call('HSET', sk, unpack(f))
+  return 'late'
+end
+if a.done then
+  local old = tonumber(redis.call('HGET', sk, 'done') or '0')
+  redis.call('HINCRBY', k_state(j), 'images_done', a.done - old)
+  f[#f + 1] = 'done'; f[#f + 1] = a.done
+end
+redis.call('HSET', sk, unpack(f))
+redis.call('ZREM', k_leases(), m)
+redis.call('ZREM', k_pending(redis.call('HGET', sk, 'queue')), m)
+redis.call('ZREM', k_held(), m)
+if a.barrier > 0 then
+  redis.call('SADD', a.outcome == 'done' and k_finished(j) or k_failed(j), s)
+end
+if a.outcome == 'failed' and a.fail_job then
+  end_job(j, 'failed', {error = a.job_error, failed_step = s}, t)
+  return 'failed'
+end
+if a.barrier > 0 and redis.call('SCARD', k_finished(j)) + redis.call('SCARD', k_failed(j)) < a.barrier then
+  return 'wait'
+end
+local jf = {}
+for k, v in pairs(a.job_fields) do jf[#jf + 1] = k; jf[#jf + 1] = tostring(v) end
+if #jf > 0 then redis.call('HSET', k_state(j), unpack(jf)) end
+if a.next then
+  if redis.call('HEXISTS', k_steps(j), a.next.step) == 1 then return 'wait' end
+  add_step(j, a.next.step, a.next.queue, a.next.task, a.next.msg, a.next.params, t)
+  redis.call('HSET', k_state(j), 'status', a.next.status, a.next.status .. '_at', t)
+  return 'next'
+end
+end_job(j, 'done', {}, t)
+return 'done'
+"""
+
+#: ARGV: job, step, token, mode (stopped | handback), error. -> 1 if this holder released it.
+RELEASE = _PRELUDE + """
+local j, s = ARGV[1], ARGV[2]
+local sk = k_step(j, s)
+if redis.call('HGET', sk, 'token') ~= ARGV[3] or redis.call('HGET', sk, 'state') ~= 'running' then return 0 end
+local m = member(j, s)
+redis.call('ZREM', k_leases(), m)
+if ARGV[4] == 'handback' then
+  redis.call('HINCRBY', sk, 'deliveries', -1)
+  redis.call('HSET', sk, 'state', 'queued', 'token', '', 'error', ARGV[5])
+  if not final(job_status(j)) then redis.call('ZADD', k_pending(redis.call('HGET', sk, 'queue')), now(), m) end
+else
+  redis.call('HSET', sk, 'state', 'stopped', 'token', '', 'error', ARGV[5])
+end
+return 1
+"""
+
+#: ARGV: job, status, then field/value pairs. -> 1 if this call ended the job.
+END = _PRELUDE + """
+local f = {}
+for i = 3, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
+return end_job(ARGV[1], ARGV[2], f, now())
+"""
+
+#: A new step for an ended job (``convoy submit train JOB``): the job lives again.
+#: ARGV: job, step, queue, task, msg, params, status, steps to forget (the earlier chain's)...
+#: -> 1, or 0 if the job has not ended.
+REOPEN = _PRELUDE + """
+local j = ARGV[1]
+local js = job_status(j)
+if not js or not final(js) then return 0 end
+local t = now()
+for i = 8, #ARGV do
+  redis.call('DEL', k_step(j, ARGV[i]))
+  redis.call('HDEL', k_steps(j), ARGV[i])
+end
+local steps = redis.call('HKEYS', k_steps(j))
+for _, s in ipairs(steps) do redis.call('PERSIST', k_step(j, s)) end
+for _, k in ipairs({k_spec(j), k_state(j), k_inputs(j), k_steps(j), k_finished(j), k_failed(j)}) do
+  redis.call('PERSIST', k)
+end
+redis.call('HDEL', k_state(j), 'error', 'ended_at', 'done_at', 'failed_at', 'cancelled_at', 'failed_step')
+redis.call('HSET', k_state(j), 'status', ARGV[7], ARGV[7] .. '_at', t)
+redis.call('SADD', k_active(), j)
+add_step(j, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], t)
+return 1
+"""
+
+#: A worker's main process received a step's message. ARGV: job, step, worker.
+RECEIVED = _PRELUDE + """
+local j, s = ARGV[1], ARGV[2]
+local sk = k_step(j, s)
+if redis.call('HGET', sk, 'state') ~= 'queued' or final(job_status(j)) then return 0 end
+local m = member(j, s)
+redis.call('ZREM', k_pending(redis.call('HGET', sk, 'queue')), m)
+redis.call('ZADD', k_held(), now(), m)
+redis.call('HSET', sk, 'holder', ARGV[3])
+return 1
+"""
+
+#: The reconciler's one repair: put a step whose message is lost back on its queue, once.
+#: ARGV: member, kind (lease | held | lost), reason, new message id, old message id (lost).
+#: -> {task, queue} when this call claimed the repair, else {}.
+REPAIR = _PRELUDE + """
+local sep = string.find(ARGV[1], '|', 1, true)
+local j, s = string.sub(ARGV[1], 1, sep - 1), string.sub(ARGV[1], sep + 1)
+local m, t, kind = ARGV[1], now(), ARGV[2]
+local sk = k_step(j, s)
+local state, queue = redis.call('HGET', sk, 'state'), redis.call('HGET', sk, 'queue')
+local js = job_status(j)
+if not js or final(js) or not state then
+  redis.call('ZREM', k_leases(), m)
+  redis.call('ZREM', k_held(), m)
+  return {}
+end
+if kind == 'lease' then
+  local deadline = redis.call('ZSCORE', k_leases(), m)
+  if state ~= 'running' or not deadline or tonumber(deadline) > t then return {} end
+  redis.call('ZREM', k_leases(), m)
+elseif kind == 'held' then
+  if state ~= 'queued' or not redis.call('ZSCORE', k_held(), m) then return {} end
+  local beat = redis.call('ZSCORE', k_workers(queue), redis.call('HGET', sk, 'holder') or '')
+  if beat and tonumber(beat) > t then return {} end
+  redis.call('ZREM', k_held(), m)
+else
+  if state ~= 'queued' or redis.call('HGET', sk, 'msg') ~= ARGV[5] or not redis.call('ZSCORE', k_pending(queue), m) then
+    return {}
+  end
+end
+redis.call('HSET', sk, 'state', 'queued', 'msg', ARGV[4], 'error', ARGV[3], 'token', '', 'holder', '',
+           'queued_at', t)
+redis.call('ZADD', k_pending(queue), t, m)
+return {redis.call('HGET', sk, 'task'), queue}
+"""
+
+#: ARGV: limit. -> members whose lease deadline has passed.
+LAPSED = _PRELUDE + """
+return redis.call('ZRANGEBYSCORE', k_leases(), '-inf', now(), 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+
+#: ARGV: queue, age_s, limit. -> {count, members...} of steps queued longer than age_s ago.
+OLD_PENDING = _PRELUDE + """
+local cutoff = now() - tonumber(ARGV[2])
+local n = redis.call('ZCOUNT', k_pending(ARGV[1]), '-inf', cutoff)
+local out = {tostring(n)}
+if tonumber(ARGV[3]) > 0 then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', k_pending(ARGV[1]), '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[3]))) do
+    out[#out + 1] = m
+  end
+end
+return out
+"""
+
+#: ARGV: worker, ttl_s, queues... Heartbeat of a worker for each queue it consumes.
+HEARTBEAT = _PRELUDE + """
+local deadline = now() + tonumber(ARGV[2])
+for i = 3, #ARGV do redis.call('ZADD', k_workers(ARGV[i]), deadline, ARGV[1]) end
+return 1
+"""
+
+#: ARGV: queue. -> live workers consuming it.
+LIVE_WORKERS = _PRELUDE + """
+return redis.call('ZCOUNT', k_workers(ARGV[1]), '(' .. now(), '+inf')
+"""
+
+#: KEYS[1]: the owner key of an output directory. ARGV: job. -> '' if taken, else the owner.
+CLAIM_OUT = _PRELUDE + """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then
+  local s = job_status(cur)
+  if s and not final(s) then return cur end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return ''
+"""

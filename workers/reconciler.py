@@ -1,0 +1,153 @@
+"""Level-triggered repair beside the events: a reconciler thread in every worker's main process.
+
+Events keep the fast path (a finishing step queues the next one itself). Every tick, each
+worker compares what should be with what is and repairs a lost edge once (each repair is one
+atomic script that only one reconciler can win):
+
+- a **lease that lapsed**: the step's holder died or hung; the step is queued again;
+- a message **held by a dead worker** (received, never started; kombu keeps it in ``unacked``
+  until the visibility timeout, hours away): the step is queued again;
+- a step **queued with no message waiting** (a crash between a transition and its enqueue, an
+  enqueue that raised, a broker that lost the message): seen on two ticks in a row, it is
+  queued again. This covers a complete barrier with no merge, a merge with no training, ...
+
+A tick costs O(running + held steps): lapsed leases come from a sorted set of deadlines, and
+lost messages are looked for only when a queue holds fewer messages than steps waiting on it.
+The main process never imports TensorFlow, so the thread starts at ``worker_ready``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import task_received, worker_ready, worker_shutting_down
+
+from shared import faults, keys
+from shared.celery_app import send_step
+from shared.jobstore import JobStore, connect
+from shared.settings import Settings
+
+log = logging.getLogger("convoy.reconciler")
+
+RECONCILE_EVERY_S = 10
+#: A worker that has not beaten its heart for this long is dead to the reconcilers.
+HEARTBEAT_TTL_S = 30
+#: A step queued for longer than this, whose message is on no queue, is lost.
+LOST_AFTER_S = 30
+#: Steps looked at per tick for lost messages (the rest wait for the next tick).
+LOST_SCAN_LIMIT = 5000
+
+_STEP_TASKS = {keys.EXTRACT_TASK, keys.MERGE_TASK, keys.TRAIN_TASK, keys.FINETUNE_TASK, keys.CAM_TASK,
+               keys.ASSEMBLE_TASK}
+
+
+class Reconciler:
+    """One worker's repairs; ``tick()`` once, or ``start()`` a thread that ticks for ever."""
+
+    def __init__(self, store: JobStore, worker: str, queues: list[str]) -> None:
+        self.store, self.worker, self.queues = store, worker, queues
+        self._suspects: dict[str, dict[str, str]] = {}  # queue -> {member: message id} seen missing
+
+    def tick(self) -> dict[str, int]:
+        """Heartbeat, then every kind of repair; how many of each this tick made."""
+        self.store.heartbeat(self.worker, self.queues, HEARTBEAT_TTL_S)
+        made = {"lease": 0, "held": 0, "lost": 0}
+        for member in self.store.lapsed_leases():
+            made["lease"] += self._repair(member, "lease", "its worker stopped renewing the lease")
+        for member in self.store.held_members():
+            made["held"] += self._repair(member, "held", "its message was held by a worker that died")
+        for queue in keys.ALL_QUEUES:
+            made["lost"] += self._lost(queue)
+        self.store.prune_index()
+        return made
+
+    def _repair(self, member: str, kind: str, reason: str, old_msg: str = "") -> int:
+        step = self.store.repair(member, kind, reason, old_msg)
+        if step is None:
+            return 0
+        job_id = keys.split_member(member)[0]
+        log.warning("re-queued %s of job %s: %s", step.step, job_id, reason)
+        send_step(job_id, step)
+        return 1
+
+    def _lost(self, queue: str) -> int:
+        count, _ = self.store.old_pending(queue, LOST_AFTER_S, 0)
+        if count == 0 or count <= self.store.queue_length(queue):
+            self._suspects[queue] = {}
+            return 0
+        _, members = self.store.old_pending(queue, LOST_AFTER_S, LOST_SCAN_LIMIT)
+        waiting = self.store.queued_message_ids(queue)
+        seen, suspects, made = self._suspects.get(queue, {}), {}, 0
+        for member in members:
+            msg = self.store.message_of(member)
+            if not msg or msg in waiting:
+                continue
+            if seen.get(member) == msg:  # missing on two ticks: not a message in flight to a worker
+                made += self._repair(member, "lost", "its message was lost", old_msg=msg)
+            else:
+                suspects[member] = msg
+        self._suspects[queue] = suspects
+        return made
+
+    def start(self) -> threading.Thread:
+        def loop() -> None:
+            stop = threading.Event()
+            while True:
+                try:
+                    self.tick()
+                except Exception as exc:  # keep reconciling through broker restarts
+                    log.warning("reconciler: %s", exc)
+                stop.wait(RECONCILE_EVERY_S)
+
+        thread = threading.Thread(target=loop, name="convoy-reconciler", daemon=True)
+        thread.start()
+        return thread
+
+
+# --- wiring into the worker's main process ------------------------------------------------------
+
+_MAIN: dict = {}
+
+
+def _main_store() -> JobStore:
+    """The worker main process's own client (never the pool children's)."""
+    if "store" not in _MAIN:
+        from workers.runtime import installed_settings
+
+        settings: Settings = installed_settings()
+        faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
+        _MAIN["store"] = JobStore(connect(settings.broker_url or ""))
+    return _MAIN["store"]
+
+
+@worker_ready.connect
+def _start(sender=None, **_kwargs) -> None:
+    store = _main_store()
+    worker = getattr(sender, "hostname", "") or ""
+    queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else list(keys.ALL_QUEUES)
+    store.set_draining(worker, False)  # restarted: take work again
+    _MAIN["worker"], _MAIN["queues"] = worker, queues
+    Reconciler(store, worker, queues).start()
+
+
+@task_received.connect
+def _held(sender=None, request=None, **_kwargs) -> None:
+    """Note which worker holds a step's message before the step starts (a dead holder is repaired)."""
+    if request is None or request.name not in _STEP_TASKS:
+        return
+    args = request.args or []
+    try:
+        _main_store().received(str(args[0]), str(args[1]), getattr(sender, "hostname", "") or "")
+    except Exception as exc:  # bookkeeping only: the step runs either way
+        log.warning("could not note a received message: %s", exc)
+    faults.point("after-receive")
+
+
+@worker_shutting_down.connect
+def _drain(sender=None, how=None, **_kwargs) -> None:
+    """SIGTERM (a deploy): running steps hand themselves back instead of holding the shutdown."""
+    if how == "Warm" and sender:
+        store = _main_store()
+        store.set_draining(str(sender), True)
+        store.forget_worker(str(sender), _MAIN.get("queues", list(keys.ALL_QUEUES)))

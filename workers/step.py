@@ -1,0 +1,216 @@
+"""The step protocol: one Celery Task base class under which every step of every job runs.
+
+A step (a shard, the merge, training, fine-tuning, a Grad-CAM batch, the assemble step) is a
+message ``(job_id, step_id)``. :class:`ConvoyStep` wraps each task's body in the same policy:
+
+1. **claim**: one atomic script counts the delivery, refuses a step that ended (a late
+   duplicate changes nothing), one whose live holder still renews its lease, or any step of a
+   job that ended (a cancel wins); past the delivery cap the step fails with a clear reason;
+2. **lease**: a thread renews the lease every 10 s; when the job ended, another holder took the
+   step, or the worker is draining, the body stops at its next check;
+3. **finish**: one atomic script records the outcome and, in the same step, trips the barrier
+   or queues the next step; the message for that step is sent after it (a crash in between is
+   what the reconciler repairs).
+
+Time limits are Celery's, per task (training's come from ``CONVOY_TRAIN_TIME_LIMIT_S``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from celery import Task
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+
+from shared import faults
+from shared.celery_app import send_step
+from shared.errors import ConvoyError, ShardError
+from shared.jobstore import JobStore, NewStep
+from shared.manifest import record_end
+from shared.states import JobStatus, StepState
+from workers.runtime import runtime
+
+log = logging.getLogger("convoy.step")
+
+#: A lease outlives the Redis client's retry window (25 s), so a broker restart does not make
+#: running steps look dead; the reconciler re-queues a step within a tick of its lapse.
+LEASE_S = 45
+RENEW_EVERY_S = 10
+
+
+class StepStopped(Exception):
+    """The step must stop: the job ended, another holder took it, or the worker is draining."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(answer)
+        self.answer = answer
+
+
+@dataclass
+class Outcome:
+    """What a step's body hands back to the protocol."""
+
+    result: dict = field(default_factory=dict)  # the Celery task result
+    fields: dict = field(default_factory=dict)  # written into the step's hash
+    done: int | None = None  # images the step accounts for, when it has inputs
+    job_fields: dict = field(default_factory=dict)  # written into the job's state (a summary)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a step leads: the barrier it belongs to, the step after it, whether failing ends the job."""
+
+    barrier: int = 0
+    then: NewStep | None = None
+    fail_job: bool = True
+
+
+class StepContext:
+    """The running step, as its body sees it: progress, checks, the store."""
+
+    def __init__(self, store: JobStore, job_id: str, step: str, worker: str, deliveries: int) -> None:
+        self.store, self.job_id, self.step, self.worker, self.deliveries = store, job_id, step, worker, deliveries
+        self.token = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.answer = "ok"
+        self._renewed_at = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{step}", daemon=True)
+
+    def progress(self, done: int, rate: float) -> None:
+        """Record images done (field by field); raise :class:`StepStopped` when the step must stop."""
+        self._note(self.store.progress(self.job_id, self.step, self.token, done, rate, self.worker))
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`StepStopped` if the last renewal said so (no round trip)."""
+        if self.answer != "ok":
+            raise StepStopped(self.answer)
+
+    def _note(self, answer: str) -> None:
+        self._renewed_at = time.monotonic()
+        if self.answer == "ok":
+            self.answer = answer
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_EVERY_S):
+            try:
+                self._note(self.store.renew(self.job_id, self.step, self.token, LEASE_S, self.worker))
+            except Exception as exc:  # the broker restarts: keep trying until the lease would lapse
+                log.warning("could not renew the lease of %s/%s: %s", self.job_id, self.step, exc)
+                if time.monotonic() - self._renewed_at > LEASE_S - RENEW_EVERY_S:
+                    self.answer = "lost"  # someone else may take it now: stop rather than duplicate
+
+    def __enter__(self) -> StepContext:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class ConvoyStep(Task):
+    """Base class of every job step: ``@app.task(base=ConvoyStep, bind=True, name=...)``."""
+
+    #: The job status a first claim moves the job from and to (shards: queued -> extracting).
+    moves: tuple[JobStatus, JobStatus] | None = None
+    #: What the job's error calls this step.
+    label = "step"
+    #: Said when the step is given up after too many deliveries.
+    capped_hint = "a worker died each time"
+    #: Said when the step ran past its soft time limit.
+    time_limit_hint = "exceeded the soft time limit (CONVOY_TASK_TIME_LIMIT_S); use a smaller --shard-size"
+
+    ctx: StepContext
+
+    def route(self, job_id: str, step: str) -> Route:
+        """Where this step leads; steps with a barrier or a next step override it."""
+        return Route()
+
+    def ended(self, job_id: str, status: JobStatus) -> None:
+        """Called once, by the step whose transition ended the job (extraction records it in OUT)."""
+
+    def describe(self, step: str) -> str:
+        return self.label
+
+    def __call__(self, job_id: str, step: str) -> dict:
+        store = runtime().store
+        worker = self.request.hostname or socket.gethostname()
+        ctx = StepContext(store, job_id, step, worker, 0)
+        claim = store.claim(job_id, step, ctx.token, worker, os.getpid(), LEASE_S, self.moves)
+        if claim.outcome == "capped":
+            reason = f"given up after {claim.deliveries - 1} deliveries ({self.capped_hint})"
+            return self._fail(store, job_id, step, reason)
+        if claim.outcome != "claimed":
+            return {"job": job_id, "step": step, "state": claim.outcome}
+        faults.point("after-claim")
+        ctx.deliveries = claim.deliveries
+        self.ctx = ctx
+        with ctx:
+            try:
+                outcome = self.run(job_id, step)
+            except StepStopped as stop:
+                return self._stopped(ctx, stop.answer)
+            except SoftTimeLimitExceeded:
+                return self._fail(store, job_id, step, self.time_limit_hint)
+            except ConvoyError as exc:
+                return self._fail(store, job_id, step, str(exc))
+            except OSError as exc:
+                where = f" ({exc.filename})" if exc.filename else ""
+                return self._fail(store, job_id, step, f"cannot read or write{where}: {exc.strerror or exc}")
+            except Exception as exc:  # a bug or a broken model: end the step, never retry blindly
+                log.exception("%s of job %s failed", self.describe(step), job_id)
+                return self._fail(store, job_id, step, f"{type(exc).__name__}: {exc}")
+        return self._finish(store, job_id, step, outcome)
+
+    def _finish(self, store: JobStore, job_id: str, step: str, outcome: Outcome) -> dict:
+        route = self.route(job_id, step)
+        answer = store.finish_step(job_id, step, StepState.DONE, done=outcome.done, fields=outcome.fields,
+                                   job_fields=outcome.job_fields, barrier=route.barrier, then=route.then)
+        self._follow(job_id, answer, route.then)
+        return {"job": job_id, "step": step, "state": "done", "transition": answer, **outcome.result}
+
+    def _fail(self, store: JobStore, job_id: str, step: str, reason: str) -> dict:
+        route = self.route(job_id, step)
+        what = self.describe(step)
+        answer = store.finish_step(job_id, step, StepState.FAILED, error=reason, fail_job=route.fail_job,
+                                   job_error=f"{what} failed: {reason}", barrier=route.barrier, then=route.then)
+        self._follow(job_id, answer, route.then)
+        if answer in ("dup", "late"):
+            return {"job": job_id, "step": step, "state": answer}
+        # Raised so that Celery and Flower show the task failed; the job state already says why.
+        raise ShardError(f"{what} of job {job_id} failed: {reason}")
+
+    def _follow(self, job_id: str, answer: str, then: NewStep | None) -> None:
+        if answer == "next" and then is not None:
+            send_step(job_id, then)
+        elif answer in ("done", "failed"):
+            self.ended(job_id, JobStatus(answer))
+
+    def _stopped(self, ctx: StepContext, answer: str) -> dict:
+        if answer == "draining":
+            ctx.store.release(ctx.job_id, ctx.step, ctx.token, handback=True,
+                              reason=f"handed back by {ctx.worker} (warm shutdown)")
+            raise Reject("worker shutting down; step handed back", requeue=True)
+        if answer == "ended":
+            ctx.store.release(ctx.job_id, ctx.step, ctx.token, handback=False, reason="the job ended while it ran")
+        return {"job": ctx.job_id, "step": ctx.step, "state": "stopped", "why": answer}
+
+
+class ChainStep(ConvoyStep):
+    """A step of an extraction job (shard, merge, train, fine-tune): its end goes into OUT too."""
+
+    def ended(self, job_id: str, status: JobStatus) -> None:
+        store = runtime().store
+        spec = store.spec(job_id)
+        states = {step: s.get("state", "") for step, s in store.shard_states(job_id).items()}
+        try:
+            record_end(spec.out_dir, store.status(job_id), states)
+        except OSError as exc:  # the job's state in Redis says it all; the manifest is a copy
+            log.warning("could not record the end of job %s in %s: %s", job_id, spec.out_dir, exc)
