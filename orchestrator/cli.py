@@ -198,8 +198,7 @@ def cmd_status(args, settings: Settings) -> int:
     if not target:
         status.print_jobs(store, args.json)
         return 0
-    store.spec(target)  # JobNotFound, exit 2: "no job ... on this broker"
-    if store.kind(target) == "cam":
+    if store.kind_of(target) == "cam":
         from orchestrator.cam import cam_status
 
         return cam_status(store, target, args.watch, args.json)

@@ -85,7 +85,7 @@ class JobStore:
         self.r = client
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
             "CLAIM", "RENEW", "PROGRESS", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
-            "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT")}
+            "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE")}
 
     def _run(self, name: str, args: list, script_keys: list | None = None):
         return self._scripts[name](keys=script_keys or [], args=[str(a) for a in args])
@@ -126,6 +126,7 @@ class JobStore:
         pipe.zadd(keys.pending(keys.EXTRACT_QUEUE if kind == "extract" else keys.CAM_QUEUE),
                   {keys.member(job, s.step): seconds + micros / 1e6 for s in steps})
         pipe.zadd(keys.jobs_index(), {job: created_at})
+        pipe.zrem(keys.ended_jobs(), job)
         pipe.sadd(keys.active_jobs(), job)
         pipe.execute()
 
@@ -153,6 +154,11 @@ class JobStore:
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(keys.job_spec(job_id)))
+
+    def kind_of(self, job_id: str) -> str:
+        """``extract`` or ``cam``; :class:`JobNotFound` (exit 2) for a job this broker does not know."""
+        self._spec_text(job_id)
+        return self.kind(job_id) or "extract"
 
     def kind(self, job_id: str) -> str | None:
         return self.r.hget(keys.job_state(job_id), "kind")
@@ -316,12 +322,9 @@ class JobStore:
     def live_workers(self, queue: str) -> int:
         return int(self._run("LIVE_WORKERS", [queue]))
 
-    def prune_index(self, limit: int = 20) -> int:
-        """Drop the oldest index entries whose keys have expired; how many went."""
-        gone = [j for j in self.r.zrange(keys.jobs_index(), 0, limit - 1) if not self.r.exists(keys.job_state(j))]
-        if gone:
-            self.r.zrem(keys.jobs_index(), *gone)
-        return len(gone)
+    def prune_index(self) -> int:
+        """Drop the jobs whose keys have expired from the index; how many went."""
+        return int(self._run("PRUNE", []))
 
     # --- workers ---------------------------------------------------------------------------
     def set_draining(self, worker: str, draining: bool) -> None:

@@ -85,6 +85,11 @@ def jobs_index() -> str:
     return f"{PREFIX}:jobs"
 
 
+def ended_jobs() -> str:
+    """Sorted set job id -> when its keys expire: what prunes :func:`jobs_index`."""
+    return f"{PREFIX}:ended"
+
+
 def leases() -> str:
     """Sorted set ``job|step`` -> lease deadline (Redis time) of every running step."""
     return f"{PREFIX}:leases"
@@ -149,6 +154,8 @@ LUA = "".join([
     _lua_function("k_finished", job_finished, "j"),
     _lua_function("k_failed", job_failed, "j"),
     _lua_function("k_active", active_jobs),
+    _lua_function("k_index", jobs_index),
+    _lua_function("k_ended", ended_jobs),
     _lua_function("k_leases", leases),
     _lua_function("k_pending", pending, "q"),
     _lua_function("k_held", held),

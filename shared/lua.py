@@ -24,6 +24,7 @@ local function end_job(j, status, fields, t)
   for k, v in pairs(fields) do f[#f + 1] = k; f[#f + 1] = tostring(v) end
   redis.call('HSET', st, unpack(f))
   redis.call('SREM', k_active(), j)
+  redis.call('ZADD', k_ended(), t + ttl, j)
   local steps = redis.call('HGETALL', k_steps(j))
   for i = 1, #steps, 2 do
     local m = member(j, steps[i])
@@ -196,6 +197,7 @@ end
 redis.call('HDEL', k_state(j), 'error', 'ended_at', 'done_at', 'failed_at', 'cancelled_at', 'failed_step')
 redis.call('HSET', k_state(j), 'status', ARGV[7], ARGV[7] .. '_at', t)
 redis.call('SADD', k_active(), j)
+redis.call('ZREM', k_ended(), j)
 add_step(j, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], t)
 return 1
 """
@@ -286,4 +288,14 @@ if cur and cur ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return ''
+"""
+
+#: -> how many expired jobs left the index.
+PRUNE = _PRELUDE + """
+local gone = redis.call('ZRANGEBYSCORE', k_ended(), '-inf', now(), 'LIMIT', 0, 100)
+for _, j in ipairs(gone) do
+  redis.call('ZREM', k_index(), j)
+  redis.call('ZREM', k_ended(), j)
+end
+return #gone
 """

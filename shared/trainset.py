@@ -165,11 +165,15 @@ def batches(load: Callable[[np.ndarray], np.ndarray], y: np.ndarray, batch_size:
 
 def feature_data(split: SplitRows, num_classes: int, batch_size: int, in_memory: bool,
                  shuffle: bool, seed: int):
-    """Arguments for ``fit``/``evaluate``: arrays when in memory, else a streaming PyDataset."""
-    y = targets(split.labels, num_classes)
+    """Batches for ``fit``/``evaluate``, from memory or streamed from HDF5: the same batches in the
+    same order either way, so both train the same model."""
     if in_memory:
-        return read_features(split), y
-    return batches(lambda pos: read_features(split, pos), y, batch_size, shuffle, seed), None
+        features = read_features(split)
+        load = features.__getitem__
+    else:
+        def load(pos: np.ndarray) -> np.ndarray:
+            return read_features(split, pos)
+    return batches(load, targets(split.labels, num_classes), batch_size, shuffle, seed), None
 
 
 def image_data(split: SplitRows, data_dir: Path, size_px: int, num_classes: int, batch_size: int,

@@ -41,13 +41,35 @@ def _lock_database(base_url: str) -> tuple[str, redis.Redis]:
     raise RuntimeError("every Redis database 1..15 is locked by another test session")
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip here, fail in CI (``.ci/run`` exports CI=1): nothing a test needs is missing there."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must provide it (.ci/run installs what is missing)")
+    pytest.skip(reason)
+
+
+_SPARE: dict = {}
+
+
+def _redis_base() -> str:
+    """The Redis on 127.0.0.1:6379, or a redis-server of the test session's own when it is absent."""
+    if _system_redis():
+        return SYSTEM_REDIS
+    if "server" not in _SPARE:
+        import atexit
+        import tempfile
+
+        spare = OwnRedis(Path(tempfile.mkdtemp(prefix="convoy-test-redis-")), "--databases", "16").start()
+        atexit.register(spare.stop)
+        _SPARE["server"] = spare
+    return _SPARE["server"].url.rsplit("/", 1)[0]
+
+
 @contextmanager
 def own_database():
     """A Redis database of the caller's own (for workers it may kill, or queues only it serves);
     emptied when taken, released after."""
-    if not _system_redis():
-        pytest.skip("needs the Redis on 127.0.0.1:6379 for a database of its own")
-    url, client = _lock_database(SYSTEM_REDIS)
+    url, client = _lock_database(_redis_base())
     try:
         yield url
     finally:
@@ -204,3 +226,47 @@ def wait_final(store, job: str, timeout: float = 240) -> dict:
             return state
         time.sleep(0.2)
     raise TimeoutError(f"job {job} did not end: {store.shard_states(job)}")
+
+
+@pytest.fixture()
+def private(tmp_path):
+    """A Redis database of this test's own, and workers it may kill without touching anyone else."""
+    procs: dict[str, subprocess.Popen] = {}
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+
+    class Private:
+        def __init__(self, url: str):
+            from shared.jobstore import JobStore, connect
+
+            self.url, self.procs, self.log_dir = url, procs, log_dir
+            self.store = JobStore(connect(url))
+
+        def start(self, *names: str, extra_env: dict | None = None, queues: str = "extract,train,cam",
+                  wait: bool = True) -> None:
+            for n in names:
+                procs[n] = start_worker(self.url, log_dir, n, queues=queues, extra_env=extra_env)
+            if wait:
+                wait_ready(self.url, list(names), procs=[procs[n] for n in names], log_dir=log_dir)
+
+        def kill(self, name: str) -> None:
+            stop_worker(procs.pop(name), signal.SIGKILL)
+
+        def logs(self) -> str:
+            return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(log_dir.glob("*.log")))
+
+    with own_database() as url:
+        yield Private(url)
+        for p in procs.values():
+            stop_worker(p, signal.SIGKILL)
+
+
+def wait_until(predicate, timeout: float, what: str, poll_s: float = 0.2):
+    """Poll ``predicate`` until it returns something true; its value, or TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")

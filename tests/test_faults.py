@@ -17,42 +17,17 @@ from orchestrator.scan import scan_data
 from shared.jobstore import JobStore, connect
 from tests.conftest import (
     convoy,
-    own_database,
+    skip_or_fail,
     start_worker,
     stop_worker,
     wait_final,
     wait_ready,
+    wait_until,
 )
 from tests.imagegen import make_tree
 
 #: Shards big enough to be caught mid-way on a 2-core machine.
 ARGS = ["--input-size", "48", "--weights", "none", "--seed", "5", "--shard-size", "30", "--batch-size", "2"]
-
-
-@pytest.fixture()
-def private(tmp_path):
-    """A Redis database of this test's own, so killing its workers touches no one else."""
-    procs: dict[str, object] = {}
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-
-    class Private:
-        def __init__(self, url: str):
-            self.url, self.procs, self.log_dir = url, procs, log_dir
-            self.store = JobStore(connect(url))
-
-        def start(self, *names: str, extra_env: dict | None = None) -> None:
-            for n in names:
-                procs[n] = start_worker(self.url, log_dir, n, extra_env=extra_env)
-            wait_ready(self.url, list(names), procs=[procs[n] for n in names], log_dir=log_dir)
-
-        def logs(self) -> str:
-            return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(log_dir.glob("*.log")))
-
-    with own_database() as url:
-        yield Private(url)
-        for p in procs.values():
-            stop_worker(p, signal.SIGKILL)
 
 
 def _data(tmp_path: Path, per_split: int = 20) -> Path:
@@ -132,22 +107,30 @@ def test_sigterm_hands_the_shard_back(private, tmp_path):
 
 
 def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
+    """A second message for a shard that is running right now: the idle worker takes it at once, the
+    claim sees the live lease, and nothing is counted or written twice."""
+    from celery.result import AsyncResult
+
     from shared import keys
     from shared.celery_app import make_app
     from shared.settings import Settings
 
     private.start("d1", "d2")
-    data, out = _data(tmp_path, per_split=6), tmp_path / "out"
+    data = make_tree(tmp_path / "data", {"all": 15}, splits=("all",), size_px=48)
     app = make_app(Settings(broker_url=private.url))
-    job = _submit(private, data, out)
-    spec = private.store.spec(job)
-    for shard in spec.shard_ids:  # every shard a second time, while the first copies run
-        app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.EXTRACT_QUEUE)
+    job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), *ARGS, "--batch-size", "1",
+                 "--broker", private.url, check=True).stdout.strip()
+    shard, running = _wait_running(private.store, job, min_done=1)
+    duplicate = app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.EXTRACT_QUEUE)
+    answer = AsyncResult(duplicate.id, app=app).get(timeout=60)
+    assert answer["state"] == "busy", answer  # the overlap really happened
+    assert private.store.step(job, shard)["state"] == "running"
     assert wait_final(private.store, job)["status"] == "done", private.logs()
-    assert len(private.store.finished_shards(job)) == len(spec.shard_ids)
+    after = private.store.step(job, shard)
+    assert after["deliveries"] == 1 and after["worker"] == running["worker"], after
     report = json.loads(convoy("status", job, "--json", "--broker", private.url, check=True).stdout)
-    assert report["images_done"] == report["images_total"] == 20
-    _exactly_once(data, out)
+    assert report["images_done"] == report["images_total"] == 30
+    _exactly_once(data, tmp_path / "out")
 
 
 def test_poison_shard_is_given_up_and_named(private, tmp_path):
@@ -182,9 +165,9 @@ def test_cancel_stops_the_job_and_nothing_else(private, tmp_path):
     assert "cancelled" in proc.stdout
     final = wait_final(private.store, job, timeout=60)
     assert final["status"] == "cancelled"
-    time.sleep(2)
+    wait_until(lambda: private.store.step(job, "train/00000")["state"] == "stopped", 30,
+               "the running shard stops at its next batch")
     states = private.store.shard_states(job)
-    assert states["train/00000"]["state"] == "stopped", states  # stopped at its next batch
     assert states["train/00000"]["done"] < states["train/00000"]["total"]
     assert {s["state"] for sid, s in states.items() if sid != "train/00000"} == {"queued"}, states  # dropped
     assert not list((tmp_path / "out" / "features").glob("*/shard-*.h5"))
@@ -226,7 +209,7 @@ def test_broker_restart_with_persistence(tmp_path):
                      check=True).stdout.strip()
         _wait_running(store, job)
         server.stop()
-        time.sleep(2)
+        time.sleep(2)  # the fault itself: the broker stays down for 2 s
         server.start()
         final = wait_final(store, job, timeout=300)
         assert final["status"] == "done", (final, (log_dir / "aof1.log").read_text()[-3000:])
@@ -253,7 +236,7 @@ def test_output_disk_full_fails_the_shard_cleanly(private, tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+        skip_or_fail("cannot mount a small tmpfs here (needs root)")
     try:
         private.start("df1")
         data = _data(tmp_path, per_split=4)

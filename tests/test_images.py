@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from shared.images import BadImage, load_pixels
+from tests.conftest import skip_or_fail
 from tests.imagegen import make_odd_images, pattern
 
 
@@ -50,7 +51,7 @@ def test_unreadable_file_has_a_reason():
     import tempfile
 
     if os.geteuid() != 0:
-        pytest.skip("needs root to switch to another user")
+        skip_or_fail("needs root to switch to another user")
     folder = tempfile.mkdtemp(prefix="convoy-perm-", dir="/tmp")
     try:
         os.chmod(folder, 0o755)

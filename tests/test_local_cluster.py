@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import wait_until
 from tests.imagegen import make_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,5 +56,4 @@ def test_ctrl_c_stops_everything_it_started(tmp_path):
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    time.sleep(1)
-    assert not [k for k in kids if _alive(k)]
+    wait_until(lambda: not [k for k in kids if _alive(k)], 10, "every child of the CLI gone")

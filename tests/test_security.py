@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 from shared import keys
 from shared.celery_app import make_app
 from shared.job import JobSpec, ModelConfig, new_job_id
 from shared.jobstore import JobStore, connect
 from shared.settings import Settings
-from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_final, wait_ready
+from tests.conftest import (
+    OwnRedis,
+    convoy,
+    skip_or_fail,
+    start_worker,
+    stop_worker,
+    wait_final,
+    wait_ready,
+    wait_until,
+)
 from tests.imagegen import make_flat
 
 
@@ -31,7 +39,7 @@ def test_pickled_message_is_refused_not_run(cluster, tmp_path, images_tree):
     app = make_app(Settings(broker_url=cluster.url))
     app.send_task(keys.EXTRACT_TASK, args=[Evil(str(marker)), "all/00000"], queue=keys.EXTRACT_QUEUE,
                   serializer="pickle")
-    time.sleep(3)
+    wait_until(lambda: "pickle" in cluster.logs(), 30, "the workers refuse the pickled message")
     assert not marker.exists()
     # The workers are still there and still serve real jobs.
     proc = convoy("run", str(images_tree), "--out", str(tmp_path / "out"), "--input-size", "32", "--weights",
@@ -47,7 +55,7 @@ def _hand_made_job(store: JobStore, data_dir: str, out_dir: str, entries: list[l
                         weights_path=weights[0], weights_sha256=weights[1], batch_size=2, dtype="float32")
     spec = JobSpec(job_id=job, data_dir=data_dir, out_dir=out_dir, model=model, class_names=[],
                    shard_ids=["all/00000"])
-    store.create(spec, {"all/00000": entries})
+    store.create(spec, {"all/00000": entries}, ttl_s=3600)
     return job
 
 
@@ -124,12 +132,10 @@ def _tls_server(tmp_path):
     import shutil
     import subprocess
 
-    import pytest
-
     from orchestrator.cluster import free_port, redis_binary
 
     if not shutil.which("openssl"):
-        pytest.skip("openssl is needed to make a test certificate")
+        skip_or_fail("openssl is needed to make a test certificate")
     d = tmp_path / "tls"
     d.mkdir()
 
@@ -149,7 +155,7 @@ def _tls_server(tmp_path):
          "--save", "", "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
          "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--requirepass", "tls-s3cret"],
         cwd=d, stdout=open(d / "redis.log", "ab"), stderr=subprocess.STDOUT)
-    time.sleep(0.5)
+    wait_until(lambda: _accepts(port), 10, "the TLS Redis listens")
     return proc, f"rediss://:tls-s3cret@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={d / 'ca.crt'}"
 
 
@@ -188,3 +194,13 @@ def test_model_with_code_inside_is_refused(tmp_path):
     assert "does not load as a Keras model" in proc.stderr and "Lambda" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "cam" / "heatmaps.h5").exists()
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False

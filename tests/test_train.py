@@ -96,13 +96,29 @@ def test_predict_through_the_workers(trained, cluster):
     assert text.strip().split("\t")[1] in ("blobs", "stripes")
 
 
-def test_finetune_resumes_from_its_checkpoint(trained, cluster):
-    model = trained["out"] / "model"
+@pytest.fixture()
+def extracted(cluster, tmp_path):
+    """A labelled extraction job of this test's own (no training yet): tests that train, retrain
+    or fail it change nobody else's job, so the tests pass in any order."""
+    data = make_tree(tmp_path / "data", {"train": 20, "validation": 6, "test": 10})
+    proc = convoy("run", str(data), "--out", str(tmp_path / "out"), *FAST, "--no-train", "--json",
+                  env=cluster.env, check=True)
+    return {"job": _last_json(proc.stdout)["job_id"], "out": tmp_path / "out"}
+
+
+def _train(job: str, cluster, *extra: str) -> dict:
+    proc = convoy("submit", "train", job, "--epochs", "3", "--learning-rate", "1e-3", "--seed", "11", *extra,
+                  "--wait", "--json", env=cluster.env, check=True)
+    return _last_json(proc.stdout)
+
+
+def test_finetune_resumes_from_its_checkpoint(extracted, cluster):
+    job, model = extracted["job"], extracted["out"] / "model"
+    _train(job, cluster, "--finetune", *FINETUNE, "--finetune-epochs", "1")
     first = json.loads((model / "history_finetune.json").read_text())
     assert first["resumed_from_epoch"] == 0 and first["epoch"] == [1]
-    job = trained["summary"]["job_id"]
-    proc = convoy("submit", "finetune", job, *FINETUNE, "--finetune-epochs", "2", "--wait", "--json",
-                  env=cluster.env, check=True)
+    proc = convoy("submit", "finetune", job, *FINETUNE, "--finetune-epochs", "2", "--seed", "11", "--wait",
+                  "--json", env=cluster.env, check=True)
     summary = _last_json(proc.stdout)
     history = json.loads((model / "history_finetune.json").read_text())
     # Epoch 1's weights came from the checkpoint; only epoch 2 was trained.
@@ -110,29 +126,38 @@ def test_finetune_resumes_from_its_checkpoint(trained, cluster):
     assert "finetune_test_accuracy" in summary["metrics"]
 
 
-def test_submit_train_retrains_streaming_from_disk(trained, cluster):
-    job = trained["summary"]["job_id"]
-    proc = convoy("submit", "train", job, "--epochs", "3", "--learning-rate", "1e-3", "--max-memory", "1K",
-                  "--wait", "--json", env=cluster.env, check=True)
-    summary = _last_json(proc.stdout)
-    assert summary["training"]["features_in_memory"] is False  # over the budget: batches from HDF5
-    assert 0 <= summary["metrics"]["test_accuracy"] <= 1
-    assert len(json.loads((trained["out"] / "model" / "history.json").read_text())["epoch"]) == 3
+def test_streaming_training_equals_in_memory_training(extracted, cluster):
+    """The same job and seed train the same classifier whether its features fit in memory or not."""
+    history_file = extracted["out"] / "model" / "history.json"
+    in_memory = _train(extracted["job"], cluster)
+    first = json.loads(history_file.read_text())
+    streamed = _train(extracted["job"], cluster, "--max-memory", "1K")
+    second = json.loads(history_file.read_text())
+    assert in_memory["training"]["features_in_memory"] is True
+    assert streamed["training"]["features_in_memory"] is False  # over the budget: batches from HDF5
+    assert second["epoch"] == first["epoch"] == [1, 2, 3]
+    for name in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(second[name], first[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert streamed["metrics"]["test_accuracy"] == pytest.approx(in_memory["metrics"]["test_accuracy"], abs=1e-6)
 
 
-def test_failed_training_ends_the_job_failed(trained, cluster):
+def test_failed_training_ends_the_job_failed(extracted, cluster):
     """A training task that raises ends the job failed with the traceback's last line."""
     from orchestrator.watch import wait_for_job
     from shared import keys
     from shared.celery_app import configure
     from shared.errors import JobFailed
+    from shared.jobstore import NewStep
     from shared.settings import Settings
+    from shared.states import JobStatus
 
-    job, store = trained["summary"]["job_id"], _store(cluster)
-    store.set_status(job, "training")
-    # No CLI path sends this (it checks --dense-units), so send the task as the merge would.
-    configure(Settings(broker_url=cluster.url)).send_task(keys.TRAIN_TASK, args=[job, {"dense_units": -1}, False],
-                                                          queue=keys.TRAIN_QUEUE)
+    job, store = extracted["job"], _store(cluster)
+    # No CLI path queues this (it checks --dense-units), so queue the step as the merge would.
+    step = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING,
+                   params={"config": {"dense_units": -1}, "then_finetune": False})
+    assert store.reopen(job, step, (keys.TRAIN_STEP, keys.FINETUNE_STEP))
+    configure(Settings(broker_url=cluster.url)).send_task(step.task, args=[job, step.step], queue=step.queue,
+                                                          task_id=step.msg)
     with pytest.raises(JobFailed, match="training failed: ValueError: .*units"):
         wait_for_job(store, job, show_progress=False)
 
@@ -154,7 +179,7 @@ def test_failing_shard_ends_the_job_failed_fast(cluster, tmp_path):
     configure(Settings(broker_url=cluster.url))
     store = _store(cluster)
     t0 = time.monotonic()
-    submit(store, spec, shards)
+    submit(store, spec, shards, 3600)
     with pytest.raises(JobFailed, match="sha256"):
         wait_for_job(store, spec.job_id, show_progress=False)
     assert time.monotonic() - t0 < 60

@@ -102,9 +102,8 @@ def train_head(spec: JobSpec, config: TrainConfig, stop_check: Callable[[], None
     head = build_head(trainset.feature_shape(plan["train"]), k, config.dense_units, config.dropout)
     compile_for(head, k, config.learning_rate)
     t_fit = time.perf_counter()
-    fitted = head.fit(**_fit_inputs(data["train"]), validation_data=_val(data["validation"]),
-                      batch_size=config.batch_size if in_memory else None, epochs=config.epochs,
-                      shuffle=True, verbose=0, callbacks=stop_callback(stop_check))
+    fitted = head.fit(**_fit_inputs(data["train"]), validation_data=_val(data["validation"]), epochs=config.epochs,
+                      verbose=0, callbacks=stop_callback(stop_check))
     t_eval = time.perf_counter()
     metrics = _evaluate(head, data["test"], plan["test"], spec.class_names)
     paths = _save_head_outputs(spec, head, _history(fitted.history), metrics)

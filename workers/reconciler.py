@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from celery.signals import task_received, worker_ready, worker_shutting_down
 
@@ -45,8 +46,9 @@ _STEP_TASKS = {keys.EXTRACT_TASK, keys.MERGE_TASK, keys.TRAIN_TASK, keys.FINETUN
 class Reconciler:
     """One worker's repairs; ``tick()`` once, or ``start()`` a thread that ticks for ever."""
 
-    def __init__(self, store: JobStore, worker: str, queues: list[str]) -> None:
-        self.store, self.worker, self.queues = store, worker, queues
+    def __init__(self, store: JobStore, worker: str, queues: list[str], send: Callable = send_step,
+                 lost_after_s: float = LOST_AFTER_S) -> None:
+        self.store, self.worker, self.queues, self.send, self.lost_after_s = store, worker, queues, send, lost_after_s
         self._suspects: dict[str, dict[str, str]] = {}  # queue -> {member: message id} seen missing
 
     def tick(self) -> dict[str, int]:
@@ -68,15 +70,15 @@ class Reconciler:
             return 0
         job_id = keys.split_member(member)[0]
         log.warning("re-queued %s of job %s: %s", step.step, job_id, reason)
-        send_step(job_id, step)
+        self.send(job_id, step)
         return 1
 
     def _lost(self, queue: str) -> int:
-        count, _ = self.store.old_pending(queue, LOST_AFTER_S, 0)
+        count, _ = self.store.old_pending(queue, self.lost_after_s, 0)
         if count == 0 or count <= self.store.queue_length(queue):
             self._suspects[queue] = {}
             return 0
-        _, members = self.store.old_pending(queue, LOST_AFTER_S, LOST_SCAN_LIMIT)
+        _, members = self.store.old_pending(queue, self.lost_after_s, LOST_SCAN_LIMIT)
         waiting = self.store.queued_message_ids(queue)
         seen, suspects, made = self._suspects.get(queue, {}), {}, 0
         for member in members:

@@ -1,0 +1,222 @@
+"""Chaos with real processes: several jobs at once on two workers while a driver SIGKILLs pool
+processes and whole workers (one holding a reserved message, one training or fine-tuning),
+restarts them, and restarts Redis (AOF) once; fault points crash processes right after claims
+and before enqueues. Invariants at the end (Jepsen-style):
+
+- every job reached a final state within a bound;
+- every accepted image is exactly once in a done job's merged output;
+- no step is both finished and failed;
+- the cancelled job stayed cancelled;
+- every ended job's keys have a TTL.
+
+``CONVOY_CHAOS_SEED`` replays the driver's schedule (which fault, when, on whom).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import pytest
+
+from shared.jobstore import JobStore, connect
+from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_ready, wait_until
+from tests.imagegen import make_flat, make_tree
+from tests.test_faults import _exactly_once
+
+CHAOS_S = 120
+#: Every job must end within this long after the last fault.
+SETTLE_BOUND_S = 360
+WORKERS = ("c1", "c2")
+SIZE = ["--input-size", "32", "--weights", "none", "--seed", "3", "--max-deliveries", "12"]
+
+
+@dataclass
+class Chaos:
+    seed: int
+    server: OwnRedis
+    log_dir: Path
+    env: dict
+    procs: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)
+    last_fault: float = 0.0
+
+    def start(self, name: str) -> None:
+        self.procs[name] = start_worker(self.server.url, self.log_dir, name, extra_env=self.env)
+
+    def note(self, what: str) -> None:
+        self.last_fault = time.monotonic()
+        self.events.append((round(self.last_fault, 1), what))
+
+    def kill_worker(self, name: str, why: str) -> None:
+        stop_worker(self.procs[name], signal.SIGKILL)
+        self.note(f"kill worker {name} ({why})")
+        self.start(name)
+
+    def kill_child(self, name: str) -> bool:
+        children = _children(self.procs[name].pid)
+        if not children:
+            return False
+        os.kill(children[0], signal.SIGKILL)
+        self.note(f"kill pool process {children[0]} of {name}")
+        return True
+
+    def kill_pid(self, pid: int, why: str) -> bool:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        self.note(f"kill pid {pid} ({why})")
+        return True
+
+    def restart_redis(self) -> None:
+        self.server.stop()
+        self.server.start()
+        self.note("restart redis (AOF)")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return sorted(found)
+
+
+def _fault(chaos: Chaos, store: JobStore, rng: random.Random) -> None:
+    """One fault, chosen by the seeded generator; targets a holder or a trainer when there is one."""
+    kind = rng.choice(["child", "child", "worker", "holder", "trainer"])
+    name = rng.choice(WORKERS)
+    if kind == "holder":
+        held = store.held_members()
+        holders = [store.step(*m.split("|", 1)).get("holder", "") for m in held]
+        holders = [h.split("@")[0] for h in holders if h.split("@")[0] in WORKERS]
+        if holders:
+            return chaos.kill_worker(holders[0], "it holds a reserved message")
+    if kind == "trainer":
+        for job in store.active_job_ids():
+            for step in ("train", "finetune"):
+                state = store.step(job, step)
+                if state.get("state") == "running" and state.get("pid"):
+                    if chaos.kill_pid(int(state["pid"]), f"it runs {step} of {job}"):
+                        return
+    if kind in ("child", "holder", "trainer") and chaos.kill_child(name):
+        return
+    chaos.kill_worker(name, "at random")
+
+
+def _trained_model(tmp_path: Path) -> Path:
+    """A small classifier for the Grad-CAM job, trained before the chaos starts."""
+    data = make_tree(tmp_path / "model-data", {"train": 4, "validation": 2, "test": 2}, size_px=32)
+    proc = convoy("run", str(data), "--out", str(tmp_path / "model-out"), *SIZE, "--workers", "1", "--epochs", "1",
+                  "--cam", "0", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "model-out" / "model" / "full_model.keras"
+
+
+@pytest.mark.slow
+def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
+    seed = int(os.environ.get("CONVOY_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
+    print(f"\nchaos seed {seed} (replay: CONVOY_CHAOS_SEED={seed})")
+    rng = random.Random(seed)
+    model = _trained_model(tmp_path)
+    server = OwnRedis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always").start()
+    faults_log = tmp_path / "faults.log"
+    env = {"CONVOY_FAULTS": "after-claim=0.08,before-enqueue=0.15", "CONVOY_FAULTS_SEED": str(seed),
+           "CONVOY_FAULTS_LOG": str(faults_log)}
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    chaos = Chaos(seed, server, log_dir, env)
+    broker = ["--broker", server.url]
+    try:
+        for name in WORKERS:
+            chaos.start(name)
+        wait_ready(server.url, list(WORKERS), procs=list(chaos.procs.values()), log_dir=log_dir)
+        store = JobStore(connect(server.url))
+        jobs: dict[str, dict] = {}
+
+        def submit(label: str, data: Path, *extra: str) -> None:
+            out = tmp_path / f"out-{label}"
+            proc = convoy("submit", "extract", str(data), "--out", str(out), *SIZE, *extra, *broker, check=True)
+            jobs[proc.stdout.strip()] = {"label": label, "data": data, "out": out}
+
+        submit("extract", make_flat(tmp_path / "flat", 60, size_px=32), "--shard-size", "6", "--batch-size", "2")
+        submit("train+finetune", make_tree(tmp_path / "tree", {"train": 6, "validation": 2, "test": 2}, size_px=32),
+               "--shard-size", "5", "--then-train", "--finetune", "--epochs", "2", "--finetune-epochs", "2")
+        submit("cancelled", make_flat(tmp_path / "long", 200, size_px=32), "--shard-size", "20", "--batch-size", "1")
+        cam_images = make_flat(tmp_path / "cam-images", 12, size_px=32)
+        cam = convoy("cam", str(model), str(cam_images), "--out", str(tmp_path / "cam"), "--batch-size", "3",
+                     "--detach", "--json", *broker, check=True)
+        jobs[json.loads(cam.stdout)["job_id"]] = {"label": "grad-cam", "out": tmp_path / "cam", "images": 12}
+        cancelled = next(j for j, v in jobs.items() if v["label"] == "cancelled")
+
+        t0 = time.monotonic()
+        restarted_redis = cancelled_sent = False
+        while time.monotonic() - t0 < CHAOS_S:
+            time.sleep(rng.uniform(8, 16))
+            if not restarted_redis and time.monotonic() - t0 > CHAOS_S / 2:
+                chaos.restart_redis()
+                restarted_redis = True
+            else:
+                _fault(chaos, store, rng)
+            if not cancelled_sent and time.monotonic() - t0 > 20:
+                convoy("cancel", cancelled, *broker, check=True)
+                cancelled_sent = True
+        if not cancelled_sent:
+            convoy("cancel", cancelled, *broker, check=True)
+
+        ended: dict[str, float] = {}
+
+        def all_final() -> bool:
+            for job in jobs:
+                if job not in ended and store.job_status(job).is_final:
+                    ended[job] = time.monotonic()
+            return len(ended) == len(jobs)
+
+        try:
+            wait_until(all_final, SETTLE_BOUND_S, "every job final after the last fault", poll_s=1)
+        finally:
+            report = {
+                "seed": seed, "jobs": {j: (v["label"], str(store.job_status(j))) for j, v in jobs.items()},
+                "faults": chaos.events,
+                "injected_crashes": faults_log.read_text().splitlines() if faults_log.exists() else [],
+                "worst_recovery_s": round(max((t - chaos.last_fault for t in ended.values()), default=0), 1),
+            }
+            print("chaos report:", json.dumps(report, indent=1))
+        _check_invariants(store, jobs, cancelled, chaos)
+    finally:
+        for proc in chaos.procs.values():
+            stop_worker(proc, signal.SIGKILL)
+        server.stop()
+
+
+def _check_invariants(store: JobStore, jobs: dict, cancelled: str, chaos: Chaos) -> None:
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(chaos.log_dir.glob("*.log")))
+    assert store.job_status(cancelled).value == "cancelled"
+    done = 0
+    for job, info in jobs.items():
+        status = store.job_status(job)
+        assert status.is_final, job
+        assert not store.finished_shards(job) & store.failed_shards(job), job
+        assert all(ttl >= 0 for ttl in store.job_key_ttls(job).values()), (job, store.job_key_ttls(job))
+        if status.value != "done":
+            assert job == cancelled, (info["label"], store.status(job), logs)
+            continue
+        done += 1
+        if info["label"] == "grad-cam":
+            with h5py.File(info["out"] / "heatmaps.h5") as f:
+                assert len(f["paths"]) == info["images"]
+        else:
+            _exactly_once(info["data"], info["out"])
+    assert done == len(jobs) - 1
+    assert len(chaos.events) >= 5, chaos.events
