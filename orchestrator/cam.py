@@ -215,7 +215,7 @@ def cam_status(store: JobStore, job_id: str, watch: bool, as_json: bool) -> int:
             wait_cam(store, job_id, show=not as_json)
         except JobFailed:
             pass  # reported below, like any other final state
-    state = store.state(job_id)
+    state = store.status(job_id)
     report = {"job_id": job_id, "kind": "cam", "status": state.get("status", "unknown"),
               "error": state.get("error", ""), "images_done": int(state.get("images_done", 0)),
               "images_total": int(state.get("images_total", 0)),

@@ -113,7 +113,7 @@ def print_report(report: dict, as_json: bool) -> None:
     console = Console()
     console.print(_table(report))
     if report["waiting_for"]:
-        console.print(waiting_words(report["waiting_for"]))
+        console.print(waiting_words(report["waiting_for"]), soft_wrap=True, markup=False)
     if report["error"]:
         console.print(f"[red]error:[/red] {report['error']}")
     for item in report["skipped"]:

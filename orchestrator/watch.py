@@ -50,7 +50,7 @@ def wait_for_job(
             if report["waiting_for"]:
                 waiting_since = waiting_since or time.monotonic()
                 if not warned and time.monotonic() - waiting_since > WARN_WAITING_AFTER_S:
-                    console.print(f"convoy: {waiting_words(report['waiting_for'])}")
+                    console.print(f"convoy: {waiting_words(report['waiting_for'])}", soft_wrap=True, markup=False)
                     warned = True
             else:
                 waiting_since, warned = None, False

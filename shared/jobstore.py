@@ -353,7 +353,7 @@ def _field(value) -> str | int | float:
 
 
 _JSON_FIELDS = ("skipped", "timings", "params")
-_INT_FIELDS = ("done", "total", "rows", "deliveries")
+_INT_FIELDS = ("done", "total", "rows", "deliveries", "repairs")
 
 
 def _decode_step(raw: dict) -> dict:

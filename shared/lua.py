@@ -244,7 +244,8 @@ else
   end
 end
 redis.call('HSET', sk, 'state', 'queued', 'msg', ARGV[4], 'error', ARGV[3], 'token', '', 'holder', '',
-           'queued_at', t)
+           'queued_at', t, 'repaired', ARGV[3])
+redis.call('HINCRBY', sk, 'repairs', 1)
 redis.call('ZADD', k_pending(queue), t, m)
 return {redis.call('HGET', sk, 'task'), queue}
 """

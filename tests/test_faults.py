@@ -28,6 +28,8 @@ from tests.imagegen import make_tree
 
 #: Shards big enough to be caught mid-way on a 2-core machine.
 ARGS = ["--input-size", "48", "--weights", "none", "--seed", "5", "--shard-size", "30", "--batch-size", "2"]
+#: One shard of 60 images a batch at a time: long enough for a test to act while it runs.
+LONG_SHARD = ["--shard-size", "60", "--batch-size", "1"]
 
 
 def _data(tmp_path: Path, per_split: int = 20) -> Path:
@@ -77,7 +79,7 @@ def test_pool_process_killed_mid_shard(private, tmp_path):
 def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
     private.start("m1", "m2")
     data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-    job = _submit(private, data, out)
+    job = _submit(private, data, out, *LONG_SHARD)
     shard, state = _wait_running(private.store, job)
     victim = state["worker"].split("@")[0]
     killed_at = time.monotonic()
@@ -96,7 +98,7 @@ def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
 def test_sigterm_hands_the_shard_back(private, tmp_path):
     private.start("t1", "t2")
     data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-    job = _submit(private, data, out)
+    job = _submit(private, data, out, *LONG_SHARD)
     shard, state = _wait_running(private.store, job)
     victim = state["worker"].split("@")[0]
     os.killpg(private.procs[victim].pid, signal.SIGTERM)
