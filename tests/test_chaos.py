@@ -59,6 +59,24 @@ class Chaos:
         self.note(f"kill worker {name} ({why})")
         self.start(name)
 
+    def restart_dead(self) -> None:
+        """A worker whose main process a fault point killed (it held a reserved message) comes back."""
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is not None:
+                stop_worker(proc, signal.SIGKILL)  # its pool processes too
+                self.note(f"restart worker {name} (killed by a fault point)")
+                self.start(name)
+
+    def kill_trainer(self, store: JobStore, spare: frozenset = frozenset()) -> str | None:
+        """SIGKILL the process training or fine-tuning (steps in ``spare`` aside), if one runs; the step."""
+        for job in store.active_job_ids():
+            for step in {"train", "finetune"} - spare:
+                state = store.step(job, step)
+                if state.get("state") == "running" and state.get("pid"):
+                    if self.kill_pid(int(state["pid"]), f"it runs {step} of {job}"):
+                        return step
+        return None
+
     def kill_child(self, name: str) -> bool:
         children = _children(self.procs[name].pid)
         if not children:
@@ -103,13 +121,8 @@ def _fault(chaos: Chaos, store: JobStore, rng: random.Random) -> None:
         holders = [h.split("@")[0] for h in holders if h.split("@")[0] in WORKERS]
         if holders:
             return chaos.kill_worker(holders[0], "it holds a reserved message")
-    if kind == "trainer":
-        for job in store.active_job_ids():
-            for step in ("train", "finetune"):
-                state = store.step(job, step)
-                if state.get("state") == "running" and state.get("pid"):
-                    if chaos.kill_pid(int(state["pid"]), f"it runs {step} of {job}"):
-                        return
+    if kind == "trainer" and chaos.kill_trainer(store):
+        return
     if kind in ("child", "holder", "trainer") and chaos.kill_child(name):
         return
     chaos.kill_worker(name, "at random")
@@ -132,7 +145,7 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
     model = _trained_model(tmp_path)
     server = OwnRedis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always").start()
     faults_log = tmp_path / "faults.log"
-    env = {"CONVOY_FAULTS": "after-claim=0.08,before-enqueue=0.15", "CONVOY_FAULTS_SEED": str(seed),
+    env = {"CONVOY_FAULTS": "after-claim=0.08,before-enqueue=0.15,after-receive=0.03", "CONVOY_FAULTS_SEED": str(seed),
            "CONVOY_FAULTS_LOG": str(faults_log)}
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
@@ -152,7 +165,7 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
 
         submit("extract", make_flat(tmp_path / "flat", 60, size_px=32), "--shard-size", "6", "--batch-size", "2")
         submit("train+finetune", make_tree(tmp_path / "tree", {"train": 6, "validation": 2, "test": 2}, size_px=32),
-               "--shard-size", "5", "--then-train", "--finetune", "--epochs", "2", "--finetune-epochs", "2")
+               "--shard-size", "5", "--then-train", "--finetune", "--epochs", "4", "--finetune-epochs", "3")
         submit("cancelled", make_flat(tmp_path / "long", 200, size_px=32), "--shard-size", "20", "--batch-size", "1")
         cam_images = make_flat(tmp_path / "cam-images", 12, size_px=32)
         cam = convoy("cam", str(model), str(cam_images), "--out", str(tmp_path / "cam"), "--batch-size", "3",
@@ -161,19 +174,27 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
         cancelled = next(j for j, v in jobs.items() if v["label"] == "cancelled")
 
         t0 = time.monotonic()
+        next_fault = t0 + rng.uniform(8, 16)
         restarted_redis = cancelled_sent = False
+        trainers_killed: set[str] = set()
         while time.monotonic() - t0 < CHAOS_S:
-            time.sleep(rng.uniform(8, 16))
-            if not restarted_redis and time.monotonic() - t0 > CHAOS_S / 2:
-                chaos.restart_redis()
-                restarted_redis = True
-            else:
-                _fault(chaos, store, rng)
-            if not cancelled_sent and time.monotonic() - t0 > 20:
+            time.sleep(0.5)
+            chaos.restart_dead()
+            if len(trainers_killed) < 2:  # training and fine-tuning each killed once, as soon as they run
+                step = chaos.kill_trainer(store, frozenset(trainers_killed))
+                if step:
+                    trainers_killed.add(step)
+            if time.monotonic() >= next_fault:
+                next_fault = time.monotonic() + rng.uniform(8, 16)
+                if not restarted_redis and time.monotonic() - t0 > CHAOS_S / 2:
+                    chaos.restart_redis()
+                    restarted_redis = True
+                else:
+                    _fault(chaos, store, rng)
+            if not cancelled_sent and time.monotonic() - t0 > 5:
                 convoy("cancel", cancelled, *broker, check=True)
                 cancelled_sent = True
-        if not cancelled_sent:
-            convoy("cancel", cancelled, *broker, check=True)
+        chaos.restart_dead()
 
         ended: dict[str, float] = {}
 
@@ -188,7 +209,8 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
         finally:
             report = {
                 "seed": seed, "jobs": {j: (v["label"], str(store.job_status(j))) for j, v in jobs.items()},
-                "faults": chaos.events,
+                "faults": chaos.events, "kills": sum("kill" in what for _, what in chaos.events),
+                "restarts": sum("restart" in what for _, what in chaos.events),
                 "injected_crashes": faults_log.read_text().splitlines() if faults_log.exists() else [],
                 "worst_recovery_s": round(max((t - chaos.last_fault for t in ended.values()), default=0), 1),
             }

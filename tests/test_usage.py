@@ -96,3 +96,25 @@ def test_worker_unknown_queue():
 
 def test_status_of_unknown_job(redis_url):
     _one_line_error(convoy("status", "nope", "--broker", redis_url), "no job 'nope'")
+
+
+@pytest.mark.parametrize("name, value", [("CONVOY_JOB_TTL", "soon"), ("CONVOY_TASK_TIME_LIMIT_S", "-5"),
+                                         ("CONVOY_MAX_DELIVERIES", "three"), ("CONVOY_TF_THREADS", "x")])
+def test_a_bad_number_in_the_environment_is_a_usage_error(name, value, tmp_path, data):
+    _one_line_error(convoy("run", str(data), "--out", str(tmp_path / "o"), "--weights", "none", env={name: value}),
+                    name, repr(value))
+
+
+def test_status_of_an_output_directory_after_the_run(tmp_path, data):
+    """`convoy run`'s own broker is gone after the run: status reads OUT/manifest.json."""
+    import json
+
+    out = tmp_path / "out"
+    run = convoy("run", str(data), "--out", str(out), "--weights", "none", "--input-size", "32", "--workers", "1",
+                 "--json", check=True)
+    job = json.loads(run.stdout.splitlines()[-1])["job_id"]
+    proc = convoy("status", str(out), "--json", check=True)
+    report = json.loads(proc.stdout)
+    assert report["job_id"] == job and report["status"] == "done" and report["source"] == "manifest"
+    assert report["images_done"] == report["images_total"] == 2
+    assert "done" in convoy("status", str(out), check=True).stdout
