@@ -187,7 +187,8 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, show: bool = 
     else:
         from orchestrator.cluster import local_cluster
 
-        with local_cluster(settings, workers, Path(spec.out_dir) / "logs") as (local, pool):
+        data, outputs = (Path(spec.root), Path(spec.model_path).parent), (Path(spec.out_dir),)
+        with local_cluster(settings, workers, Path(spec.out_dir) / "logs", data, outputs) as (local, pool):
             summary = _submit_and_wait(local, spec, batches, show, alive=pool.alive)
     seconds = time.monotonic() - t0
     return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images, **summary,

@@ -74,7 +74,8 @@ def cmd_run(args, settings: Settings) -> int:
         cam = _cam_after_training(args, spec, settings, show)
     else:
         # Workers import TensorFlow while the weights are resolved: start-up overlaps.
-        with local_cluster(settings, args.workers, checked[1] / "logs") as (local, pool):
+        scan, out = checked
+        with local_cluster(settings, args.workers, out / "logs", (scan.data_dir,), (out,)) as (local, pool):
             store = _store(local)
             spec, shards = job()
             submit(store, spec, shards, local.job_ttl_s)
@@ -169,15 +170,16 @@ def cmd_predict(args, settings: Settings) -> int:
     from orchestrator import training
     from orchestrator.cluster import local_cluster
 
-    model, paths = training.model_file(args.model), training.image_paths(args.images)
+    model, images = training.model_file(args.model), training.image_paths(args.images)
     if settings.broker_url:
         _store(settings)
-        rows = training.predict(model, paths, settings.task_time_limit_s)
+        rows = training.predict(model, images, settings.task_time_limit_s)
     else:
+        data = (Path(os.path.commonpath([str(Path(p).parent) for p in images])), model.parent)
         with tempfile.TemporaryDirectory(prefix="convoy-predict-") as logs, \
-                local_cluster(settings, 1, Path(logs)) as (local, _pool):
+                local_cluster(settings, 1, Path(logs), data=data, outputs=(Path(logs),)) as (local, _pool):
             _store(local)
-            rows = training.predict(model, paths, local.task_time_limit_s)
+            rows = training.predict(model, images, local.task_time_limit_s)
     training.print_predictions(rows, args.json)
     return 0
 
@@ -259,8 +261,11 @@ def cmd_resume(args, settings: Settings) -> int:
         print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)
         state = wait_for_job(store, spec.job_id, sys.stderr.isatty())
     else:
+        from shared.manifest import read_manifest
+
         out = out_dir_of(args.target, args.out, None)
-        with local_cluster(settings, args.workers, out / "logs") as (local, pool):
+        data = Path(read_manifest(out)["spec"]["data_dir"])
+        with local_cluster(settings, args.workers, out / "logs", data=(data,), outputs=(out,)) as (local, pool):
             store = _store(local)
             spec, missing = resume(store, out, local.job_ttl_s)
             print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -55,21 +56,28 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """A private Redis-protocol server on a free localhost port, keeping nothing on disk."""
+    """A private Redis-protocol server on a free 127.0.0.1 port, keeping nothing on disk, with a
+    random password. The password is in a 0600 config file and in the URL that the workers get
+    through their environment, never on a command line (``ps`` shows command lines to everyone)."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.workdir: Path | None = None
 
     def start(self, timeout_s: float = 15) -> str:
         port = free_port()
-        workdir = tempfile.mkdtemp(prefix="convoy-redis-")
-        args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", workdir, "--protected-mode", "yes"]
+        workdir = self.workdir = Path(tempfile.mkdtemp(prefix="convoy-redis-"))  # 0700
+        password = secrets.token_urlsafe(24)
+        config = workdir / "redis.conf"
+        config.touch(mode=0o600)
+        config.write_text(f"port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {workdir}\n"
+                          f"protected-mode yes\nrequirepass {password}\n")
         log = open(self.log_dir / "broker.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc = subprocess.Popen([redis_binary(), str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
+        self.url = f"redis://:{password}@127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -85,6 +93,8 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         _stop([self.proc] if self.proc else [], grace_s=5)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)  # the password file goes with it
 
 
 class LocalWorkers:
@@ -134,12 +144,14 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
 
 
 @contextmanager
-def local_cluster(settings: Settings, workers: int, log_dir: Path):
-    """Yield settings pointing at a fresh embedded broker with ``workers`` local workers."""
+def local_cluster(settings: Settings, workers: int, log_dir: Path, data: tuple[Path, ...] = (),
+                  outputs: tuple[Path, ...] = ()):
+    """Yield settings pointing at a fresh embedded broker with ``workers`` local workers, confined
+    to ``data`` and ``outputs`` (the job's own folders) unless the roots were configured."""
     log_dir.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(log_dir)
     url = broker.start()
-    local = settings.with_broker(url)
+    local = settings.with_broker(url).confined_to(data, outputs)
     pool = LocalWorkers(local, workers, log_dir)
     try:
         pool.start()

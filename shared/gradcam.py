@@ -43,10 +43,14 @@ class CamResult:
 # --- loading ------------------------------------------------------------------------------
 
 def load_model(path: str | Path):
-    """A Keras model file, loaded with ``safe_mode=True`` (no arbitrary code from the file)."""
+    """A ``.keras`` model file, loaded with ``safe_mode=True``: no code from the file runs (Keras
+    ≥ 3.11.3, past the safe-mode bypasses; ``.h5`` files ignore safe mode and are refused)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist; pass a .keras file or {VGG16_IMAGENET!r}")
+    if path.suffix != ".keras":
+        raise ModelError(f"model file {path} is not a .keras file; only .keras files load (in safe mode), "
+                         "since other formats can run code: re-save it with model.save('x.keras')")
     import_tensorflow()
     import keras
 

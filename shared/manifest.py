@@ -54,7 +54,10 @@ def spec_and_shards(manifest: dict) -> tuple[JobSpec, dict[str, list[list]]]:
 
 
 def update_states(out_dir: str | Path, states: dict[str, str], extra: dict | None = None) -> None:
-    """Record final shard states (and summary fields) in the manifest."""
+    """Record final shard states (and summary fields) in the manifest, when the job has one (a job
+    written into Redis by other means has none, and its features are merged all the same)."""
+    if not manifest_path(out_dir).exists():
+        return
     manifest = read_manifest(out_dir)
     for shard in manifest["shards"]:
         shard["state"] = states.get(shard["id"], shard["state"])

@@ -1,51 +1,70 @@
-"""Where workers may read and write: inside the configured roots, never through ``..``."""
+"""Where workers may read and write: the one confinement function, and its uses.
+
+Every path a worker opens or writes — images in every step, model files, OUT and everything
+under it — goes through :func:`confine`: symlinks are resolved first, then the real path must
+lie inside one of the roots (``CONVOY_DATA_ROOTS`` for what is read, ``CONVOY_OUTPUT_ROOTS`` for
+what is written; empty roots mean anywhere). ``convoy run`` and ``convoy cam`` set the roots of
+the workers they start to the job's own folders, so the embedded case is confined too.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
 from shared.errors import ShardError
-from shared.job import JobSpec
+from shared.images import BadImage
 from shared.settings import Settings
 
-
-def _within(path: Path, roots: tuple[Path, ...]) -> bool:
-    return not roots or any(path == root or root in path.parents for root in roots)
+OUTSIDE_DATA = "outside the allowed data roots"
 
 
-def check_job_paths(spec: JobSpec, settings: Settings) -> None:
-    """Refuse a job whose data or output directory lies outside the worker's roots."""
-    data, out = Path(spec.data_dir).resolve(), Path(spec.out_dir).resolve()
-    if not _within(data, settings.data_roots):
-        raise ShardError(f"data directory {data} is outside CONVOY_DATA_ROOTS; refused")
-    if not _within(out, settings.output_roots):
-        raise ShardError(f"output directory {out} is outside CONVOY_OUTPUT_ROOTS; refused")
+class OutsideRoots(ShardError):
+    """A path resolves outside the roots a worker may use."""
 
 
-def check_shard_paths(spec: JobSpec, entries: list[list], settings: Settings) -> list[str]:
-    """Absolute paths of a shard's images, after refusing any that could escape DATA."""
+def confine(path: str | Path, roots: tuple[Path, ...], what: str, variable: str) -> Path:
+    """``path`` with every symlink resolved, or :class:`OutsideRoots` if it lies outside ``roots``."""
+    resolved = Path(path).resolve()
+    if roots and not any(resolved == root or root in resolved.parents for root in roots):
+        raise OutsideRoots(f"{what} {path} resolves to {resolved}, outside {variable}; refused")
+    return resolved
+
+
+def relative(root: str | Path, rel: str) -> Path:
+    """``root/rel`` for a path stored relative to a job's folder; never absolute, never through ``..``."""
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ShardError(f"image path {rel!r} is absolute or contains '..'; refused")
+    return Path(root) / pure
+
+
+def image(path: str | Path, settings: Settings) -> Path:
+    """An image to read: resolved and inside the data roots, else :class:`BadImage` (it is skipped)."""
+    try:
+        return confine(path, settings.data_roots, "image", "CONVOY_DATA_ROOTS")
+    except OutsideRoots:
+        raise BadImage(OUTSIDE_DATA) from None
+
+
+def readable(path: str | Path, settings: Settings, what: str) -> Path:
+    """A file to read that is not an image (a model): inside the data or the output roots."""
+    roots = settings.data_roots + settings.output_roots if settings.data_roots and settings.output_roots else ()
+    return confine(path, roots, what, "CONVOY_DATA_ROOTS and CONVOY_OUTPUT_ROOTS")
+
+
+def output(path: str | Path, settings: Settings) -> Path:
+    """An output directory: resolved and inside the output roots, else :class:`OutsideRoots`."""
+    return confine(path, settings.output_roots, "output directory", "CONVOY_OUTPUT_ROOTS")
+
+
+def check_job_paths(spec, settings: Settings) -> None:
+    """Refuse a job (a JobSpec) whose data or output directory lies outside the worker's roots."""
+    confine(spec.data_dir, settings.data_roots, "data directory", "CONVOY_DATA_ROOTS")
+    output(spec.out_dir, settings)
+
+
+def shard_images(spec, entries: list[list], settings: Settings) -> list[str]:
+    """A shard's image paths (not yet resolved: each is confined when it is read, and skipped if
+    it resolves outside the roots), after refusing the job if DATA or OUT lies outside them."""
     check_job_paths(spec, settings)
-    data = Path(spec.data_dir)
-    out = []
-    for rel, _label in entries:
-        pure = PurePosixPath(rel)
-        if pure.is_absolute() or ".." in pure.parts:
-            raise ShardError(f"image path {rel!r} is absolute or contains '..'; refused")
-        out.append(str(data / pure))
-    return out
-
-
-def check_data_path(path: str | Path, settings: Settings) -> Path:
-    """Refuse a file outside the worker's data roots (e.g. an image to classify)."""
-    resolved = Path(path).resolve()
-    if not _within(resolved, settings.data_roots):
-        raise ShardError(f"{resolved} is outside CONVOY_DATA_ROOTS; refused")
-    return resolved
-
-
-def check_output_path(path: str | Path, settings: Settings) -> Path:
-    """Refuse an output directory outside the worker's output roots."""
-    resolved = Path(path).resolve()
-    if not _within(resolved, settings.output_roots):
-        raise ShardError(f"output directory {resolved} is outside CONVOY_OUTPUT_ROOTS; refused")
-    return resolved
+    return [str(relative(spec.data_dir, rel)) for rel, _label in entries]

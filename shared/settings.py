@@ -113,6 +113,12 @@ class Settings:
     def with_broker(self, url: str | None) -> Settings:
         return replace(self, broker_url=url) if url else self
 
+    def confined_to(self, data: tuple[Path, ...], outputs: tuple[Path, ...]) -> Settings:
+        """These roots where none were configured (the cluster ``convoy run`` starts for one job)."""
+        resolve = lambda paths: tuple(Path(p).resolve() for p in paths)  # noqa: E731
+        return replace(self, data_roots=self.data_roots or resolve(data),
+                       output_roots=self.output_roots or resolve(outputs))
+
     def to_env(self) -> dict[str, str]:
         """The environment a child process needs to rebuild these settings."""
         env = {

@@ -177,11 +177,16 @@ def feature_data(split: SplitRows, num_classes: int, batch_size: int, in_memory:
 
 
 def image_data(split: SplitRows, data_dir: Path, size_px: int, num_classes: int, batch_size: int,
-               shuffle: bool, seed: int):
-    """A PyDataset of decoded pixels (float32, 0-255) from the images the rows came from."""
+               shuffle: bool, seed: int, settings):
+    """A PyDataset of decoded pixels (float32, 0-255) from the images the rows came from. The
+    paths come from an HDF5 file: each is confined to DATA and the data roots before it is read."""
+    from shared import paths
     from shared.images import load_pixels
 
+    def read(rel: str) -> np.ndarray:
+        return load_pixels(paths.image(paths.relative(data_dir, rel), settings), size_px)
+
     def load(pos: np.ndarray) -> np.ndarray:
-        return np.stack([load_pixels(data_dir / split.paths[i], size_px) for i in pos]).astype(np.float32)
+        return np.stack([read(split.paths[i]) for i in pos]).astype(np.float32)
 
     return batches(load, targets(split.labels, num_classes), batch_size, shuffle, seed)

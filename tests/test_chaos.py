@@ -211,11 +211,13 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
                 "seed": seed, "jobs": {j: (v["label"], str(store.job_status(j))) for j, v in jobs.items()},
                 "faults": chaos.events, "kills": sum("kill" in what for _, what in chaos.events),
                 "restarts": sum("restart" in what for _, what in chaos.events),
+                "training_steps_killed": sorted(trainers_killed),
                 "injected_crashes": faults_log.read_text().splitlines() if faults_log.exists() else [],
                 "worst_recovery_s": round(max((t - chaos.last_fault for t in ended.values()), default=0), 1),
             }
             print("chaos report:", json.dumps(report, indent=1))
         _check_invariants(store, jobs, cancelled, chaos)
+        assert trainers_killed, "training never ran during the chaos: nothing killed it"
     finally:
         for proc in chaos.procs.values():
             stop_worker(proc, signal.SIGKILL)

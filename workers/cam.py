@@ -6,19 +6,17 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
-from shared import keys
+from shared import keys, paths
 from shared.camjob import HEATMAPS_NAME, INDEX_NAME, OVERLAYS_DIR, PARTS_DIR, CamSpec, batch_index
 from shared.celery_app import app
-from shared.errors import ShardError
 from shared.heatmaps import CamRows, concat, read_rows, write_rows
 from shared.images import BadImage, load_pixels, resize_pixels
 from shared.jobstore import NewStep
 from shared.overlay import overlay_name, superimpose, write_index, write_png
-from shared.paths import check_data_path, check_output_path
 from shared.states import JobStatus
 from workers.runtime import runtime
 from workers.step import ConvoyStep, Outcome, Route
@@ -35,6 +33,9 @@ class CamBatchStep(ConvoyStep):
     def describe(self, step: str) -> str:
         return f"batch {batch_index(step)}"
 
+    def preflight(self, job_id: str) -> None:
+        paths.output(runtime().store.cam_spec(job_id).out_dir, runtime().settings)
+
     def route(self, job_id: str, step: str) -> Route:
         spec = runtime().store.cam_spec(job_id)
         assemble = NewStep(keys.ASSEMBLE_STEP, keys.CAM_QUEUE, keys.ASSEMBLE_TASK, JobStatus.ASSEMBLING)
@@ -43,6 +44,9 @@ class CamBatchStep(ConvoyStep):
 
 class AssembleStep(ConvoyStep):
     label = "assemble"
+
+    def preflight(self, job_id: str) -> None:
+        paths.output(runtime().store.cam_spec(job_id).out_dir, runtime().settings)
 
 
 @app.task(name=keys.CAM_TASK, base=CamBatchStep, bind=True)
@@ -59,27 +63,17 @@ def cam_batch(self, job_id: str, step: str) -> Outcome:
 @app.task(name=keys.ASSEMBLE_TASK, base=AssembleStep, bind=True)
 def cam_assemble(self, job_id: str, step: str) -> Outcome:
     """heatmaps.h5 and index.html from the batches' part files; then the job is done."""
-    summary = assemble(runtime().store.cam_spec(job_id))
+    summary = assemble(runtime().store.cam_spec(job_id), runtime().settings)
     return Outcome(result={"rows": summary["rows"]}, job_fields={"summary": summary})
 
 
-def _image_paths(spec: CamSpec, rels: list[str], settings) -> list[Path]:
-    root = Path(spec.root)
-    out = []
-    for rel in rels:
-        pure = PurePosixPath(rel)
-        if pure.is_absolute() or ".." in pure.parts:
-            raise ShardError(f"image path {rel!r} is absolute or contains '..'; refused")
-        out.append(check_data_path(root / pure, settings))
-    return out
-
-
-def _decode(paths: list[Path], hw: tuple[int, int]) -> tuple[list[int], list, list[tuple[int, str]]]:
-    """(positions decoded, [(original, model-sized) pixels], [(position, reason)])."""
+def _decode(files: list[Path], hw: tuple[int, int], settings) -> tuple[list[int], list, list[tuple[int, str]]]:
+    """(positions decoded, [(original, model-sized) pixels], [(position, reason)]); an image that
+    resolves outside the data roots is skipped like a bad one."""
     ok, images, skipped = [], [], []
-    for i, path in enumerate(paths):
+    for i, path in enumerate(files):
         try:
-            original = load_pixels(path, None)
+            original = load_pixels(paths.image(path, settings), None)
         except BadImage as exc:
             skipped.append((i, str(exc)))
             continue
@@ -92,11 +86,11 @@ def _run(settings, spec: CamSpec, batch: int, rels: list[str]) -> CamRows:
     from shared.models import preprocess
     from workers.cam_model import cam_model
 
-    check_output_path(spec.out_dir, settings)
-    paths = _image_paths(spec, rels, settings)
-    cam = cam_model(spec)
+    paths.output(spec.out_dir, settings)
+    files = [paths.relative(spec.root, rel) for rel in rels]
+    cam = cam_model(spec, settings)
     t0 = time.perf_counter()
-    ok, images, skipped = _decode(paths, cam.input_hw)
+    ok, images, skipped = _decode(files, cam.input_hw, settings)
     rows = concat([], cam.heatmap_hw)
     if images:
         pixels = np.stack([small for _, small in images])
@@ -129,12 +123,13 @@ def _rows(spec: CamSpec, batch: int, rels, ok, images, result) -> CamRows:
     )
 
 
-def assemble(spec: CamSpec) -> dict:
+def assemble(spec: CamSpec, settings) -> dict:
     """heatmaps.h5 and index.html from the part files."""
     from shared.gradcam import VGG16_IMAGENET
     from workers.cam_model import cam_model
 
-    cam = cam_model(spec)
+    paths.output(spec.out_dir, settings)
+    cam = cam_model(spec, settings)
     rows = concat([read_rows(spec.part_file(b)) for b in range(spec.n_batches)], cam.heatmap_hw)
     out = Path(spec.out_dir)
     attrs = {

@@ -6,7 +6,9 @@ since submission is refused, and a new one replaces the old so memory stays flat
 
 from __future__ import annotations
 
+from shared import paths
 from shared.camjob import CamSpec
+from shared.settings import Settings
 from workers.runtime import verify_file
 
 _MODELS: dict = {}
@@ -16,16 +18,18 @@ def verify_model_file(spec: CamSpec) -> None:
     verify_file(spec.model_path, spec.model_sha256, "model file")
 
 
-def cam_model(spec: CamSpec):
+def cam_model(spec: CamSpec, settings: Settings):
     """The :class:`shared.gradcam.GradCam` for this job's model file and layer."""
     from shared import gradcam
 
     key = (spec.model, spec.model_path, spec.model_sha256, spec.layer)
     if key not in _MODELS:
-        verify_model_file(spec)
         if spec.model == gradcam.VGG16_IMAGENET:
+            verify_model_file(spec)  # weights only (no code), from the Keras cache
             model = gradcam.build_vgg16_imagenet(spec.model_path)
         else:
+            paths.readable(spec.model_path, settings, "model file")
+            verify_model_file(spec)
             model = gradcam.load_model(spec.model_path)
         _MODELS.clear()  # one model per process
         _MODELS[key] = gradcam.GradCam(model, spec.layer)

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared import paths
 from shared.images import BadImage, load_pixels
+from shared.settings import Settings
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -28,25 +30,26 @@ class Batch:
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
 
 
-def _load(path: str, size_px: int) -> np.ndarray | str:
+def _load(path: str, size_px: int, settings: Settings) -> np.ndarray | str:
     try:
-        return load_pixels(path, size_px)
+        return load_pixels(paths.image(path, settings), size_px)
     except BadImage as exc:
         return str(exc)
 
 
-def iter_batches(paths: list[str], size_px: int, batch_size: int, ahead: int = 2) -> Iterator[Batch]:
+def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Settings,
+                 ahead: int = 2) -> Iterator[Batch]:
     """Decoded batches in order; at most ``ahead`` batches decode beyond the one being used."""
     pool = _pool()
     pending: list[list[Future]] = []
-    starts = list(range(0, len(paths), batch_size))
+    starts = list(range(0, len(files), batch_size))
     submitted = 0
 
     def submit_next() -> None:
         nonlocal submitted
         if submitted < len(starts):
             lo = starts[submitted]
-            pending.append([pool.submit(_load, p, size_px) for p in paths[lo : lo + batch_size]])
+            pending.append([pool.submit(_load, p, size_px, settings) for p in files[lo : lo + batch_size]])
             submitted += 1
 
     for _ in range(ahead + 1):

@@ -15,7 +15,7 @@ from shared.celery_app import app
 from shared.features import ShardResult, read_shard_summary, shard_fingerprint, write_shard
 from shared.job import fingerprint
 from shared.jobstore import NewStep
-from shared.paths import check_shard_paths
+from shared.paths import shard_images
 from shared.states import JobStatus
 from workers.decode import iter_batches
 from workers.provenance import feature_attrs
@@ -50,7 +50,7 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
     host = self.request.hostname or socket.gethostname()
     entries = rt.store.inputs(job_id, shard)
     final = spec.shard_file(shard)
-    abs_paths = check_shard_paths(spec, entries, rt.settings)
+    abs_paths = shard_images(spec, entries, rt.settings)
     fp = fingerprint(spec.model, entries)
     if shard_fingerprint(final) == fp:
         log.info("shard %s of job %s already has a current file; skipping", shard, spec.job_id)
@@ -82,7 +82,7 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
     t_start = time.perf_counter()
     t_mark = t_start
     done = 0
-    for batch in iter_batches(abs_paths, model.input_size_px, model.batch_size):
+    for batch in iter_batches(abs_paths, model.input_size_px, model.batch_size, rt.settings):
         t_ready = time.perf_counter()
         timings["decode_wait_s"] += t_ready - t_mark
         timings.setdefault("first_batch_at", time.time())

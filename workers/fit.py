@@ -187,7 +187,7 @@ def _checkpoint_key(head_file: Path, config: TrainConfig) -> str:
                        config.batch_size, config.seed])
 
 
-def finetune(spec: JobSpec, config: TrainConfig, stop_check: Callable[[], None] | None = None) -> dict:
+def finetune(spec: JobSpec, config: TrainConfig, settings, stop_check: Callable[[], None] | None = None) -> dict:
     """Unfreeze the base from ``config.unfreeze_from`` on and train end to end on the images."""
     import keras
 
@@ -208,7 +208,7 @@ def finetune(spec: JobSpec, config: TrainConfig, stop_check: Callable[[], None] 
     checkpoint = Checkpoint(folder, _checkpoint_key(head_file, config))
     start, history = checkpoint.restore(full)
     data = {s: trainset.image_data(rows, Path(spec.data_dir), m.input_size_px, k, config.batch_size,
-                                   s == "train", config.seed + start)
+                                   s == "train", config.seed + start, settings)
             for s, rows in plan.items()}
     t_fit = time.perf_counter()
     if start < config.finetune_epochs:

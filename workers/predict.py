@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from shared import paths
 from shared.classifier import class_probability, predicted_classes
 from shared.errors import ModelFileError, ShardError
 from shared.images import BadImage, load_pixels
-from shared.paths import check_data_path
 from shared.settings import Settings
 from workers.fit import MODEL_INFO
 
@@ -20,17 +19,24 @@ BATCH_SIZE = 32
 
 
 @lru_cache(maxsize=2)
-def _load(path: str, mtime_ns: int):
-    """Loaded once per process and model version, reused by every predict task."""
-    import keras
+def _load(path: str, sha256: str):
+    """Loaded once per process and model content (by sha256), reused by every predict task."""
+    from shared.errors import ModelError
+    from shared.gradcam import load_model as load_keras_file
 
-    # safe_mode refuses Lambda layers and other code stored in a model file.
-    return keras.models.load_model(path, safe_mode=True, compile=False)
-
-
-def load_model(path: Path):
     try:
-        return _load(str(path), os.stat(path).st_mtime_ns)
+        return load_keras_file(path)
+    except ModelError as exc:
+        raise ModelFileError(str(exc)) from None
+
+
+def load_model(path: Path, settings: Settings):
+    """The model at ``path`` (inside the roots, ``.keras``, safe mode), cached by its sha256."""
+    from workers.runtime import file_digest
+
+    path = paths.readable(path, settings, "model file")
+    try:
+        return _load(str(path), file_digest(str(path)))
     except OSError as exc:
         raise ModelFileError(f"model file {path} is not readable on this worker ({exc.strerror})") from None
 
@@ -43,25 +49,25 @@ def class_names(model_path: Path, num_outputs: int) -> list[str]:
         return [str(i) for i in range(max(2, num_outputs))]
 
 
-def _decode(paths: list[str], size_px: int, settings: Settings) -> tuple[list[int], list, dict[int, str]]:
+def _decode(files: list[str], size_px: int, settings: Settings) -> tuple[list[int], list, dict[int, str]]:
     rows, pixels, errors = [], [], {}
-    for i, path in enumerate(paths):
+    for i, path in enumerate(files):
         try:
-            pixels.append(load_pixels(check_data_path(path, settings), size_px))
+            pixels.append(load_pixels(paths.image(path, settings), size_px))
             rows.append(i)
         except (BadImage, ShardError) as exc:
             errors[i] = str(exc)
     return rows, pixels, errors
 
 
-def predict_paths(model_path: Path, paths: list[str], settings: Settings) -> list[dict]:
+def predict_paths(model_path: Path, files: list[str], settings: Settings) -> list[dict]:
     """One row per path: class name and its probability, or the reason it could not be read."""
-    model = load_model(model_path)
+    model = load_model(model_path, settings)
     size_px = int(model.input_shape[1])
     names = class_names(model_path, int(model.output_shape[-1]))
-    out: list[dict] = [{"path": p} for p in paths]
-    for start in range(0, len(paths), BATCH_SIZE):
-        chunk = paths[start : start + BATCH_SIZE]
+    out: list[dict] = [{"path": p} for p in files]
+    for start in range(0, len(files), BATCH_SIZE):
+        chunk = files[start : start + BATCH_SIZE]
         rows, pixels, errors = _decode(chunk, size_px, settings)
         for i, reason in errors.items():
             out[start + i]["error"] = reason

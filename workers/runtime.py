@@ -76,16 +76,21 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
     return sha256_file(path)
 
 
+def file_digest(path: str) -> str:
+    """sha256 of a file, hashed again only when its size or mtime changed (OSError if unreadable)."""
+    st = os.stat(path)
+    return _digest(path, st.st_mtime_ns, st.st_size)
+
+
 def verify_file(path: str, expected_sha256: str, what: str) -> None:
     """Refuse to load a file (weights, a model) other than the one the orchestrator hashed."""
     try:
-        st = os.stat(path)
+        digest = file_digest(path)
     except OSError as exc:
         raise WeightsMismatch(
             f"{what} {path} is not readable on this worker ({exc.strerror}); "
             "put it on storage every worker sees at the same path"
         ) from None
-    digest = _digest(path, st.st_mtime_ns, st.st_size)
     if digest != expected_sha256:
         raise WeightsMismatch(
             f"{what} {path} has sha256 {digest[:12]}…, the job recorded "

@@ -33,6 +33,7 @@ from shared.celery_app import send_step
 from shared.errors import ConvoyError, ShardError
 from shared.jobstore import JobStore, NewStep
 from shared.manifest import record_end
+from shared.paths import OutsideRoots, check_job_paths, output
 from shared.states import JobStatus, StepState
 from workers.runtime import runtime
 
@@ -136,6 +137,9 @@ class ConvoyStep(Task):
     def ended(self, job_id: str, status: JobStatus) -> None:
         """Called once, by the step whose transition ended the job (extraction records it in OUT)."""
 
+    def preflight(self, job_id: str) -> None:
+        """Checks before the body runs (confinement): raising fails the step, nothing written."""
+
     def describe(self, step: str) -> str:
         return self.label
 
@@ -154,6 +158,7 @@ class ConvoyStep(Task):
         self.ctx = ctx
         with ctx:
             try:
+                self.preflight(job_id)
                 outcome = self.run(job_id, step)
             except StepStopped as stop:
                 return self._stopped(ctx, stop.answer)
@@ -204,13 +209,19 @@ class ConvoyStep(Task):
 
 
 class ChainStep(ConvoyStep):
-    """A step of an extraction job (shard, merge, train, fine-tune): its end goes into OUT too."""
+    """A step of an extraction job (shard, merge, train, fine-tune): DATA and OUT must lie inside
+    the worker's roots, and the job's end goes into OUT too."""
+
+    def preflight(self, job_id: str) -> None:
+        rt = runtime()
+        check_job_paths(rt.store.spec(job_id), rt.settings)
 
     def ended(self, job_id: str, status: JobStatus) -> None:
         store = runtime().store
         spec = store.spec(job_id)
         states = {step: s.get("state", "") for step, s in store.shard_states(job_id).items()}
         try:
+            output(spec.out_dir, runtime().settings)  # a job refused for its OUT writes nothing there
             record_end(spec.out_dir, store.status(job_id), states)
-        except OSError as exc:  # the job's state in Redis says it all; the manifest is a copy
+        except (OSError, OutsideRoots) as exc:  # the job's state in Redis says it all; the manifest is a copy
             log.warning("could not record the end of job %s in %s: %s", job_id, spec.out_dir, exc)

@@ -17,7 +17,6 @@ from shared.classifier import TrainConfig
 from shared.errors import ConvoyError
 from shared.job import JobSpec
 from shared.jobstore import JobStore, NewStep
-from shared.paths import check_job_paths
 from shared.states import JobStatus
 from workers.fit import finetune, train_head
 from workers.predict import predict_paths
@@ -66,8 +65,7 @@ def finetune_job(self, job_id: str, step: str) -> Outcome:
     """Fine-tune the top of the base with the trained head; resumes from its last checkpoint."""
     rt = runtime()
     store, spec = _open(job_id)
-    check_job_paths(spec, rt.settings)  # fine-tuning reads the images themselves
-    result = finetune(spec, _config(store, spec, step), stop_check=self.ctx.check)
+    result = finetune(spec, _config(store, spec, step), rt.settings, stop_check=self.ctx.check)
     return Outcome(result={"metrics": result["metrics"]}, job_fields={"summary": _add(_summary(store, job_id), result)})
 
 
