@@ -44,6 +44,17 @@ def check_auth(env: dict[str, str], insecure_no_auth: bool) -> None:
             raise UsageError(f"{AUTH_ENV} must be user:password[,user:password...], got an entry without both")
 
 
+def guard_metrics() -> None:
+    """``/metrics`` asks for the same login as the rest of Flower (Flower serves it to anyone):
+    task and worker names are the cluster's business. ``/healthcheck`` stays open (it says OK)."""
+    import tornado.web
+    from flower.views.monitor import Metrics
+
+    if not getattr(Metrics.get, "_convoy_guarded", False):
+        Metrics.get = tornado.web.authenticated(Metrics.get)
+        Metrics.get._convoy_guarded = True
+
+
 def flower_argv(opts: FlowerOptions) -> list[str]:
     """The ``celery flower`` command line for these options."""
     argv = ["flower", f"--port={opts.port}", f"--address={opts.address}"]
@@ -63,5 +74,6 @@ def run_flower(settings: Settings, opts: FlowerOptions) -> int:
     connect(settings.broker_url)  # one clear line when the broker does not answer
     if opts.db_path:
         opts.db_path.parent.mkdir(parents=True, exist_ok=True)
+    guard_metrics()
     app = configure(settings)
     return app.start(flower_argv(opts)) or 0

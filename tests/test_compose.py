@@ -181,3 +181,10 @@ def test_dockerfile_rules(path):
 def test_gpu_image_installs_tensorflow_with_cuda_and_no_cpu_build():
     text = (ROOT / "docker" / "Dockerfile.gpu").read_text()
     assert "tensorflow[and-cuda]" in text and "not d.startswith('tensorflow')" in text
+
+
+def test_redis_and_flower_are_published_on_loopback_by_default(compose):
+    """Threat model: nothing is open to the network until the operator opens it."""
+    for name in ("redis", "flower"):
+        ports = compose["services"][name]["ports"]
+        assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), (name, ports)

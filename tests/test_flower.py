@@ -36,7 +36,7 @@ def _wait_for_events(base: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if 'flower_worker_online{worker="w1@' in requests.get(f"{base}/metrics", timeout=2).text:
+            if 'flower_worker_online{worker="w1@' in requests.get(f"{base}/metrics", auth=LOGIN, timeout=2).text:
                 return
         except requests.ConnectionError:
             pass
@@ -97,6 +97,9 @@ def test_api_answers_401_without_credentials(flower):
     assert requests.get(f"{base}/api/tasks", timeout=5).status_code == 401
     assert requests.get(f"{base}/api/tasks", auth=(LOGIN[0], "wrong"), timeout=5).status_code == 401
     assert requests.get(f"{base}/api/workers", timeout=5).status_code == 401
+    assert requests.get(f"{base}/metrics", timeout=5).status_code == 401  # not Flower's default: guarded
+    assert requests.get(f"{base}/metrics", auth=LOGIN, timeout=5).status_code == 200
+    assert requests.get(f"{base}/healthcheck", timeout=5).text == "OK"
     assert requests.get(f"{base}/api/tasks", auth=LOGIN, timeout=5).status_code == 200
 
 
@@ -142,7 +145,7 @@ def test_job_tasks_read_back_through_flower(flower, job):
     assert BROKER_SECRET not in seen and BROKER_SECRET not in log.read_text(errors="replace")
     assert BROKER_SECRET not in proc.stdout + proc.stderr
 
-    metrics = requests.get(f"{base}/metrics", timeout=5).text
+    metrics = requests.get(f"{base}/metrics", auth=LOGIN, timeout=5).text
     assert 'type="task-succeeded"' in metrics and "flower_task_runtime_seconds_bucket" in metrics
 
 
