@@ -136,18 +136,23 @@ def targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def batches(load: Callable[[np.ndarray], np.ndarray], y: np.ndarray, batch_size: int,
-            shuffle: bool, seed: int):
+            shuffle: bool, seed: int, first_epoch: int = 0):
     """A keras PyDataset of (x, y) batches, x from ``load(positions)``, reshuffled every epoch.
 
-    Positions inside a batch are sorted, because HDF5 reads need increasing indices.
+    Epoch e's order depends only on (seed, e), so a run resumed at epoch e sees what an
+    uninterrupted run would. Positions inside a batch are sorted (HDF5 reads need increasing
+    indices).
     """
     import keras
+
+    def order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(len(y)) if shuffle else np.arange(len(y))
 
     class _Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
             super().__init__()
-            self.rng = np.random.default_rng(seed)
-            self.order = self.rng.permutation(len(y)) if shuffle else np.arange(len(y))
+            self.epoch = first_epoch
+            self.order = order(self.epoch)
 
         def __len__(self) -> int:
             return -(-len(y) // batch_size)
@@ -157,8 +162,8 @@ def batches(load: Callable[[np.ndarray], np.ndarray], y: np.ndarray, batch_size:
             return load(pos), y[pos]
 
         def on_epoch_end(self) -> None:
-            if shuffle:
-                self.order = self.rng.permutation(len(y))
+            self.epoch += 1
+            self.order = order(self.epoch)
 
     return _Batches()
 
@@ -177,7 +182,7 @@ def feature_data(split: SplitRows, num_classes: int, batch_size: int, in_memory:
 
 
 def image_data(split: SplitRows, data_dir: Path, size_px: int, num_classes: int, batch_size: int,
-               shuffle: bool, seed: int, settings):
+               shuffle: bool, seed: int, settings, first_epoch: int = 0):
     """A PyDataset of decoded pixels (float32, 0-255) from the images the rows came from. The
     paths come from an HDF5 file: each is confined to DATA and the data roots before it is read."""
     from shared import paths
@@ -189,4 +194,4 @@ def image_data(split: SplitRows, data_dir: Path, size_px: int, num_classes: int,
     def load(pos: np.ndarray) -> np.ndarray:
         return np.stack([read(split.paths[i]) for i in pos]).astype(np.float32)
 
-    return batches(load, targets(split.labels, num_classes), batch_size, shuffle, seed)
+    return batches(load, targets(split.labels, num_classes), batch_size, shuffle, seed, first_epoch)

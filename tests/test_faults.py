@@ -252,6 +252,9 @@ def test_output_disk_full_fails_the_shard_cleanly(private, tmp_path):
                      "--weights", str(wfile), "--broker", private.url, check=True).stdout.strip()
         final = wait_final(private.store, job)
         assert final["status"] == "failed" and "No space left on device" in final["error"], final
+        # ENOSPC comes from the write itself: the shard's file had started, and neither it nor its
+        # temporary may be left behind.
+        assert not private.store.spec(job).shard_file(final["failed_step"]).exists()
         for shard in (mount / "out" / "features").rglob("shard-*.h5"):
             with h5py.File(shard) as f:  # shards that fitted are whole; the one that didn't is absent
                 assert f["features"].shape[0] == len(f["paths"])

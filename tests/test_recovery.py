@@ -34,44 +34,44 @@ def _injected(log: Path, point: str) -> int:
     return log.read_text().count(point) if log.exists() else 0
 
 
-def test_merge_never_sent_is_sent_by_another_worker_within_60s(private, tmp_path):
-    """Defect 2: the barrier's transition ran, its worker died before sending the merge."""
-    env, log = _faults(tmp_path, "before-enqueue=1")
-    private.start("f1", extra_env=env, queues="extract")
+def _crash_then_recover(private, tmp_path: Path, point: str, inspect) -> float:
+    """A worker with the fault point ``point`` armed crashes at it; ``inspect(job)`` looks at the
+    state it left; another worker must finish the job. Seconds from the crash to the job's end."""
+    env, log = _faults(tmp_path, f"{point}=1")
+    private.start("victim", extra_env=env, queues="extract")
     data, out = _data(tmp_path), tmp_path / "out"
     job = _submit(private, data, out, "--shard-size", "100")
-    wait_until(lambda: _injected(log, "before-enqueue"), 120, "the injected crash before the merge's enqueue")
+    wait_until(lambda: _injected(log, point), 120, f"the injected crash at {point}")
     crashed_at = time.monotonic()
-    private.kill("f1")
-    assert private.store.job_status(job).value == "merging"
-    private.start("g1", queues="extract")
+    inspect(job)
+    private.kill("victim")
+    private.start("rescuer", queues="extract")
     final = wait_final(private.store, job, timeout=120)
     recovery_s = time.monotonic() - crashed_at
     assert final["status"] == "done", (final, private.logs())
-    assert private.store.step(job, "merge")["repaired"] == "its message was lost"
-    print(f"\nlost merge edge repaired: job done {recovery_s:.1f} s after the crash")
+    print(f"\n{point}: job done {recovery_s:.1f} s after the crash")
     assert recovery_s < 90
     _exactly_once(data, out)
+    return job
+
+
+def test_merge_never_sent_is_sent_by_another_worker_within_60s(private, tmp_path):
+    """Defect 2: the barrier's transition ran, its worker died before sending the merge."""
+    def merging(job: str) -> None:
+        assert private.store.job_status(job).value == "merging"
+
+    job = _crash_then_recover(private, tmp_path, "before-enqueue", merging)
+    assert private.store.step(job, "merge")["repaired"] == "its message was lost"
 
 
 def test_worker_killed_holding_a_reserved_message_is_repaired(private, tmp_path):
     """Defect 9: a whole worker dies right after receiving a message, before the step started."""
-    env, log = _faults(tmp_path, "after-receive=1")
-    private.start("h1", extra_env=env, queues="extract")
-    data, out = _data(tmp_path), tmp_path / "out"
-    job = _submit(private, data, out, "--shard-size", "100")
-    wait_until(lambda: _injected(log, "after-receive"), 120, "the injected crash after a receive")
-    died_at = time.monotonic()
-    step = private.store.step(job, "train/00000")
-    assert step["state"] == "queued" and step.get("holder", "").startswith("h1@"), step
-    private.kill("h1")
-    private.start("h2", queues="extract")
-    final = wait_final(private.store, job, timeout=120)
-    assert final["status"] == "done", (final, private.logs())
-    recovery_s = time.monotonic() - died_at
-    print(f"\nmessage held by a dead worker: job done {recovery_s:.1f} s after the death")
-    assert recovery_s < 90
-    _exactly_once(data, out)
+    def held(job: str) -> None:
+        step = private.store.step(job, "train/00000")
+        assert step["state"] == "queued" and step.get("holder", "").startswith("victim@"), step
+
+    job = _crash_then_recover(private, tmp_path, "after-receive", held)
+    assert private.store.step(job, "train/00000")["repaired"] == "its message was held by a worker that died"
 
 
 def test_extract_only_cluster_finishes_extraction_and_says_what_training_waits_for(private, tmp_path):

@@ -8,6 +8,8 @@ pattern for a small head to learn it in a few seconds.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -220,3 +222,40 @@ def _extracted_job(data: Path, tmp_path: Path, cluster) -> str:
     summary = _last_json(proc.stdout)
     assert summary["model"] == {}  # unlabelled data: `convoy run` just skips training
     return summary["job_id"]
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_epoch_resumes_to_the_same_weights(private, tmp_path):
+    """A fine-tune killed during its second epoch and resumed from its checkpoint ends with the
+    same weights as an uninterrupted one: the checkpoint holds the optimizer's state and the
+    random generators, and each epoch's order depends only on the seed and the epoch."""
+    import keras
+
+    from tests.conftest import wait_final, wait_until
+
+    private.start("ft1")
+    data = make_tree(tmp_path / "data", {"train": 20, "validation": 6, "test": 10})
+    out = tmp_path / "out"
+    tune = [*FINETUNE, "--finetune-epochs", "2", "--train-batch-size", "1"]
+    run = convoy("run", str(data), "--out", str(out), *FAST, *TRAIN, *tune, "--finetune", "--cam", "0", "--json",
+                 "--broker", private.url, check=True)
+    job = _last_json(run.stdout)["job_id"]
+    model = out / "model"
+    uninterrupted = keras.models.load_model(model / "finetuned.keras").get_weights()
+    for name in ("finetune-checkpoint.npz", "finetune-checkpoint.json", "finetuned.keras"):
+        (model / name).unlink()
+
+    convoy("submit", "finetune", job, *tune, "--seed", "0", "--broker", private.url, check=True)
+    state = model / "finetune-checkpoint.json"
+    wait_until(lambda: state.exists() and json.loads(state.read_text())["epoch"] == 1, 120, "epoch 1 checkpointed")
+    pid = int(private.store.step(job, "finetune")["pid"])
+    os.kill(pid, signal.SIGKILL)  # during epoch 2
+    assert wait_final(private.store, job, timeout=240)["status"] == "done", private.logs()
+    step = private.store.step(job, "finetune")
+    assert step["deliveries"] == 2 and int(step["pid"]) != pid, step
+    history = json.loads((model / "history_finetune.json").read_text())
+    assert history["resumed_from_epoch"] == 1 and history["epoch"] == [1, 2], history
+    resumed = keras.models.load_model(model / "finetuned.keras").get_weights()
+    assert len(resumed) == len(uninterrupted)
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -31,7 +31,7 @@ from workers.runtime import verify_weights
 
 #: Beside every model: what a predictor needs besides the model (class names, input size).
 MODEL_INFO = "model.json"
-CHECKPOINT_WEIGHTS = "finetune-checkpoint.weights.h5"
+CHECKPOINT_VARIABLES = "finetune-checkpoint.npz"
 CHECKPOINT_STATE = "finetune-checkpoint.json"
 
 
@@ -141,30 +141,41 @@ def _save_head_outputs(spec: JobSpec, head, history: dict, metrics: dict) -> dic
 # --- fine-tuning --------------------------------------------------------------------------
 
 class Checkpoint:
-    """Weights and history after every finished epoch, so a redelivered task resumes.
+    """The whole training state after every finished epoch, so a redelivered task resumes and
+    ends with the weights an uninterrupted run would have: every variable of the training model
+    (weights, and the random generators of augmentation and dropout) and of its optimizer.
 
-    The state file is written after the weights, so it never names an epoch whose weights are
+    The state file is written after the variables, so it never names an epoch whose variables are
     missing. ``key`` ties it to one head and configuration: a retrained head starts over.
     """
 
     def __init__(self, folder: Path, key: str) -> None:
-        self.weights, self.state, self.key = folder / CHECKPOINT_WEIGHTS, folder / CHECKPOINT_STATE, key
+        self.variables, self.state, self.key = folder / CHECKPOINT_VARIABLES, folder / CHECKPOINT_STATE, key
 
-    def restore(self, model) -> tuple[int, dict]:
-        """(epochs already done, their history), loading their weights into ``model``."""
+    @staticmethod
+    def _all(trainer) -> list:
+        trainer.optimizer.build(trainer.trainable_variables)
+        return [*trainer.variables, *trainer.optimizer.variables]
+
+    def restore(self, trainer) -> tuple[int, dict]:
+        """(epochs already done, their history), with their state loaded into ``trainer``."""
         try:
             state = json.loads(self.state.read_text())
+            saved = np.load(self.variables) if state.get("key") == self.key else None
         except (OSError, ValueError):
             return 0, {}
-        if state.get("key") != self.key or not self.weights.exists():
+        variables = self._all(trainer)
+        if saved is None or len(saved.files) != len(variables):
             return 0, {}
-        model.load_weights(str(self.weights))
+        for i, variable in enumerate(variables):
+            variable.assign(saved[f"arr_{i}"])
         return int(state["epoch"]), state["history"]
 
-    def save(self, model, epoch: int, history: dict) -> None:
-        tmp = self.weights.with_name(f".tmp-{os.getpid()}-{self.weights.name}")
-        model.save_weights(str(tmp))
-        os.replace(tmp, self.weights)
+    def save(self, trainer, epoch: int, history: dict) -> None:
+        tmp = self.variables.with_name(f".tmp-{os.getpid()}-{self.variables.name}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, *[np.asarray(v) for v in self._all(trainer)])
+        os.replace(tmp, self.variables)
         write_json(self.state, {"key": self.key, "epoch": epoch, "history": history})
 
     def callback(self, model, history: dict):
@@ -206,14 +217,14 @@ def finetune(spec: JobSpec, config: TrainConfig, settings, stop_check: Callable[
     trainer = with_augmentation(full, config.seed)
     compile_for(trainer, k, config.finetune_learning_rate)
     checkpoint = Checkpoint(folder, _checkpoint_key(head_file, config))
-    start, history = checkpoint.restore(full)
+    start, history = checkpoint.restore(trainer)
     data = {s: trainset.image_data(rows, Path(spec.data_dir), m.input_size_px, k, config.batch_size,
-                                   s == "train", config.seed + start, settings)
+                                   s == "train", config.seed, settings, first_epoch=start)
             for s, rows in plan.items()}
     t_fit = time.perf_counter()
     if start < config.finetune_epochs:
         trainer.fit(data["train"], validation_data=data["validation"], epochs=config.finetune_epochs,
-                    initial_epoch=start, callbacks=[checkpoint.callback(full, history), *stop_callback(stop_check)],
+                    initial_epoch=start, callbacks=[checkpoint.callback(trainer, history), *stop_callback(stop_check)],
                     verbose=0)
     t_eval = time.perf_counter()
     metrics = _evaluate(trainer, (data["test"], None), plan["test"], spec.class_names)
