@@ -75,7 +75,8 @@ def cmd_run(args, settings: Settings) -> int:
     else:
         # Workers import TensorFlow while the weights are resolved: start-up overlaps.
         scan, out = checked
-        with local_cluster(settings, args.workers, out / "logs", (scan.data_dir,), (out,)) as (local, pool):
+        data = (scan.data_dir, *([Path(args.weights).parent] if Path(args.weights).is_file() else []))
+        with local_cluster(settings, args.workers, out / "logs", data, (out,)) as (local, pool):
             store = _store(local)
             spec, shards = job()
             submit(store, spec, shards, local.job_ttl_s)
@@ -264,8 +265,9 @@ def cmd_resume(args, settings: Settings) -> int:
         from shared.manifest import read_manifest
 
         out = out_dir_of(args.target, args.out, None)
-        data = Path(read_manifest(out)["spec"]["data_dir"])
-        with local_cluster(settings, args.workers, out / "logs", data=(data,), outputs=(out,)) as (local, pool):
+        spec = read_manifest(out)["spec"]
+        data = (Path(spec["data_dir"]), Path(spec["model"]["weights_path"]).parent)
+        with local_cluster(settings, args.workers, out / "logs", data=data, outputs=(out,)) as (local, pool):
             store = _store(local)
             spec, missing = resume(store, out, local.job_ttl_s)
             print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)

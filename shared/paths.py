@@ -46,10 +46,12 @@ def image(path: str | Path, settings: Settings) -> Path:
         raise BadImage(OUTSIDE_DATA) from None
 
 
-def readable(path: str | Path, settings: Settings, what: str) -> Path:
-    """A file to read that is not an image (a model): inside the data or the output roots."""
+def readable(path: str | Path, settings: Settings, what: str, also: tuple[Path, ...] = ()) -> Path:
+    """A file to read that is not an image (a model, weights): inside the data or the output roots
+    (or ``also``, such as the Keras cache for downloaded weights)."""
     roots = settings.data_roots + settings.output_roots if settings.data_roots and settings.output_roots else ()
-    return confine(path, roots, what, "CONVOY_DATA_ROOTS and CONVOY_OUTPUT_ROOTS")
+    return confine(path, roots + tuple(p.resolve() for p in also) if roots else (), what,
+                   "CONVOY_DATA_ROOTS and CONVOY_OUTPUT_ROOTS")
 
 
 def output(path: str | Path, settings: Settings) -> Path:

@@ -78,6 +78,7 @@ class Settings:
     faults: str = ""
     faults_seed: str = ""
     faults_log: str = ""
+    keras_home: Path = Path.home() / ".keras"  # where Keras keeps downloaded weights ($KERAS_HOME)
 
     @property
     def task_soft_time_limit_s(self) -> int:
@@ -108,6 +109,7 @@ class Settings:
             faults=env.get(FAULTS_ENV, ""),
             faults_seed=env.get(FAULTS_SEED_ENV, ""),
             faults_log=env.get(FAULTS_LOG_ENV, ""),
+            keras_home=Path(env.get("KERAS_HOME") or Path.home() / ".keras"),
         )
 
     def with_broker(self, url: str | None) -> Settings:

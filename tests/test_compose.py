@@ -126,10 +126,15 @@ def test_workers_share_data_and_outputs_at_the_same_paths(compose):
 
 def test_redis_persists_has_a_password_and_never_evicts(compose, raw):
     redis = compose["services"]["redis"]
-    args = redis["command"]
+    assert redis["command"][:2] == ["sh", "-c"]
+    script = redis["command"][2]
+    args = script.split("redis-server -", 1)[1].split()
     option = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
     assert option["--appendonly"] == "yes" and option["--maxmemory-policy"] == "noeviction"
-    assert option["--requirepass"] == "pw" and "REDIS_PASSWORD:?" in " ".join(raw["services"]["redis"]["command"])
+    # The password comes on stdin from the environment, never as an argument.
+    assert "printf 'requirepass %s\\n' \"$REDIS_PASSWORD\" |" in script and "pw" not in script, script
+    assert redis["environment"]["REDIS_PASSWORD"] == "pw"
+    assert "REDIS_PASSWORD:?" in raw["services"]["redis"]["environment"]["REDIS_PASSWORD"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert any(v.endswith(":/data") for v in redis["volumes"])
 

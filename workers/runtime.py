@@ -99,6 +99,11 @@ def verify_file(path: str, expected_sha256: str, what: str) -> None:
 
 
 def verify_weights(model: ModelConfig) -> None:
+    """The job's weights: inside the roots (or the Keras cache), with the hash the job recorded."""
+    from shared import paths
+
+    settings = installed_settings()
+    paths.readable(model.weights_path, settings, "weights file", also=(settings.keras_home,))
     verify_file(model.weights_path, model.weights_sha256, "weights file")
 
 
