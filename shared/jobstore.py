@@ -214,10 +214,11 @@ class JobStore:
 
     # --- the step protocol --------------------------------------------------------------
     def claim(self, job: str, step: str, token: str, worker: str, pid: int, lease_s: float,
-              moves: tuple[JobStatus, JobStatus] | None = None) -> Claim:
-        """Take ``step`` for this worker: count the delivery, take its lease, move the job's status."""
+              moves: tuple[JobStatus, JobStatus] | None = None, takeover: str = "") -> Claim:
+        """Take ``step`` for this worker: count the delivery, take its lease, move the job's status.
+        ``takeover``: the token of a holder known dead, whose live lease may be taken at once."""
         src, dst = (moves[0].value, moves[1].value) if moves else ("", "")
-        outcome, deliveries = self._run("CLAIM", [job, step, token, worker, pid, lease_s, src, dst])
+        outcome, deliveries = self._run("CLAIM", [job, step, token, worker, pid, lease_s, src, dst, takeover])
         return Claim(outcome, int(deliveries))
 
     def renew(self, job: str, step: str, token: str, lease_s: float, worker: str) -> str:

@@ -48,8 +48,9 @@ local function add_step(j, s, queue, task, msg, params, t)
 end
 """
 
-#: ARGV: job, step, token, worker, pid, lease_s, from status, to status.
-#: -> {outcome, deliveries}: claimed | capped | busy | already | stopped | unknown.
+#: ARGV: job, step, token, worker, pid, lease_s, from status, to status, takeover token.
+#: A live lease is taken over only from the holder whose token is ARGV[9] (a dead process of the
+#: same worker). -> {outcome, deliveries}: claimed | capped | busy | already | stopped | unknown.
 CLAIM = _PRELUDE + """
 local j, s = ARGV[1], ARGV[2]
 local js = job_status(j)
@@ -62,7 +63,8 @@ if state == 'done' or state == 'failed' then return {'already', '0'} end
 local m, t = member(j, s), now()
 if state == 'running' then
   local deadline = redis.call('ZSCORE', k_leases(), m)
-  if deadline and tonumber(deadline) > t then return {'busy', '0'} end
+  local takeover = ARGV[9] ~= '' and redis.call('HGET', sk, 'token') == ARGV[9]
+  if deadline and tonumber(deadline) > t and not takeover then return {'busy', '0'} end
 end
 local n = redis.call('HINCRBY', sk, 'deliveries', 1)
 if n > tonumber(redis.call('HGET', k_state(j), 'max_deliveries') or '3') then return {'capped', tostring(n)} end

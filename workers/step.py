@@ -31,7 +31,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from shared import faults
 from shared.celery_app import send_step
 from shared.errors import ConvoyError, ShardError
-from shared.jobstore import JobStore, NewStep
+from shared.jobstore import Claim, JobStore, NewStep
 from shared.manifest import record_end
 from shared.paths import OutsideRoots, check_job_paths, output
 from shared.states import JobStatus, StepState
@@ -128,7 +128,7 @@ class ConvoyStep(Task):
     #: Said when the step ran past its soft time limit.
     time_limit_hint = "exceeded the soft time limit (CONVOY_TASK_TIME_LIMIT_S); use a smaller --shard-size"
 
-    ctx: StepContext
+    ctx: StepContext | None = None
 
     def route(self, job_id: str, step: str) -> Route:
         """Where this step leads; steps with a barrier or a next step override it."""
@@ -148,6 +148,8 @@ class ConvoyStep(Task):
         worker = self.request.hostname or socket.gethostname()
         ctx = StepContext(store, job_id, step, worker, 0)
         claim = store.claim(job_id, step, ctx.token, worker, os.getpid(), LEASE_S, self.moves)
+        if claim.outcome == "busy":
+            claim = self._take_over_from_a_dead_sibling(store, ctx, claim)
         if claim.outcome == "capped":
             reason = f"given up after {claim.deliveries - 1} deliveries ({self.capped_hint})"
             return self._fail(store, job_id, step, reason)
@@ -174,6 +176,18 @@ class ConvoyStep(Task):
                 return self._fail(store, job_id, step, f"{type(exc).__name__}: {exc}")
         return self._finish(store, job_id, step, outcome)
 
+    def after_return(self, *args, **kwargs) -> None:
+        self.ctx = None  # the next message of this process starts clean
+
+    def _take_over_from_a_dead_sibling(self, store: JobStore, ctx: StepContext, busy: Claim) -> Claim:
+        """A pool process of this very worker held the step and died (the OOM killer): Celery hands
+        the message back at once, and the step runs again now rather than after its lease lapses."""
+        holder = store.step(ctx.job_id, ctx.step)
+        if holder.get("worker") != ctx.worker or _alive(int(holder.get("pid") or 0)):
+            return busy
+        return store.claim(ctx.job_id, ctx.step, ctx.token, ctx.worker, os.getpid(), LEASE_S, self.moves,
+                           takeover=holder.get("token", ""))
+
     def _finish(self, store: JobStore, job_id: str, step: str, outcome: Outcome) -> dict:
         route = self.route(job_id, step)
         answer = store.finish_step(job_id, step, StepState.DONE, done=outcome.done, fields=outcome.fields,
@@ -182,6 +196,10 @@ class ConvoyStep(Task):
         return {"job": job_id, "step": step, "state": "done", "transition": answer, **outcome.result}
 
     def _fail(self, store: JobStore, job_id: str, step: str, reason: str) -> dict:
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None and ctx.step == step and ctx.job_id == job_id and ctx.answer == "lost":
+            # Another holder has the step now: its outcome, not this one's failure, counts.
+            return {"job": job_id, "step": step, "state": "stopped", "why": "lost"}
         route = self.route(job_id, step)
         what = self.describe(step)
         answer = store.finish_step(job_id, step, StepState.FAILED, error=reason, fail_job=route.fail_job,
@@ -206,6 +224,18 @@ class ConvoyStep(Task):
         if answer == "ended":
             ctx.store.release(ctx.job_id, ctx.step, ctx.token, handback=False, reason="the job ended while it ran")
         return {"job": ctx.job_id, "step": ctx.step, "state": "stopped", "why": answer}
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ChainStep(ConvoyStep):
