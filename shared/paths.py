@@ -9,6 +9,7 @@ the workers they start to the job's own folders, so the embedded case is confine
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 from shared.errors import ShardError
@@ -24,7 +25,7 @@ class OutsideRoots(ShardError):
 
 def confine(path: str | Path, roots: tuple[Path, ...], what: str, variable: str) -> Path:
     """``path`` with every symlink resolved, or :class:`OutsideRoots` if it lies outside ``roots``."""
-    resolved = Path(path).resolve()
+    resolved = Path(os.path.realpath(path))  # like Path.resolve, without raising on a symlink loop
     if roots and not any(resolved == root or root in resolved.parents for root in roots):
         raise OutsideRoots(f"{what} {path} resolves to {resolved}, outside {variable}; refused")
     return resolved

@@ -55,6 +55,7 @@ def _crash_then_recover(private, tmp_path: Path, point: str, inspect) -> float:
     return job
 
 
+@pytest.mark.slow
 def test_merge_never_sent_is_sent_by_another_worker_within_60s(private, tmp_path):
     """Defect 2: the barrier's transition ran, its worker died before sending the merge."""
     def merging(job: str) -> None:
@@ -64,6 +65,7 @@ def test_merge_never_sent_is_sent_by_another_worker_within_60s(private, tmp_path
     assert private.store.step(job, "merge")["repaired"] == "its message was lost"
 
 
+@pytest.mark.slow
 def test_worker_killed_holding_a_reserved_message_is_repaired(private, tmp_path):
     """Defect 9: a whole worker dies right after receiving a message, before the step started."""
     def held(job: str) -> None:
