@@ -71,6 +71,7 @@ def test_worker_killed_holding_a_reserved_message_is_repaired(private, tmp_path)
     def held(job: str) -> None:
         step = private.store.step(job, "train/00000")
         assert step["state"] == "queued" and step.get("holder", "").startswith("victim@"), step
+        assert "#" in step["holder"]  # this run of the worker, not just its name
 
     job = _crash_then_recover(private, tmp_path, "after-receive", held)
     assert private.store.step(job, "train/00000")["repaired"] == "its message was held by a worker that died"

@@ -19,6 +19,8 @@ The main process never imports TensorFlow, so the thread starts at ``worker_read
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -123,14 +125,23 @@ def _main_store() -> JobStore:
     return _MAIN["store"]
 
 
+def incarnation(hostname: str) -> str:
+    """This worker process's name in the heartbeats and as a message's holder: the worker's name
+    plus this run of it, so a worker restarted under the same name does not vouch for messages
+    that its dead predecessor held."""
+    if "incarnation" not in _MAIN:
+        _MAIN["incarnation"] = f"{hostname}#{os.getpid()}-{secrets.token_hex(3)}"
+    return _MAIN["incarnation"]
+
+
 @worker_ready.connect
 def _start(sender=None, **_kwargs) -> None:
     store = _main_store()
     worker = getattr(sender, "hostname", "") or ""
     queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else list(keys.ALL_QUEUES)
     store.set_draining(worker, False)  # restarted: take work again
-    _MAIN["worker"], _MAIN["queues"] = worker, queues
-    Reconciler(store, worker, queues).start()
+    _MAIN["queues"] = queues
+    Reconciler(store, incarnation(worker), queues).start()
 
 
 @task_received.connect
@@ -140,7 +151,7 @@ def _held(sender=None, request=None, **_kwargs) -> None:
         return
     args = request.args or []
     try:
-        _main_store().received(str(args[0]), str(args[1]), getattr(sender, "hostname", "") or "")
+        _main_store().received(str(args[0]), str(args[1]), incarnation(getattr(sender, "hostname", "") or ""))
     except Exception as exc:  # bookkeeping only: the step runs either way
         log.warning("could not note a received message: %s", exc)
     faults.point("after-receive")
@@ -152,4 +163,4 @@ def _drain(sender=None, how=None, **_kwargs) -> None:
     if how == "Warm" and sender:
         store = _main_store()
         store.set_draining(str(sender), True)
-        store.forget_worker(str(sender), _MAIN.get("queues", list(keys.ALL_QUEUES)))
+        store.forget_worker(incarnation(str(sender)), _MAIN.get("queues", list(keys.ALL_QUEUES)))
