@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.jobs import check_output
+from orchestrator.jobs import check_output, send_steps
 from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
-from shared.celery_app import send_step
 from shared.errors import DataError, JobFailed, LayerError, UsageError
 from shared.gradcam import VGG16_IMAGENET
 from shared.images import is_image_name
@@ -130,9 +129,7 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
 def submit_cam(store: JobStore, spec: CamSpec, batches: list[list[str]], ttl_s: int) -> str:
     """Record the job in the store, then send one small message (job id, batch step) per batch."""
     (Path(spec.out_dir) / "cam-job.json").write_text(spec.to_json())
-    steps = store.create_cam(spec, {batch_id(i): batch for i, batch in enumerate(batches)}, ttl_s)
-    for step in steps:
-        send_step(spec.job_id, step)
+    send_steps(spec.job_id, store.create_cam(spec, {batch_id(i): batch for i, batch in enumerate(batches)}, ttl_s))
     return spec.job_id
 
 

@@ -167,8 +167,6 @@ class JobStore:
         text = self.r.hget(keys.job_inputs(job_id), step)
         return json.loads(text) if text else []
 
-    entries = inputs
-
     def status(self, job_id: str) -> dict:
         """The job's state hash: status, error, images_done, images_total, summary, timestamps."""
         return self.r.hgetall(keys.job_state(job_id))
