@@ -166,7 +166,7 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
         submit("extract", make_flat(tmp_path / "flat", 60, size_px=32), "--shard-size", "6", "--batch-size", "2")
         submit("train+finetune", make_tree(tmp_path / "tree", {"train": 6, "validation": 2, "test": 2}, size_px=32),
                "--shard-size", "5", "--then-train", "--finetune", "--epochs", "4", "--finetune-epochs", "3")
-        submit("cancelled", make_flat(tmp_path / "long", 200, size_px=32), "--shard-size", "20", "--batch-size", "1")
+        submit("cancelled", make_flat(tmp_path / "long", 400, size_px=32), "--shard-size", "20", "--batch-size", "1")
         cam_images = make_flat(tmp_path / "cam-images", 12, size_px=32)
         cam = convoy("cam", str(model), str(cam_images), "--out", str(tmp_path / "cam"), "--batch-size", "3",
                      "--detach", "--json", *broker, check=True)
@@ -191,10 +191,13 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
                     restarted_redis = True
                 else:
                     _fault(chaos, store, rng)
-            if not cancelled_sent and time.monotonic() - t0 > 5:
-                convoy("cancel", cancelled, *broker, check=True)
+            if not cancelled_sent and int(store.status(cancelled).get("images_done", 0)) >= 20:
+                # Mid-run, so that later shards, duplicates and repairs all meet a cancelled job.
+                answer = convoy("cancel", cancelled, *broker, check=True).stdout
+                assert answer.strip() == f"job {cancelled} cancelled", answer
                 cancelled_sent = True
         chaos.restart_dead()
+        assert cancelled_sent, "the job to cancel never got going during the chaos"
 
         ended: dict[str, float] = {}
 
