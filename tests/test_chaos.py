@@ -165,7 +165,8 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
 
         submit("extract", make_flat(tmp_path / "flat", 60, size_px=32), "--shard-size", "6", "--batch-size", "2")
         submit("train+finetune", make_tree(tmp_path / "tree", {"train": 6, "validation": 2, "test": 2}, size_px=32),
-               "--shard-size", "5", "--then-train", "--finetune", "--epochs", "4", "--finetune-epochs", "3")
+               "--shard-size", "5", "--then-train", "--finetune", "--epochs", "4", "--finetune-epochs", "3",
+               "--train-batch-size", "1")  # batches of one: training lasts long enough to be killed
         submit("cancelled", make_flat(tmp_path / "long", 400, size_px=32), "--shard-size", "20", "--batch-size", "1")
         cam_images = make_flat(tmp_path / "cam-images", 12, size_px=32)
         cam = convoy("cam", str(model), str(cam_images), "--out", str(tmp_path / "cam"), "--batch-size", "3",
@@ -202,6 +203,10 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
         ended: dict[str, float] = {}
 
         def all_final() -> bool:
+            if not trainers_killed:  # training may start only after the chaos window: kill it then
+                step = chaos.kill_trainer(store)
+                if step:
+                    trainers_killed.add(step)
             for job in jobs:
                 if job not in ended and store.job_status(job).is_final:
                     ended[job] = time.monotonic()
