@@ -9,7 +9,8 @@ and before enqueues. Invariants at the end (Jepsen-style):
 - the cancelled job stayed cancelled;
 - every ended job's keys have a TTL.
 
-``CONVOY_CHAOS_SEED`` replays the driver's schedule (which fault, when, on whom).
+``CONVOY_CHAOS_SEED`` replays the driver's schedule (which fault, when, on whom); CI uses a
+fixed one, other runs a random one.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def _trained_model(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
-    seed = int(os.environ.get("CONVOY_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
+    # CI replays one known schedule (a red CI must mean a regression); elsewhere each run explores.
+    default = "279311" if os.environ.get("CI") else str(random.SystemRandom().randrange(10**6))
+    seed = int(os.environ.get("CONVOY_CHAOS_SEED") or default)
     print(f"\nchaos seed {seed} (replay: CONVOY_CHAOS_SEED={seed})")
     rng = random.Random(seed)
     model = _trained_model(tmp_path)
