@@ -49,6 +49,10 @@ class ShardError(ConvoyError):
     """A shard cannot be processed (not a bad image: those are skipped, not raised)."""
 
 
+class OutsideRoots(ShardError):
+    """A path resolves outside the roots a worker may use (CONVOY_DATA_ROOTS, CONVOY_OUTPUT_ROOTS)."""
+
+
 class JobFailed(ConvoyError):
     """The job ended failed; the message names the shard and the reason."""
 

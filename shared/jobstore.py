@@ -123,8 +123,8 @@ class JobStore:
                 "deliveries": 0, "done": 0, "total": len(inputs[step.step]), "params": "{}"})
             pipe.hset(keys.job_steps(job), step.step, step.queue)
         seconds, micros = self.r.time()  # the scripts' clock, not this machine's
-        pipe.zadd(keys.pending(keys.EXTRACT_QUEUE if kind == "extract" else keys.CAM_QUEUE),
-                  {keys.member(job, s.step): seconds + micros / 1e6 for s in steps})
+        for step in steps:
+            pipe.zadd(keys.pending(step.queue), {keys.member(job, step.step): seconds + micros / 1e6})
         pipe.zadd(keys.jobs_index(), {job: created_at})
         pipe.zrem(keys.ended_jobs(), job)
         pipe.sadd(keys.active_jobs(), job)

@@ -12,15 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from shared.errors import ShardError
+from shared.errors import OutsideRoots, ShardError
 from shared.images import BadImage
 from shared.settings import Settings
 
 OUTSIDE_DATA = "outside the allowed data roots"
-
-
-class OutsideRoots(ShardError):
-    """A path resolves outside the roots a worker may use."""
 
 
 def confine(path: str | Path, roots: tuple[Path, ...], what: str, variable: str) -> Path:

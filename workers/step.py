@@ -30,10 +30,10 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared import faults
 from shared.celery_app import send_step
-from shared.errors import ConvoyError, ShardError
+from shared.errors import ConvoyError, OutsideRoots, ShardError
 from shared.jobstore import Claim, JobStore, NewStep
 from shared.manifest import record_end
-from shared.paths import OutsideRoots, check_job_paths, output
+from shared.paths import check_job_paths, output
 from shared.states import JobStatus, StepState
 from workers.runtime import runtime
 
