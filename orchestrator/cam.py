@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.jobs import check_output, send_steps
+from orchestrator.progress import Stages
 from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
 from shared.errors import DataError, JobFailed, LayerError, UsageError
 from shared.gradcam import VGG16_IMAGENET
@@ -19,6 +21,7 @@ from shared.job import new_job_id, sha256_file
 from shared.jobstore import JobStore
 from shared.settings import Settings
 from shared.states import JobStatus, is_final
+from shared.words import plural
 
 POLL_S = 0.5
 #: Classes of VGG16's ImageNet top.
@@ -38,6 +41,8 @@ class CamRequest:
     batch_size: int = 16
     preprocess: str | None = None  # None: vgg16 for vgg16-imagenet, none for model files
     root: Path | None = None  # paths are recorded relative to this (default: the images' common folder)
+    class_names: list[str] | None = None  # default: model.json beside a Convoy model
+    labels: dict[str, int] | None = None  # true classes by path; default: from class-named folders
     keras_home: Path = field(default_factory=lambda: Path.home() / ".keras")
 
 
@@ -116,12 +121,29 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
     out = check_output(req.out_dir)
     path, sha = resolve_model(req)
     batches = [rels[i : i + req.batch_size] for i in range(0, len(rels), req.batch_size)]
+    names = req.class_names if req.class_names is not None else _class_names_beside(path)
+    labels = req.labels if req.labels is not None else _labels_from_folders(rels, names)
     spec = CamSpec(
         job_id=new_job_id(), model=req.model, model_path=str(path), model_sha256=sha, out_dir=str(out),
         root=str(root), n_batches=len(batches), n_images=len(rels), batch_size=req.batch_size,
         layer=req.layer, class_index=req.class_index, top_k=req.top_k, preprocess=preprocess,
+        class_names=names, labels=labels,
     )
     return spec, batches
+
+
+def _class_names_beside(model: Path) -> list[str]:
+    """The class names a Convoy model was trained with (OUT/model/model.json), else none."""
+    try:
+        return list(json.loads((model.parent / "model.json").read_text()).get("class_names") or [])
+    except (OSError, ValueError):
+        return []
+
+
+def _labels_from_folders(rels: list[str], class_names: list[str]) -> dict[str, int]:
+    """An image in a folder named after a class (``.../cats/x.jpg``) is of that class."""
+    index = {name: k for k, name in enumerate(class_names)}
+    return {rel: index[Path(rel).parent.name] for rel in rels if Path(rel).parent.name in index}
 
 
 # --- submitting and waiting ---------------------------------------------------------------
@@ -133,32 +155,31 @@ def submit_cam(store: JobStore, spec: CamSpec, batches: list[list[str]], ttl_s: 
     return spec.job_id
 
 
-def wait_cam(store: JobStore, job_id: str, show: bool, alive: Callable[[], bool] | None = None) -> dict:
+def wait_cam(store: JobStore, job_id: str, stages: Stages | None = None,
+             alive: Callable[[], bool] | None = None) -> dict:
     """Block until the job ends; its summary, or JobFailed with the worker's reason."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task(f"cam {job_id}", total=None)
-        while True:
-            state = store.status(job_id)
-            bar.update(task, completed=int(state.get("images_done", 0)),
-                       total=int(state.get("images_total", 0)) or None)
-            if is_final(state.get("status")):
-                break
-            if alive is not None and not alive():
-                raise JobFailed("every local worker exited; see the logs in CAMDIR/logs")
-            time.sleep(POLL_S)
+    stages = stages or Stages(live=False, quiet=True)
+    stages.begin("Grad-CAM")
+    while True:
+        state = store.status(job_id)
+        stages.update(int(state.get("images_done", 0)), int(state.get("images_total", 0)))
+        if is_final(state.get("status")):
+            break
+        if alive is not None and not alive():
+            stages.end()
+            raise JobFailed("every local worker exited; see the logs in CAMDIR/logs")
+        time.sleep(POLL_S)
+    summary = json.loads(state.get("summary", "{}"))
+    stages.end(plural(summary.get("rows", 0), "heatmap") if summary else "")
     if state.get("status") != JobStatus.DONE:
         raise JobFailed(state.get("error", "the Grad-CAM job failed"))
-    return json.loads(state.get("summary", "{}"))
+    return summary
 
 
-def _submit_and_wait(settings: Settings, spec: CamSpec, batches, show: bool, alive=None) -> dict:
+def _submit_and_wait(settings: Settings, spec: CamSpec, batches, stages: Stages | None, alive=None) -> dict:
     store = _cam_store(settings)
     submit_cam(store, spec, batches, settings.job_ttl_s)
-    return wait_cam(store, spec.job_id, show, alive)
+    return wait_cam(store, spec.job_id, stages, alive)
 
 
 def _cam_store(settings: Settings) -> JobStore:
@@ -169,7 +190,7 @@ def _cam_store(settings: Settings) -> JobStore:
     return JobStore(connect(settings.broker_url or ""))
 
 
-def run_cam(req: CamRequest, settings: Settings, workers: int = 1, show: bool = False,
+def run_cam(req: CamRequest, settings: Settings, workers: int = 1, stages: Stages | None = None,
             detach: bool = False) -> dict:
     """Submit a CAM job and wait for it (on the broker, or an embedded local cluster)."""
     if detach and not settings.broker_url:
@@ -180,13 +201,13 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, show: bool = 
         submit_cam(_cam_store(settings), spec, batches, settings.job_ttl_s)
         return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images}
     if settings.broker_url:
-        summary = _submit_and_wait(settings, spec, batches, show)
+        summary = _submit_and_wait(settings, spec, batches, stages)
     else:
         from orchestrator.cluster import local_cluster
 
         data, outputs = (Path(spec.root), Path(spec.model_path).parent), (Path(spec.out_dir),)
         with local_cluster(settings, workers, Path(spec.out_dir) / "logs", data, outputs) as (local, pool):
-            summary = _submit_and_wait(local, spec, batches, show, alive=pool.alive)
+            summary = _submit_and_wait(local, spec, batches, stages, alive=pool.alive)
     seconds = time.monotonic() - t0
     return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images, **summary,
             "seconds": round(seconds, 3), "images_per_s": round(spec.n_images / max(seconds, 1e-9), 2)}
@@ -199,7 +220,7 @@ def print_cam_summary(summary: dict, as_json: bool) -> None:
     if "heatmaps" not in summary:
         print(summary["job_id"])  # --detach: the id is what the user needs
         return
-    print(f"cam {summary['job_id']}: {summary['rows']} heatmaps of {summary['images']} images "
+    print(f"cam {summary['job_id']}: {plural(summary['rows'], 'heatmap')} of {plural(summary['images'], 'image')} "
           f"(layer {summary['layer']}), {summary['seconds']:.1f} s")
     print(f"  heatmaps -> {summary['heatmaps']}\n  index    -> {summary['index']}")
     for item in summary.get("skipped", []):
@@ -210,7 +231,7 @@ def cam_status(store: JobStore, job_id: str, watch: bool, as_json: bool) -> int:
     """``convoy status JOB`` for a Grad-CAM job: its state (after waiting, with --watch)."""
     if watch:
         try:
-            wait_cam(store, job_id, show=not as_json)
+            wait_cam(store, job_id, Stages(live=sys.stderr.isatty(), quiet=as_json))
         except JobFailed:
             pass  # reported below, like any other final state
     state = store.status(job_id)
@@ -237,22 +258,52 @@ def trained_model(out_dir: Path, since: float = 0.0) -> Path | None:
     return None
 
 
-def run_images(out_dir: Path, n: int) -> tuple[Path, list[Path]]:
-    """DATA and the first ``n`` images of the job's test split (else validation, else any)."""
+def run_images(out_dir: Path, n: int, model: Path | None = None) -> tuple[Path, list[Path], dict[str, int]]:
+    """DATA, ``n`` images of the job's test split (else validation, else any) and their true
+    classes: spread over the classes, the ones the model got wrong first (from the test
+    predictions training left beside ``model``)."""
     from shared.manifest import read_manifest
 
     manifest = read_manifest(out_dir)
     data = Path(manifest["spec"]["data_dir"])
-    by_split: dict[str, list[str]] = {}
+    by_split: dict[str, dict[str, int]] = {}
     for shard in manifest["shards"]:
-        by_split.setdefault(shard["id"].split("/")[0], []).extend(rel for rel, _label in shard["entries"])
+        by_split.setdefault(shard["id"].split("/")[0], {}).update({rel: int(lab) for rel, lab in shard["entries"]})
     for split in ("test", "validation", *sorted(by_split)):
         if by_split.get(split):
-            return data, [data / rel for rel in sorted(by_split[split])[:n]]
-    return data, []
+            labels = by_split[split]
+            wrong = _misclassified(model, labels) if split == "test" else set()
+            chosen = pick_spread(labels, wrong, n)
+            return data, [data / rel for rel in chosen], {rel: labels[rel] for rel in chosen}
+    return data, [], {}
 
 
-def cam_for_run(out_dir: Path, settings: Settings, n: int, workers: int = 1, show: bool = False,
+def _misclassified(model: Path | None, labels: dict[str, int]) -> set[str]:
+    """Test images the model got wrong, from the metrics file training wrote beside it."""
+    if model is None:
+        return set()
+    name = "metrics_finetune.json" if model.name == "finetuned.keras" else "metrics.json"
+    try:
+        rows = json.loads((model.parent / name).read_text()).get("predictions") or []
+    except (OSError, ValueError):
+        return set()
+    return {r["path"] for r in rows if r["path"] in labels and int(r["predicted"]) != labels[r["path"]]}
+
+
+def pick_spread(labels: dict[str, int], wrong: set[str], n: int) -> list[str]:
+    """``n`` paths taken in turn from every class, each class's misclassified images first."""
+    by_class: dict[int, list[str]] = {}
+    for path in sorted(labels, key=lambda p: (p not in wrong, p)):
+        by_class.setdefault(labels[path], []).append(path)
+    queues, chosen = [by_class[k] for k in sorted(by_class)], []
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def cam_for_run(out_dir: Path, settings: Settings, n: int, workers: int = 1, stages: Stages | None = None,
                 since: float = 0.0) -> dict | None:
     """CAMs for ``n`` test images into OUT/cam with the model trained since ``since`` (a time);
     None when there is none. Returns the paths ``convoy run --json`` reports under ``cam``.
@@ -260,10 +311,10 @@ def cam_for_run(out_dir: Path, settings: Settings, n: int, workers: int = 1, sho
     model = trained_model(Path(out_dir), since)
     if model is None or n < 1:
         return None
-    data, images = run_images(Path(out_dir), n)
+    data, images, labels = run_images(Path(out_dir), n, model)
     if not images:
         return None
-    req = CamRequest(model=str(model), inputs=images, out_dir=Path(out_dir) / "cam", root=data)
-    summary = run_cam(req, settings, workers=workers, show=show)
+    req = CamRequest(model=str(model), inputs=images, out_dir=Path(out_dir) / "cam", root=data, labels=labels)
+    summary = run_cam(req, settings, workers=workers, stages=stages)
     return {"dir": summary["out"], "heatmaps": summary["heatmaps"], "index": summary["index"],
-            "overlays": summary["overlays"]}
+            "overlays": summary["overlays"], "rows": summary["rows"]}

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from orchestrator import monitor_cli
 from orchestrator.parser import build_parser
+from orchestrator.progress import STAGE_ORDER
 from shared.errors import ConvoyError, UsageError
 from shared.settings import BROKER_ENV, Settings, redact_url
+from shared.words import plural
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,27 +53,38 @@ def _store(settings: Settings):
     return JobStore(connect(settings.broker_url))
 
 
+def _stages(args, quiet: bool = False):
+    from orchestrator.progress import Stages
+
+    return Stages(live=sys.stderr.isatty(), quiet=quiet or getattr(args, "no_progress", False))
+
+
 def cmd_run(args, settings: Settings) -> int:
+    from orchestrator import jobs_here
     from orchestrator.cluster import local_cluster
-    from orchestrator.jobs import check_request, prepare, submit
+    from orchestrator.jobs import check_request, prepare, submit, weights_first
     from orchestrator.watch import wait_for_job
 
     t0 = time.monotonic()
+    stages = _stages(args)
     request = _request(args)
+    stages.begin("scanning", unit="images")
     checked = check_request(request)
-    show = not args.no_progress and sys.stderr.isatty()
+    weights_first(request)  # an offline --weights imagenet fails here, before anything starts
+    stages.end(_scan_words(checked[0]))
 
     def job():
         spec, shards, scan = prepare(request, checked)
         spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
+        jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
         return spec, shards
 
     if settings.broker_url:
         store = _store(settings)
         spec, shards = job()
         submit(store, spec, shards, settings.job_ttl_s)
-        state = wait_for_job(store, spec.job_id, show)
-        cam = _cam_after_training(args, spec, settings, show)
+        state = wait_for_job(store, spec.job_id, stages)
+        cam = _cam_after_training(args, spec, settings, stages)
     else:
         # Workers import TensorFlow while the weights are resolved: start-up overlaps.
         scan, out = checked
@@ -80,49 +93,89 @@ def cmd_run(args, settings: Settings) -> int:
             store = _store(local)
             spec, shards = job()
             submit(store, spec, shards, local.job_ttl_s)
-            state = wait_for_job(store, spec.job_id, show, alive=pool.alive)
-            cam = _cam_after_training(args, spec, local, show)
-    _print_result(spec, state, time.monotonic() - t0, args.json, cam)
+            state = wait_for_job(store, spec.job_id, stages, alive=pool.alive)
+            cam = _cam_after_training(args, spec, local, stages)
+    summary = _result(spec, state, time.monotonic() - t0, stages.times, spec.created_at, cam)
+    _keep_run(spec, summary)
+    _print_result(summary, args.json)
     return 0
 
 
-def _cam_after_training(args, spec, settings: Settings, show: bool) -> dict | None:
+def _scan_words(scan) -> str:
+    from shared.words import plural
+
+    images = sum(len(entries) for entries in scan.splits.values())
+    classes = f" in {plural(len(scan.class_names), 'class')}" if scan.class_names else ""
+    return f"{plural(images, 'image')}{classes}" + (f", {len(scan.skipped)} skipped" if scan.skipped else "")
+
+
+def _cam_after_training(args, spec, settings: Settings, stages) -> dict | None:
     """Heatmaps of --cam test images into OUT/cam when training left a model; None otherwise."""
     from orchestrator.cam import cam_for_run
     from shared.errors import JobFailed
 
     try:
-        return cam_for_run(Path(spec.out_dir), settings, args.cam, show=show, since=spec.created_at)
+        return cam_for_run(Path(spec.out_dir), settings, args.cam, stages=stages, since=spec.created_at)
     except JobFailed as exc:  # the model is trained and saved: report, don't lose the summary
-        print(f"convoy: warning: Grad-CAM failed: {exc}", file=sys.stderr)
+        stages.say(f"warning: Grad-CAM failed: {exc}")
         return {"error": str(exc)}
 
 
-def _print_result(spec, state: dict, seconds: float, as_json: bool, cam: dict | None = None) -> None:
-    from orchestrator.watch import print_summary
+def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, cam: dict | None = None) -> dict:
+    """The run's summary: the job's own (from the merge and training) with this command's times."""
+    from orchestrator.status import stage_times as job_stage_times
 
     summary = json.loads(state.get("summary", "{}"))
-    summary = {
+    images = summary.get("images", 0)
+    reused = summary.get("reused_images", 0)
+    # The workers' stages from the job's timestamps (none is missed between two polls), the
+    # others (scanning, Grad-CAM) as this command timed them.
+    stage_times = {**stage_times, **job_stage_times(state, since)}
+    stage_times = {name: stage_times[name] for name in STAGE_ORDER if name in stage_times}
+    extract_s = stage_times.get("extracting", 0.0)
+    result = {
         "job_id": spec.job_id,
         "out": spec.out_dir,
-        "images": summary.get("images", 0),
+        "status": state.get("status", ""),
+        "images": images,
         "shards": len(spec.shard_ids),
+        "extracted_images": max(images - reused, 0) if summary else 0,
+        "reused_shards": summary.get("reused_shards", 0),
+        "reused_images": reused,
         "skipped": summary.get("skipped", []),
         "features": summary.get("features", {}),
         "failed_shards": summary.get("failed_shards", []),
         "seconds": round(seconds, 3),
-        "images_per_s": round(summary.get("images", 0) / max(seconds, 1e-9), 2),
+        "stages": {name: round(t, 3) for name, t in stage_times.items()},
         "model": summary.get("model", {}),
         "metrics": summary.get("metrics", {}),
         "training": summary.get("training", {}),
         "timings": summary.get("timings", {}),
         "extract_timings": summary.get("extract_timings", {}),
     }
+    extracted = result["extracted_images"]
+    result["extract_images_per_s"] = round(extracted / extract_s, 2) if extracted and extract_s > 0 else 0.0
     if cam is not None:
-        summary["cam"] = cam
+        result["cam"] = cam
+    return result
+
+
+def _keep_run(spec, summary: dict) -> None:
+    """The run's summary in the manifest, and OUT/report.html from it: both outlive the broker."""
+    from orchestrator.report import write_report
+    from shared.manifest import record_run
+
+    try:
+        record_run(spec.out_dir, summary)
+        summary["report"] = str(write_report(Path(spec.out_dir)))
+    except (OSError, ConvoyError) as exc:  # the job is done; a report it could not write is a warning
+        print(f"convoy: warning: could not write the report: {exc}", file=sys.stderr)
+
+
+def _print_result(summary: dict, as_json: bool) -> None:
+    from orchestrator.watch import print_summary
+
     print_summary(summary, as_json)
-    if cam and not as_json and "index" in cam:
-        print(f"  cam -> {cam['index']}")
 
 
 def _chain_options(args, spec, scan, train: bool, explicit: bool) -> dict:
@@ -159,9 +212,10 @@ def cmd_submit_training(args, settings: Settings) -> int:
     if not args.wait:
         print(json.dumps({"job_id": args.job}) if args.json else args.job)
         return 0
-    t0 = time.monotonic()
-    state = wait_for_job(store, args.job, not args.json and sys.stderr.isatty())
-    _print_result(store.spec(args.job), state, time.monotonic() - t0, args.json)
+    t0, since = time.monotonic(), time.time()
+    stages = _stages(args, quiet=args.json)
+    state = wait_for_job(store, args.job, stages)
+    _print_result(_result(store.spec(args.job), state, time.monotonic() - t0, stages.times, since), args.json)
     return 0
 
 
@@ -186,16 +240,19 @@ def cmd_predict(args, settings: Settings) -> int:
 
 
 def cmd_status(args, settings: Settings) -> int:
-    from orchestrator import status
+    from orchestrator import jobs_here, status
 
     target = args.job
-    if target and Path(target).is_dir():  # OUT: live from the broker while it knows the job, else the manifest
+    # OUT, or a job this machine ran: live from the broker while it knows the job, else the manifest.
+    out = Path(target) if target and Path(target).is_dir() else None
+    out = out or (jobs_here.out_of(settings.state_dir, target) if target else None)
+    if out is not None:
         from shared.manifest import read_manifest
 
-        job_id = read_manifest(Path(target))["job_id"]
+        job_id = read_manifest(out)["job_id"]
         store = _store(settings) if settings.broker_url else None
         if store is None or not store.exists(job_id):
-            return _print_status(status.manifest_report(Path(target)), args.json)
+            return _print_status(status.manifest_report(out), args.json)
         target = job_id
     store = _store(settings)
     if not target:
@@ -255,12 +312,13 @@ def cmd_resume(args, settings: Settings) -> int:
     from orchestrator.resume import out_dir_of, resume
     from orchestrator.watch import wait_for_job
 
-    t0 = time.monotonic()
+    t0, since = time.monotonic(), time.time()
+    stages = _stages(args)
     if settings.broker_url:
         store = _store(settings)
         spec, missing = resume(store, out_dir_of(args.target, args.out, store), settings.job_ttl_s)
-        print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)
-        state = wait_for_job(store, spec.job_id, sys.stderr.isatty())
+        stages.say(f"resuming job {spec.job_id}: {plural(len(missing), 'shard')} to run")
+        state = wait_for_job(store, spec.job_id, stages)
     else:
         from shared.manifest import read_manifest
 
@@ -270,9 +328,11 @@ def cmd_resume(args, settings: Settings) -> int:
         with local_cluster(settings, args.workers, out / "logs", data=data, outputs=(out,)) as (local, pool):
             store = _store(local)
             spec, missing = resume(store, out, local.job_ttl_s)
-            print(f"resuming job {spec.job_id}: {len(missing)} shards to run", file=sys.stderr)
-            state = wait_for_job(store, spec.job_id, sys.stderr.isatty(), alive=pool.alive)
-    _print_result(spec, state, time.monotonic() - t0, args.json)
+            stages.say(f"resuming job {spec.job_id}: {plural(len(missing), 'shard')} to run")
+            state = wait_for_job(store, spec.job_id, stages, alive=pool.alive)
+    summary = _result(spec, state, time.monotonic() - t0, stages.times, since)
+    _keep_run(spec, summary)
+    _print_result(summary, args.json)
     return 0
 
 
@@ -303,6 +363,15 @@ def _record_cancel(store, job_id: str) -> None:
         pass
 
 
+def cmd_report(args, settings: Settings) -> int:
+    from orchestrator.report import write_report
+
+    if not args.out.is_dir():
+        raise UsageError(f"{args.out} is not a directory; pass a job's OUT (the folder given to --out)")
+    print(write_report(args.out))
+    return 0
+
+
 def cmd_sample(args, settings: Settings) -> int:
     from orchestrator.sample import make_sample
 
@@ -318,8 +387,8 @@ def cmd_cam(args, settings: Settings) -> int:
     req = CamRequest(model=args.model, inputs=args.images, out_dir=args.out, layer=args.layer,
                      class_index=args.class_index, top_k=args.top_k, batch_size=args.batch_size,
                      preprocess=args.preprocess, keras_home=keras_home_from_env())
-    show = not args.no_progress and not args.json and sys.stderr.isatty()
-    print_cam_summary(run_cam(req, settings, args.workers, show, args.detach), args.json)
+    stages = _stages(args, quiet=args.json)
+    print_cam_summary(run_cam(req, settings, args.workers, stages, args.detach), args.json)
     return 0
 
 
@@ -333,6 +402,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "resume": cmd_resume,
     "sample": cmd_sample,
+    "report": cmd_report,
     "cam": cmd_cam,
     "predict": cmd_predict,
 }

@@ -62,6 +62,8 @@ def validate(req: ExtractRequest) -> None:
 
 def check_output(out_dir: Path) -> Path:
     """Create OUT if needed and prove it writable, or say why not."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file, not a directory; choose a directory (it is created if missing)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".convoy-write-test-"):
@@ -72,6 +74,15 @@ def check_output(out_dir: Path) -> Path:
             "choose another --out or fix its permissions"
         ) from None
     return out_dir.resolve()
+
+
+def weights_first(req: ExtractRequest) -> None:
+    """ImageNet weights found in (or fetched into) Keras's cache before any worker starts, so an
+    offline machine fails at once with the fix, and leaves nothing behind."""
+    if req.weights == "imagenet":
+        from orchestrator.weights import fetch_imagenet
+
+        fetch_imagenet(req.keras_home)
 
 
 def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:

@@ -14,8 +14,8 @@ from shared.settings import BROKER_ENV, Settings
 def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``flower`` and ``workers`` to the CLI's subcommands."""
     flower = sub.add_parser("flower", help="the Flower dashboard on the cluster, with a login")
-    flower.add_argument("--port", type=int, default=5555, help="HTTP port (default 5555)")
-    flower.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    flower.add_argument("--port", type=int, default=5555, help="HTTP port")
+    flower.add_argument("--address", default="127.0.0.1", help="address to listen on")
     flower.add_argument("--db", type=Path, metavar="PATH", help="keep tasks and workers across restarts in PATH")
     flower.add_argument("--insecure-no-auth", action="store_true",
                         help="serve without FLOWER_BASIC_AUTH (anyone who can reach it can stop workers)")
@@ -24,7 +24,7 @@ def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -
     workers = sub.add_parser("workers", help="list workers: host, queues, concurrency, device, current shard")
     workers.add_argument("--json", action="store_true", help="print JSON")
     workers.add_argument("--ping", metavar="NAME", help="exit 0 if worker NAME (e.g. extract@host) answers, else 1")
-    workers.add_argument("--timeout", type=float, default=1.5, help="seconds to wait for replies (default 1.5)")
+    workers.add_argument("--timeout", type=float, default=1.5, help="seconds to wait for replies")
     broker_option(workers)
 
 

@@ -12,11 +12,33 @@ from shared.models import DEFAULT_LAYER, PREPROCESS_MODES
 from shared.settings import BROKER_ENV
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or not action.help or "default" in action.help:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line, exit code 2."""
+    """argparse that reports a usage error in one line, exit code 2, and shows every default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"convoy: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("convoy")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed; run `make install`)"
 
 
 def _positive(text: str) -> int:
@@ -36,18 +58,19 @@ def _broker_option(p: argparse.ArgumentParser) -> None:
 def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat")
     p.add_argument("--out", type=Path, required=True, help="output directory (features, manifest, logs)")
-    p.add_argument("--shard-size", type=_positive, default=256, help="images per shard (default 256)")
-    p.add_argument("--input-size", type=_positive, default=150, help="resize side, pixels (150)")
-    p.add_argument("--layer", default=DEFAULT_LAYER, help=f"layer of VGG16's base to extract (default {DEFAULT_LAYER})")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="vgg16", help="vgg16 or rescale (x1/255)")
-    p.add_argument("--batch-size", type=_positive, default=20, help="images per forward pass (default 20)")
+    p.add_argument("--shard-size", type=_positive, default=256, help="images per shard")
+    p.add_argument("--input-size", type=_positive, default=150, help="resize side, pixels")
+    p.add_argument("--layer", default=DEFAULT_LAYER, help="layer of VGG16's base to extract")
+    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="vgg16",
+                   help="vgg16 (the model's own) or rescale (x1/255)")
+    p.add_argument("--batch-size", type=_positive, default=20, help="images per forward pass")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature type")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="compute type; bfloat16 is several times faster on GPUs and AMX CPUs")
-    p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random, seeded) or a weights file")
+    p.add_argument("--weights", default="imagenet", help="imagenet, none (random, seeded) or a weights file")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none")
     p.add_argument("--allow-failed-shards", action="store_true", help="finish the job even if shards fail for good")
-    p.add_argument("--max-deliveries", type=_positive, default=3, help="deliveries before giving up (3)")
+    p.add_argument("--max-deliveries", type=_positive, default=3, help="deliveries of a step before it is given up")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     _broker_option(p)
 
@@ -59,12 +82,12 @@ def _cam_parser(sub) -> None:
     cam.add_argument("--out", type=Path, required=True, help="CAMDIR: heatmaps.h5, overlays/, index.html")
     which = cam.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_index", type=int, help="class index K (default: the predicted one)")
-    which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes (1)")
+    which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes")
     cam.add_argument("--layer", help="conv layer (default: the last one, also inside a nested base)")
-    cam.add_argument("--batch-size", type=_positive, default=16, help="images per task and forward pass (16)")
+    cam.add_argument("--batch-size", type=_positive, default=16, help="images per task and forward pass")
     cam.add_argument("--preprocess", choices=("none", "vgg16", "rescale"),
                      help="applied before the model (default: vgg16 for vgg16-imagenet, else none)")
-    cam.add_argument("--workers", type=_positive, default=1, help="local worker processes without --broker (1)")
+    cam.add_argument("--workers", type=_positive, default=1, help="local worker processes without --broker")
     cam.add_argument("--detach", action="store_true", help="print the job id and return (needs --broker)")
     cam.add_argument("--no-progress", action="store_true", help="no live progress bar")
     cam.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -73,17 +96,19 @@ def _cam_parser(sub) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog="convoy", description="Distributed VGG16 features, classifiers and heatmaps.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a whole job here: embedded broker and workers unless --broker")
     _extract_options(run)
     run.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
-                     help="local worker processes (default: one per 2 cores)")
+                     help="local worker processes (one per 2 cores here)")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run.add_argument("--no-train", action="store_true", help="extract only (default: train when DATA has labels)")
     run.add_argument("--finetune", action="store_true", help="after training, fine-tune the base's top block")
     add_train_options(run, "--train-batch-size")
-    run.add_argument("--cam", type=int, default=8, metavar="N", help="Grad-CAM maps of N test images after training")
+    run.add_argument("--cam", type=int, default=8, metavar="N",
+                     help="Grad-CAM maps of N test images after training (0: none)")
 
     submit = sub.add_parser("submit", help="submit a job to a running cluster and return its id")
     kinds = submit.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -118,7 +143,7 @@ def build_parser() -> Parser:
 
     worker = sub.add_parser("worker", help="start a worker on the configured broker")
     worker.add_argument("--queues", default="extract,train,cam", help="comma-separated: extract, train, cam")
-    worker.add_argument("--concurrency", type=_positive, default=1, help="pool processes (default 1: one model each)")
+    worker.add_argument("--concurrency", type=_positive, default=1, help="pool processes, one model each")
     worker.add_argument("--hostname", default="convoy@%h", help="worker name (Celery's %%h is the host)")
     worker.add_argument("--loglevel", default="INFO")
     _broker_option(worker)
@@ -135,6 +160,10 @@ def build_parser() -> Parser:
                         help="local worker processes when no broker is configured")
     resume.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     _broker_option(resume)
+
+    report = sub.add_parser("report", help="write OUT/report.html: summary, stage times, training, confusion "
+                                           "matrix, skipped images and the Grad-CAM gallery")
+    report.add_argument("out", type=Path, help="a job's output directory")
 
     cancel = sub.add_parser("cancel", help="cancel a job: running shards stop, queued ones are dropped")
     cancel.add_argument("job")

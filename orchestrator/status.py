@@ -36,6 +36,19 @@ def waiting_for(store: JobStore, state: dict) -> dict | None:
     return None if store.live_workers(queue) else {"queue": queue, "workers": 0}
 
 
+#: The stages a job passes through on the workers, and the state field that marks each start.
+_STAGE_MARKS = (("extracting", "extracting_at"), ("merging", "merging_at"), ("training", "training_at"),
+                ("fine-tuning", "finetuning_at"))
+
+
+def stage_times(state: dict, since: float = 0.0) -> dict[str, float]:
+    """Seconds of each stage that began at or after ``since``, from the job's own timestamps
+    (Redis's clock): a stage too short for a poll to see is still counted."""
+    marks = sorted((float(state[f]), name) for name, f in _STAGE_MARKS if state.get(f) and float(state[f]) >= since)
+    ends = [t for t, _ in marks[1:]] + [float(state.get("ended_at") or 0)]
+    return {name: round(end - start, 3) for (start, name), end in zip(marks, ends, strict=True) if end >= start}
+
+
 def waiting_words(waiting: dict | None) -> str:
     if not waiting:
         return ""
@@ -44,10 +57,18 @@ def waiting_words(waiting: dict | None) -> str:
             f"start one with `convoy worker --queues {queue}`")
 
 
+#: The step whose epochs a job in these states is training.
+_TRAINING_STEP = {JobStatus.TRAINING: keys.TRAIN_STEP, JobStatus.FINETUNING: keys.FINETUNE_STEP}
+
+
 def brief(store: JobStore, job_id: str) -> dict:
-    """The job's status and counts: one hash read, whatever the number of shards (for --watch)."""
+    """The job's status and counts: one hash read, whatever the number of shards (for --watch),
+    and the training step's while it trains (its epoch, for the progress line)."""
     state = store.status(job_id)
+    training = _TRAINING_STEP.get(JobStatus.parse(state.get("status")))
+    epoch = store.step(job_id, training) if training else {}
     return {
+        "epoch": {k: epoch[k] for k in ("epoch", "epochs", "val_accuracy") if k in epoch},
         "job_id": job_id,
         "kind": state.get("kind", "extract"),
         "status": state.get("status", "unknown"),

@@ -23,17 +23,17 @@ def add_train_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-siz
     """Classifier options; ``batch_flag`` is ``--train-batch-size`` where extraction has --batch-size."""
     d = TrainConfig()
     g = p.add_argument_group("training (defaults: the seed's)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs of the classifier ({d.epochs})")
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"RMSprop rate ({d.learning_rate})")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the classifier")
+    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="RMSprop rate")
     g.add_argument(batch_flag, dest="train_batch_size", type=int, default=d.batch_size,
-                   help=f"training batch size ({d.batch_size})")
-    g.add_argument("--dense-units", type=int, default=d.dense_units, help=f"units of the Dense layer ({d.dense_units})")
-    g.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout rate ({d.dropout})")
+                   help="training batch size")
+    g.add_argument("--dense-units", type=int, default=d.dense_units, help="units of the Dense layer")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate")
     g.add_argument("--max-memory", type=memory_size, default=0,
                    help="features larger than this stream from disk (default: a quarter of the worker's RAM)")
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
-                   help=f"fine-tuning epochs ({d.finetune_epochs})")
+                   help="fine-tuning epochs")
     g.add_argument("--finetune-learning-rate", type=float, default=d.finetune_learning_rate,
-                   help=f"fine-tuning RMSprop rate ({d.finetune_learning_rate})")
+                   help="fine-tuning RMSprop rate")
     g.add_argument("--unfreeze-from", default=d.unfreeze_from,
-                   help=f"first base layer fine-tuning trains ({d.unfreeze_from})")
+                   help="first base layer fine-tuning trains")

@@ -7,13 +7,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+from orchestrator.progress import STAGE_OF, Stages, fmt_seconds, rate_words
 from orchestrator.status import brief, waiting_words
 from shared.errors import JobCancelled, JobFailed
 from shared.jobstore import JobStore
 from shared.states import JobStatus, is_final
+from shared.words import plural
 
 POLL_S = 0.5
 
@@ -25,39 +24,53 @@ WARN_WAITING_AFTER_S = 10
 def wait_for_job(
     store: JobStore,
     job_id: str,
-    show_progress: bool,
+    stages: Stages | None = None,
     alive: Callable[[], bool] | None = None,
-    console: Console | None = None,
 ) -> dict:
     """Block until the job is final; return its state. Raises JobFailed / JobCancelled.
 
-    Each poll reads the job's own hash (one round trip, whatever the number of shards).
+    Each poll reads the job's own hash (one round trip, whatever the number of shards), plus the
+    training step's while the job trains. ``stages`` shows the job's stages as they pass.
     """
-    console = console or Console(stderr=True)
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
-        task = bar.add_task(job_id, total=None, rate=0.0)
-        t0 = time.monotonic()
-        waiting_since, warned = None, False
-        while True:
-            report = brief(store, job_id)
-            done, total = report["images_done"], report["images_total"]
-            bar.update(task, completed=done, total=total or None, rate=done / max(time.monotonic() - t0, 1e-9),
-                       description=f"{job_id} {report['status']}")
-            if is_final(report["status"]):
-                break
-            if report["waiting_for"]:
-                waiting_since = waiting_since or time.monotonic()
-                if not warned and time.monotonic() - waiting_since > WARN_WAITING_AFTER_S:
-                    console.print(f"convoy: {waiting_words(report['waiting_for'])}", soft_wrap=True, markup=False)
-                    warned = True
-            else:
-                waiting_since, warned = None, False
-            if alive is not None and not alive():
-                raise JobFailed("every local worker exited; see the logs in OUT/logs")
-            time.sleep(POLL_S)
+    stages = stages or Stages(live=False, quiet=True)
+    waiting_since, warned = None, False
+    while True:
+        report = brief(store, job_id)
+        status = JobStatus.parse(report["status"])
+        if status is not None and status in STAGE_OF:
+            _show(stages, STAGE_OF[status], report)
+        if is_final(report["status"]):
+            break
+        if report["waiting_for"]:
+            waiting_since = waiting_since or time.monotonic()
+            if not warned and time.monotonic() - waiting_since > WARN_WAITING_AFTER_S:
+                stages.say(waiting_words(report["waiting_for"]))
+                warned = True
+        else:
+            waiting_since, warned = None, False
+        if alive is not None and not alive():
+            stages.end()
+            raise JobFailed("every local worker exited; see the logs in OUT/logs")
+        time.sleep(POLL_S)
+    stages.end()
     return finish_state(store.status(job_id))
+
+
+def _show(stages: Stages, stage: str, report: dict) -> None:
+    done, total = report["images_done"], report["images_total"]
+    if stages.current == "extracting" and stage != "extracting":  # its last line: the final count
+        stages.end(f"{plural(done, 'image')}, {rate_words(done, stages.elapsed(), done)}")
+    if stage in ("training", "fine-tuning"):
+        stages.begin(stage, unit="epochs")
+        epoch = report.get("epoch") or {}
+        accuracy = epoch.get("val_accuracy")
+        stages.update(int(epoch.get("epoch", 0)), int(epoch.get("epochs", 0)) or None,
+                      "" if accuracy is None else f"val_accuracy {float(accuracy):.3f}")
+    elif stage == "extracting":
+        stages.begin(stage, total)
+        stages.update(done, total, rate_words(done, stages.elapsed(), total))
+    else:
+        stages.begin(stage)
 
 
 def finish_state(state: dict) -> dict:
@@ -71,22 +84,51 @@ def finish_state(state: dict) -> dict:
 
 
 def print_summary(summary: dict, as_json: bool, out=None) -> None:
-    """Human lines on stderr-friendly stdout; with --json the last stdout line is JSON."""
+    """Human lines on stdout; with --json the last stdout line is JSON."""
     out = out or sys.stdout
     if as_json:
         print(json.dumps(summary), file=out)
         return
-    print(f"job {summary['job_id']}: {summary['images']} images in {summary['shards']} shards, "
-          f"{summary['seconds']:.1f} s ({summary['images_per_s']:.1f} img/s)", file=out)
+    for line in summary_lines(summary):
+        print(line, file=out)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The run's summary: each stage with its time, where the outputs are, what was left out."""
+    lines = [f"job {summary['job_id']}: {summary.get('status') or 'done'} in {fmt_seconds(summary['seconds'])}, "
+             f"{plural(summary['images'], 'image')} in {plural(summary['shards'], 'shard')}"]
+    for name, seconds in summary.get("stages", {}).items():
+        lines.append(f"  {name:<12} {fmt_seconds(seconds):>10}  {stage_detail(name, summary)}".rstrip())
     for split, path in summary["features"].items():
-        print(f"  features[{split}] -> {path}", file=out)
-    if summary["skipped"]:
-        print(f"  skipped {len(summary['skipped'])} images:", file=out)
-        for item in summary["skipped"]:
-            print(f"    {item['path']}: {item['reason']}", file=out)
-    for item in summary.get("failed_shards", []):
-        print(f"  shard {item['shard']} failed: {item['reason']}", file=out)
+        lines.append(f"  features[{split}] -> {path}")
     for name, value in summary.get("metrics", {}).items():
-        print(f"  {name}: {value:.4f}", file=out)
+        lines.append(f"  {name}: {value:.4f}")
     for name, path in summary.get("model", {}).items():
-        print(f"  model[{name}] -> {path}", file=out)
+        lines.append(f"  model[{name}] -> {path}")
+    cam = summary.get("cam") or {}
+    if "index" in cam:
+        lines.append(f"  cam -> {cam['index']}")
+    if summary.get("report"):
+        lines.append(f"  report -> {summary['report']}")
+    if summary["skipped"]:
+        lines.append(f"  skipped {plural(len(summary['skipped']), 'image')}:")
+        lines += [f"    {item['path']}: {item['reason']}" for item in summary["skipped"]]
+    lines += [f"  shard {item['shard']} failed: {item['reason']}" for item in summary.get("failed_shards", [])]
+    return lines
+
+
+def stage_detail(name: str, summary: dict) -> str:
+    if name == "extracting":
+        extracted, reused = summary.get("extracted_images", 0), summary.get("reused_shards", 0)
+        rate = f", {summary['extract_images_per_s']:.1f} img/s" if extracted else ""
+        again = f"; {plural(reused, 'shard')} reused ({plural(summary.get('reused_images', 0), 'image')})" \
+            if reused else ""
+        return f"{plural(extracted, 'image')} extracted{rate}{again}"
+    if name == "training":
+        epochs = summary.get("training", {}).get("epochs")
+        accuracy = summary.get("metrics", {}).get("test_accuracy")
+        return ", ".join(x for x in (plural(epochs, "epoch") if epochs else "",
+                                     f"test accuracy {accuracy:.3f}" if accuracy is not None else "") if x)
+    if name == "Grad-CAM" and "rows" in (summary.get("cam") or {}):
+        return plural(summary["cam"]["rows"], "heatmap")
+    return ""

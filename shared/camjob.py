@@ -19,6 +19,7 @@ from shared import keys
 CAM_PREPROCESS = ("none", "vgg16", "rescale")
 PARTS_DIR = ".parts"
 OVERLAYS_DIR = "overlays"
+ORIGINALS_DIR = "originals"
 HEATMAPS_NAME = "heatmaps.h5"
 INDEX_NAME = "index.html"
 
@@ -40,6 +41,8 @@ class CamSpec:
     class_index: int | None = None
     top_k: int = 1
     preprocess: str = "none"
+    class_names: list[str] = field(default_factory=list)  # the model's, when known
+    labels: dict[str, int] = field(default_factory=dict)  # true class of an image (path), when known
     max_deliveries: int = 3
     created_at: float = field(default_factory=time.time)
 

@@ -84,6 +84,12 @@ def celery_config(settings: Settings) -> dict:
     )
 
 
+# Celery's own tools (`celery -A shared.celery_app inspect ping`, `events`, `purge`, `flower`)
+# import this module and nothing else: configured here from the environment the CLI reads, they
+# talk to Convoy's broker with Convoy's queues instead of Celery's default amqp://localhost.
+configure(Settings.from_env())
+
+
 def send_step(job_id: str, step) -> None:
     """Send the message of one step (a :class:`shared.jobstore.NewStep`): the only way work is queued.
 

@@ -36,7 +36,8 @@ class CamResult:
     image: np.ndarray  # (rows,) int64
     rank: np.ndarray  # (rows,) int64, 0 = best of the top-k (or the requested class)
     class_index: np.ndarray  # (rows,) int64
-    score: np.ndarray  # (rows,) float32, probability of that class
+    score: np.ndarray  # (rows,) float32, the class's score before the output activation (logit)
+    probability: np.ndarray  # (rows,) float32, the class's probability
     flags: list[str]  # (rows,) comma-separated, "" when nothing to report
 
 
@@ -276,16 +277,16 @@ class GradCam:
             peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
             maps.append(tf.math.divide_no_nan(cam, peak))
         del tape
-        scores = tf.gather(probs, classes, batch_dims=1)
-        return tf.stack(maps, axis=1), classes, scores
+        return (tf.stack(maps, axis=1), classes, tf.gather(logits, classes, batch_dims=1),
+                tf.gather(probs, classes, batch_dims=1))
 
     def __call__(self, x: np.ndarray, class_index: int | None = None, top_k: int = 1) -> CamResult:
         """Heatmaps for the preprocessed batch ``x`` (n, h, w, 3)."""
         self.check_class(class_index, top_k)
         k = 1 if class_index is not None else top_k
         fixed = -1 if class_index is None else class_index
-        maps, classes, scores = self._fn(k)(np.asarray(x, np.float32), np.int32(fixed))
-        return _rows(np.asarray(maps), np.asarray(classes), np.asarray(scores))
+        maps, classes, logits, probs = self._fn(k)(np.asarray(x, np.float32), np.int32(fixed))
+        return _rows(np.asarray(maps), np.asarray(classes), np.asarray(logits), np.asarray(probs))
 
     def check_class(self, class_index: int | None, top_k: int) -> None:
         if class_index is not None and not 0 <= class_index < self.n_classes:
@@ -294,18 +295,19 @@ class GradCam:
             raise UsageError(f"--top-k must be in 1..{self.n_classes} for this model; got {top_k}")
 
 
-def _rows(maps: np.ndarray, classes: np.ndarray, scores: np.ndarray) -> CamResult:
+def _rows(maps: np.ndarray, classes: np.ndarray, logits: np.ndarray, probs: np.ndarray) -> CamResult:
     """Flatten (n, k, ...) into rows ordered by image, then rank."""
     n, k = classes.shape
     heatmaps = maps.reshape(n * k, *maps.shape[2:]).astype(np.float32)
-    score = scores.reshape(-1).astype(np.float32)
+    probability = probs.reshape(-1).astype(np.float32)
     return CamResult(
         heatmaps=heatmaps,
         image=np.repeat(np.arange(n), k),
         rank=np.tile(np.arange(k), n),
         class_index=classes.reshape(-1).astype(np.int64),
-        score=score,
-        flags=[_flags(m, s) for m, s in zip(heatmaps, score, strict=True)],
+        score=logits.reshape(-1).astype(np.float32),
+        probability=probability,
+        flags=[_flags(m, p) for m, p in zip(heatmaps, probability, strict=True)],
     )
 
 

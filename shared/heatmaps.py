@@ -1,9 +1,11 @@
 """The Grad-CAM HDF5 schema: one part file per batch, assembled into CAMDIR/heatmaps.h5.
 
 Datasets: ``heatmaps`` (N, h, w) float32 in [0, 1] at the conv layer's resolution, ``paths``
-(N,) relative to the job's root, ``class_index`` (N,), ``score`` (N,) (probability of that
-class), ``flags`` (N,) ("zero", "saturated", comma-separated), ``rank`` (N,) (0 = best of the
-top-k), ``overlay`` (N,) (PNG relative to CAMDIR), ``skipped_paths`` / ``skipped_reasons``.
+(N,) relative to the job's root, ``class_index`` (N,), ``score`` (N,) (that class's score before
+the output activation: the logit), ``probability`` (N,) (after it), ``label`` (N,) (the true
+class, -1 when unknown), ``flags`` (N,) ("zero", "saturated", comma-separated), ``rank`` (N,)
+(0 = best of the top-k), ``overlay`` and ``original`` (N,) (overlay PNG and a copy of the image,
+relative to CAMDIR), ``skipped_paths`` / ``skipped_reasons``.
 Attributes: ``layer``, ``model``, ``model_sha256`` and how the job was asked for.
 """
 
@@ -19,8 +21,9 @@ import h5py
 import numpy as np
 
 _STR = h5py.string_dtype("utf-8")
-_STRINGS = ("paths", "flags", "overlay")
-_NUMBERS = {"class_index": np.int64, "score": np.float32, "rank": np.int64}
+_STRINGS = ("paths", "flags", "overlay", "original")
+_NUMBERS = {"class_index": np.int64, "score": np.float32, "probability": np.float32, "label": np.int64,
+            "rank": np.int64}
 
 
 @dataclass
@@ -31,9 +34,12 @@ class CamRows:
     paths: list[str]
     class_index: np.ndarray
     score: np.ndarray
+    probability: np.ndarray
+    label: np.ndarray
     flags: list[str]
     rank: np.ndarray
     overlay: list[str]
+    original: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -69,9 +75,12 @@ def read_rows(path: Path) -> CamRows:
             paths=text["paths"],
             class_index=f["class_index"][()],
             score=f["score"][()],
+            probability=f["probability"][()],
+            label=f["label"][()],
             flags=text["flags"],
             rank=f["rank"][()],
             overlay=text["overlay"],
+            original=text["original"],
             skipped=list(zip(text["skipped_paths"], text["skipped_reasons"], strict=True)),
         )
 
@@ -88,9 +97,12 @@ def concat(parts: list[CamRows], hw: tuple[int, int]) -> CamRows:
         paths=[x for p in parts for x in p.paths],
         class_index=_join([p.class_index for p in parts], np.int64),
         score=_join([p.score for p in parts], np.float32),
+        probability=_join([p.probability for p in parts], np.float32),
+        label=_join([p.label for p in parts], np.int64),
         flags=[x for p in parts for x in p.flags],
         rank=_join([p.rank for p in parts], np.int64),
         overlay=[x for p in parts for x in p.overlay],
+        original=[x for p in parts for x in p.original],
         skipped=[x for p in parts for x in p.skipped],
     )
 

@@ -84,7 +84,7 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
-            "CLAIM", "RENEW", "PROGRESS", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
+            "CLAIM", "RENEW", "PROGRESS", "NOTE", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
             "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE")}
 
     def _run(self, name: str, args: list, script_keys: list | None = None):
@@ -227,6 +227,10 @@ class JobStore:
         """Images done so far by this holder; the answer is :meth:`renew`'s."""
         return self._run("PROGRESS", [job, step, token, done, round(rate, 2), worker])
 
+    def note(self, job: str, step: str, token: str, fields: dict) -> str:
+        """Fields the holder reports on its step (a training's epoch); the answer is :meth:`renew`'s."""
+        return self._run("NOTE", [job, step, token, json.dumps(fields)])
+
     def finish_step(self, job: str, step: str, outcome: StepState, *, done: int | None = None, error: str = "",
                     fields: dict | None = None, job_fields: dict | None = None, fail_job: bool = True,
                     job_error: str = "", barrier: int = 0, then: NewStep | None = None) -> str:
@@ -352,7 +356,7 @@ def _field(value) -> str | int | float:
 
 
 _JSON_FIELDS = ("skipped", "timings", "params")
-_INT_FIELDS = ("done", "total", "rows", "deliveries", "repairs")
+_INT_FIELDS = ("done", "total", "rows", "deliveries", "repairs", "epoch", "epochs")
 
 
 def _decode_step(raw: dict) -> dict:

@@ -105,6 +105,13 @@ if redis.call('EXISTS', k_draining(ARGV[6])) == 1 then return 'draining' end
 return 'ok'
 """
 
+#: ARGV: job, step, token, JSON {field: value}. What a running step says of itself besides images
+#: (a training's epoch): written only by its holder. -> ok | lost | ended.
+NOTE = _PRELUDE + _HOLDS + """
+for k, v in pairs(cjson.decode(ARGV[4])) do redis.call('HSET', sk, k, tostring(v)) end
+return 'ok'
+"""
+
 #: ARGV[1]: JSON {job, step, outcome, done?, error, fields, job_fields, fail_job, job_error,
 #: barrier, next?: {step, queue, task, msg, status, params}}.
 #: -> dup | late | failed | wait | next | done | unknown.

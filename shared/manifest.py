@@ -79,3 +79,8 @@ def record_end(out_dir: str | Path, state: dict, states: dict[str, str]) -> None
     if state.get("summary"):
         extra["summary"] = json.loads(state["summary"])
     update_states(out_dir, states, extra)
+
+
+def record_run(out_dir: str | Path, summary: dict) -> None:
+    """What ``convoy run`` saw (stage times, rates, the Grad-CAM step): `convoy report` reads it."""
+    update_states(out_dir, {}, {"run": summary})

@@ -7,7 +7,6 @@ to 0..255.
 
 from __future__ import annotations
 
-import html
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -55,24 +54,3 @@ def overlay_name(position: int, rel_path: str, class_index: int, ranked: bool) -
     stem = "".join(c if c.isalnum() or c in "-." else "_" for c in plain)[-60:]
     suffix = f"-class{class_index}" if ranked else ""
     return f"{position:05d}-{stem}{suffix}.png"
-
-
-def write_index(path: Path, rows, title: str) -> None:
-    """index.html: every overlay with its path, class, score and flags; the skipped images."""
-    cards = [
-        f'<figure><img src="{html.escape(o)}" loading="lazy"><figcaption>{html.escape(p)}<br>'
-        f"class {c} &middot; score {s:.4f}{' &middot; ' + html.escape(f) if f else ''}</figcaption></figure>"
-        for o, p, c, s, f in zip(rows.overlay, rows.paths, rows.class_index, rows.score, rows.flags, strict=True)
-    ]
-    skipped = "".join(f"<li>{html.escape(p)}: {html.escape(r)}</li>" for p, r in rows.skipped)
-    body = (
-        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;vertical-align:top}"
-        "img{max-width:320px;max-height:320px;display:block}figcaption{font-size:12px;max-width:320px;"
-        "word-break:break-all}</style>"
-        f"<h1>{html.escape(title)}</h1><p>{len(cards)} heatmaps</p>{''.join(cards)}"
-        + (f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else "")
-    )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, path)

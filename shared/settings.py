@@ -29,6 +29,9 @@ JOB_TTL_ENV = "CONVOY_JOB_TTL"
 #: Fault injection for tests (see shared/faults.py): points, seed of the draws, log file.
 FAULTS_ENV, FAULTS_SEED_ENV, FAULTS_LOG_ENV = "CONVOY_FAULTS", "CONVOY_FAULTS_SEED", "CONVOY_FAULTS_LOG"
 
+#: Where this machine remembers the jobs it ran (job id -> OUT), for `convoy status JOB` later.
+STATE_DIR_ENV = "CONVOY_STATE_DIR"
+
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -79,6 +82,7 @@ class Settings:
     faults_seed: str = ""
     faults_log: str = ""
     keras_home: Path = Path.home() / ".keras"  # where Keras keeps downloaded weights ($KERAS_HOME)
+    state_dir: Path = Path.home() / ".local" / "state" / "convoy"
 
     @property
     def task_soft_time_limit_s(self) -> int:
@@ -110,6 +114,8 @@ class Settings:
             faults_seed=env.get(FAULTS_SEED_ENV, ""),
             faults_log=env.get(FAULTS_LOG_ENV, ""),
             keras_home=Path(env.get("KERAS_HOME") or Path.home() / ".keras"),
+            state_dir=Path(env.get(STATE_DIR_ENV) or Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+                           / "convoy"),
         )
 
     def with_broker(self, url: str | None) -> Settings:

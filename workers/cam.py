@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from shared import keys, paths
-from shared.camjob import HEATMAPS_NAME, INDEX_NAME, OVERLAYS_DIR, PARTS_DIR, CamSpec, batch_index
+from shared.camjob import HEATMAPS_NAME, INDEX_NAME, ORIGINALS_DIR, OVERLAYS_DIR, PARTS_DIR, CamSpec, batch_index
 from shared.celery_app import app
+from shared.gallery import write_gallery
 from shared.heatmaps import CamRows, concat, read_rows, write_rows
 from shared.images import BadImage, load_pixels, resize_pixels
 from shared.jobstore import NewStep
-from shared.overlay import overlay_name, superimpose, write_index, write_png
+from shared.overlay import overlay_name, superimpose, write_png
 from shared.states import JobStatus
 from workers.runtime import runtime
 from workers.step import ConvoyStep, Outcome, Route
@@ -104,22 +105,28 @@ def _run(settings, spec: CamSpec, batch: int, rels: list[str]) -> CamRows:
 
 
 def _rows(spec: CamSpec, batch: int, rels, ok, images, result) -> CamRows:
-    """Rows of the batch, each with its overlay written next to the others."""
+    """Rows of the batch, each with its overlay and the original image written next to the others."""
     first = batch * spec.batch_size
-    overlays = []
+    overlays, originals = [], []
     for heatmap, image, class_index in zip(result.heatmaps, result.image, result.class_index, strict=True):
         position = ok[image]
         name = overlay_name(first + position, rels[position], int(class_index), ranked=spec.top_k > 1)
         write_png(Path(spec.out_dir) / OVERLAYS_DIR / name, superimpose(images[image][0], heatmap))
         overlays.append(f"{OVERLAYS_DIR}/{name}")
+        original = overlay_name(first + position, rels[position], 0, ranked=False)
+        write_png(Path(spec.out_dir) / ORIGINALS_DIR / original, images[image][0])
+        originals.append(f"{ORIGINALS_DIR}/{original}")
     return CamRows(
         heatmaps=result.heatmaps,
         paths=[rels[ok[i]] for i in result.image],
         class_index=result.class_index,
         score=result.score,
+        probability=result.probability,
+        label=np.array([spec.labels.get(rels[ok[i]], -1) for i in result.image], np.int64),
         flags=result.flags,
         rank=result.rank,
         overlay=overlays,
+        original=originals,
     )
 
 
@@ -142,9 +149,11 @@ def assemble(spec: CamSpec, settings) -> dict:
         "top_k": spec.top_k,
         "root": spec.root,
         "job_id": spec.job_id,
+        "class_names": spec.class_names,
     }
     write_rows(out / HEATMAPS_NAME, rows, attrs)
-    write_index(out / INDEX_NAME, rows, f"Grad-CAM {spec.job_id}: {Path(spec.model).name}, layer {cam.layer}")
+    write_gallery(out / INDEX_NAME, rows, spec.class_names,
+                  f"Grad-CAM {spec.job_id}: {Path(spec.model).name}, layer {cam.layer}")
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     summary = {
         "heatmaps": str(out / HEATMAPS_NAME),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +64,12 @@ def _evaluate(model, data, split: trainset.SplitRows, class_names: list[str]) ->
     """Test loss from Keras, the rest from the predictions (same row order as ``split``)."""
     inputs = _fit_inputs(data)
     loss = model.evaluate(**inputs, verbose=0, return_dict=True)["loss"]
-    probs = model.predict(inputs["x"], verbose=0)
-    return evaluation_metrics(split.labels, predicted_classes(np.asarray(probs)), class_names, loss)
+    predicted = predicted_classes(np.asarray(model.predict(inputs["x"], verbose=0)))
+    metrics = evaluation_metrics(split.labels, predicted, class_names, loss)
+    # Per image, so the Grad-CAM step can show the misclassified ones first.
+    metrics["predictions"] = [{"path": p, "label": int(y), "predicted": int(c)}
+                              for p, y, c in zip(split.paths, split.labels, predicted, strict=True)]
+    return metrics
 
 
 def _write_info(folder: Path, spec: JobSpec) -> None:
@@ -78,17 +81,25 @@ def _write_info(folder: Path, spec: JobSpec) -> None:
     })
 
 
-def stop_callback(stop_check: Callable[[], None] | None) -> list:
-    """A Keras callback that asks the step protocol, at every batch, whether to stop (cancel, lost
-    lease, warm shutdown); raising there ends ``fit`` at once."""
-    if stop_check is None:
+def step_callbacks(ctx, epochs: int) -> list:
+    """Keras callbacks that keep the step protocol told: whether to stop, asked at every batch
+    (cancel, lost lease, warm shutdown: raising ends ``fit`` at once), and each finished epoch
+    with its validation accuracy (``convoy run`` shows it)."""
+    if ctx is None:
         return []
     import keras
 
-    return [keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: stop_check())]
+    def epoch_end(epoch: int, logs: dict | None = None) -> None:
+        fields = {"epoch": epoch + 1, "epochs": epochs}
+        if logs and "val_accuracy" in logs:
+            fields["val_accuracy"] = round(float(logs["val_accuracy"]), 4)
+        ctx.note(fields)
+
+    return [keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: ctx.check(),
+                                           on_epoch_end=epoch_end)]
 
 
-def train_head(spec: JobSpec, config: TrainConfig, stop_check: Callable[[], None] | None = None) -> dict:
+def train_head(spec: JobSpec, config: TrainConfig, ctx=None) -> dict:
     """Train the classifier on the merged features; save it, the full model and the reports."""
     import keras
 
@@ -103,7 +114,7 @@ def train_head(spec: JobSpec, config: TrainConfig, stop_check: Callable[[], None
     compile_for(head, k, config.learning_rate)
     t_fit = time.perf_counter()
     fitted = head.fit(**_fit_inputs(data["train"]), validation_data=_val(data["validation"]), epochs=config.epochs,
-                      verbose=0, callbacks=stop_callback(stop_check))
+                      verbose=0, callbacks=step_callbacks(ctx, config.epochs))
     t_eval = time.perf_counter()
     metrics = _evaluate(head, data["test"], plan["test"], spec.class_names)
     paths = _save_head_outputs(spec, head, _history(fitted.history), metrics)
@@ -198,7 +209,7 @@ def _checkpoint_key(head_file: Path, config: TrainConfig) -> str:
                        config.batch_size, config.seed])
 
 
-def finetune(spec: JobSpec, config: TrainConfig, settings, stop_check: Callable[[], None] | None = None) -> dict:
+def finetune(spec: JobSpec, config: TrainConfig, settings, ctx=None) -> dict:
     """Unfreeze the base from ``config.unfreeze_from`` on and train end to end on the images."""
     import keras
 
@@ -223,9 +234,9 @@ def finetune(spec: JobSpec, config: TrainConfig, settings, stop_check: Callable[
             for s, rows in plan.items()}
     t_fit = time.perf_counter()
     if start < config.finetune_epochs:
+        callbacks = [checkpoint.callback(trainer, history), *step_callbacks(ctx, config.finetune_epochs)]
         trainer.fit(data["train"], validation_data=data["validation"], epochs=config.finetune_epochs,
-                    initial_epoch=start, callbacks=[checkpoint.callback(trainer, history), *stop_callback(stop_check)],
-                    verbose=0)
+                    initial_epoch=start, callbacks=callbacks, verbose=0)
     t_eval = time.perf_counter()
     metrics = _evaluate(trainer, (data["test"], None), plan["test"], spec.class_names)
     history = {**history, "resumed_from_epoch": start}

@@ -60,7 +60,9 @@ def merge_all(store: JobStore, spec: JobSpec) -> dict:
         skipped += states[sid].get("skipped") or []
     failed = [{"shard": s, "reason": states.get(s, {}).get("error", "")}
               for s in sorted(store.failed_shards(spec.job_id))]
+    reused = [sid for sid in finished if states[sid].get("reused")]
     summary = {"images": images, "skipped": skipped, "features": features, "failed_shards": failed,
+               "reused_shards": len(reused), "reused_images": sum(int(states[s].get("total", 0)) for s in reused),
                "extract_timings": extract_timings(states)}
     update_states(spec.out_dir, {s: st.get("state", "queued") for s, st in states.items()}, {"summary": summary})
     return summary

@@ -88,6 +88,11 @@ class StepContext:
         self._note(self.store.progress(self.job_id, self.step, self.token, done, rate, self.worker))
         self.check()
 
+    def note(self, fields: dict) -> None:
+        """Record what the step says of itself (a training's epoch); stop like :meth:`progress`."""
+        self._note(self.store.note(self.job_id, self.step, self.token, fields))
+        self.check()
+
     def check(self) -> None:
         """Raise :class:`StepStopped` if the last renewal said so (no round trip)."""
         if self.answer != "ok":

@@ -56,7 +56,7 @@ def _config(store: JobStore, spec: JobSpec, step: str) -> TrainConfig:
 def train_job(self, job_id: str, step: str) -> Outcome:
     """Train the classifier on a merged job's features."""
     store, spec = _open(job_id)
-    result = train_head(spec, _config(store, spec, step), stop_check=self.ctx.check)
+    result = train_head(spec, _config(store, spec, step), ctx=self.ctx)
     return Outcome(result={"metrics": result["metrics"]}, job_fields={"summary": _add(_summary(store, job_id), result)})
 
 
@@ -65,7 +65,7 @@ def finetune_job(self, job_id: str, step: str) -> Outcome:
     """Fine-tune the top of the base with the trained head; resumes from its last checkpoint."""
     rt = runtime()
     store, spec = _open(job_id)
-    result = finetune(spec, _config(store, spec, step), rt.settings, stop_check=self.ctx.check)
+    result = finetune(spec, _config(store, spec, step), rt.settings, ctx=self.ctx)
     return Outcome(result={"metrics": result["metrics"]}, job_fields={"summary": _add(_summary(store, job_id), result)})
 
 
