@@ -12,7 +12,7 @@ from pathlib import Path
 from orchestrator import monitor_cli
 from orchestrator.parser import build_parser
 from orchestrator.progress import STAGE_ORDER
-from shared.errors import ConvoyError, UsageError
+from shared.errors import ConvoyError, JobNotFound, UsageError
 from shared.settings import BROKER_ENV, Settings, redact_url
 from shared.words import plural
 
@@ -70,11 +70,11 @@ def cmd_run(args, settings: Settings) -> int:
     request = _request(args)
     stages.begin("scanning", unit="images")
     checked = check_request(request)
-    weights_first(request)  # an offline --weights imagenet fails here, before anything starts
+    weights = weights_first(request)  # an offline ImageNet or a bad file fails here, before anything starts
     stages.end(_scan_words(checked[0]))
 
     def job():
-        spec, shards, scan = prepare(request, checked)
+        spec, shards, scan = prepare(request, checked, weights=weights)
         spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
         jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
         return spec, shards
@@ -250,6 +250,9 @@ def cmd_status(args, settings: Settings) -> int:
         from shared.manifest import read_manifest
 
         job_id = read_manifest(out)["job_id"]
+        if not Path(target).is_dir() and job_id != target:
+            raise JobNotFound(f"job {target} ran into {out}, which now holds job {job_id}; "
+                              f"its record there was replaced (see `convoy status {job_id}`)")
         store = _store(settings) if settings.broker_url else None
         if store is None or not store.exists(job_id):
             return _print_status(status.manifest_report(out), args.json)

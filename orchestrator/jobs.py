@@ -76,13 +76,13 @@ def check_output(out_dir: Path) -> Path:
     return out_dir.resolve()
 
 
-def weights_first(req: ExtractRequest) -> None:
-    """ImageNet weights found in (or fetched into) Keras's cache before any worker starts, so an
-    offline machine fails at once with the fix, and leaves nothing behind."""
-    if req.weights == "imagenet":
-        from orchestrator.weights import fetch_imagenet
-
-        fetch_imagenet(req.keras_home)
+def weights_first(req: ExtractRequest) -> tuple[Path, str] | None:
+    """The weights file and its sha256, found before any worker starts: an offline ImageNet or a
+    bad file fails at once, with its fix, and leaves nothing behind. None for ``--weights none``
+    (made later, into OUT, while the workers start)."""
+    if req.weights == "none":
+        return None
+    return resolve_weights(req.weights, req.seed, req.out_dir, req.keras_home)
 
 
 def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
@@ -101,11 +101,13 @@ def check_request(req: ExtractRequest) -> tuple[Scan, Path]:
 
 
 def prepare(
-    req: ExtractRequest, checked: tuple[Scan, Path] | None = None, options: dict | None = None
+    req: ExtractRequest, checked: tuple[Scan, Path] | None = None, options: dict | None = None,
+    weights: tuple[Path, str] | None = None,
 ) -> tuple[JobSpec, dict[str, list[list]], Scan]:
-    """Everything up to, not including, talking to the broker (the weights may take a while)."""
+    """Everything up to, not including, talking to the broker (the weights may take a while,
+    unless ``weights`` already holds them)."""
     scan, out = checked or check_request(req)
-    weights_path, sha = resolve_weights(req.weights, req.seed, out, req.keras_home)
+    weights_path, sha = weights or resolve_weights(req.weights, req.seed, out, req.keras_home)
     shards = make_shards(scan, req.shard_size)
     model = ModelConfig(
         layer=req.layer,

@@ -64,8 +64,6 @@ class Stages:
                                  console=Console(file=self.out), transient=False)
             self._bar.start()
             self._task = self._bar.add_task(name, total=total or None, detail="")
-        elif not self.quiet:
-            self._line(f"{name} ...")
 
     def update(self, done: int | None = None, total: int | None = None, detail: str = "") -> None:
         if self._name is None:

@@ -103,7 +103,7 @@ def _run_cam(cluster, model: Path, inputs: list[Path], out: Path, *options: str)
 
 def _read(out: Path) -> dict:
     with h5py.File(out / "heatmaps.h5", "r") as f:
-        data = {k: f[k][()] for k in ("heatmaps", "class_index", "score", "rank")}
+        data = {k: f[k][()] for k in ("heatmaps", "class_index", "score", "probability", "label", "rank")}
         data |= {k: list(f[k].asstr()[()]) for k in ("paths", "flags", "overlay", "skipped_paths")}
         data["attrs"] = dict(f.attrs)
     return data
@@ -167,8 +167,10 @@ def test_trained_model_matches_keras_io_reference(trained_batch, models, images)
         cls = int(data["class_index"][row])
         want = _keras_io_heatmap(conv_model, classifier_model, x, 0, sign=1.0 if cls == 1 else -1.0)
         np.testing.assert_allclose(data["heatmaps"][row], want, atol=1e-4)
-        p1 = float(1 / (1 + np.exp(-classifier_model(conv_model(x)).numpy()[0, 0])))
-        assert data["score"][row] == pytest.approx(p1 if cls == 1 else 1 - p1, abs=1e-5)
+        z = float(classifier_model(conv_model(x)).numpy()[0, 0])
+        p1 = float(1 / (1 + np.exp(-z)))
+        assert data["probability"][row] == pytest.approx(p1 if cls == 1 else 1 - p1, abs=1e-5)
+        assert data["score"][row] == pytest.approx(z if cls == 1 else -z, abs=1e-4)  # the logit
         assert cls == int(p1 >= 0.5)  # default class: the predicted one
 
 
@@ -198,7 +200,8 @@ def test_batch_equals_one_by_one(cluster, trained_batch, models, images, tmp_pat
     batched, one = _read(out), _read(tmp_path / "single")
     assert one["paths"] == batched["paths"]
     np.testing.assert_allclose(one["heatmaps"], batched["heatmaps"], atol=1e-5)
-    np.testing.assert_allclose(one["score"], batched["score"], atol=1e-6)
+    np.testing.assert_allclose(one["score"], batched["score"], atol=1e-5)
+    np.testing.assert_allclose(one["probability"], batched["probability"], atol=1e-6)
     assert list(one["class_index"]) == list(batched["class_index"])
 
 
@@ -218,7 +221,9 @@ def test_plain_vgg16_top_k_matches_keras_io_reference(cluster, models, images, t
     for row, rel in enumerate(data["paths"]):
         rank, cls = int(data["rank"][row]), int(data["class_index"][row])
         assert cls == int(np.argsort(-probs[rel])[rank])
-        assert data["score"][row] == pytest.approx(probs[rel][cls], abs=1e-5)
+        assert data["probability"][row] == pytest.approx(probs[rel][cls], abs=1e-5)
+        logits = classifier(conv_model(_pixels(images / rel, SIDE))).numpy()[0]
+        assert data["score"][row] == pytest.approx(logits[cls], rel=1e-4, abs=1e-4)
         want = _keras_io_heatmap(conv_model, classifier, _pixels(images / rel, SIDE), cls)
         np.testing.assert_allclose(data["heatmaps"][row], want, atol=1e-4)
 
@@ -229,7 +234,7 @@ def test_zero_map_stays_zero_and_is_flagged(cluster, models, images, tmp_path):
     assert data["heatmaps"].shape == (2, 14, 14)
     assert not np.isnan(data["heatmaps"]).any() and not data["heatmaps"].any()
     assert data["flags"] == ["zero", "zero"] and list(data["class_index"]) == [1, 1]
-    assert data["score"] == pytest.approx([0.5, 0.5])
+    assert data["probability"] == pytest.approx([0.5, 0.5]) and data["score"] == pytest.approx([0.0, 0.0])
 
 
 # --- bad input: exit 2, one line, no traceback ------------------------------------------------------

@@ -161,7 +161,7 @@ def test_failed_training_ends_the_job_failed(extracted, cluster):
     configure(Settings(broker_url=cluster.url)).send_task(step.task, args=[job, step.step], queue=step.queue,
                                                           task_id=step.msg)
     with pytest.raises(JobFailed, match="training failed: ValueError: .*units"):
-        wait_for_job(store, job, show_progress=False)
+        wait_for_job(store, job)
 
 
 def test_failing_shard_ends_the_job_failed_fast(cluster, tmp_path):
@@ -183,7 +183,7 @@ def test_failing_shard_ends_the_job_failed_fast(cluster, tmp_path):
     t0 = time.monotonic()
     submit(store, spec, shards, 3600)
     with pytest.raises(JobFailed, match="sha256"):
-        wait_for_job(store, spec.job_id, show_progress=False)
+        wait_for_job(store, spec.job_id)
     assert time.monotonic() - t0 < 60
     assert store.status(spec.job_id)["error"].startswith("shard ")
     assert not (tmp_path / "out" / "model").exists()
