@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,17 @@ from shared.settings import Settings
 from tests.conftest import ROOT, convoy, own_database, skip_or_fail, wait_final, wait_until
 from tests.imagegen import make_tree
 from tests.test_jobstate import claim, make_job
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "convoy-dashboard.json"
+_METRIC = re.compile(r"\b(convoy_[a-z_]+)")
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of the Grafana dashboard, its variables filled in as
+    Grafana would: every queue, a one-minute rate window."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(panel["title"], target["expr"].replace("$queue", ".*").replace("$__rate_interval", "1m"))
+            for panel in panels for target in panel["targets"]]
 
 
 def scrape(store: JobStore) -> dict[tuple[str, tuple], float]:
@@ -119,6 +131,20 @@ def test_heartbeats_of_dead_incarnations_leave_the_set(store):
     assert scrape(store)[("convoy_workers", (("queue", "extract"),))] == 1
 
 
+def test_dashboard_shows_queues_rates_jobs_and_workers_from_served_metrics(store):
+    store.observe_step("extract_shard", 1.0)
+    make_job(store)
+    served = {name for name, _labels in scrape(store)} | {"convoy_images_per_second"}  # absent while idle
+    queries = dashboard_queries()
+    used = {m for _title, expr in queries for m in _METRIC.findall(expr)}
+    assert used and used <= served, used - served
+    assert {"convoy_queue_messages", "convoy_queue_unacked", "convoy_images_per_second", "convoy_jobs",
+            "convoy_workers"} <= used
+    titles = " ".join(title.lower() for title, _ in queries)
+    for what in ("queue depth", "images per second", "jobs by state", "workers per queue"):
+        assert what in titles
+
+
 def test_metrics_usage_errors_are_one_line(tmp_path):
     busy = free_port()
     import socket
@@ -171,8 +197,8 @@ def _series(port: int, query: str, since: float) -> list[float]:
     start = end - int(end - since)  # the one-second grid ends now, on the latest sample
     reply = requests.get(f"http://127.0.0.1:{port}/api/v1/query_range", timeout=5,
                          params={"query": query, "start": start, "end": end, "step": "1s"}).json()
-    assert reply["status"] == "success" and reply["data"]["result"], reply
-    return [float(v) for _t, v in reply["data"]["result"][0]["values"]]
+    assert reply["status"] == "success", reply
+    return [float(v) for _t, v in reply["data"]["result"][0]["values"]] if reply["data"]["result"] else []
 
 
 def _page_while_running(port: int, store: JobStore, job: str) -> str:
@@ -230,6 +256,9 @@ def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_pat
                            "the shards' step times")
         assert steps == shards
         assert _value(prom_port, 'convoy_jobs{state="done"}') == 1
+        for title, expr in dashboard_queries():  # every panel of the Grafana dashboard has something to draw
+            if expr != "convoy_images_per_second":  # per worker: there only while a step runs
+                assert _series(prom_port, expr, since=submitted), f"{title}: {expr}"
         seen = _series(prom_port, progress, since=submitted)
         assert seen[0] == 0 and seen[-1] == 1 and seen == sorted(seen), str(seen)  # it only ever went forward
         print("\nthe page while the job ran:\n" + "\n".join(line for line in during.splitlines()
