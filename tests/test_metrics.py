@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from kombu import Exchange, Queue
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -218,13 +219,12 @@ def prometheus_binary() -> str:
 
 def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_path, prometheus_binary):
     exporter_port, prom_port = free_port(), free_port()
+    # The compose file's configuration (honor_labels and all), scraping every second, at this exporter.
+    shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    shipped["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    shipped["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{exporter_port}"]}]
     config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({  # YAML is a superset of JSON
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        # honor_labels: the exporter's own `job` label (a Convoy job id) must win over the scrape job's
-        "scrape_configs": [{"job_name": "convoy", "honor_labels": True,
-                            "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
-    }))
+    config.write_text(yaml.safe_dump(shipped))
     procs = [
         _start([sys.executable, "-m", "orchestrator", "metrics", "--port", str(exporter_port), "--broker", private.url],
                tmp_path / "exporter.log"),
