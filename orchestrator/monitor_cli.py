@@ -1,5 +1,6 @@
-"""The monitoring commands, ``convoy flower`` and ``convoy workers``: their options and what they
-run. ``orchestrator.cli`` registers them; the work is in ``flower`` and ``workers_list``."""
+"""The monitoring commands, ``convoy flower``, ``convoy workers`` and ``convoy metrics``: their
+options and what they run. ``orchestrator.cli`` registers them; the work is in ``flower``,
+``workers_list`` and ``metrics``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from shared.settings import BROKER_ENV, Settings
 
 
 def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``flower`` and ``workers`` to the CLI's subcommands."""
+    """Add ``flower``, ``workers`` and ``metrics`` to the CLI's subcommands."""
     flower = sub.add_parser("flower", help="the Flower dashboard on the cluster, with a login")
     flower.add_argument("--port", type=int, default=5555, help="HTTP port")
     flower.add_argument("--address", default="127.0.0.1", help="address to listen on")
@@ -26,6 +27,12 @@ def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -
     workers.add_argument("--ping", metavar="NAME", help="exit 0 if worker NAME (e.g. extract@host) answers, else 1")
     workers.add_argument("--timeout", type=float, default=1.5, help="seconds to wait for replies")
     broker_option(workers)
+
+    metrics = sub.add_parser("metrics", help="serve the cluster's Prometheus metrics (queues, jobs, workers)")
+    metrics.add_argument("--port", type=int, default=9808, help="HTTP port (default 9808)")
+    metrics.add_argument("--address", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    broker_option(metrics)
 
 
 def cmd_flower(args, settings: Settings) -> int:
@@ -51,4 +58,16 @@ def cmd_workers(args, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"flower": cmd_flower, "workers": cmd_workers}
+def cmd_metrics(args, settings: Settings) -> int:
+    from orchestrator.metrics import serve
+    from shared.jobstore import JobStore, connect
+
+    if not settings.broker_url:
+        raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535; got {args.port}")
+    serve(JobStore(connect(settings.broker_url)), args.port, args.address)
+    return 0
+
+
+COMMANDS = {"flower": cmd_flower, "workers": cmd_workers, "metrics": cmd_metrics}

@@ -21,8 +21,10 @@ from shared.states import JobStatus, StepState, is_final
 
 #: Seconds a client retries a command while the broker restarts. Leases outlive it.
 CLIENT_RETRY_WINDOW_S = 25
-#: Kombu's Redis transport keeps a queue's messages in these lists (one per priority step).
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+#: A step holder's images/s counts for the exporter while it reported within this many seconds.
+RATE_TTL_S = 60
+#: Upper bounds of the step-time histogram's buckets, seconds: a CPU batch to a long GPU shard.
+STEP_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
 def connect(url: str) -> redis.Redis:
@@ -85,7 +87,8 @@ class JobStore:
         self.r = client
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
             "CLAIM", "RENEW", "PROGRESS", "NOTE", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
-            "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE")}
+            "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE", "OBSERVE_STEP", "RATES",
+            "FORGET_RATE")}
 
     def _run(self, name: str, args: list, script_keys: list | None = None):
         return self._scripts[name](keys=script_keys or [], args=[str(a) for a in args])
@@ -225,7 +228,7 @@ class JobStore:
 
     def progress(self, job: str, step: str, token: str, done: int, rate: float, worker: str) -> str:
         """Images done so far by this holder; the answer is :meth:`renew`'s."""
-        return self._run("PROGRESS", [job, step, token, done, round(rate, 2), worker])
+        return self._run("PROGRESS", [job, step, token, done, round(rate, 2), worker, RATE_TTL_S])
 
     def note(self, job: str, step: str, token: str, fields: dict) -> str:
         """Fields the holder reports on its step (a training's epoch); the answer is :meth:`renew`'s."""
@@ -297,16 +300,17 @@ class JobStore:
         return self.r.hget(keys.job_step(*keys.split_member(member)), "msg")
 
     def queue_length(self, queue: str) -> int:
+        """Messages waiting on ``queue``, every priority list summed."""
         pipe = self.r.pipeline(transaction=False)
-        for suffix in _PRIORITY_SUFFIXES:
-            pipe.llen(queue + suffix)
+        for name in keys.queue_lists(queue):
+            pipe.llen(name)
         return sum(pipe.execute())
 
     def queued_message_ids(self, queue: str) -> set[str]:
         """The task ids of the messages waiting on ``queue`` (read only when something is missing)."""
         ids = set()
-        for suffix in _PRIORITY_SUFFIXES:
-            for raw in self.r.lrange(queue + suffix, 0, -1):
+        for name in keys.queue_lists(queue):
+            for raw in self.r.lrange(name, 0, -1):
                 try:
                     ids.add(json.loads(raw)["headers"]["id"])
                 except (ValueError, KeyError, TypeError):
@@ -328,6 +332,53 @@ class JobStore:
     def prune_index(self) -> int:
         """Drop the jobs whose keys have expired from the index; how many went."""
         return int(self._run("PRUNE", []))
+
+    # --- what the metrics exporter reads ---------------------------------------------------
+    def unacked_by_queue(self) -> dict[str, int]:
+        """Messages a worker took and has not acknowledged yet (running, or prefetched), by queue.
+
+        Kombu moves a message from its queue's list into one ``unacked`` hash when a worker takes
+        it; each entry names the routing key it came by (in Convoy, the queue's own name).
+        """
+        counts: dict[str, int] = {}
+        for raw in self.r.hvals(keys.KOMBU_UNACKED):
+            try:
+                _message, exchange, routing_key = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            queue = routing_key or exchange
+            counts[queue] = counts.get(queue, 0) + 1
+        return counts
+
+    def jobs_overview(self) -> dict[str, dict]:
+        """Every indexed job's status, images_done, images_total and ended_at, in one round trip."""
+        ids = self.job_ids()
+        pipe = self.r.pipeline(transaction=False)
+        fields = ("status", "images_done", "images_total", "ended_at")
+        for job in ids:
+            pipe.hmget(keys.job_state(job), fields)
+        return {job: dict(zip(fields, values, strict=True)) for job, values in zip(ids, pipe.execute(), strict=True)
+                if values[0] is not None}
+
+    def observe_step(self, task: str, seconds: float) -> None:
+        """One done step of ``task`` took ``seconds``: into the step-time histogram."""
+        self._run("OBSERVE_STEP", [task, round(seconds, 6), *STEP_SECONDS_BUCKETS])
+
+    def step_seconds(self) -> dict[str, str]:
+        """The step-time histogram's fields (see :func:`shared.keys.step_seconds`)."""
+        return self.r.hgetall(keys.step_seconds())
+
+    def worker_rates(self) -> dict[str, float]:
+        """Images per second of each worker: the sum over the steps it runs that reported lately."""
+        pairs = self._run("RATES", [RATE_TTL_S])
+        rates: dict[str, float] = {}
+        for value in pairs[1::2]:
+            worker, _, rate = value.rpartition("|")
+            rates[worker] = rates.get(worker, 0.0) + float(rate or 0)
+        return rates
+
+    def forget_rate(self, token: str) -> None:
+        self._run("FORGET_RATE", [token])
 
     # --- workers ---------------------------------------------------------------------------
     def set_draining(self, worker: str, draining: bool) -> None:

@@ -125,6 +125,38 @@ def worker_info(nodename: str) -> str:
     return f"{PREFIX}:worker:{nodename}"
 
 
+# --- what the metrics exporter reads (bounded: a fixed set of fields, or pruned by time) -----
+
+#: Kombu's Redis transport keeps each message a worker took, until it is acknowledged, in this
+#: hash (delivery tag -> JSON ``[message, exchange, routing key]``); Celery's defaults, which
+#: Convoy keeps.
+KOMBU_UNACKED = "unacked"
+#: Kombu's list for priority ``n`` of a queue is ``queue + KOMBU_SEP + n`` (priority 0: the bare
+#: name); Celery's priority steps are 0, 3, 6, 9.
+KOMBU_SEP, KOMBU_PRIORITY_STEPS = "\x06\x16", (0, 3, 6, 9)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """Every Redis list that holds waiting messages of ``queue``, one per priority step."""
+    return [f"{queue}{KOMBU_SEP}{n}" if n else queue for n in KOMBU_PRIORITY_STEPS]
+
+
+def step_rates() -> str:
+    """Hash: a running step's holder token -> ``worker|images per second``, from its last progress."""
+    return f"{PREFIX}:metrics:rates"
+
+
+def step_rates_seen() -> str:
+    """Sorted set: holder token -> when its rate was written; stale tokens leave both keys."""
+    return f"{PREFIX}:metrics:rates_seen"
+
+
+def step_seconds() -> str:
+    """Hash: the ``convoy_step_seconds`` histogram, ``task|le`` (cumulative counts), ``task|sum``
+    and ``task|count`` for each step task (a fixed set, so the hash stays small)."""
+    return f"{PREFIX}:metrics:step_seconds"
+
+
 def member(job_id: str, step: str) -> str:
     """How a step is named in the cluster-wide sorted sets."""
     return f"{job_id}|{step}"
@@ -161,5 +193,8 @@ LUA = "".join([
     _lua_function("k_held", held),
     _lua_function("k_workers", live_workers, "q"),
     _lua_function("k_draining", worker_draining, "w"),
+    _lua_function("k_rates", step_rates),
+    _lua_function("k_rates_seen", step_rates_seen),
+    _lua_function("k_step_seconds", step_seconds),
     _lua_function("member", member, "j", "s"),
 ])

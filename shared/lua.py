@@ -40,6 +40,13 @@ local function end_job(j, status, fields, t)
   if out and out ~= '' and redis.call('GET', out) == j then redis.call('DEL', out) end
   return 1
 end
+local function prune_rates(before)
+  local stale = redis.call('ZRANGEBYSCORE', k_rates_seen(), '-inf', '(' .. before, 'LIMIT', 0, 100)
+  if #stale > 0 then
+    redis.call('HDEL', k_rates(), unpack(stale))
+    redis.call('ZREM', k_rates_seen(), unpack(stale))
+  end
+end
 local function add_step(j, s, queue, task, msg, params, t)
   redis.call('HSET', k_step(j, s), 'state', 'queued', 'queue', queue, 'task', task, 'msg', msg,
              'params', params, 'queued_at', t, 'deliveries', 0, 'done', 0, 'total', 0)
@@ -95,12 +102,18 @@ if redis.call('EXISTS', k_draining(ARGV[5])) == 1 then return 'draining' end
 return 'ok'
 """
 
-#: ARGV: job, step, token, images done, images/s, worker. -> ok | lost | ended | draining.
+#: ARGV: job, step, token, images done, images/s, worker, rate_ttl_s. The rate also goes to the
+#: exporter's per-holder rates, where a holder silent for rate_ttl_s is dropped.
+#: -> ok | lost | ended | draining.
 PROGRESS = _PRELUDE + _HOLDS + """
 local new = tonumber(ARGV[4])
 local old = tonumber(redis.call('HGET', sk, 'done') or '0')
 if new ~= old then redis.call('HINCRBY', k_state(j), 'images_done', new - old) end
 redis.call('HSET', sk, 'done', new, 'images_per_s', ARGV[5])
+local t = now()
+redis.call('HSET', k_rates(), token, ARGV[6] .. '|' .. ARGV[5])
+redis.call('ZADD', k_rates_seen(), t, token)
+prune_rates(t - tonumber(ARGV[7]))
 if redis.call('EXISTS', k_draining(ARGV[6])) == 1 then return 'draining' end
 return 'ok'
 """
@@ -279,14 +292,45 @@ return out
 
 #: ARGV: worker, ttl_s, queues... Heartbeat of a worker for each queue it consumes.
 HEARTBEAT = _PRELUDE + """
-local deadline = now() + tonumber(ARGV[2])
-for i = 3, #ARGV do redis.call('ZADD', k_workers(ARGV[i]), deadline, ARGV[1]) end
+local t = now()
+for i = 3, #ARGV do
+  redis.call('ZADD', k_workers(ARGV[i]), t + tonumber(ARGV[2]), ARGV[1])
+  -- every restart is a new member: drop the dead ones an hour on, so the set stays small
+  redis.call('ZREMRANGEBYSCORE', k_workers(ARGV[i]), '-inf', t - 3600)
+end
 return 1
 """
 
 #: ARGV: queue. -> live workers consuming it.
 LIVE_WORKERS = _PRELUDE + """
 return redis.call('ZCOUNT', k_workers(ARGV[1]), '(' .. now(), '+inf')
+"""
+
+#: A step task ended done after ARGV[2] seconds: one observation of the ``convoy_step_seconds``
+#: histogram. ARGV: task, seconds, bucket bounds (ascending; +Inf is implied).
+OBSERVE_STEP = _PRELUDE + """
+local task, v = ARGV[1], tonumber(ARGV[2])
+local h = k_step_seconds()
+for i = 3, #ARGV do
+  if v <= tonumber(ARGV[i]) then redis.call('HINCRBY', h, task .. '|' .. ARGV[i], 1) end
+end
+redis.call('HINCRBY', h, task .. '|+Inf', 1)
+redis.call('HINCRBY', h, task .. '|count', 1)
+redis.call('HINCRBYFLOAT', h, task .. '|sum', v)
+return 1
+"""
+
+#: ARGV: rate_ttl_s. -> the rates of holders heard from within rate_ttl_s, as HGETALL pairs.
+RATES = _PRELUDE + """
+prune_rates(now() - tonumber(ARGV[1]))
+return redis.call('HGETALL', k_rates())
+"""
+
+#: ARGV: holder token. A step's holder stopped: its rate no longer counts.
+FORGET_RATE = _PRELUDE + """
+redis.call('HDEL', k_rates(), ARGV[1])
+redis.call('ZREM', k_rates_seen(), ARGV[1])
+return 1
 """
 
 #: KEYS[1]: the owner key of an output directory. ARGV: job. -> '' if taken, else the owner.

@@ -149,6 +149,22 @@ def test_flower_has_a_login_and_persistent_state(compose, raw):
     assert any(p.endswith(":5555") for p in flower["ports"])
 
 
+def test_one_metrics_exporter_and_an_optional_prometheus_that_keeps_its_labels(compose):
+    exporter = compose["services"]["metrics"]
+    cmd = exporter["command"]
+    assert cmd[:2] == ["convoy", "metrics"] and "profiles" not in exporter
+    assert not any(name != "metrics" and "metrics" in (svc.get("command") or [])[:2]
+                   for name, svc in compose["services"].items()), "workers serve no metrics of their own"
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    source, target, _mode = next(v for v in prometheus["volumes"] if v.endswith(":ro")).split(":")
+    config = yaml.safe_load((ROOT / source).read_text())
+    assert target == next(a for a in prometheus["command"] if a.startswith("--config.file=")).split("=", 1)[1]
+    (scrape,) = config["scrape_configs"]
+    assert scrape["honor_labels"] is True  # the exporter's `job` label is a Convoy job id
+    assert scrape["static_configs"][0]["targets"] == [f"metrics:{cmd[cmd.index('--port') + 1]}"]
+
+
 def test_orchestrator_is_one_shot(compose):
     cli = compose["services"]["orchestrator"]
     assert cli["profiles"] and cli["restart"] == "no"
@@ -188,8 +204,8 @@ def test_gpu_image_installs_tensorflow_with_cuda_and_no_cpu_build():
     assert "tensorflow[and-cuda]" in text and "not d.startswith('tensorflow')" in text
 
 
-def test_redis_and_flower_are_published_on_loopback_by_default(compose):
+def test_redis_flower_and_metrics_are_published_on_loopback_by_default(compose):
     """Threat model: nothing is open to the network until the operator opens it."""
-    for name in ("redis", "flower"):
+    for name in ("redis", "flower", "metrics", "prometheus"):
         ports = compose["services"][name]["ports"]
         assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), (name, ports)

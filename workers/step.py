@@ -79,7 +79,7 @@ class StepContext:
         self.store, self.job_id, self.step, self.worker, self.deliveries = store, job_id, step, worker, deliveries
         self.token = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.answer = "ok"
-        self._renewed_at = time.monotonic()
+        self.started = self._renewed_at = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{step}", daemon=True)
 
@@ -119,6 +119,10 @@ class StepContext:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        try:  # its images/s stop counting now, not when the exporter's window lapses
+            self.store.forget_rate(self.token)
+        except Exception as exc:  # metrics only: the step's outcome matters, not this
+            log.warning("could not clear the rate of %s/%s: %s", self.job_id, self.step, exc)
 
 
 class ConvoyStep(Task):
@@ -198,7 +202,16 @@ class ConvoyStep(Task):
         answer = store.finish_step(job_id, step, StepState.DONE, done=outcome.done, fields=outcome.fields,
                                    job_fields=outcome.job_fields, barrier=route.barrier, then=route.then)
         self._follow(job_id, answer, route.then)
+        if answer != "dup" and self.ctx is not None:
+            self._observe(store, time.monotonic() - self.ctx.started)
         return {"job": job_id, "step": step, "state": "done", "transition": answer, **outcome.result}
+
+    def _observe(self, store: JobStore, seconds: float) -> None:
+        """The step's time into ``convoy_step_seconds``, labelled by task (a small, fixed set)."""
+        try:
+            store.observe_step(self.name.removeprefix("convoy."), seconds)
+        except Exception as exc:  # metrics only: the step is done whatever this says
+            log.warning("could not record the time of a %s: %s", self.name, exc)
 
     def _fail(self, store: JobStore, job_id: str, step: str, reason: str) -> dict:
         ctx = getattr(self, "ctx", None)
