@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from orchestrator.jobs import make_shards
-from orchestrator.scan import Scan
 from orchestrator.sample import make_sample
+from orchestrator.scan import Scan
 from shared.images import load_pixels
 from shared.job import ModelConfig, fingerprint
 from tests.conftest import convoy

@@ -61,6 +61,7 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
     attrs = feature_attrs(spec, split=shard.split("/")[0]) | {"fingerprint": fp, "shard": shard, "host": host}
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
+    timings["written_at"] = time.time()
     timings["rss_mb"] = _rss_mb()
     summary = {"rows": len(result.paths), "skipped": [{"path": p, "reason": r} for p, r in result.skipped]}
     return _outcome(shard, summary, reused=False, timings=timings)

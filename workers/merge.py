@@ -74,4 +74,6 @@ def extract_timings(states: dict[str, dict]) -> dict:
              for k in ("decode_wait_s", "inference_s", "write_s", "decoded")}
     rss = [t["rss_mb"] for t in runs if "rss_mb" in t]
     firsts = [t["first_batch_at"] for t in runs if "first_batch_at" in t]
-    return {**total, "shards_run": len(runs), "rss_mb": rss, "first_batch_at": min(firsts) if firsts else None}
+    lasts = [t["written_at"] for t in runs if "written_at" in t]
+    return {**total, "shards_run": len(runs), "rss_mb": rss, "first_batch_at": min(firsts) if firsts else None,
+            "last_written_at": max(lasts) if lasts else None}
