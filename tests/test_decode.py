@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -60,10 +61,10 @@ def test_fast_moves_features_little_on_real_photographs(photos, tmp_path):
 
 
 def test_decode_mode_is_part_of_the_fingerprint():
-    model = ModelConfig("block5_pool", 150, "vgg16", "none", "w", "0" * 64, 20, "float32")
-    fast = ModelConfig("block5_pool", 150, "vgg16", "none", "w", "0" * 64, 20, "float32", decode="fast")
+    model = ModelConfig(layer="block5_pool", input_size_px=150, preprocess="vgg16", weights="none",
+                        weights_path="w", weights_sha256="0" * 64, batch_size=20, dtype="float32")
     entries = [["a.jpg", 0]]
-    assert fingerprint(model, entries) != fingerprint(fast, entries)
+    assert fingerprint(model, entries) != fingerprint(replace(model, decode="fast"), entries)
 
 
 def _scan(n: int, splits: tuple[str, ...] = ("all",)) -> Scan:
