@@ -1,10 +1,13 @@
 """Extraction benchmark: the seed's Keras loop vs `convoy run`, in one run on the same images.
 
     python bench/extract.py                      # 400 sample photos of 500x375, input 150
-    python bench/extract.py --images 100 --input-size 64 --quick
+    python bench/extract.py --images 100 --input-size 64 --skip-rss
+    python bench/extract.py --gpu                # one GPU: bfloat16, --decode fast, batch 256
 
 Prints a table (images/s, ratios, FP32 ceiling and share, stage breakdown, worker RSS across
-50 shards, start-up time), writes bench/results/extract.json and extract.png.
+50 shards, start-up time), writes bench/results/extract.json and extract.png. ``--gpu`` also
+reports the steady rate (first batch to last shard written) and the share of the workers' time
+spent waiting on decoding, against the targets (10,000 images/s, 10x the seed loop).
 """
 
 from __future__ import annotations
@@ -72,21 +75,39 @@ def run_seed(data: Path, weights: Path, size: int, batch: int, precision: str) -
 
 
 def run_convoy(data: Path, out: Path, weights: Path, size: int, batch: int, workers: int, shard: int,
-               precision: str = "float32") -> dict:
+               precision: str = "float32", decode: str = "exact") -> dict:
     shutil.rmtree(out, ignore_errors=True)  # finished shards would be reused, not measured
     env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
     cmd = [sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(out), "--weights", str(weights),
            "--input-size", str(size), "--batch-size", str(batch), "--preprocess", "rescale", "--no-train",
-           "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--precision", precision, "--json"]
+           "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--precision", precision,
+           "--decode", decode, "--json"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"convoy run failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     timings = summary.get("extract_timings", {})
-    first = timings.get("first_batch_at")
+    first, last = timings.get("first_batch_at"), timings.get("last_written_at")
     summary["startup_s"] = round(first - t0, 2) if first else None
+    summary["steady_images_per_s"] = round(summary["images"] / (last - first), 1) if first and last else None
     return summary
+
+
+def make_data(work: Path, images: int, distinct: int = 2000) -> Path:
+    """The sample photos; past ``distinct`` images, hard links repeat them under new names (the
+    decode work per image is the same, and writing 20,000 JPEGs would take longer than the run)."""
+    from orchestrator.sample import make_sample
+
+    data = work / f"sample-{images}"
+    if data.exists():
+        return data
+    make_sample(data, min(images, distinct))
+    originals = sorted(data.rglob("*.jpg"))
+    for i in range(images - len(originals)):
+        src = originals[i % len(originals)]
+        os.link(src, src.with_name(f"{src.stem}-r{i}.jpg"))
+    return data
 
 
 def main() -> None:
@@ -100,22 +121,25 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true", help="skip the 50-shard memory run")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                         help="compute type for both the seed loop and Convoy (bfloat16 on GPUs / AMX CPUs)")
+    parser.add_argument("--decode", choices=("exact", "fast"), default="fast", help="Convoy's --decode (fast)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="one GPU: 20,000 images, bfloat16, batch 256, shards of 2048, one worker, no RSS run")
     args = parser.parse_args()
+    if args.gpu:
+        gpu_defaults(args, parser)
 
-    from orchestrator.sample import make_sample
     from shared.models import save_random_weights
 
     work = args.results / "work"
-    data = work / f"sample-{args.images}"
-    if not data.exists():
-        make_sample(data, args.images)
+    data = make_data(work, args.images)
     weights = work / "vgg16-random-seed0.weights.h5"
     if not weights.exists():
         weights.parent.mkdir(parents=True, exist_ok=True)
         save_random_weights(weights, 0)
 
     result = {"machine": machine(), "images": args.images, "input_size": args.input_size,
-              "batch_size": args.batch_size, "precision": args.precision}
+              "batch_size": args.batch_size, "precision": args.precision, "decode": args.decode,
+              "load_before": os.getloadavg()[0]}
     result["fp32_ceiling_gflops"] = round(fp32_ceiling_gflops(), 1)
     gflop = GFLOP_PER_IMAGE_150 * (args.input_size / 150) ** 2
     seed = run_seed(data, weights, args.input_size, args.batch_size, args.precision)
@@ -123,12 +147,14 @@ def main() -> None:
                       "loop_images_per_s": round(seed["images"] / seed["loop_s"], 2)}
     for n in args.workers:
         summary = run_convoy(data, work / f"convoy-{n}", weights, args.input_size, args.batch_size, n,
-                             args.shard_size, args.precision)
+                             args.shard_size, args.precision, args.decode)
         t = summary["extract_timings"]
         infer_rate = summary["images"] / t["inference_s"] * n if t.get("inference_s") else 0
         result[f"convoy_{n}"] = {
             "seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
             "ratio_vs_seed": round(summary["images_per_s"] / result["seed"]["images_per_s"], 2),
+            "steady_images_per_s": summary["steady_images_per_s"], "shards": summary["shards"],
+            "decode_wait_share": round(t["decode_wait_s"] / max(t["decode_wait_s"] + t["inference_s"], 1e-9), 3),
             "stages_s": {k: t[k] for k in ("decode_wait_s", "inference_s", "write_s")},
             "inference_images_per_s": round(infer_rate, 2),
             "inference_gflops": round(infer_rate * gflop, 1),
@@ -141,10 +167,45 @@ def main() -> None:
         rss = summary["extract_timings"]["rss_mb"]
         result["rss"] = {"shards": len(rss), "first_mb": rss[0], "last_mb": rss[-1],
                          "growth_mb": round(float(np.mean(rss[-10:]) - np.mean(rss[:10])), 1), "per_shard_mb": rss}
+    result["load_after"] = os.getloadavg()[0]
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "extract.json").write_text(json.dumps(result, indent=1))
     print_table(result)
+    if args.gpu:
+        print_gpu_verdict(result)
     plot(result, args.results / "extract.png")
+
+
+#: The targets of the GPU run (issue 14): end-to-end extraction rate and the gain over the seed loop.
+GPU_TARGET_IMAGES_PER_S = 10_000
+GPU_TARGET_RATIO = 10
+
+
+def gpu_defaults(args, parser: argparse.ArgumentParser) -> None:
+    """--gpu: the settings of the GPU run, unless given on the command line; refuse without a GPU."""
+    from shared.models import import_tensorflow
+
+    if not import_tensorflow().config.list_physical_devices("GPU"):
+        parser.error("--gpu: TensorFlow sees no GPU (pip install -e '.[gpu]', or docker/Dockerfile.gpu)")
+    given = {a.split("=")[0] for a in sys.argv[1:]}
+    for option, value in (("--images", 20_000), ("--batch-size", 256), ("--shard-size", 2048), ("--workers", [1]),
+                          ("--precision", "bfloat16"), ("--decode", "fast"), ("--skip-rss", True)):
+        if option not in given:
+            setattr(args, option[2:].replace("-", "_"), value)
+    if "--results" not in given:
+        args.results = args.results / "gpu"
+
+
+def print_gpu_verdict(r: dict) -> None:
+    """The GPU run against its targets: steady and end-to-end rates, and who waited on whom."""
+    for key in sorted(k for k in r if k.startswith("convoy_")):
+        c = r[key]
+        steady = c["steady_images_per_s"] or 0
+        print(f"{key}: {steady} img/s steady (first batch to last write; target {GPU_TARGET_IMAGES_PER_S}: "
+              f"{'met' if steady >= GPU_TARGET_IMAGES_PER_S else 'NOT met'}), {c['images_per_s']} img/s end to end "
+              f"incl. start-up, {c['ratio_vs_seed']}x the seed loop (target {GPU_TARGET_RATIO}x: "
+              f"{'met' if c['ratio_vs_seed'] >= GPU_TARGET_RATIO else 'NOT met'}); decode wait "
+              f"{c['decode_wait_share']:.0%} of the workers' time (0 %: inference never waited on decoding)")
 
 
 def machine() -> str:
@@ -158,7 +219,7 @@ def machine() -> str:
 
 def print_table(r: dict) -> None:
     print(f"machine: {r['machine']}; {r['images']} images, input {r['input_size']}, batch {r['batch_size']}, "
-          f"{r['precision']}")
+          f"{r['precision']}, --decode {r['decode']}; load {r['load_before']:.2f} before, {r['load_after']:.2f} after")
     print(f"NumPy FP32 ceiling: {r['fp32_ceiling_gflops']} GFLOP/s")
     print(f"{'run':<12}{'img/s':>8}{'x seed':>8}{'infer img/s':>13}{'GFLOP/s':>9}{'ceiling':>9}"
           f"{'decode wait':>13}{'inference':>11}{'write':>8}{'startup':>9}")

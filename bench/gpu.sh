@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The extraction benchmark on one GPU (H100/H200): the seed's Keras loop vs `convoy run`, from
-# JPEG files, mixed bfloat16, a batch size for the GPU. Needs TensorFlow's CUDA build:
-#   pip install -e '.[gpu]'      (or run inside docker/Dockerfile.gpu)
-# Usage: bash bench/gpu.sh [IMAGES] [BATCH]
+# The GPU run, one command: decode throughput per core on this host, then the seed's Keras loop
+# vs `convoy run --decode fast --precision bfloat16` from JPEG files on one GPU (H100/H200).
+# Needs TensorFlow's CUDA build:  pip install -e '.[gpu]'   (or run inside docker/Dockerfile.gpu)
+# Usage: bash bench/gpu.sh [IMAGES] [BATCH]      -> bench/results/gpu/{decode,extract}.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 images=${1:-20000}
 batch=${2:-256}
 python=${PYTHON:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-"$python" -c 'import tensorflow as tf; gpus = tf.config.list_physical_devices("GPU"); print("TensorFlow sees", gpus); assert gpus'
-# Decoding stays on the CPU: the stage breakdown's "decode wait" says whether the GPU waits on it.
-"$python" bench/extract.py --images "$images" --input-size 150 --batch-size "$batch" \
-    --shard-size $((batch * 8)) --workers 1 --precision bfloat16 --skip-rss --results bench/results/gpu
+nproc
+# How many images/s the host's cores can decode (the GPU's ceiling is ~75,000 img/s at 150 px).
+"$python" bench/decode.py --images 2000 --cores 1 2 4 8 "$(nproc)" --repeat 2 --results bench/results/gpu
+# The stage breakdown's "decode wait" says whether the GPU waited on decoding.
+"$python" bench/extract.py --gpu --images "$images" --batch-size "$batch" --shard-size $((batch * 8)) \
+    --workers 1 2 --results bench/results/gpu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from orchestrator.scan import Scan, scan_data
 from orchestrator.weights import resolve_weights
 from shared.celery_app import send_step
 from shared.errors import LayerError, OutputError, UsageError
+from shared.images import DECODE_MODES
 from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
 from shared.jobstore import JobStore, NewStep
 from shared.manifest import write_manifest
@@ -33,6 +35,9 @@ class ExtractRequest:
     batch_size: int = 20
     dtype: str = "float32"
     precision: str = "float32"
+    decode: str = "exact"
+    cache_pixels: bool = False
+    workers: int = 1  # extract workers expected to share the job: sizes the tail shards
     weights: str = "imagenet"
     seed: int = 0
     allow_failed_shards: bool = False
@@ -52,6 +57,8 @@ def validate(req: ExtractRequest) -> None:
         raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}; got {req.preprocess!r}")
     if req.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {req.precision!r}")
+    if req.decode not in DECODE_MODES:
+        raise UsageError(f"--decode must be one of {', '.join(DECODE_MODES)}; got {req.decode!r}")
     if req.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}; got {req.dtype!r}")
     for name, value in (("--shard-size", req.shard_size), ("--batch-size", req.batch_size),
@@ -85,12 +92,29 @@ def weights_first(req: ExtractRequest) -> tuple[Path, str] | None:
     return resolve_weights(req.weights, req.seed, req.out_dir, req.keras_home)
 
 
-def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
+def make_shards(scan: Scan, shard_size: int, workers: int = 1, batch_size: int = 1) -> dict[str, list[list]]:
+    """Shards of at most ``shard_size`` images, in split and path order.
+
+    With several workers, shards shrink towards the end of the job (factoring: each takes
+    1/(2 x workers) of the images left, never fewer than a batch), so when one worker runs out
+    of shards the others have at most about one batch left: nobody idles through a long tail.
+    """
+    left = scan.images
     shards = {}
     for split, entries in scan.splits.items():
-        for index, start in enumerate(range(0, len(entries), shard_size)):
-            shards[shard_id(split, index)] = entries[start : start + shard_size]
+        start = index = 0
+        while start < len(entries):
+            size = min(next_shard_size(left, shard_size, workers, batch_size), len(entries) - start)
+            shards[shard_id(split, index)] = entries[start : start + size]
+            start, index, left = start + size, index + 1, left - size
     return shards
+
+
+def next_shard_size(left: int, shard_size: int, workers: int, batch_size: int) -> int:
+    """The next shard's size when ``left`` images of the job are not yet in a shard."""
+    if workers <= 1:
+        return shard_size
+    return min(shard_size, max(batch_size, math.ceil(left / (2 * workers))))
 
 
 def check_request(req: ExtractRequest) -> tuple[Scan, Path]:
@@ -108,7 +132,7 @@ def prepare(
     unless ``weights`` already holds them)."""
     scan, out = checked or check_request(req)
     weights_path, sha = weights or resolve_weights(req.weights, req.seed, out, req.keras_home)
-    shards = make_shards(scan, req.shard_size)
+    shards = make_shards(scan, req.shard_size, req.workers, req.batch_size)
     model = ModelConfig(
         layer=req.layer,
         input_size_px=req.input_size_px,
@@ -119,6 +143,7 @@ def prepare(
         batch_size=req.batch_size,
         dtype=req.dtype,
         precision=req.precision,
+        decode=req.decode,
     )
     spec = JobSpec(
         job_id=new_job_id(),
@@ -130,7 +155,7 @@ def prepare(
         allow_failed_shards=req.allow_failed_shards,
         max_deliveries=req.max_deliveries,
         options={"scan_skipped": scan.skipped, "ignored": scan.ignored, "layout": scan.layout,
-                 "seed": req.seed, **(options or {})},
+                 "seed": req.seed, "cache_pixels": req.cache_pixels, **(options or {})},
     )
     return spec, shards, scan
 

@@ -46,7 +46,7 @@ def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
         f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
-def _publish(image: bytes | memoryview, final: Path) -> None:
+def publish(image: bytes | memoryview, final: Path) -> None:
     """Write a file image to a temporary name, flush it, rename it: whole or not at all.
 
     The HDF5 file is built in memory and written with plain file I/O, because HDF5 can crash
@@ -70,14 +70,14 @@ def _publish(image: bytes | memoryview, final: Path) -> None:
 
 
 def write_shard(final: Path, result: ShardResult, attrs: dict) -> None:
-    """Write a shard file atomically (see :func:`_publish`)."""
+    """Write a shard file atomically (see :func:`publish`)."""
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         feats = result.features
         chunk_rows = max(1, min(len(feats), 64))
         f.create_dataset("features", data=feats, chunks=(chunk_rows, *feats.shape[1:]) if len(feats) else None)
         _write_common(f, result.labels, result.paths, result.skipped, attrs)
-    _publish(buf.getbuffer(), final)
+    publish(buf.getbuffer(), final)
     _remove_stale_temporaries(final)
 
 
@@ -150,7 +150,7 @@ def merge_split(merged: Path, shard_files: list[Path], attrs: dict) -> Path:
             f.create_dataset("features", shape=(0, *(shape_tail or (0, 0, 0))), dtype=dtype)
         all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         _write_common(f, all_labels, paths, skipped, {**attrs, "shards": len(shard_files)})
-    _publish(buf.getbuffer(), merged)
+    publish(buf.getbuffer(), merged)
     return merged
 
 

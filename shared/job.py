@@ -29,6 +29,7 @@ class ModelConfig:
     dtype: str
     model: str = "vgg16"
     precision: str = "float32"  # compute type: float32, or bfloat16 (mixed) for GPUs and AMX CPUs
+    decode: str = "exact"  # exact (Keras load_img pixels) or fast (JPEG DCT scaling): shared.images
 
 
 @dataclass
@@ -86,6 +87,7 @@ def fingerprint(model: ModelConfig, entries: list[list]) -> str:
         "weights_sha256": model.weights_sha256,
         "dtype": model.dtype,
         "precision": model.precision,
+        "decode": model.decode,
         "entries": entries,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -33,8 +33,9 @@ MIN_INPUT_SIZE_PX = 32
 
 
 def preprocess(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """Float32 model input from uint8 RGB pixels (N, s, s, 3)."""
-    x = pixels.astype(np.float32)
+    """Float32 model input from uint8 RGB pixels (N, s, s, 3), or from a float32 tensor of them
+    inside a traced TensorFlow function (the same arithmetic)."""
+    x = pixels.astype(np.float32) if isinstance(pixels, np.ndarray) else pixels
     if mode == "rescale":
         return x * np.float32(1.0 / 255.0)
     # Same arithmetic as keras.applications.vgg16.preprocess_input: RGB->BGR, minus the mean.

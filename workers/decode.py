@@ -1,26 +1,57 @@
-"""Decoding runs in threads ahead of inference, so the model never waits on Pillow."""
+"""Decoding runs in threads ahead of inference, so the model never waits on Pillow.
+
+Threads, not processes: Pillow releases the GIL while it decodes and resizes (bench/decode.py
+measures the scaling), so threads use every core without pickling pixels between processes.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from shared import paths
 from shared.images import BadImage, load_pixels
 from shared.settings import Settings
+from workers.pixel_cache import CachedPixels, stamp
 
 _POOL: ThreadPoolExecutor | None = None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity (taskset, cpusets), narrowed by a cgroup
+    CPU quota (``docker --cpus``) when one is set."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def decode_threads() -> int:
+    """One decoding thread per usable core, and at least two so reading overlaps decoding."""
+    return max(2, usable_cores())
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(2, min(32, os.cpu_count() or 2)))  # GPU hosts need many
+        _POOL = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode")
     return _POOL
+
+
+def batches_ahead(batch_size: int, threads: int) -> int:
+    """Batches to decode beyond the one in use: enough that every thread has two images queued
+    when inference takes the next batch, and never fewer than two batches."""
+    return max(2, math.ceil(2 * threads / batch_size))
 
 
 @dataclass
@@ -28,19 +59,30 @@ class Batch:
     pixels: np.ndarray  # (n, s, s, 3) uint8, images that decoded
     rows: list[int]  # their positions in the shard's entry list
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
+    decoded: int = 0  # images decoded (the rest came from the pixel cache)
+    stamps: list[tuple[int, int]] = field(default_factory=list)  # (bytes, mtime_ns) of each row's file
 
 
-def _load(path: str, size_px: int, settings: Settings) -> np.ndarray | str:
+def _load(path: str, size_px: int, decode: str, settings: Settings,
+          cached: CachedPixels | None, row: int) -> tuple[np.ndarray, tuple[int, int], bool] | str:
+    """(pixels, the file's stamp, decoded?) or the reason the image is skipped."""
     try:
-        return load_pixels(paths.image(path, settings), size_px)
+        real = paths.image(path, settings)
+        seen = stamp(real)
+        hit = cached.get(row, seen) if cached else None
+        if hit is not None:
+            return hit, seen, False
+        return load_pixels(real, size_px, decode), seen, True
     except BadImage as exc:
         return str(exc)
 
 
-def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Settings,
-                 ahead: int = 2) -> Iterator[Batch]:
-    """Decoded batches in order; at most ``ahead`` batches decode beyond the one being used."""
+def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Settings, decode: str = "exact",
+                 cached: CachedPixels | None = None) -> Iterator[Batch]:
+    """Decoded batches in order, decoding ahead of the one in use (:func:`batches_ahead`);
+    images whose file is unchanged since ``cached`` was written come from it instead."""
     pool = _pool()
+    ahead = batches_ahead(batch_size, pool._max_workers)
     pending: list[list[Future]] = []
     starts = list(range(0, len(files), batch_size))
     submitted = 0
@@ -49,7 +91,8 @@ def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Sett
         nonlocal submitted
         if submitted < len(starts):
             lo = starts[submitted]
-            pending.append([pool.submit(_load, p, size_px, settings) for p in files[lo : lo + batch_size]])
+            pending.append([pool.submit(_load, p, size_px, decode, settings, cached, lo + i)
+                            for i, p in enumerate(files[lo : lo + batch_size])])
             submitted += 1
 
     for _ in range(ahead + 1):
@@ -57,15 +100,22 @@ def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Sett
     for start in starts:
         futures = pending.pop(0)
         submit_next()
-        batch = Batch(np.zeros((0, size_px, size_px, 3), np.uint8), [])
-        images = []
-        for offset, fut in enumerate(futures):
-            result = fut.result()
-            if isinstance(result, str):
-                batch.skipped.append((start + offset, result))
-            else:
-                images.append(result)
-                batch.rows.append(start + offset)
-        if images:
-            batch.pixels = np.stack(images)
-        yield batch
+        yield _collect(start, futures, size_px)
+
+
+def _collect(start: int, futures: list[Future], size_px: int) -> Batch:
+    batch = Batch(np.zeros((0, size_px, size_px, 3), np.uint8), [])
+    images = []
+    for offset, fut in enumerate(futures):
+        result = fut.result()
+        if isinstance(result, str):
+            batch.skipped.append((start + offset, result))
+            continue
+        pixels, seen, decoded = result
+        images.append(pixels)
+        batch.rows.append(start + offset)
+        batch.stamps.append(seen)
+        batch.decoded += decoded
+    if images:
+        batch.pixels = np.stack(images)
+    return batch

@@ -17,6 +17,7 @@ from shared.job import fingerprint
 from shared.jobstore import NewStep
 from shared.paths import shard_images
 from shared.states import JobStatus
+from workers import pixel_cache
 from workers.decode import iter_batches
 from workers.provenance import feature_attrs
 from workers.runtime import runtime
@@ -60,6 +61,7 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
     attrs = feature_attrs(spec, split=shard.split("/")[0]) | {"fingerprint": fp, "shard": shard, "host": host}
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
+    timings["written_at"] = time.time()
     timings["rss_mb"] = _rss_mb()
     summary = {"rows": len(result.paths), "skipped": [{"path": p, "reason": r} for p, r in result.skipped]}
     return _outcome(shard, summary, reused=False, timings=timings)
@@ -78,12 +80,17 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
     model = spec.model
     extractor = rt.extractor(model)
     feats, rows, skipped = [], [], []
-    timings = {"decode_wait_s": 0.0, "inference_s": 0.0}
+    timings = {"decode_wait_s": 0.0, "inference_s": 0.0, "decoded": 0}
+    cache = _PixelKeeper(spec, abs_paths, rt.settings) if spec.options.get("cache_pixels") else None
     t_start = time.perf_counter()
     t_mark = t_start
     done = 0
-    for batch in iter_batches(abs_paths, model.input_size_px, model.batch_size, rt.settings):
+    for batch in iter_batches(abs_paths, model.input_size_px, model.batch_size, rt.settings, model.decode,
+                              cache.cached if cache else None):
         t_ready = time.perf_counter()
+        timings["decoded"] += batch.decoded
+        if cache:
+            cache.add(batch)
         timings["decode_wait_s"] += t_ready - t_mark
         timings.setdefault("first_batch_at", time.time())
         if len(batch.rows):
@@ -94,6 +101,8 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
         timings["inference_s"] += t_mark - t_ready
         done += len(batch.rows) + len(batch.skipped)
         _report(task, rt.store, spec, shard, done, len(entries), t_start)
+    if cache:
+        cache.save(timings["decoded"])
     h, w, c = extractor.model.output_shape[1:]
     dtype = np.float16 if model.dtype == "float16" else np.float32
     features = np.concatenate(feats) if feats else np.zeros((0, h, w, c), dtype)
@@ -104,6 +113,29 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
         skipped=skipped,
     )
     return result, timings
+
+
+class _PixelKeeper:
+    """``--cache-pixels`` for one shard: what the cache holds, and the pixels to keep after."""
+
+    def __init__(self, spec, files: list[str], settings) -> None:
+        m = spec.model
+        self.path = pixel_cache.cache_file(spec.out_dir, files, m.input_size_px, m.decode, settings)
+        self.cached = pixel_cache.read(self.path)
+        self.pixels: list[np.ndarray] = []
+        self.rows: list[int] = []
+        self.stamps: list = []
+
+    def add(self, batch) -> None:
+        if len(batch.rows):
+            self.pixels.append(batch.pixels)
+            self.rows += batch.rows
+            self.stamps += batch.stamps
+
+    def save(self, decoded: int) -> None:
+        """Rewrite the cache when anything had to be decoded (absent, or files changed)."""
+        if decoded and self.pixels:
+            pixel_cache.write(self.path, np.concatenate(self.pixels), self.rows, self.stamps)
 
 
 def _rss_mb() -> float:

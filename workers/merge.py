@@ -72,7 +72,10 @@ def extract_timings(states: dict[str, dict]) -> dict:
     """Where extraction's time went, summed over shards (for the benchmark and the curious)."""
     runs = [s.get("timings") or {} for s in states.values()]
     runs = [t for t in runs if t]
-    total = {k: round(sum(t.get(k, 0.0) for t in runs), 3) for k in ("decode_wait_s", "inference_s", "write_s")}
+    total = {k: round(sum(t.get(k, 0.0) for t in runs), 3)
+             for k in ("decode_wait_s", "inference_s", "write_s", "decoded")}
     rss = [t["rss_mb"] for t in runs if "rss_mb" in t]
     firsts = [t["first_batch_at"] for t in runs if "first_batch_at" in t]
-    return {**total, "shards_run": len(runs), "rss_mb": rss, "first_batch_at": min(firsts) if firsts else None}
+    lasts = [t["written_at"] for t in runs if "written_at" in t]
+    return {**total, "shards_run": len(runs), "rss_mb": rss, "first_batch_at": min(firsts) if firsts else None,
+            "last_written_at": max(lasts) if lasts else None}

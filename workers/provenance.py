@@ -34,6 +34,7 @@ def feature_attrs(spec: JobSpec, split: str) -> dict:
         "weights_sha256": m.weights_sha256,
         "dtype": m.dtype,
         "precision": m.precision,
+        "decode": m.decode,
         "class_names": spec.class_names,
         "versions": versions(),
         "job_id": spec.job_id,

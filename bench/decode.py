@@ -1,0 +1,122 @@
+"""Decode throughput per core, ``--decode exact`` against ``fast``, on the sample photographs.
+
+    python bench/decode.py                        # 400 sample JPEGs of 500x375 -> 150x150, 1..N cores
+    python bench/decode.py --cores 1 2 --repeat 3 --features
+
+Each row decodes every image once per repeat with N threads (Pillow releases the GIL while it
+decodes and resizes, so threads scale like processes) and reports images/s in all, per core, the
+scaling against one core, images per CPU-second (this process's CPU time: unlike the wall clock,
+it barely moves when other processes share the cores) and the parallelism reached (CPU-seconds
+per second: above 1 only if the threads really decode at the same time). ``--features`` also
+measures how far ``fast`` moves the pixels and the features (VGG16 base, seeded random weights,
+at --layer) from ``exact``. Writes
+bench/results/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.images import DECODE_MODES, load_pixels  # noqa: E402
+
+
+def sample_files(images: int, work: Path) -> list[Path]:
+    from orchestrator.sample import make_sample
+
+    data = work / f"sample-{images}"
+    if not data.exists():
+        make_sample(data, images)
+    return sorted(data.rglob("*.jpg"))
+
+
+def rate(files: list[Path], size_px: int, decode: str, threads: int, repeat: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) decoding ``files`` with ``threads`` threads, from the
+    fastest of ``repeat`` passes."""
+    best = (float("inf"), 0.0)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda p: load_pixels(p, size_px, decode), files[: threads * 4]))  # warm the cache
+        for _ in range(repeat):
+            t0, c0 = time.perf_counter(), time.process_time()
+            list(pool.map(lambda p: load_pixels(p, size_px, decode), files))
+            best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+    return len(files) / best[0], len(files) / best[1]
+
+
+def feature_shift(files: list[Path], size_px: int, layer: str, work: Path) -> dict:
+    """How far ``fast`` moves pixels and features from ``exact`` (features relative to their range)."""
+    from shared.models import build_feature_extractor, preprocess, save_random_weights
+
+    exact = np.stack([load_pixels(p, size_px, "exact") for p in files]).astype(np.int16)
+    fast = np.stack([load_pixels(p, size_px, "fast") for p in files]).astype(np.int16)
+    weights = work / "vgg16-random-seed0.weights.h5"
+    if not weights.exists():
+        save_random_weights(weights, 0)
+    model = build_feature_extractor(weights, size_px, layer)
+    fe = model.predict(preprocess(exact.astype(np.uint8), "vgg16"), batch_size=20, verbose=0)
+    ff = model.predict(preprocess(fast.astype(np.uint8), "vgg16"), batch_size=20, verbose=0)
+    scale = float(np.abs(fe).max())
+    per_image = np.abs(ff - fe).reshape(len(files), -1).max(axis=1) / scale
+    cos = np.sum(fe * ff, axis=(1, 2, 3)) / (np.linalg.norm(fe.reshape(len(files), -1), axis=1)
+                                             * np.linalg.norm(ff.reshape(len(files), -1), axis=1))
+    return {
+        "images": len(files), "layer": layer,
+        "pixel_mean_abs": round(float(np.abs(fast - exact).mean()), 3),
+        "pixel_max_abs": int(np.abs(fast - exact).max()),
+        "feature_max_abs_over_range": round(float(per_image.max()), 4),
+        "feature_mean_abs_over_range": round(float(np.abs(ff - fe).mean() / scale), 5),
+        "feature_min_cosine": round(float(cos.min()), 5),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--input-size", type=int, default=150)
+    parser.add_argument("--cores", type=int, nargs="+",
+                        default=sorted({1, 2, len(os.sched_getaffinity(0))}))
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many passes per row")
+    parser.add_argument("--features", action="store_true", help="also measure how far fast moves the features")
+    parser.add_argument("--layer", default="block5_pool")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+
+    work = args.results / "work"
+    files = sample_files(args.images, work)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    result = {"cpu": cpu, "cores_here": len(os.sched_getaffinity(0)), "load_before": os.getloadavg(),
+              "images": len(files), "input_size": args.input_size, "rows": []}
+    print(f"{len(files)} JPEGs of 500x375 -> {args.input_size}^2 on {result['cores_here']} cores of {cpu}; "
+          f"load {result['load_before'][0]:.2f}")
+    print(f"{'decode':<8}{'cores':>6}{'img/s':>9}{'per core':>10}{'scaling':>9}{'img/CPU-s':>11}{'parallel':>10}")
+    for decode in DECODE_MODES:
+        one = None
+        for n in args.cores:
+            r, per_cpu_s = rate(files, args.input_size, decode, n, args.repeat)
+            one = one or r
+            row = {"decode": decode, "cores": n, "images_per_s": round(r, 1), "per_core": round(r / n, 1),
+                   "scaling": round(r / (n * one), 3), "images_per_cpu_s": round(per_cpu_s, 1),
+                   "parallelism": round(r / per_cpu_s, 2)}
+            result["rows"].append(row)
+            print(f"{decode:<8}{n:>6}{row['images_per_s']:>9}{row['per_core']:>10}{row['scaling']:>9.0%}"
+                  f"{row['images_per_cpu_s']:>11}{row['parallelism']:>10}")
+    result["load_after"] = os.getloadavg()
+    if args.features:
+        result["shift"] = feature_shift(files, args.input_size, args.layer, work)
+        print("fast vs exact:", json.dumps(result["shift"]))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "decode.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
