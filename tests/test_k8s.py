@@ -20,6 +20,10 @@ K8S = ROOT / "deploy" / "k8s"
 KEDA_CRD = Path(__file__).parent / "schemas" / "keda.sh_scaledobjects.yaml"
 #: The oldest Kubernetes the manifests promise to work on (policy/v1 PDBs, batch/v1 Job TTLs).
 KUBE_VERSION = "1.27"
+#: The prometheus trigger's metadata keys (KEDA's pkg/scalers/prometheus_scaler.go): the CRD types
+#: metadata as a free string map, so a misspelt key would pass the schema and be ignored.
+KEDA_PROMETHEUS_KEYS = {"serverAddress", "query", "queryParameters", "threshold", "activationThreshold", "namespace",
+                        "customHeaders", "ignoreNullValues", "unsafeSsl", "awsRegion", "timeout", "identityOwner"}
 QUEUE_SUM = re.compile(r'^sum\(convoy_queue_messages\{queue="(\w+)"\}\) '
                        r'\+ sum\(convoy_queue_unacked\{queue="(\w+)"\}\)$')
 
@@ -116,6 +120,8 @@ def test_every_queue_scales_on_queued_plus_unacked_and_gpu_workers_to_zero(docs)
         assert so["spec"]["scaleTargetRef"]["name"] in deployments
         (trigger,) = so["spec"]["triggers"]
         assert trigger["type"] == "prometheus", "KEDA's redis scaler counts the list alone"
+        assert set(trigger["metadata"]) <= KEDA_PROMETHEUS_KEYS, set(trigger["metadata"]) - KEDA_PROMETHEUS_KEYS
+        assert trigger["metadata"]["serverAddress"] == "http://convoy-prometheus.convoy.svc:9090"
         match = QUEUE_SUM.match(trigger["metadata"]["query"])
         assert match and match.groups() == (queue, queue), trigger["metadata"]["query"]
         assert "replicas" not in deployments[f"convoy-worker-{queue}"]["spec"], "KEDA owns the replica count"
