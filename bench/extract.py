@@ -205,7 +205,7 @@ def print_gpu_verdict(r: dict) -> None:
               f"{'met' if steady >= GPU_TARGET_IMAGES_PER_S else 'NOT met'}), {c['images_per_s']} img/s end to end "
               f"incl. start-up, {c['ratio_vs_seed']}x the seed loop (target {GPU_TARGET_RATIO}x: "
               f"{'met' if c['ratio_vs_seed'] >= GPU_TARGET_RATIO else 'NOT met'}); decode wait "
-              f"{c['decode_wait_share']:.0%} of the workers' time (0 %: inference never waited on decoding)")
+              f"{c['decode_wait_share']:.1%} of the workers' time (0 %: inference never waited on decoding)")
 
 
 def machine() -> str:
