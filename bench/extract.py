@@ -3,6 +3,7 @@
     python bench/extract.py                      # 400 sample photos of 500x375, input 150
     python bench/extract.py --images 100 --input-size 64 --skip-rss
     python bench/extract.py --gpu                # one GPU: bfloat16, --decode fast, batch 256
+    python bench/extract.py --workers 2 --skip-rss --repeat 2   # a shared machine: best of 2, interleaved
 
 Prints a table (images/s, ratios, FP32 ceiling and share, stage breakdown, worker RSS across
 50 shards, start-up time), writes bench/results/extract.json and extract.png. ``--gpu`` also
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                         help="compute type for both the seed loop and Convoy (bfloat16 on GPUs / AMX CPUs)")
     parser.add_argument("--decode", choices=("exact", "fast"), default="fast", help="Convoy's --decode (fast)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the seed loop and Convoy alternately this many times; keep each one's best")
     parser.add_argument("--gpu", action="store_true",
                         help="one GPU: 20,000 images, bfloat16, batch 256, shards of 2048, one worker, no RSS run")
     args = parser.parse_args()
@@ -142,12 +145,18 @@ def main() -> None:
               "load_before": os.getloadavg()[0]}
     result["fp32_ceiling_gflops"] = round(fp32_ceiling_gflops(), 1)
     gflop = GFLOP_PER_IMAGE_150 * (args.input_size / 150) ** 2
-    seed = run_seed(data, weights, args.input_size, args.batch_size, args.precision)
+    seed, runs = None, {}
+    for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits both sides
+        again = run_seed(data, weights, args.input_size, args.batch_size, args.precision)
+        seed = again if seed is None or again["seconds"] < seed["seconds"] else seed
+        for n in args.workers:
+            again = run_convoy(data, work / f"convoy-{n}", weights, args.input_size, args.batch_size, n,
+                               args.shard_size, args.precision, args.decode)
+            runs[n] = again if n not in runs or again["seconds"] < runs[n]["seconds"] else runs[n]
+    result["repeat"] = args.repeat
     result["seed"] = {**seed, "images_per_s": round(seed["images"] / seed["seconds"], 2),
                       "loop_images_per_s": round(seed["images"] / seed["loop_s"], 2)}
-    for n in args.workers:
-        summary = run_convoy(data, work / f"convoy-{n}", weights, args.input_size, args.batch_size, n,
-                             args.shard_size, args.precision, args.decode)
+    for n, summary in runs.items():
         t = summary["extract_timings"]
         infer_rate = summary["images"] / t["inference_s"] * n if t.get("inference_s") else 0
         result[f"convoy_{n}"] = {
@@ -205,7 +214,7 @@ def print_gpu_verdict(r: dict) -> None:
               f"{'met' if steady >= GPU_TARGET_IMAGES_PER_S else 'NOT met'}), {c['images_per_s']} img/s end to end "
               f"incl. start-up, {c['ratio_vs_seed']}x the seed loop (target {GPU_TARGET_RATIO}x: "
               f"{'met' if c['ratio_vs_seed'] >= GPU_TARGET_RATIO else 'NOT met'}); decode wait "
-              f"{c['decode_wait_share']:.0%} of the workers' time (0 %: inference never waited on decoding)")
+              f"{c['decode_wait_share']:.1%} of the workers' time (0 %: inference never waited on decoding)")
 
 
 def machine() -> str:
@@ -219,7 +228,8 @@ def machine() -> str:
 
 def print_table(r: dict) -> None:
     print(f"machine: {r['machine']}; {r['images']} images, input {r['input_size']}, batch {r['batch_size']}, "
-          f"{r['precision']}, --decode {r['decode']}; load {r['load_before']:.2f} before, {r['load_after']:.2f} after")
+          f"{r['precision']}, --decode {r['decode']}; best of {r.get('repeat', 1)}; load {r['load_before']:.2f} "
+          f"before, {r['load_after']:.2f} after")
     print(f"NumPy FP32 ceiling: {r['fp32_ceiling_gflops']} GFLOP/s")
     print(f"{'run':<12}{'img/s':>8}{'x seed':>8}{'infer img/s':>13}{'GFLOP/s':>9}{'ceiling':>9}"
           f"{'decode wait':>13}{'inference':>11}{'write':>8}{'startup':>9}")

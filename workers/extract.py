@@ -81,7 +81,7 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
     extractor = rt.extractor(model)
     feats, rows, skipped = [], [], []
     timings = {"decode_wait_s": 0.0, "inference_s": 0.0, "decoded": 0}
-    cache = _PixelKeeper(spec, abs_paths, rt.settings) if spec.options.get("cache_pixels") else None
+    cache = pixel_cache.ShardCache(spec, abs_paths, rt.settings) if spec.options.get("cache_pixels") else None
     t_start = time.perf_counter()
     t_mark = t_start
     done = 0
@@ -113,29 +113,6 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
         skipped=skipped,
     )
     return result, timings
-
-
-class _PixelKeeper:
-    """``--cache-pixels`` for one shard: what the cache holds, and the pixels to keep after."""
-
-    def __init__(self, spec, files: list[str], settings) -> None:
-        m = spec.model
-        self.path = pixel_cache.cache_file(spec.out_dir, files, m.input_size_px, m.decode, settings)
-        self.cached = pixel_cache.read(self.path)
-        self.pixels: list[np.ndarray] = []
-        self.rows: list[int] = []
-        self.stamps: list = []
-
-    def add(self, batch) -> None:
-        if len(batch.rows):
-            self.pixels.append(batch.pixels)
-            self.rows += batch.rows
-            self.stamps += batch.stamps
-
-    def save(self, decoded: int) -> None:
-        """Rewrite the cache when anything had to be decoded (absent, or files changed)."""
-        if decoded and self.pixels:
-            pixel_cache.write(self.path, np.concatenate(self.pixels), self.rows, self.stamps)
 
 
 def _rss_mb() -> float:

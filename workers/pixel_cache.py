@@ -81,3 +81,26 @@ def write(path: Path, pixels: np.ndarray, rows: list[int], stamps: list[Stamp | 
         f.create_dataset("rows", data=np.array([rows[i] for i in keep], dtype=np.int64))
         f.create_dataset("stamps", data=np.array([stamps[i] for i in keep], dtype=np.int64).reshape(-1, 2))
     publish(buf.getbuffer(), path)
+
+
+class ShardCache:
+    """``--cache-pixels`` for one shard: what the cache holds, and the pixels to keep after."""
+
+    def __init__(self, spec, files: list[str], settings: Settings) -> None:
+        m = spec.model
+        self.path = cache_file(spec.out_dir, files, m.input_size_px, m.decode, settings)
+        self.cached = read(self.path)
+        self.pixels: list[np.ndarray] = []
+        self.rows: list[int] = []
+        self.stamps: list[Stamp | None] = []
+
+    def add(self, batch) -> None:
+        if len(batch.rows):
+            self.pixels.append(batch.pixels)
+            self.rows += batch.rows
+            self.stamps += batch.stamps
+
+    def save(self, decoded: int) -> None:
+        """Rewrite the cache when anything had to be decoded (absent, or files changed)."""
+        if decoded and self.pixels:
+            write(self.path, np.concatenate(self.pixels), self.rows, self.stamps)
