@@ -79,12 +79,13 @@ def cmd_run(args, settings: Settings) -> int:
     stages.begin("scanning", unit="images")
     checked = check_request(request)
     weights = weights_first(request)  # an offline ImageNet or a bad file fails here, before anything starts
-    stages.end(_scan_words(checked[0]))
 
     def job():
         spec, shards, scan = prepare(request, checked, weights=weights)
         spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
         jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
+        # Scanning ends once the job is known good: a usage error stays the only line printed.
+        stages.end(_scan_words(scan))
         return spec, shards
 
     if settings.broker_url:

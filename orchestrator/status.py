@@ -45,6 +45,8 @@ def stage_times(state: dict, since: float = 0.0) -> dict[str, float]:
     """Seconds of each stage that began at or after ``since``, from the job's own timestamps
     (Redis's clock): a stage too short for a poll to see is still counted."""
     marks = sorted((float(state[f]), name) for name, f in _STAGE_MARKS if state.get(f) and float(state[f]) >= since)
+    if not marks:
+        return {}
     ends = [t for t, _ in marks[1:]] + [float(state.get("ended_at") or 0)]
     return {name: round(end - start, 3) for (start, name), end in zip(marks, ends, strict=True) if end >= start}
 

@@ -117,13 +117,18 @@ def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     from shared.celery_app import make_app
     from shared.settings import Settings
 
-    private.start("d1", "d2")
+    # One extraction worker, so the job is one shard (shards are balanced over the live extraction
+    # workers); the duplicate goes to a worker of its own, on a queue only it serves, which is
+    # idle and takes it while the shard runs.
+    private.start("d1", queues="extract")
+    private.start("d2", queues="train")
     data = make_tree(tmp_path / "data", {"all": 15}, splits=("all",), size_px=48)
     app = make_app(Settings(broker_url=private.url))
     job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), *ARGS, "--batch-size", "1",
                  "--broker", private.url, check=True).stdout.strip()
     shard, running = _wait_running(private.store, job, min_done=1)
-    duplicate = app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.EXTRACT_QUEUE)
+    assert len(private.store.spec(job).shard_ids) == 1
+    duplicate = app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.TRAIN_QUEUE)
     answer = AsyncResult(duplicate.id, app=app).get(timeout=60)
     assert answer["state"] == "busy", answer  # the overlap really happened
     assert private.store.step(job, shard)["state"] == "running"

@@ -62,4 +62,4 @@ def test_workers_shows_the_shard_each_one_is_running(cluster, tmp_path):
         for row in list_workers(app, store, timeout_s=1.0):
             seen.update(c for c in row["current"] if c.startswith(job_id))
     assert store.status(job_id).get("status") == "done", cluster.logs()
-    assert seen and seen <= {f"{job_id}:all/00000", f"{job_id}:all/00001"}, seen
+    assert seen and seen <= {f"{job_id}:{shard}" for shard in store.spec(job_id).shard_ids}, seen
