@@ -37,7 +37,7 @@ def _request(args):
         data_dir=args.data, out_dir=args.out, shard_size=args.shard_size, input_size_px=args.input_size,
         layer=args.layer, preprocess=args.preprocess, batch_size=args.batch_size, dtype=args.dtype,
         precision=args.precision, weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
-        max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(),
+        max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(), model=args.model, pooling=args.pooling,
     )
 
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from orchestrator.scan import Scan, scan_data
 from orchestrator.weights import resolve_weights
+from shared import backbones
 from shared.celery_app import send_step
-from shared.errors import LayerError, OutputError, UsageError
+from shared.errors import OutputError, UsageError
 from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
 from shared.jobstore import JobStore, NewStep
 from shared.manifest import write_manifest
-from shared.models import MIN_INPUT_SIZE_PX, PREPROCESS_MODES, VGG16_LAYERS, feature_shape
+from shared.models import check_layer, check_preprocess
 
 DTYPES = ("float32", "float16")
 PRECISIONS = ("float32", "bfloat16")
@@ -27,9 +28,11 @@ class ExtractRequest:
     data_dir: Path
     out_dir: Path
     shard_size: int = 256
-    input_size_px: int = 150
-    layer: str = "block5_pool"
-    preprocess: str = "vgg16"
+    input_size_px: int | None = None  # None: the model's own
+    layer: str | None = None  # None: the model's last feature layer
+    preprocess: str | None = None  # None: the model's own preprocess_input
+    model: str = backbones.DEFAULT_MODEL
+    pooling: str = "none"
     batch_size: int = 20
     dtype: str = "float32"
     precision: str = "float32"
@@ -40,16 +43,20 @@ class ExtractRequest:
     keras_home: Path = Path.home() / ".keras"
 
 
+def with_model_defaults(req: ExtractRequest) -> ExtractRequest:
+    """The request with the model's own input size, layer and preprocessing where none was given."""
+    backbone = backbones.get(req.model)
+    return replace(req, input_size_px=req.input_size_px or backbone.default_size_px,
+                   layer=req.layer or backbone.default_layer, preprocess=req.preprocess or backbone.name)
+
+
 def validate(req: ExtractRequest) -> None:
     """Refuse bad options before touching anything, quoting the value received."""
-    if req.layer not in VGG16_LAYERS:
-        raise LayerError(f"unknown layer {req.layer!r}; VGG16's base has: {', '.join(VGG16_LAYERS)}")
-    if req.input_size_px < MIN_INPUT_SIZE_PX:
-        raise UsageError(f"--input-size must be at least {MIN_INPUT_SIZE_PX} for VGG16; got {req.input_size_px}")
-    if min(feature_shape(req.input_size_px, req.layer)[:2]) < 1:
-        raise UsageError(f"--input-size {req.input_size_px} is too small for layer {req.layer}")
-    if req.preprocess not in PREPROCESS_MODES:
-        raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}; got {req.preprocess!r}")
+    backbones.get(req.model)
+    if req.pooling not in backbones.POOLINGS:
+        raise UsageError(f"--pooling must be one of {', '.join(backbones.POOLINGS)}; got {req.pooling!r}")
+    check_layer(req.model, req.layer, req.input_size_px)  # LayerError / UsageError, exit 2
+    check_preprocess(req.model, req.preprocess)
     if req.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {req.precision!r}")
     if req.dtype not in DTYPES:
@@ -83,8 +90,9 @@ def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
 
 
 def check_request(req: ExtractRequest) -> tuple[Scan, Path]:
-    """The quick checks (options, DATA, OUT): a usage error surfaces before anything starts."""
-    validate(req)
+    """The quick checks (options, DATA, OUT): a usage error surfaces before anything starts.
+    The model's defaults fill what the request leaves open (:func:`with_model_defaults`)."""
+    validate(with_model_defaults(req))
     scan = scan_data(req.data_dir)
     return scan, check_output(req.out_dir)
 
@@ -93,8 +101,9 @@ def prepare(
     req: ExtractRequest, checked: tuple[Scan, Path] | None = None, options: dict | None = None
 ) -> tuple[JobSpec, dict[str, list[list]], Scan]:
     """Everything up to, not including, talking to the broker (the weights may take a while)."""
+    req = with_model_defaults(req)
     scan, out = checked or check_request(req)
-    weights_path, sha = resolve_weights(req.weights, req.seed, out, req.keras_home)
+    weights_path, sha = resolve_weights(req.model, req.weights, req.seed, out, req.keras_home)
     shards = make_shards(scan, req.shard_size)
     model = ModelConfig(
         layer=req.layer,
@@ -106,6 +115,8 @@ def prepare(
         batch_size=req.batch_size,
         dtype=req.dtype,
         precision=req.precision,
+        model=req.model,
+        pooling=req.pooling,
     )
     spec = JobSpec(
         job_id=new_job_id(),

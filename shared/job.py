@@ -27,8 +27,9 @@ class ModelConfig:
     weights_sha256: str
     batch_size: int
     dtype: str
-    model: str = "vgg16"
+    model: str = "vgg16"  # a name of shared.backbones.BACKBONES
     precision: str = "float32"  # compute type: float32, or bfloat16 (mixed) for GPUs and AMX CPUs
+    pooling: str = "none"  # none (the 4-D map), avg or max: Keras's pooling= on the chosen layer
 
 
 @dataclass
@@ -86,6 +87,7 @@ def fingerprint(model: ModelConfig, entries: list[list]) -> str:
         "weights_sha256": model.weights_sha256,
         "dtype": model.dtype,
         "precision": model.precision,
+        "pooling": model.pooling,
         "entries": entries,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
