@@ -143,13 +143,16 @@ def _one_line_error(proc, *needles: str) -> None:
     (["--model", "resnet9"], ["invalid choice", "resnet50"]),
     (["--model", "efficientnetb0", "--preprocess", "rescale"], ["rescales its input itself"]),
     (["--model", "resnet50", "--pooling", "sum"], ["invalid choice"]),
-    (["--model", "resnet50", "--layer", "conv9_out"], ["unknown layer 'conv9_out'", "conv5_block3_out"]),
+    # Checking a non-VGG layer builds the model (TensorFlow's import): slow.
+    pytest.param(["--model", "resnet50", "--layer", "conv9_out"], ["unknown layer 'conv9_out'", "conv5_block3_out"],
+                 marks=pytest.mark.slow),
 ])
 def test_usage_errors(args, needles, tmp_path):
     data = make_flat(tmp_path / "data", 2)
     _one_line_error(convoy("run", str(data), "--out", str(tmp_path / "o"), "--weights", "none", *args), *needles)
 
 
+@pytest.mark.slow  # vgg16 goes through the same code in tests/test_usage.py
 def test_imagenet_offline_fails_fast_for_any_model(tmp_path):
     data = make_flat(tmp_path / "data", 2)
     env = {"KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": "http://127.0.0.1:9",
