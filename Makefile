@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 IMAGES ?= 400
 INPUT_SIZE ?= 150
 WEIGHTS ?= none
+MODEL ?= vgg16
 DEMO_DIR ?= demo
 
 .PHONY: demo test test-slow lint install
@@ -21,7 +22,7 @@ install: $(BIN)/convoy
 
 demo: $(BIN)/convoy
 	test -d $(DEMO_DIR)/data || $(BIN)/convoy sample $(DEMO_DIR)/data --images $(IMAGES)
-	$(BIN)/convoy run $(DEMO_DIR)/data --out $(DEMO_DIR)/out --weights $(WEIGHTS) --input-size $(INPUT_SIZE)
+	$(BIN)/convoy run $(DEMO_DIR)/data --out $(DEMO_DIR)/out --model $(MODEL) --weights $(WEIGHTS) --input-size $(INPUT_SIZE)
 
 test: $(BIN)/convoy
 	$(BIN)/ruff check .

@@ -1,14 +1,18 @@
-"""Extraction benchmark: the seed's Keras loop vs `convoy run`, in one run on the same images.
+"""Extraction benchmark: the seed's Keras loop vs `convoy run`, in one run on the same images;
+or, with --model, one `convoy run` per backbone.
 
     python bench/extract.py                      # 400 sample photos of 500x375, input 150
     python bench/extract.py --images 100 --input-size 64 --skip-rss
     python bench/extract.py --gpu                # one GPU: bfloat16, --decode fast, batch 256
     python bench/extract.py --workers 2 --skip-rss --repeat 2   # a shared machine: best of 2, interleaved
+    python bench/extract.py --model resnet50 mobilenetv2 --images 40 --workers 1
 
 Prints a table (images/s, ratios, FP32 ceiling and share, stage breakdown, worker RSS across
 50 shards, start-up time), writes bench/results/extract.json and extract.png. ``--gpu`` also
 reports the steady rate (first batch to last shard written) and the share of the workers' time
-spent waiting on decoding, against the targets (10,000 images/s, 10x the seed loop).
+spent waiting on decoding, against the targets (10,000 images/s, 10x the seed loop). With --model:
+per backbone its input size, feature shape, GFLOP per image (TensorFlow's profiler on the base's
+graph, one image, multiply and add counted apart) and images/s, in bench/results/backbones.json.
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: VGG16's base at 150x150: 13.23 GFLOP per image (6.62 G multiply-adds); scales with area.
-GFLOP_PER_IMAGE_150 = 13.23
 
 SEED_LOOP = r"""
 import sys, time, json
@@ -75,14 +77,33 @@ def run_seed(data: Path, weights: Path, size: int, batch: int, precision: str) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_convoy(data: Path, out: Path, weights: Path, size: int, batch: int, workers: int, shard: int,
-               precision: str = "float32", decode: str = "exact") -> dict:
+def gflop_per_image(model: str, size: int) -> float:
+    """Floating-point operations of the base on one image, counted by TensorFlow's profiler on the
+    frozen graph (every op with registered statistics: convolutions, matrix products, element-wise)."""
+    from shared.models import build_base, import_tensorflow
+
+    tf = import_tensorflow()
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    base = build_base(model, None, size)
+    fn = tf.function(lambda x: base(x, training=False)).get_concrete_function(tf.TensorSpec([1, size, size, 3]))
+    graph = convert_variables_to_constants_v2(fn).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder(
+        tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()).with_empty_output().build()
+    info = tf.compat.v1.profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
+                                         options=options)
+    return info.total_float_ops / 1e9
+
+
+def run_convoy(data: Path, out: Path, weights: Path | str, size: int, batch: int, workers: int, shard: int,
+               precision: str = "float32", model: str = "vgg16", preprocess: str = "rescale",
+               decode: str = "exact") -> dict:
     shutil.rmtree(out, ignore_errors=True)  # finished shards would be reused, not measured
     env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
     cmd = [sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(out), "--weights", str(weights),
-           "--input-size", str(size), "--batch-size", str(batch), "--preprocess", "rescale", "--no-train",
-           "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--precision", precision,
-           "--decode", decode, "--json"]
+           "--model", model, "--input-size", str(size), "--batch-size", str(batch), "--preprocess", preprocess,
+           "--no-train", "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--precision",
+           precision, "--decode", decode, "--json"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
@@ -114,7 +135,9 @@ def make_data(work: Path, images: int, distinct: int = 2000) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--input-size", type=int, default=150)
+    parser.add_argument("--input-size", type=int, help="default 150; with --model: each model's own")
+    parser.add_argument("--model", nargs="+", metavar="NAME",
+                        help="backbones to time one by one (random weights, their own preprocessing)")
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -135,23 +158,26 @@ def main() -> None:
 
     work = args.results / "work"
     data = make_data(work, args.images)
+    if args.model:
+        return bench_backbones(args, data, work)
+    args.input_size = args.input_size or 150
     weights = work / "vgg16-random-seed0.weights.h5"
     if not weights.exists():
         weights.parent.mkdir(parents=True, exist_ok=True)
-        save_random_weights(weights, 0)
+        save_random_weights("vgg16", weights, 0)
 
     result = {"machine": machine(), "images": args.images, "input_size": args.input_size,
               "batch_size": args.batch_size, "precision": args.precision, "decode": args.decode,
               "load_before": os.getloadavg()[0]}
     result["fp32_ceiling_gflops"] = round(fp32_ceiling_gflops(), 1)
-    gflop = GFLOP_PER_IMAGE_150 * (args.input_size / 150) ** 2
+    gflop = gflop_per_image("vgg16", args.input_size)
     seed, runs = None, {}
     for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits both sides
         again = run_seed(data, weights, args.input_size, args.batch_size, args.precision)
         seed = again if seed is None or again["seconds"] < seed["seconds"] else seed
         for n in args.workers:
             again = run_convoy(data, work / f"convoy-{n}", weights, args.input_size, args.batch_size, n,
-                               args.shard_size, args.precision, args.decode)
+                               args.shard_size, args.precision, decode=args.decode)
             runs[n] = again if n not in runs or again["seconds"] < runs[n]["seconds"] else runs[n]
     result["repeat"] = args.repeat
     result["seed"] = {**seed, "images_per_s": round(seed["images"] / seed["seconds"], 2),
@@ -215,6 +241,43 @@ def print_gpu_verdict(r: dict) -> None:
               f"incl. start-up, {c['ratio_vs_seed']}x the seed loop (target {GPU_TARGET_RATIO}x: "
               f"{'met' if c['ratio_vs_seed'] >= GPU_TARGET_RATIO else 'NOT met'}); decode wait "
               f"{c['decode_wait_share']:.1%} of the workers' time (0 %: inference never waited on decoding)")
+
+
+def bench_backbones(args, data: Path, work: Path) -> None:
+    """One `convoy run` per backbone (random weights, seeded; its own preprocessing); a table of
+    input size, feature shape, GFLOP per image, and images/s end to end and in inference alone."""
+    import h5py
+
+    from shared import backbones
+
+    rows = []
+    for name in args.model:
+        backbone = backbones.get(name)
+        size = args.input_size or backbone.default_size_px
+        workers = args.workers[0]
+        summary = run_convoy(data, work / f"convoy-{name}", "none", size, args.batch_size, workers,
+                             args.shard_size, args.precision, name, name)
+        with h5py.File(summary["features"]["train"]) as f:
+            shape = tuple(f["features"].shape[1:])
+        t = summary["extract_timings"]
+        rows.append({"model": name, "input_size": size, "feature_shape": shape,
+                     "gflop_per_image": round(gflop_per_image(name, size), 2),
+                     "images_per_s": summary["images_per_s"],
+                     "inference_images_per_s": round(summary["images"] / t["inference_s"] * workers, 2)})
+        print_backbone_row(rows[-1], header=len(rows) == 1)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "backbones.json").write_text(json.dumps(
+        {"machine": machine(), "images": args.images, "workers": args.workers[0], "batch_size": args.batch_size,
+         "precision": args.precision, "rows": rows}, indent=1))
+
+
+def print_backbone_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"machine: {machine()}")
+        print(f"{'model':<18}{'input':>6}{'feature shape':>18}{'GFLOP/img':>11}{'img/s':>8}{'infer img/s':>13}")
+    shape = "x".join(map(str, row["feature_shape"]))
+    print(f"{row['model']:<18}{row['input_size']:>6}{shape:>18}{row['gflop_per_image']:>11}{row['images_per_s']:>8}"
+          f"{row['inference_images_per_s']:>13}", flush=True)
 
 
 def machine() -> str:

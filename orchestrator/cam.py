@@ -78,10 +78,11 @@ def collect_images(inputs: list[Path], root: Path | None = None) -> tuple[Path, 
 
 
 def _check_vgg16_imagenet(req: CamRequest) -> None:
-    from shared.models import VGG16_LAYERS
+    from shared.backbones import static_layers
 
-    convs = [name for name in VGG16_LAYERS if "_conv" in name]
-    if req.layer is not None and req.layer not in VGG16_LAYERS:
+    layers = static_layers("vgg16") or ()
+    convs = [name for name in layers if "_conv" in name]
+    if req.layer is not None and req.layer not in layers:
         raise LayerError(f"unknown layer {req.layer!r}; the model's conv layers are: {', '.join(convs)}")
     _check_classes(req, IMAGENET_CLASSES)
 

@@ -40,7 +40,7 @@ def _request(args, workers: int = 1):
         layer=args.layer, preprocess=args.preprocess, batch_size=args.batch_size, dtype=args.dtype,
         precision=args.precision, decode=args.decode, cache_pixels=args.cache_pixels, workers=workers,
         weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
-        max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(),
+        max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(), model=args.model, pooling=args.pooling,
     )
 
 
@@ -156,6 +156,7 @@ def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, 
         "features": summary.get("features", {}),
         "failed_shards": summary.get("failed_shards", []),
         "seconds": round(seconds, 3),
+        "images_per_s": round(images / max(seconds, 1e-9), 2),  # the whole command's, start-up included
         "stages": {name: round(t, 3) for name, t in stage_times.items()},
         "model": summary.get("model", {}),
         "metrics": summary.get("metrics", {}),

@@ -5,18 +5,19 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from orchestrator.scan import Scan, scan_data
 from orchestrator.weights import resolve_weights
+from shared import backbones
 from shared.celery_app import send_step
-from shared.errors import LayerError, OutputError, UsageError
+from shared.errors import OutputError, UsageError
 from shared.images import DECODE_MODES
 from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
 from shared.jobstore import JobStore, NewStep
 from shared.manifest import write_manifest
-from shared.models import MIN_INPUT_SIZE_PX, PREPROCESS_MODES, VGG16_LAYERS, feature_shape
+from shared.models import check_layer, check_preprocess
 
 DTYPES = ("float32", "float16")
 PRECISIONS = ("float32", "bfloat16")
@@ -29,9 +30,11 @@ class ExtractRequest:
     data_dir: Path
     out_dir: Path
     shard_size: int = 256
-    input_size_px: int = 150
-    layer: str = "block5_pool"
-    preprocess: str = "vgg16"
+    input_size_px: int | None = None  # None: the model's own
+    layer: str | None = None  # None: the model's last feature layer
+    preprocess: str | None = None  # None: the model's own preprocess_input
+    model: str = backbones.DEFAULT_MODEL
+    pooling: str = "none"
     batch_size: int = 20
     dtype: str = "float32"
     precision: str = "float32"
@@ -45,16 +48,20 @@ class ExtractRequest:
     keras_home: Path = Path.home() / ".keras"
 
 
+def with_model_defaults(req: ExtractRequest) -> ExtractRequest:
+    """The request with the model's own input size, layer and preprocessing where none was given."""
+    backbone = backbones.get(req.model)
+    return replace(req, input_size_px=req.input_size_px or backbone.default_size_px,
+                   layer=req.layer or backbone.default_layer, preprocess=req.preprocess or backbone.name)
+
+
 def validate(req: ExtractRequest) -> None:
     """Refuse bad options before touching anything, quoting the value received."""
-    if req.layer not in VGG16_LAYERS:
-        raise LayerError(f"unknown layer {req.layer!r}; VGG16's base has: {', '.join(VGG16_LAYERS)}")
-    if req.input_size_px < MIN_INPUT_SIZE_PX:
-        raise UsageError(f"--input-size must be at least {MIN_INPUT_SIZE_PX} for VGG16; got {req.input_size_px}")
-    if min(feature_shape(req.input_size_px, req.layer)[:2]) < 1:
-        raise UsageError(f"--input-size {req.input_size_px} is too small for layer {req.layer}")
-    if req.preprocess not in PREPROCESS_MODES:
-        raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}; got {req.preprocess!r}")
+    backbones.get(req.model)
+    if req.pooling not in backbones.POOLINGS:
+        raise UsageError(f"--pooling must be one of {', '.join(backbones.POOLINGS)}; got {req.pooling!r}")
+    check_layer(req.model, req.layer, req.input_size_px)  # LayerError / UsageError, exit 2
+    check_preprocess(req.model, req.preprocess)
     if req.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {req.precision!r}")
     if req.decode not in DECODE_MODES:
@@ -89,7 +96,8 @@ def weights_first(req: ExtractRequest) -> tuple[Path, str] | None:
     (made later, into OUT, while the workers start)."""
     if req.weights == "none":
         return None
-    return resolve_weights(req.weights, req.seed, req.out_dir, req.keras_home)
+    req = with_model_defaults(req)
+    return resolve_weights(req.model, req.weights, req.seed, req.out_dir, req.keras_home)
 
 
 def make_shards(scan: Scan, shard_size: int, workers: int = 1, batch_size: int = 1) -> dict[str, list[list]]:
@@ -118,8 +126,9 @@ def next_shard_size(left: int, shard_size: int, workers: int, batch_size: int) -
 
 
 def check_request(req: ExtractRequest) -> tuple[Scan, Path]:
-    """The quick checks (options, DATA, OUT): a usage error surfaces before anything starts."""
-    validate(req)
+    """The quick checks (options, DATA, OUT): a usage error surfaces before anything starts.
+    The model's defaults fill what the request leaves open (:func:`with_model_defaults`)."""
+    validate(with_model_defaults(req))
     scan = scan_data(req.data_dir)
     return scan, check_output(req.out_dir)
 
@@ -130,8 +139,9 @@ def prepare(
 ) -> tuple[JobSpec, dict[str, list[list]], Scan]:
     """Everything up to, not including, talking to the broker (the weights may take a while,
     unless ``weights`` already holds them)."""
+    req = with_model_defaults(req)
     scan, out = checked or check_request(req)
-    weights_path, sha = weights or resolve_weights(req.weights, req.seed, out, req.keras_home)
+    weights_path, sha = weights or resolve_weights(req.model, req.weights, req.seed, out, req.keras_home)
     shards = make_shards(scan, req.shard_size, req.workers, req.batch_size)
     model = ModelConfig(
         layer=req.layer,
@@ -144,6 +154,8 @@ def prepare(
         dtype=req.dtype,
         precision=req.precision,
         decode=req.decode,
+        model=req.model,
+        pooling=req.pooling,
     )
     spec = JobSpec(
         job_id=new_job_id(),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from orchestrator import monitor_cli
 from orchestrator.train_options import add_train_options
+from shared import backbones
 from shared.images import DECODE_MODES
-from shared.models import DEFAULT_LAYER, PREPROCESS_MODES
 from shared.settings import BROKER_ENV
 
 
@@ -61,10 +61,14 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (features, manifest, logs)")
     p.add_argument("--shard-size", type=_positive, default=256,
                    help="most images per shard; tail shards shrink so no worker idles at the end")
-    p.add_argument("--input-size", type=_positive, default=150, help="resize side, pixels")
-    p.add_argument("--layer", default=DEFAULT_LAYER, help="layer of VGG16's base to extract")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="vgg16",
-                   help="vgg16 (the model's own) or rescale (x1/255)")
+    p.add_argument("--model", choices=list(backbones.BACKBONES), default=backbones.DEFAULT_MODEL, metavar="NAME",
+                   help=f"keras.applications base: {', '.join(backbones.BACKBONES)}")
+    p.add_argument("--input-size", type=_positive, help="resize side, pixels (default: the model's own; vgg16: 150)")
+    p.add_argument("--layer", help=f"layer of the base to extract (default: its last feature layer; "
+                                   f"{backbones.BASE_OUTPUT!r}: the base's output)")
+    p.add_argument("--pooling", choices=backbones.POOLINGS, default="none",
+                   help="global pooling of the layer's map, as Keras's pooling= (none: the 4-D map)")
+    p.add_argument("--preprocess", help="rescale (x1/255) or a model name: its preprocess_input (default: the model's)")
     p.add_argument("--batch-size", type=_positive, default=20, help="images per forward pass")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature type")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
@@ -91,8 +95,8 @@ def _cam_parser(sub) -> None:
     which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes")
     cam.add_argument("--layer", help="conv layer (default: the last one, also inside a nested base)")
     cam.add_argument("--batch-size", type=_positive, default=16, help="images per task and forward pass")
-    cam.add_argument("--preprocess", choices=("none", "vgg16", "rescale"),
-                     help="applied before the model (default: vgg16 for vgg16-imagenet, else none)")
+    cam.add_argument("--preprocess", help="none, rescale or a model name (its preprocess_input), applied before the "
+                                          "model (default: vgg16 for vgg16-imagenet, else none)")
     cam.add_argument("--workers", type=_positive, default=1, help="local worker processes without --broker")
     cam.add_argument("--detach", action="store_true", help="print the job id and return (needs --broker)")
     cam.add_argument("--no-progress", action="store_true", help="no live progress bar")
@@ -101,7 +105,7 @@ def _cam_parser(sub) -> None:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="convoy", description="Distributed VGG16 features, classifiers and heatmaps.")
+    parser = Parser(prog="convoy", description="Distributed ConvNet features, classifiers and heatmaps.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -36,4 +36,4 @@ def add_train_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-siz
     g.add_argument("--finetune-learning-rate", type=float, default=d.finetune_learning_rate,
                    help="fine-tuning RMSprop rate")
     g.add_argument("--unfreeze-from", default=d.unfreeze_from,
-                   help="first base layer fine-tuning trains")
+                   help="first base layer fine-tuning trains (default: the model's last block, vgg16: block5_conv1)")

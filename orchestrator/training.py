@@ -12,13 +12,14 @@ from pathlib import Path
 
 from orchestrator.scan import Scan
 from shared import keys
+from shared.backbones import BASE_OUTPUT
+from shared.backbones import get as backbone
 from shared.celery_app import app, send_step
 from shared.classifier import TrainConfig
 from shared.errors import DataError, JobNotFound, ModelFileError, UsageError
 from shared.images import is_image_name
 from shared.job import JobSpec
 from shared.jobstore import JobStore, NewStep
-from shared.models import VGG16_LAYERS
 from shared.states import JobStatus
 from shared.trainset import check_trainable, plan_splits, scan_sizes
 
@@ -36,8 +37,6 @@ def train_config(args: argparse.Namespace, seed: int) -> dict:
                                                                  args.finetune_learning_rate)):
         if rate <= 0:
             raise UsageError(f"{name} must be positive; got {rate}")
-    if args.unfreeze_from not in VGG16_LAYERS:
-        raise UsageError(f"unknown --unfreeze-from {args.unfreeze_from!r}; VGG16's base has: {', '.join(VGG16_LAYERS)}")
     return TrainConfig(
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.train_batch_size,
         dense_units=args.dense_units, dropout=args.dropout, seed=seed, max_memory_bytes=args.max_memory,
@@ -46,9 +45,19 @@ def train_config(args: argparse.Namespace, seed: int) -> dict:
     ).to_dict()
 
 
-def _check_unfreeze(spec: JobSpec, layer: str) -> None:
-    if VGG16_LAYERS.index(layer) > VGG16_LAYERS.index(spec.model.layer):
-        raise UsageError(f"--unfreeze-from {layer} lies above the job's layer {spec.model.layer}; "
+def _check_unfreeze(spec: JobSpec, config: dict) -> None:
+    """Fill in the backbone's own unfreeze point when none was given, and check it is a layer of
+    the base at or below the job's layer."""
+    from shared.models import layer_names
+
+    m = spec.model
+    layer = config["unfreeze_from"] = config.get("unfreeze_from") or backbone(m.model).unfreeze_from
+    names = layer_names(m.model)
+    if layer not in names:
+        raise UsageError(f"unknown --unfreeze-from {layer!r}; {m.model}'s base has: {', '.join(names)}")
+    top = len(names) - 1 if m.layer in (BASE_OUTPUT, names[-1]) else names.index(m.layer)
+    if names.index(layer) > top:
+        raise UsageError(f"--unfreeze-from {layer} lies above the job's layer {m.layer}; "
                          "choose a layer at or below it")
 
 
@@ -62,7 +71,7 @@ def chain_options(spec: JobSpec, scan: Scan, config: dict, train: bool, finetune
         return {}
     check_trainable(spec.job_id, scan.class_names, scan_sizes(scan.splits))
     if finetune:
-        _check_unfreeze(spec, config["unfreeze_from"])
+        _check_unfreeze(spec, config)
     return {"then_train": True, "then_finetune": finetune, "train": config}
 
 
@@ -83,7 +92,7 @@ def submit_training(store: JobStore, job_id: str, config: dict, finetune_after: 
     """Train an existing job's classifier (and then fine-tune it, when asked)."""
     spec = _trainable_job(store, job_id)
     if finetune_after:
-        _check_unfreeze(spec, config["unfreeze_from"])
+        _check_unfreeze(spec, config)
     step = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING,
                    params={"config": config, "then_finetune": finetune_after})
     _reopen(store, job_id, step, (keys.TRAIN_STEP, keys.FINETUNE_STEP))
@@ -92,7 +101,7 @@ def submit_training(store: JobStore, job_id: str, config: dict, finetune_after: 
 def submit_finetune(store: JobStore, job_id: str, config: dict) -> None:
     """Fine-tune a job whose classifier has been trained."""
     spec = _trainable_job(store, job_id)
-    _check_unfreeze(spec, config["unfreeze_from"])
+    _check_unfreeze(spec, config)
     head = Path(spec.out_dir) / "model" / "classifier.keras"
     if not head.exists():
         raise ModelFileError(f"job {job_id} has no trained classifier ({head}); "

@@ -5,18 +5,12 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from shared import backbones
 from shared.errors import WeightsError
 from shared.job import sha256_file
-from shared.models import MIN_INPUT_SIZE_PX, build_vgg16_base, import_tensorflow, save_random_weights
+from shared.models import build_base, import_tensorflow, save_random_weights
 
-#: Keras's own address and MD5 for VGG16's base without the top (keras/applications/vgg16.py).
-IMAGENET_NOTOP_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-    "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-)
-IMAGENET_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
-IMAGENET_NOTOP_NAME = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-#: The same for VGG16 with its ImageNet classifier top (1000 classes, input 224).
+#: Keras's own address and MD5 for VGG16 with its ImageNet classifier top (1000 classes, input 224).
 IMAGENET_TOP_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
     "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
@@ -26,14 +20,55 @@ IMAGENET_TOP_NAME = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
 DOWNLOAD_TIMEOUT_S = 20
 
 
-def imagenet_cache_path(keras_home: Path) -> Path:
-    return keras_home / "models" / IMAGENET_NOTOP_NAME
+_IMAGENET_HINT = "use --weights PATH (a weights file) or --weights none --seed S (random, seeded)"
 
 
-def fetch_imagenet(keras_home: Path) -> Path:
-    """The cached ImageNet weights, downloaded once through Keras's cache if missing."""
-    hint = "use --weights PATH (a weights file) or --weights none --seed S (random, seeded)"
-    return _fetch(keras_home, IMAGENET_NOTOP_NAME, IMAGENET_NOTOP_URL, IMAGENET_NOTOP_MD5, hint)
+def imagenet_weights(model: str, out_dir: Path, keras_home: Path) -> Path:
+    """The model's ImageNet base weights as one file in OUT that every worker loads.
+
+    Keras's constructor fetches them through its cache (``KERAS_HOME/models``, verified by Keras's
+    own hash; downloaded once when missing); the loaded weights are saved once per OUT, so all
+    backbones share one code path instead of a copy of Keras's URL and hash tables.
+    """
+    path = out_dir / "weights" / f"{model}-imagenet.weights.h5"
+    if path.exists():
+        return path
+    size = backbones.get(model).min_size_px
+    pretrained = _with_timeout(lambda: build_base(model, "imagenet", size), keras_home / "models", _IMAGENET_HINT)
+    plain = build_base(model, None, size)
+    transplant(pretrained, plain)
+    _save_atomically(path, plain.save_weights)
+    return path
+
+
+def transplant(pretrained, plain) -> None:
+    """``pretrained``'s weights into ``plain``, the architecture a weights file loads into.
+
+    They differ in one place: with ``weights="imagenet"`` EfficientNet adds a Rescaling by
+    1/sqrt(stddev) after its Normalization, which has no weights; it is folded into that
+    layer's variance ((x-m)/sqrt(v)*s = (x-m)/sqrt(v/s^2)). Both are run on one input after, so any
+    other difference is an error, not silently different features.
+    """
+    import keras
+    import numpy as np
+
+    weights = pretrained.get_weights()
+    layers = pretrained.layers
+    for before, after in zip(layers, layers[1:], strict=False):
+        if isinstance(before, keras.layers.Normalization) and isinstance(after, keras.layers.Rescaling):
+            variance = next(w for w in before.weights if w.name == "variance")
+            scale = np.asarray(after.scale, dtype=np.float32).reshape(variance.shape)
+            index = next(i for i, w in enumerate(pretrained.weights) if w is variance)
+            weights[index] = weights[index] / scale**2
+    plain.set_weights(weights)
+    for layer in plain.layers:
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()  # it derives its constants from its variables here
+    x = np.random.default_rng(0).uniform(0, 255, (1, *plain.input_shape[1:])).astype(np.float32)
+    want, got = np.asarray(pretrained(x)), np.asarray(plain(x))
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max())):
+        raise WeightsError(f"{pretrained.name}'s ImageNet weights do not carry over to a weights file; "
+                           "use --weights PATH or --weights none")
 
 
 def fetch_imagenet_top(keras_home: Path) -> Path:
@@ -49,12 +84,25 @@ def _fetch(keras_home: Path, name: str, url: str, md5: str, hint: str) -> Path:
     import_tensorflow()
     import keras
 
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline must fail fast, not hang
+    def download():
+        return keras.utils.get_file(name, url, cache_dir=str(keras_home), cache_subdir="models", file_hash=md5)
+
     try:
-        path = keras.utils.get_file(name, url, cache_dir=str(keras_home), cache_subdir="models", file_hash=md5)
-    except Exception as exc:  # urllib, SSL and hash errors all mean "not available here"
+        return Path(_with_timeout(download, cached, hint))
+    except WeightsError:
         cached.unlink(missing_ok=True)
+        raise
+
+
+def _with_timeout(fetch, cached: Path, hint: str):
+    """``fetch()`` with a short socket timeout (offline must fail fast, not hang); any failure is
+    the one WeightsError that names the Keras cache and the ways around it."""
+    import_tensorflow()
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return fetch()
+    except Exception as exc:  # urllib, SSL and hash errors all mean "not available here"
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise WeightsError(
             f"ImageNet weights are not in the Keras cache ({cached}) and could not be "
@@ -62,38 +110,42 @@ def _fetch(keras_home: Path, name: str, url: str, md5: str, hint: str) -> Path:
         ) from None
     finally:
         socket.setdefaulttimeout(old)
-    return Path(path)
 
 
-def random_weights(out_dir: Path, seed: int) -> Path:
-    """Random weights made once per OUT and seed, so every worker loads the same bytes."""
-    path = out_dir / "weights" / f"vgg16-random-seed{seed}.weights.h5"
+def _save_atomically(path: Path, save) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save(tmp)
+    tmp.replace(path)
+
+
+def random_weights(model: str, out_dir: Path, seed: int) -> Path:
+    """Random weights made once per OUT, model and seed, so every worker loads the same bytes."""
+    path = out_dir / "weights" / f"{model}-random-seed{seed}.weights.h5"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_random_weights(tmp, seed)
-        tmp.replace(path)
+        _save_atomically(path, lambda tmp: save_random_weights(model, tmp, seed))
     return path
 
 
-def check_loads(path: Path) -> None:
-    """Fail at submission, not on every worker, when a weights file doesn't fit VGG16's base."""
+def check_loads(model: str, path: Path) -> None:
+    """Fail at submission, not on every worker, when a weights file doesn't fit the model's base."""
+    backbone = backbones.get(model)
     try:
-        build_vgg16_base(path, MIN_INPUT_SIZE_PX)
+        build_base(model, path, backbone.min_size_px)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"weights file {path} does not load into VGG16's convolutional base ({first}); "
-            "pass a file saved from keras.applications.VGG16(include_top=False)"
+            f"weights file {path} does not load into {backbone.constructor}'s convolutional base ({first}); "
+            f"pass a file saved from keras.applications.{backbone.constructor}(include_top=False)"
         ) from None
 
 
-def resolve_weights(weights: str, seed: int, out_dir: Path, keras_home: Path) -> tuple[Path, str]:
+def resolve_weights(model: str, weights: str, seed: int, out_dir: Path, keras_home: Path) -> tuple[Path, str]:
     """(absolute path, sha256) of the weights file the job's workers will load."""
     if weights == "imagenet":
-        path = fetch_imagenet(keras_home)
+        path = imagenet_weights(model, out_dir, keras_home)
     elif weights == "none":
-        path = random_weights(out_dir, seed)
+        path = random_weights(model, out_dir, seed)
     else:
         path = Path(weights)
         if not path.is_file():
@@ -102,6 +154,6 @@ def resolve_weights(weights: str, seed: int, out_dir: Path, keras_home: Path) ->
             )
         if not path.name.endswith((".h5", ".keras")):
             raise WeightsError(f"weights file {path} must end in .weights.h5, .h5 or .keras")
-        check_loads(path)
+        check_loads(model, path)
     path = path.resolve()
     return path, sha256_file(path)

@@ -12,11 +12,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared import keys
+from shared import backbones, keys
 
 #: Preprocessing a CAM job may apply before the model: none (the model takes raw 0-255 pixels,
-#: as Convoy's trained models do), vgg16 (caffe-style, for vgg16-imagenet) or rescale (x 1/255).
-CAM_PREPROCESS = ("none", "vgg16", "rescale")
+#: as Convoy's trained models do), rescale (x 1/255), or a backbone's name: that model's
+#: preprocess_input (vgg16, caffe-style, for vgg16-imagenet).
+CAM_PREPROCESS = ("none", "rescale", *backbones.BACKBONES)
 PARTS_DIR = ".parts"
 OVERLAYS_DIR = "overlays"
 ORIGINALS_DIR = "originals"

@@ -1,19 +1,21 @@
 """The seed's classifier and the models around it. TensorFlow is imported inside the functions.
 
 - the head: ``Flatten -> Dense(256, relu) -> Dropout(0.5) -> Dense(1, sigmoid)`` (or K softmax);
-- the full model: raw RGB pixels (0-255) -> preprocessing -> VGG16's base -> the head, with
-  only stock Keras layers, so ``keras.models.load_model(path).predict(pixels)`` needs nothing else;
-- the fine-tuning model: the full model with augmentation in front and the top block unfrozen.
+- the full model: raw RGB pixels (0-255) -> preprocessing -> the backbone's base (pooled when the
+  job pools) -> the head, with only stock Keras layers, so ``keras.models.load_model(path)
+  .predict(pixels)`` needs nothing else;
+- the fine-tuning model: the full model with augmentation in front and the base's last block unfrozen.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 
-from shared.models import _CAFFE_MEAN_BGR, build_feature_extractor
+from shared import backbones
+from shared.job import ModelConfig
+from shared.models import RESCALE, build_feature_extractor
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class TrainConfig:
     max_memory_bytes: int = 0  # 0: a fraction of the training machine's RAM
     finetune_epochs: int = 10
     finetune_learning_rate: float = 1e-5
-    unfreeze_from: str = "block5_conv1"
+    unfreeze_from: str = ""  # "": the backbone's own (the first layer of its last block)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,39 +72,51 @@ def compile_for(model, num_classes: int, learning_rate: float) -> None:
 
 
 def preprocessing_layer(mode: str):
-    """The extraction's preprocessing as a frozen stock layer.
+    """The extraction's preprocessing as a frozen stock layer, or None when the model does its own.
 
-    ``vgg16`` (RGB->BGR, minus the ImageNet mean) is a 1x1 convolution whose kernel permutes the
-    channels and whose bias is minus the mean: exact in float32, and no custom layer to register.
+    A model's ``preprocess_input`` is affine per pixel (caffe: RGB->BGR minus the mean; tf: to
+    [-1, 1]; torch: to [0, 1], minus the mean, over the deviation), so it is a 1x1 convolution
+    whose kernel and bias are read off ``preprocess_input`` itself, in float64: no constants
+    copied, and no custom layer to register.
     """
     import keras
 
-    if mode == "rescale":
+    if mode == RESCALE:
         return keras.layers.Rescaling(1.0 / 255.0, name="preprocess_rescale")
-    conv = keras.layers.Conv2D(3, 1, name="preprocess_vgg16", trainable=False)
+    backbone = backbones.get(mode)
+    if backbone.preprocess_inside:
+        return None
+    fn = backbone.preprocess_input()
+    probes = np.concatenate([np.zeros((1, 1, 1, 3)), 255.0 * np.eye(3).reshape(3, 1, 1, 3)])
+    out = np.asarray(fn(probes.astype(np.float64)), dtype=np.float64).reshape(4, 3)
+    bias = out[0]
+    kernel = ((out[1:] - bias) / 255.0).reshape(1, 1, 3, 3)  # [in channel, out channel]
+    conv = keras.layers.Conv2D(3, 1, name=f"preprocess_{mode}", trainable=False)
     conv.build((None, None, None, 3))
-    kernel = np.zeros((1, 1, 3, 3), np.float32)
-    for out_channel in range(3):
-        kernel[0, 0, 2 - out_channel, out_channel] = 1.0
-    conv.set_weights([kernel, -_CAFFE_MEAN_BGR])
+    conv.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     return conv
 
 
-def build_full_model(weights_path: str | Path, input_size_px: int, layer: str, preprocess: str, head):
-    """Pixels (s, s, 3), 0-255 -> class probabilities: preprocessing, the base cut at ``layer``, head."""
+def build_full_model(model: ModelConfig, head):
+    """Pixels (s, s, 3), 0-255 -> class probabilities: preprocessing, the base cut at the job's layer
+    (pooled as the job pooled), the head."""
     import keras
 
-    base = build_feature_extractor(weights_path, input_size_px, layer)
+    size = model.input_size_px
+    base = build_feature_extractor(model.model, model.weights_path, size, model.layer, model.pooling)
     base.trainable = False
-    pixels = keras.Input(shape=(input_size_px, input_size_px, 3), name="pixels")
-    x = preprocessing_layer(preprocess)(pixels)
+    pixels = keras.Input(shape=(size, size, 3), name="pixels")
+    layer = preprocessing_layer(model.preprocess)
+    x = pixels if layer is None else layer(pixels)
     outputs = head(base(x, training=False))
     return keras.Model(pixels, outputs, name="full_model")
 
 
 def base_of(full_model):
-    """The convolutional base inside a full model."""
-    return next(layer for layer in full_model.layers if layer.name.startswith("vgg16"))
+    """The convolutional base inside a full model: its nested model other than the head."""
+    import keras
+
+    return next(layer for layer in full_model.layers if isinstance(layer, keras.Model) and layer.name != "classifier")
 
 
 def unfreeze_from(full_model, layer_name: str) -> None:

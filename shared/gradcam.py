@@ -117,13 +117,27 @@ def _is_spatial(layer) -> bool:
         return False
 
 
-def choose_layer(model, name: str | None) -> str:
-    """``name`` if it is a spatial layer of the model, else the last conv layer; or LayerError."""
+def default_layer(model) -> str:
+    """The last of the model's layers that a known backbone names as its Grad-CAM layer
+    (VGG16's block5_conv3, ResNet50's conv5_block3_out, ... nested bases included); else its last
+    convolutional layer. A base cut below that layer falls back to its own last conv layer."""
+    from shared.backbones import last_conv_names
+
+    known = last_conv_names()
+    named = [layer.name for layer in walk_layers(model) if layer.name in known and _is_spatial(layer)]
+    if named:
+        return named[-1]
     convs = conv_layers(model)
+    if not convs:
+        raise LayerError("the model has no convolutional layer; Grad-CAM needs one")
+    return convs[-1]
+
+
+def choose_layer(model, name: str | None) -> str:
+    """``name`` if it is a spatial layer of the model, else the default one; or LayerError."""
     if name is None:
-        if not convs:
-            raise LayerError("the model has no convolutional layer; Grad-CAM needs one")
-        return convs[-1]
+        return default_layer(model)
+    convs = conv_layers(model)
     found = [layer for layer in walk_layers(model) if layer.name == name]
     if not found or not _is_spatial(found[0]):
         raise LayerError(f"unknown layer {name!r}; the model's conv layers are: {', '.join(convs) or '(none)'}")

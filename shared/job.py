@@ -27,9 +27,10 @@ class ModelConfig:
     weights_sha256: str
     batch_size: int
     dtype: str
-    model: str = "vgg16"
+    model: str = "vgg16"  # a name of shared.backbones.BACKBONES
     precision: str = "float32"  # compute type: float32, or bfloat16 (mixed) for GPUs and AMX CPUs
     decode: str = "exact"  # exact (Keras load_img pixels) or fast (JPEG DCT scaling): shared.images
+    pooling: str = "none"  # none (the 4-D map), avg or max: Keras's pooling= on the chosen layer
 
 
 @dataclass
@@ -88,6 +89,7 @@ def fingerprint(model: ModelConfig, entries: list[list]) -> str:
         "dtype": model.dtype,
         "precision": model.precision,
         "decode": model.decode,
+        "pooling": model.pooling,
         "entries": entries,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -103,9 +103,8 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
         _report(task, rt.store, spec, shard, done, len(entries), t_start)
     if cache:
         cache.save(timings["decoded"])
-    h, w, c = extractor.model.output_shape[1:]
     dtype = np.float16 if model.dtype == "float16" else np.float32
-    features = np.concatenate(feats) if feats else np.zeros((0, h, w, c), dtype)
+    features = np.concatenate(feats) if feats else np.zeros((0, *extractor.model.output_shape[1:]), dtype)
     result = ShardResult(
         features=features,
         labels=np.array([entries[i][1] for i in rows], dtype=np.int64),

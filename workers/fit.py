@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import trainset
+from shared import backbones, trainset
 from shared.classifier import (
     TrainConfig,
     build_full_model,
@@ -75,8 +75,8 @@ def _evaluate(model, data, split: trainset.SplitRows, class_names: list[str]) ->
 def _write_info(folder: Path, spec: JobSpec) -> None:
     m = spec.model
     write_json(folder / MODEL_INFO, {
-        "job_id": spec.job_id, "class_names": spec.class_names, "input_size": m.input_size_px,
-        "layer": m.layer, "preprocess": m.preprocess, "weights_sha256": m.weights_sha256,
+        "job_id": spec.job_id, "class_names": spec.class_names, "input_size": m.input_size_px, "model": m.model,
+        "layer": m.layer, "pooling": m.pooling, "preprocess": m.preprocess, "weights_sha256": m.weights_sha256,
         "input": "RGB pixels 0-255, shape (input_size, input_size, 3), for full_model/finetuned",
     })
 
@@ -138,7 +138,7 @@ def _save_head_outputs(spec: JobSpec, head, history: dict, metrics: dict) -> dic
     folder = model_dir(spec)
     verify_weights(spec.model)  # the full model must hold the very base the features came from
     m = spec.model
-    full = build_full_model(m.weights_path, m.input_size_px, m.layer, m.preprocess, head)
+    full = build_full_model(m, head)
     _write_info(folder, spec)
     return {
         "classifier": save_model(head, folder / "classifier.keras"),
@@ -222,9 +222,8 @@ def finetune(spec: JobSpec, config: TrainConfig, settings, ctx=None) -> dict:
     plan = trainset.plan_splits(spec, config.seed)
     verify_weights(spec.model)
     m, k = spec.model, len(spec.class_names)
-    full = build_full_model(m.weights_path, m.input_size_px, m.layer, m.preprocess,
-                            keras.models.load_model(head_file))
-    unfreeze_from(full, config.unfreeze_from)
+    full = build_full_model(m, keras.models.load_model(head_file))
+    unfreeze_from(full, config.unfreeze_from or backbones.get(m.model).unfreeze_from)
     trainer = with_augmentation(full, config.seed)
     compile_for(trainer, k, config.finetune_learning_rate)
     checkpoint = Checkpoint(folder, _checkpoint_key(head_file, config))

@@ -1,4 +1,4 @@
-"""The feature extractor: VGG16's base cut at a layer, called as a compiled function."""
+"""The feature extractor: the job's backbone cut at a layer (and pooled), called as a compiled function."""
 
 from __future__ import annotations
 
@@ -36,11 +36,13 @@ def _build(model: ModelConfig):
     """The extractor in the job's compute precision; the global policy is restored after."""
     import keras
 
+    build = lambda: build_feature_extractor(model.model, model.weights_path, model.input_size_px,  # noqa: E731
+                                            model.layer, model.pooling)
     if model.precision == "float32":
-        return build_feature_extractor(model.weights_path, model.input_size_px, model.layer)
+        return build()
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        return build_feature_extractor(model.weights_path, model.input_size_px, model.layer)
+        return build()
     finally:
         keras.mixed_precision.set_global_policy(previous)

@@ -27,6 +27,7 @@ def feature_attrs(spec: JobSpec, split: str) -> dict:
     return {
         "model": m.model,
         "layer": m.layer,
+        "pooling": m.pooling,
         "input_size": m.input_size_px,
         "preprocess": m.preprocess,
         "weights": m.weights,
