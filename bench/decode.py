@@ -61,8 +61,8 @@ def feature_shift(files: list[Path], size_px: int, layer: str, work: Path) -> di
     fast = np.stack([load_pixels(p, size_px, "fast") for p in files]).astype(np.int16)
     weights = work / "vgg16-random-seed0.weights.h5"
     if not weights.exists():
-        save_random_weights(weights, 0)
-    model = build_feature_extractor(weights, size_px, layer)
+        save_random_weights("vgg16", weights, 0)
+    model = build_feature_extractor("vgg16", weights, size_px, layer)
     fe = model.predict(preprocess(exact.astype(np.uint8), "vgg16"), batch_size=20, verbose=0)
     ff = model.predict(preprocess(fast.astype(np.uint8), "vgg16"), batch_size=20, verbose=0)
     scale = float(np.abs(fe).max())

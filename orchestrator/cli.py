@@ -90,6 +90,7 @@ def cmd_run(args, settings: Settings) -> int:
 
     if settings.broker_url:
         store = _store(settings)
+        since = store.now()
         request = replace(request, workers=_extract_workers(store))
         spec, shards = job()
         submit(store, spec, shards, settings.job_ttl_s)
@@ -101,11 +102,12 @@ def cmd_run(args, settings: Settings) -> int:
         data = (scan.data_dir, *([Path(args.weights).parent] if Path(args.weights).is_file() else []))
         with local_cluster(settings, args.workers, out / "logs", data, (out,)) as (local, pool):
             store = _store(local)
+            since = store.now()
             spec, shards = job()
             submit(store, spec, shards, local.job_ttl_s)
             state = wait_for_job(store, spec.job_id, stages, alive=pool.alive)
             cam = _cam_after_training(args, spec, local, stages)
-    summary = _result(spec, state, time.monotonic() - t0, stages.times, spec.created_at, cam)
+    summary = _result(spec, state, time.monotonic() - t0, stages.times, since, cam)
     _keep_run(spec, summary)
     _print_result(summary, args.json)
     return 0
@@ -216,6 +218,7 @@ def cmd_submit_training(args, settings: Settings) -> int:
     store = _store(settings)
     seed = args.seed if args.seed is not None else int(store.spec(args.job).options.get("seed", 0))
     config = training.train_config(args, seed)
+    since = store.now()  # the job's stage marks are Redis's clock: the stages from here on are this run's
     if args.kind == "train":
         training.submit_training(store, args.job, config, args.finetune)
     else:
@@ -223,7 +226,7 @@ def cmd_submit_training(args, settings: Settings) -> int:
     if not args.wait:
         print(json.dumps({"job_id": args.job}) if args.json else args.job)
         return 0
-    t0, since = time.monotonic(), time.time()
+    t0 = time.monotonic()
     stages = _stages(args, quiet=args.json)
     state = wait_for_job(store, args.job, stages)
     _print_result(_result(store.spec(args.job), state, time.monotonic() - t0, stages.times, since), args.json)
@@ -326,10 +329,11 @@ def cmd_resume(args, settings: Settings) -> int:
     from orchestrator.resume import out_dir_of, resume
     from orchestrator.watch import wait_for_job
 
-    t0, since = time.monotonic(), time.time()
+    t0 = time.monotonic()
     stages = _stages(args)
     if settings.broker_url:
         store = _store(settings)
+        since = store.now()
         spec, missing = resume(store, out_dir_of(args.target, args.out, store), settings.job_ttl_s)
         stages.say(f"resuming job {spec.job_id}: {plural(len(missing), 'shard')} to run")
         state = wait_for_job(store, spec.job_id, stages)
@@ -341,6 +345,7 @@ def cmd_resume(args, settings: Settings) -> int:
         data = (Path(spec["data_dir"]), Path(spec["model"]["weights_path"]).parent)
         with local_cluster(settings, args.workers, out / "logs", data=data, outputs=(out,)) as (local, pool):
             store = _store(local)
+            since = store.now()
             spec, missing = resume(store, out, local.job_ttl_s)
             stages.say(f"resuming job {spec.job_id}: {plural(len(missing), 'shard')} to run")
             state = wait_for_job(store, spec.job_id, stages, alive=pool.alive)

@@ -230,6 +230,11 @@ class JobStore:
         """Images done so far by this holder; the answer is :meth:`renew`'s."""
         return self._run("PROGRESS", [job, step, token, done, round(rate, 2), worker, RATE_TTL_S])
 
+    def now(self) -> float:
+        """Redis's clock, the one every timestamp of a job is read from."""
+        seconds, micros = self.r.time()
+        return seconds + micros / 1e6
+
     def note(self, job: str, step: str, token: str, fields: dict) -> str:
         """Fields the holder reports on its step (a training's epoch); the answer is :meth:`renew`'s."""
         return self._run("NOTE", [job, step, token, json.dumps(fields)])

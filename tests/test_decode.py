@@ -51,8 +51,8 @@ def test_fast_moves_features_little_on_real_photographs(photos, tmp_path):
     fast = np.stack([load_pixels(p, 150, "fast") for p in photos])
     assert (fast != exact).any()  # DCT scaling was used: 500x375 is at least twice 150
     assert np.abs(fast.astype(int) - exact).mean() < 3
-    save_random_weights(tmp_path / "w.weights.h5", 0)
-    model = build_feature_extractor(tmp_path / "w.weights.h5", 150, "block5_pool")
+    save_random_weights("vgg16", tmp_path / "w.weights.h5", 0)
+    model = build_feature_extractor("vgg16", tmp_path / "w.weights.h5", 150, "block5_pool")
     fe, ff = (model.predict(preprocess(x, "vgg16"), verbose=0) for x in (exact, fast))
     assert np.abs(ff - fe).max() / np.abs(fe).max() < 0.05
     cos = np.sum(fe * ff, axis=(1, 2, 3)) / (np.linalg.norm(fe.reshape(8, -1), axis=1)
