@@ -12,6 +12,7 @@ from pathlib import Path
 from orchestrator import monitor_cli
 from orchestrator.parser import build_parser
 from orchestrator.progress import STAGE_ORDER
+from shared import storage
 from shared.errors import ConvoyError, JobNotFound, UsageError
 from shared.settings import BROKER_ENV, Settings, redact_url
 from shared.words import plural
@@ -71,6 +72,7 @@ def cmd_run(args, settings: Settings) -> int:
     from orchestrator import jobs_here
     from orchestrator.cluster import local_cluster
     from orchestrator.jobs import check_request, prepare, submit, weights_first
+    from orchestrator.lists import data_roots
     from orchestrator.watch import wait_for_job
 
     t0 = time.monotonic()
@@ -84,7 +86,8 @@ def cmd_run(args, settings: Settings) -> int:
     def job():
         spec, shards, scan = prepare(request, checked, weights=weights)
         spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
-        jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
+        if not storage.is_url(spec.out_dir):
+            jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
         return spec, shards
 
     if settings.broker_url:
@@ -97,8 +100,9 @@ def cmd_run(args, settings: Settings) -> int:
     else:
         # Workers import TensorFlow while the weights are resolved: start-up overlaps.
         scan, out = checked
-        data = (scan.data_dir, *([Path(args.weights).parent] if Path(args.weights).is_file() else []))
-        with local_cluster(settings, args.workers, out / "logs", data, (out,)) as (local, pool):
+        data = (*data_roots(scan), *_weights_folder(args.weights))
+        logs = storage.join(out, "logs") if not storage.is_url(out) else settings.state_dir / "logs" / str(os.getpid())
+        with local_cluster(settings, args.workers, logs, data, (out,)) as (local, pool):
             store = _store(local)
             spec, shards = job()
             submit(store, spec, shards, local.job_ttl_s)
@@ -108,6 +112,13 @@ def cmd_run(args, settings: Settings) -> int:
     _keep_run(spec, summary)
     _print_result(summary, args.json)
     return 0
+
+
+def _weights_folder(weights: str) -> list:
+    """Where a --weights file lies (a root the embedded workers may read), if it is a file."""
+    if storage.is_url(weights):
+        return [storage.parent(storage.location(weights))]
+    return [Path(weights).parent] if Path(weights).is_file() else []
 
 
 def _scan_words(scan) -> str:
@@ -176,7 +187,7 @@ def _keep_run(spec, summary: dict) -> None:
 
     try:
         record_run(spec.out_dir, summary)
-        summary["report"] = str(write_report(Path(spec.out_dir)))
+        summary["report"] = str(write_report(storage.at(spec.out_dir)))
     except (OSError, ConvoyError) as exc:  # the job is done; a report it could not write is a warning
         print(f"convoy: warning: could not write the report: {exc}", file=sys.stderr)
 

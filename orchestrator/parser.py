@@ -57,8 +57,9 @@ def _broker_option(p: argparse.ArgumentParser) -> None:
 
 
 def _extract_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat")
-    p.add_argument("--out", type=Path, required=True, help="output directory (features, manifest, logs)")
+    p.add_argument("data", help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat; a folder, "
+                                "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split)")
+    p.add_argument("--out", required=True, help="output directory or store URL (features, manifest, model)")
     p.add_argument("--shard-size", type=_positive, default=256,
                    help="most images per shard; tail shards shrink so no worker idles at the end")
     p.add_argument("--input-size", type=_positive, default=150, help="resize side, pixels")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 from pathlib import Path
 
+from shared import storage
 from shared.errors import WeightsError
 from shared.job import sha256_file
 from shared.models import MIN_INPUT_SIZE_PX, build_vgg16_base, import_tensorflow, save_random_weights
+from shared.storage import Location
 
 #: Keras's own address and MD5 for VGG16's base without the top (keras/applications/vgg16.py).
 IMAGENET_NOTOP_URL = (
@@ -65,9 +68,18 @@ def _fetch(keras_home: Path, name: str, url: str, md5: str, hint: str) -> Path:
     return Path(path)
 
 
-def random_weights(out_dir: Path, seed: int) -> Path:
-    """Random weights made once per OUT and seed, so every worker loads the same bytes."""
-    path = out_dir / "weights" / f"vgg16-random-seed{seed}.weights.h5"
+def random_weights(out_dir: Location, seed: int) -> Location:
+    """Random weights made once per OUT and seed, so every worker loads the same bytes (on a
+    store: made here, uploaded whole)."""
+    name = f"vgg16-random-seed{seed}.weights.h5"
+    if storage.is_url(out_dir):
+        target = storage.join(out_dir, "weights", name)
+        if not storage.exists(target):
+            with tempfile.TemporaryDirectory(prefix="convoy-weights-") as tmp:
+                save_random_weights(Path(tmp) / name, seed)
+                storage.upload_file(Path(tmp) / name, target)
+        return target
+    path = Path(out_dir) / "weights" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.name}")
@@ -88,12 +100,22 @@ def check_loads(path: Path) -> None:
         ) from None
 
 
-def resolve_weights(weights: str, seed: int, out_dir: Path, keras_home: Path) -> tuple[Path, str]:
-    """(absolute path, sha256) of the weights file the job's workers will load."""
+def resolve_weights(weights: str, seed: int, out_dir: Location, keras_home: Path) -> tuple[Location, str]:
+    """(absolute path or store URL, sha256) of the weights file the job's workers will load."""
     if weights == "imagenet":
         path = fetch_imagenet(keras_home)
     elif weights == "none":
         path = random_weights(out_dir, seed)
+        if storage.is_url(path):
+            return path, sha256_file(storage.local_copy(path))
+    elif storage.is_url(weights):
+        url = storage.location(weights)
+        try:
+            local = storage.local_copy(url)
+        except storage.StoreError as exc:
+            raise WeightsError(f"cannot read weights {url}: {exc}") from None
+        check_loads(local)
+        return url, sha256_file(local)
     else:
         path = Path(weights)
         if not path.is_file():

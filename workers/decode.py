@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import paths
+from shared import paths, storage
 from shared.images import BadImage, load_pixels
 from shared.settings import Settings
 from workers.pixel_cache import CachedPixels, stamp
@@ -65,10 +65,11 @@ class Batch:
 
 def _load(path: str, size_px: int, decode: str, settings: Settings,
           cached: CachedPixels | None, row: int) -> tuple[np.ndarray, tuple[int, int], bool] | str:
-    """(pixels, the file's stamp, decoded?) or the reason the image is skipped."""
+    """(pixels, the file's stamp, decoded?) or the reason the image is skipped. An object on a
+    store is fetched here, in the decoding thread, so fetches overlap like decodes do."""
     try:
         real = paths.image(path, settings)
-        seen = stamp(real)
+        seen = stamp(real) if not storage.is_url(real) else None  # no pixel cache for a store
         hit = cached.get(row, seen) if cached else None
         if hit is not None:
             return hit, seen, False
