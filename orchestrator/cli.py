@@ -114,6 +114,13 @@ def cmd_run(args, settings: Settings) -> int:
     return 0
 
 
+def _image_roots(images: list[str]) -> list:
+    """Roots that hold ``images``: their common folder, and the buckets of the URLs."""
+    local = [str(Path(p).parent) for p in images if not storage.is_url(p)]
+    urls = sorted({"/".join(p.split("/")[:3]) for p in images if storage.is_url(p)})
+    return [*([Path(os.path.commonpath(local))] if local else []), *urls]
+
+
 def _weights_folder(weights: str) -> list:
     """Where a --weights file lies (a root the embedded workers may read), if it is a file."""
     if storage.is_url(weights):
@@ -135,7 +142,7 @@ def _cam_after_training(args, spec, settings: Settings, stages) -> dict | None:
     from shared.errors import JobFailed
 
     try:
-        return cam_for_run(Path(spec.out_dir), settings, args.cam, stages=stages, since=spec.created_at)
+        return cam_for_run(storage.at(spec.out_dir), settings, args.cam, stages=stages, since=spec.created_at)
     except JobFailed as exc:  # the model is trained and saved: report, don't lose the summary
         stages.say(f"warning: Grad-CAM failed: {exc}")
         return {"error": str(exc)}
@@ -250,7 +257,7 @@ def cmd_predict(args, settings: Settings) -> int:
         _store(settings)
         rows = training.predict(model, images, settings.task_time_limit_s)
     else:
-        data = (Path(os.path.commonpath([str(Path(p).parent) for p in images])), model.parent)
+        data = (*_image_roots(images), storage.parent(model))
         with tempfile.TemporaryDirectory(prefix="convoy-predict-") as logs, \
                 local_cluster(settings, 1, Path(logs), data=data, outputs=(Path(logs),)) as (local, _pool):
             _store(local)

@@ -86,7 +86,7 @@ def _cam_parser(sub) -> None:
     cam = sub.add_parser("cam", help="Grad-CAM heatmaps of images under a classifier, on the cam queue")
     cam.add_argument("model", help="a .keras classifier (e.g. OUT/model/full_model.keras) or vgg16-imagenet")
     cam.add_argument("images", type=Path, nargs="+", help="image files or a folder of images")
-    cam.add_argument("--out", type=Path, required=True, help="CAMDIR: heatmaps.h5, overlays/, index.html")
+    cam.add_argument("--out", required=True, help="CAMDIR (a folder or store URL): heatmaps.h5, overlays/, index.html")
     which = cam.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_index", type=int, help="class index K (default: the predicted one)")
     which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes")
@@ -137,8 +137,8 @@ def build_parser() -> Parser:
         _broker_option(again)
 
     predict = sub.add_parser("predict", help="classify images with a trained full_model.keras or finetuned.keras")
-    predict.add_argument("model", type=Path, help="OUT/model/full_model.keras or finetuned.keras")
-    predict.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    predict.add_argument("model", help="OUT/model/full_model.keras or finetuned.keras (a path or store URL)")
+    predict.add_argument("images", nargs="+", help="image files or folders (paths or store URLs)")
     predict.add_argument("--json", action="store_true", help="print a JSON list")
     _broker_option(predict)
 

@@ -177,6 +177,14 @@ def exists(loc: Location) -> bool:
     return bool(retried(lambda: fs.exists(path), loc, "look up"))
 
 
+def is_name_of_object(loc: Location) -> bool:
+    """An object (a file) is at ``loc`` itself, not only below it."""
+    if not is_url(loc):
+        return Path(loc).is_file()
+    fs, path = filesystem(loc)
+    return bool(retried(lambda: fs.isfile(path), loc, "look up"))
+
+
 def is_dir(loc: Location) -> bool:
     """A local folder, or a store prefix with at least one object below it."""
     if not is_url(loc):
@@ -326,29 +334,48 @@ def local_copy(loc: Location) -> Path:
 
 
 @contextmanager
-def local_mirror(out: Location, key: str, files: list[str], folders: list[str]) -> Iterator[Path]:
+def local_mirror(out: Location, key: str, fetch: list[str], upload: list[str]) -> Iterator[Path]:
     """A local folder standing in for a store's OUT, for steps whose libraries need files (Keras
-    models, HDF5 training sets): ``files`` (relative names) and everything under ``folders`` are
-    copied in first; afterwards every file under ``folders`` is uploaded back, each whole. A local
-    OUT is yielded as it is."""
+    models, HDF5 files, PNGs): the files and folders named in ``fetch`` (relative to OUT) are
+    copied in first; when the step returns, the files and folders named in ``upload`` are
+    uploaded back, each file whole, and the folder is removed (a step that raises uploads
+    nothing). A local OUT is yielded as it is."""
     if not is_url(out):
         yield Path(out)
         return
-    work = cache_dir().parent / "mirror" / hashlib.sha256(f"{out}\0{key}".encode()).hexdigest()[:24]
+    work = cache_dir().parent / "mirror" / hashlib.sha256(f"{out}\0{key}\0{uuid.uuid4()}".encode()).hexdigest()[:24]
     work.mkdir(parents=True, exist_ok=True)
-    wanted = list(files)
-    for folder in folders:
-        if is_dir(join(out, folder)):
-            wanted += [f"{folder}/{rel}" for rel, _size in list_files(join(out, folder))]
-    for rel in wanted:  # always the store's current content (local_copy is keyed by ETag)
-        if exists(join(out, rel)):
+    try:
+        for rel in _expand(out, fetch):
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_copy(join(out, rel)), work / rel)
-    yield work
-    for folder in folders:
-        for path in sorted((work / folder).rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                upload_file(path, join(out, path.relative_to(work).as_posix()))
+            shutil.copyfile(local_copy(join(out, rel)), work / rel)  # local_copy: cached by ETag
+        yield work
+        for item in upload:
+            found = sorted((work / item).rglob("*")) if (work / item).is_dir() else [work / item]
+            for path in found:
+                if path.is_file() and not path.name.startswith("."):
+                    upload_file(path, join(out, path.relative_to(work).as_posix()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _expand(out: Location, items: list[str]) -> list[str]:
+    """The objects ``items`` name under OUT: each an object, or a prefix with objects below it."""
+    found = []
+    for item in items:
+        if is_name_of_object(join(out, item)):
+            found.append(item)
+        else:
+            found += [f"{item}/{rel}" for rel, _size in list_files(join(out, item))]
+    return found
+
+
+def modified(loc: Location) -> float:
+    """When a file or object was last written (seconds since the epoch)."""
+    if not is_url(loc):
+        return Path(loc).stat().st_mtime
+    fs, path = filesystem(loc)
+    return float(retried(lambda: fs.modified(path), loc, "look up").timestamp())
 
 
 def to_urls(value, local: Path, out: Location):

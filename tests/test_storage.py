@@ -72,8 +72,10 @@ def test_confinement_matches_whole_segments_of_urls():
         confine("/etc/passwd", roots, "image", "R")
 
 
+@pytest.mark.slow
 def test_run_from_a_bucket_to_a_bucket_equals_the_run_from_a_folder(s3, s3env, tmp_path):  # noqa: F811
-    """The whole chain on the store: scan, extract, merge, train; features equal to the folder's."""
+    """The whole chain on the store: scan, extract, merge, train, fine-tune, Grad-CAM, the report,
+    then predict; features equal to the folder's."""
     from shared.features import open_features
 
     data = make_tree(tmp_path / "tree", {"train": 4, "validation": 2, "test": 2})
@@ -83,8 +85,8 @@ def test_run_from_a_bucket_to_a_bucket_equals_the_run_from_a_folder(s3, s3env, t
     folder = convoy("run", str(data), "--out", str(tmp_path / "out"), *ARGS, "--epochs", "1", "--cam", "0",
                     "--json", env=env)
     assert folder.returncode == 0, folder.stderr
-    bucket = convoy("run", "s3://cats/tree", "--out", "s3://cats/tree-out", *ARGS, "--epochs", "1", "--cam", "0",
-                    "--json", env=env)
+    bucket = convoy("run", "s3://cats/tree", "--out", "s3://cats/tree-out", *ARGS, "--epochs", "1", "--cam", "2",
+                    "--finetune", "--finetune-epochs", "1", "--json", env=env)
     assert bucket.returncode == 0, bucket.stderr
     summary = json.loads(bucket.stdout.splitlines()[-1])
     assert summary["status"] == "done" and summary["images"] == 16
@@ -95,11 +97,19 @@ def test_run_from_a_bucket_to_a_bucket_equals_the_run_from_a_folder(s3, s3env, t
             assert a["paths"].asstr()[()].tolist() == b["paths"].asstr()[()].tolist()
             assert np.array_equal(a["labels"][()], b["labels"][()])
     keys = s3.keys("s3://cats/tree-out")
-    for wanted in ("manifest.json", "model/full_model.keras", "model/classifier.keras", "model/metrics.json",
-                   "features/train/shard-00000.h5", "report.html"):
+    for wanted in ("manifest.json", "model/full_model.keras", "model/finetuned.keras", "model/classifier.keras",
+                   "model/metrics.json", "features/train/shard-00000.h5", "report.html", "cam/heatmaps.h5",
+                   "cam/index.html"):
         assert f"tree-out/{wanted}" in keys, keys
-    assert not [k for k in keys if ".tmp" in k or "convoy-write-test" in k]
+    assert not [k for k in keys if ".tmp" in k or "convoy-write-test" in k or "/cam/parts/" in k]
     assert summary["model"]["full_model"] == "s3://cats/tree-out/model/full_model.keras"
+    assert summary["cam"]["heatmaps"] == "s3://cats/tree-out/cam/heatmaps.h5" and summary["cam"]["rows"] == 2
+    # predict: the model and the images on the store, read by a worker that has neither locally
+    predicted = convoy("predict", "s3://cats/tree-out/model/full_model.keras", "s3://cats/tree/test", "--json",
+                       env=env)
+    assert predicted.returncode == 0, predicted.stderr
+    rows = json.loads(predicted.stdout.splitlines()[-1])
+    assert len(rows) == 4 and all(r["class"] in ("blobs", "stripes") for r in rows), rows
 
 
 def test_a_list_names_images_by_relative_path_and_url_and_reports_bad_rows(s3, s3env, tmp_path):  # noqa: F811

@@ -81,7 +81,7 @@ def _local(spec: JobSpec) -> Iterator[JobSpec]:
     """The job with OUT in a local folder when it is on a store: the merged features and OUT/model
     are fetched first, and OUT/model is uploaded back after (Keras and HDF5 need files)."""
     merged = [f"features/{split}.h5" for split in spec.splits]
-    with storage.local_mirror(storage.at(spec.out_dir), spec.job_id, merged, ["model"]) as work:
+    with storage.local_mirror(storage.at(spec.out_dir), spec.job_id, [*merged, "model"], ["model"]) as work:
         yield spec if not storage.is_url(spec.out_dir) else replace(spec, out_dir=str(work))
 
 
