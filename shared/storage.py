@@ -21,6 +21,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ _BACKOFF_S = 0.25
 #: What fsspec is told when it opens a store: listings are never cached (another worker may have
 #: written a shard a moment ago).
 _FS_OPTIONS = {"s3": {"use_listings_cache": False}}
+_FS: dict = {}
+_FS_LOCK = threading.Lock()
 
 
 class StoreError(ConvoyError):
@@ -111,12 +114,18 @@ def under(loc: Location, root: Location) -> bool:
 
 
 def filesystem(loc: Location):
-    """The fsspec filesystem of a store URL and the path fsspec uses for it (fsspec caches the
-    instance per process, so its connections are reused)."""
+    """The fsspec filesystem of a store URL and the path fsspec uses for it. One instance per
+    process and scheme, shared by every thread (fsspec's own cache keeps one per thread, and a
+    new S3 client costs a second): its connections are reused, and a forked child makes its own."""
     import fsspec
 
     scheme = str(loc).partition("://")[0]
-    return fsspec.core.url_to_fs(str(loc), **_FS_OPTIONS.get(scheme, {}))
+    key = (os.getpid(), scheme)
+    with _FS_LOCK:
+        if key not in _FS:
+            _FS[key] = fsspec.filesystem(scheme, skip_instance_cache=True, **_FS_OPTIONS.get(scheme, {}))
+    fs = _FS[key]
+    return fs, fs._strip_protocol(str(loc))
 
 
 # --- errors and retries -----------------------------------------------------------------

@@ -72,6 +72,16 @@ def test_confinement_matches_whole_segments_of_urls():
         confine("/etc/passwd", roots, "image", "R")
 
 
+def test_roots_hold_folders_and_store_prefixes_and_survive_the_environment(tmp_path):
+    from shared.settings import Settings
+
+    env = {"CONVOY_DATA_ROOTS": f"s3://data/cats/:{tmp_path}:gs://other//x", "CONVOY_OUTPUT_ROOTS": "s3://out"}
+    settings = Settings.from_env(env)
+    assert settings.data_roots == ("s3://data/cats", tmp_path.resolve(), "gs://other/x")
+    assert Settings.from_env(settings.to_env()).data_roots == settings.data_roots
+    assert settings.output_roots == ("s3://out",)
+
+
 @pytest.mark.slow
 def test_run_from_a_bucket_to_a_bucket_equals_the_run_from_a_folder(s3, s3env, tmp_path):  # noqa: F811
     """The whole chain on the store: scan, extract, merge, train, fine-tune, Grad-CAM, the report,

@@ -20,7 +20,10 @@ from shared.images import BadImage, load_pixels
 from shared.settings import Settings
 from workers.pixel_cache import CachedPixels, stamp
 
-_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[bool, ThreadPoolExecutor] = {}
+#: Threads per usable core when images come from a store: a thread waiting on an object uses no
+#: core, so more of them keep the cores decoding while others wait on the store's latency.
+REMOTE_THREADS_PER_CORE = 4
 
 
 def usable_cores() -> int:
@@ -36,16 +39,19 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def decode_threads() -> int:
-    """One decoding thread per usable core, and at least two so reading overlaps decoding."""
+def decode_threads(remote: bool = False) -> int:
+    """One decoding thread per usable core, and at least two so reading overlaps decoding; for
+    images on a store, :data:`REMOTE_THREADS_PER_CORE` per core and at least 16, since each
+    thread also waits on its fetch."""
+    if remote:
+        return max(16, REMOTE_THREADS_PER_CORE * usable_cores())
     return max(2, usable_cores())
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode")
-    return _POOL
+def _pool(remote: bool = False) -> ThreadPoolExecutor:
+    if remote not in _POOLS:
+        _POOLS[remote] = ThreadPoolExecutor(max_workers=decode_threads(remote), thread_name_prefix="decode")
+    return _POOLS[remote]
 
 
 def batches_ahead(batch_size: int, threads: int) -> int:
@@ -82,7 +88,7 @@ def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Sett
                  cached: CachedPixels | None = None) -> Iterator[Batch]:
     """Decoded batches in order, decoding ahead of the one in use (:func:`batches_ahead`);
     images whose file is unchanged since ``cached`` was written come from it instead."""
-    pool = _pool()
+    pool = _pool(remote=any(storage.is_url(f) for f in files))
     ahead = batches_ahead(batch_size, pool._max_workers)
     pending: list[list[Future]] = []
     starts = list(range(0, len(files), batch_size))
