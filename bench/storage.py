@@ -163,6 +163,11 @@ def main() -> None:
     report["list_s"] = round(time.perf_counter() - t0, 2)
     report["listed"] = len(found)
     report["list_pages"] = -(-len(found) // 1000)
+    # The server's own pace, for scale: boto3's paginator over the same prefix.
+    t0 = time.perf_counter()
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="many/")
+    assert sum(len(page.get("Contents", [])) for page in pages) == len(found)
+    report["list_boto3_s"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(report))
     if server is not None:
         server.stop()

@@ -147,6 +147,11 @@ def test_a_list_names_images_by_relative_path_and_url_and_reports_bad_rows(s3, s
     reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
     assert "not found (404)" in reasons["imgs/gone.jpg"] and "s3://lists/imgs/gone.jpg" in reasons["imgs/gone.jpg"]
     assert any("empty path" in r for r in reasons.values()), reasons
+    # Resubmitted: every shard object already has its fingerprint, so nothing is extracted again.
+    again = convoy("run", "s3://lists/set.csv", "--out", "s3://lists/out", *ARGS, "--no-train", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    second = json.loads(again.stdout.splitlines()[-1])
+    assert second["reused_shards"] == second["shards"] >= 1 and second["extracted_images"] == 0, second
 
 
 def test_a_parquet_list_in_a_folder(tmp_path):
