@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from shared import faults
-from shared.errors import ConvoyError
+from shared.errors import StoreError
 
 Location = Path | str
 
@@ -44,15 +44,6 @@ _BACKOFF_S = 0.25
 _FS_OPTIONS = {"s3": {"use_listings_cache": False}}
 _FS: dict = {}
 _FS_LOCK = threading.Lock()
-
-
-class StoreError(ConvoyError):
-    """A read or write on an object store failed for good (denied, missing, or still failing
-    after retries); the message is the store's own, with the URL."""
-
-    def __init__(self, message: str, permanent: bool = True) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 # --- locations --------------------------------------------------------------------------
@@ -290,12 +281,6 @@ def upload_file(local: Path, loc: Location) -> None:
         return
     fs, path = filesystem(loc)
     retried(lambda: fs.put_file(str(local), path), loc, "write")
-
-
-def make_dir(loc: Location) -> None:
-    """A local folder is created; a store has no folders (a prefix exists once written under)."""
-    if not is_url(loc):
-        Path(loc).mkdir(parents=True, exist_ok=True)
 
 
 def remove(loc: Location) -> None:
