@@ -271,13 +271,13 @@ def cmd_status(args, settings: Settings) -> int:
 
     target = args.job
     # OUT, or a job this machine ran: live from the broker while it knows the job, else the manifest.
-    out = Path(target) if target and Path(target).is_dir() else None
-    out = out or (jobs_here.out_of(settings.state_dir, target) if target else None)
+    given = storage.location(target) if target and (storage.is_url(target) or Path(target).is_dir()) else None
+    out = given or (jobs_here.out_of(settings.state_dir, target) if target else None)
     if out is not None:
         from shared.manifest import read_manifest
 
         job_id = read_manifest(out)["job_id"]
-        if not Path(target).is_dir() and job_id != target:
+        if given is None and job_id != target:
             raise JobNotFound(f"job {target} ran into {out}, which now holds job {job_id}; "
                               f"its record there was replaced (see `convoy status {job_id}`)")
         store = _store(settings) if settings.broker_url else None
@@ -354,8 +354,9 @@ def cmd_resume(args, settings: Settings) -> int:
 
         out = out_dir_of(args.target, args.out, None)
         spec = read_manifest(out)["spec"]
-        data = (Path(spec["data_dir"]), Path(spec["model"]["weights_path"]).parent)
-        with local_cluster(settings, args.workers, out / "logs", data=data, outputs=(out,)) as (local, pool):
+        data = (storage.at(spec["data_dir"]), storage.parent(storage.at(spec["model"]["weights_path"])))
+        logs = storage.join(out, "logs") if not storage.is_url(out) else settings.state_dir / "logs" / str(os.getpid())
+        with local_cluster(settings, args.workers, logs, data=data, outputs=(out,)) as (local, pool):
             store = _store(local)
             spec, missing = resume(store, out, local.job_ttl_s)
             stages.say(f"resuming job {spec.job_id}: {plural(len(missing), 'shard')} to run")
@@ -396,9 +397,10 @@ def _record_cancel(store, job_id: str) -> None:
 def cmd_report(args, settings: Settings) -> int:
     from orchestrator.report import write_report
 
-    if not args.out.is_dir():
+    out = storage.location(args.out)
+    if not storage.is_url(out) and not out.is_dir():
         raise UsageError(f"{args.out} is not a directory; pass a job's OUT (the folder given to --out)")
-    print(write_report(args.out))
+    print(write_report(out))
     return 0
 
 

@@ -162,7 +162,7 @@ def build_parser() -> Parser:
 
     resume = sub.add_parser("resume", help="rebuild a job from OUT/manifest.json and run only what is missing")
     resume.add_argument("target", help="the job's OUT directory, or its job id")
-    resume.add_argument("--out", type=Path, help="OUT, when the broker no longer knows the job id")
+    resume.add_argument("--out", help="OUT (a folder or store URL), when the broker no longer knows the job id")
     resume.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
                         help="local worker processes when no broker is configured")
     resume.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
@@ -170,7 +170,7 @@ def build_parser() -> Parser:
 
     report = sub.add_parser("report", help="write OUT/report.html: summary, stage times, training, confusion "
                                            "matrix, skipped images and the Grad-CAM gallery")
-    report.add_argument("out", type=Path, help="a job's output directory")
+    report.add_argument("out", help="a job's output directory or store URL")
 
     cancel = sub.add_parser("cancel", help="cancel a job: running shards stop, queued ones are dropped")
     cancel.add_argument("job")

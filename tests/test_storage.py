@@ -120,6 +120,10 @@ def test_run_from_a_bucket_to_a_bucket_equals_the_run_from_a_folder(s3, s3env, t
     assert predicted.returncode == 0, predicted.stderr
     rows = json.loads(predicted.stdout.splitlines()[-1])
     assert len(rows) == 4 and all(r["class"] in ("blobs", "stripes") for r in rows), rows
+    # resume from the manifest on the store: every shard object is current, nothing runs again
+    resumed = convoy("resume", "s3://cats/tree-out", "--workers", "1", "--json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.splitlines()[-1])["extracted_images"] == 0
 
 
 def test_a_list_names_images_by_relative_path_and_url_and_reports_bad_rows(s3, s3env, tmp_path):  # noqa: F811
@@ -152,6 +156,13 @@ def test_a_list_names_images_by_relative_path_and_url_and_reports_bad_rows(s3, s
     assert again.returncode == 0, again.stderr
     second = json.loads(again.stdout.splitlines()[-1])
     assert second["reused_shards"] == second["shards"] >= 1 and second["extracted_images"] == 0, second
+    # The commands that take OUT take its URL too.
+    status = json.loads(convoy("status", "s3://lists/out", "--json", env=env, check=True).stdout.splitlines()[-1])
+    assert status["status"] == "done" and status["job_id"] == second["job_id"], status
+    merged = convoy("merge", "s3://lists/out", env=env, check=True).stdout
+    assert "features[all] -> s3://lists/out/features/all.h5" in merged, merged
+    report = convoy("report", "s3://lists/out", env=env, check=True).stdout
+    assert report.strip() == "s3://lists/out/report.html" and "out/report.html" in s3.keys("s3://lists/out")
 
 
 def test_a_parquet_list_in_a_folder(tmp_path):
