@@ -13,14 +13,16 @@ from pathlib import Path
 
 from orchestrator.jobs import check_output, send_steps
 from orchestrator.progress import Stages
+from shared import storage
 from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
-from shared.errors import DataError, JobFailed, LayerError, UsageError
+from shared.errors import DataError, JobFailed, LayerError, ModelFileError, UsageError
 from shared.gradcam import VGG16_IMAGENET
 from shared.images import is_image_name
 from shared.job import new_job_id, sha256_file
 from shared.jobstore import JobStore
 from shared.settings import Settings
 from shared.states import JobStatus, is_final
+from shared.storage import Location
 from shared.words import plural
 
 POLL_S = 0.5
@@ -56,8 +58,17 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def collect_images(inputs: list[Path], root: Path | None = None) -> tuple[Path, list[str]]:
-    """(root, sorted image paths relative to it) from files and folders, or DataError."""
+def collect_images(inputs: list, root: Location | None = None) -> tuple[Location, list[str]]:
+    """(root, sorted image paths relative to it) from files and folders, or DataError. Objects on
+    a store are named one by one, under ``root`` (a prefix)."""
+    urls = [str(i) for i in inputs if storage.is_url(i)]
+    if urls:
+        if root is None or not storage.is_url(root):
+            raise UsageError("images on a store need --root PREFIX (the URL their paths are relative to)")
+        if not all(storage.under(u, root) for u in urls):
+            raise DataError(f"every image must lie under {root}")
+        return root, sorted(storage.relative_to(u, root) for u in urls)
+    inputs = [Path(i) for i in inputs]
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
@@ -104,6 +115,14 @@ def resolve_model(req: CamRequest) -> tuple[Path, str]:
     else:
         from shared.gradcam import GradCam, load_model
 
+        if storage.is_url(req.model):
+            try:
+                local = storage.local_copy(storage.location(req.model))
+            except storage.StoreError as exc:
+                raise ModelFileError(f"cannot read model file: {exc}") from None
+            cam = GradCam(load_model(local), req.layer)
+            _check_classes(req, cam.n_classes)
+            return storage.location(req.model), sha256_file(local)
         path = Path(req.model)
         cam = GradCam(load_model(path), req.layer)  # ModelError / LayerError, exit 2
         _check_classes(req, cam.n_classes)
@@ -133,11 +152,12 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
     return spec, batches
 
 
-def _class_names_beside(model: Path) -> list[str]:
+def _class_names_beside(model: Location) -> list[str]:
     """The class names a Convoy model was trained with (OUT/model/model.json), else none."""
     try:
-        return list(json.loads((model.parent / "model.json").read_text()).get("class_names") or [])
-    except (OSError, ValueError):
+        beside = storage.join(storage.parent(model), "model.json")
+        return list(json.loads(storage.read_text(beside)).get("class_names") or [])
+    except (OSError, ValueError, storage.StoreError):
         return []
 
 
@@ -151,7 +171,7 @@ def _labels_from_folders(rels: list[str], class_names: list[str]) -> dict[str, i
 
 def submit_cam(store: JobStore, spec: CamSpec, batches: list[list[str]], ttl_s: int) -> str:
     """Record the job in the store, then send one small message (job id, batch step) per batch."""
-    (Path(spec.out_dir) / "cam-job.json").write_text(spec.to_json())
+    storage.write_text(storage.join(storage.at(spec.out_dir), "cam-job.json"), spec.to_json())
     send_steps(spec.job_id, store.create_cam(spec, {batch_id(i): batch for i, batch in enumerate(batches)}, ttl_s))
     return spec.job_id
 
@@ -206,8 +226,10 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, stages: Stage
     else:
         from orchestrator.cluster import local_cluster
 
-        data, outputs = (Path(spec.root), Path(spec.model_path).parent), (Path(spec.out_dir),)
-        with local_cluster(settings, workers, Path(spec.out_dir) / "logs", data, outputs) as (local, pool):
+        out = storage.at(spec.out_dir)
+        data, outputs = (storage.at(spec.root), storage.parent(storage.at(spec.model_path))), (out,)
+        logs = storage.join(out, "logs") if not storage.is_url(out) else settings.state_dir / "logs" / str(os.getpid())
+        with local_cluster(settings, workers, logs, data, outputs) as (local, pool):
             summary = _submit_and_wait(local, spec, batches, stages, alive=pool.alive)
     seconds = time.monotonic() - t0
     return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images, **summary,
@@ -250,23 +272,24 @@ def cam_status(store: JobStore, job_id: str, watch: bool, as_json: bool) -> int:
 
 # --- after training -------------------------------------------------------------------------
 
-def trained_model(out_dir: Path, since: float = 0.0) -> Path | None:
+def trained_model(out_dir: Location, since: float = 0.0) -> Location | None:
     """The model training left in OUT (fine-tuned if there is one) at or after ``since``, or None."""
     for name in ("finetuned.keras", "full_model.keras"):
-        path = out_dir / "model" / name
-        if path.is_file() and path.stat().st_mtime >= since:  # not one left by an earlier run
+        path = storage.join(out_dir, "model", name)
+        # not one left by an earlier run (a second of slack: a store's times are whole seconds)
+        if storage.is_name_of_object(path) and storage.modified(path) >= since - (storage.is_url(path) and 1):
             return path
     return None
 
 
-def run_images(out_dir: Path, n: int, model: Path | None = None) -> tuple[Path, list[Path], dict[str, int]]:
+def run_images(out_dir: Location, n: int, model: Location | None = None) -> tuple[Location, list, dict[str, int]]:
     """DATA, ``n`` images of the job's test split (else validation, else any) and their true
     classes: spread over the classes, the ones the model got wrong first (from the test
     predictions training left beside ``model``)."""
     from shared.manifest import read_manifest
 
     manifest = read_manifest(out_dir)
-    data = Path(manifest["spec"]["data_dir"])
+    data = storage.at(manifest["spec"]["data_dir"])
     by_split: dict[str, dict[str, int]] = {}
     for shard in manifest["shards"]:
         by_split.setdefault(shard["id"].split("/")[0], {}).update({rel: int(lab) for rel, lab in shard["entries"]})
@@ -275,18 +298,18 @@ def run_images(out_dir: Path, n: int, model: Path | None = None) -> tuple[Path, 
             labels = by_split[split]
             wrong = _misclassified(model, labels) if split == "test" else set()
             chosen = pick_spread(labels, wrong, n)
-            return data, [data / rel for rel in chosen], {rel: labels[rel] for rel in chosen}
+            return data, [storage.join(data, rel) for rel in chosen], {rel: labels[rel] for rel in chosen}
     return data, [], {}
 
 
-def _misclassified(model: Path | None, labels: dict[str, int]) -> set[str]:
+def _misclassified(model: Location | None, labels: dict[str, int]) -> set[str]:
     """Test images the model got wrong, from the metrics file training wrote beside it."""
     if model is None:
         return set()
-    name = "metrics_finetune.json" if model.name == "finetuned.keras" else "metrics.json"
+    name = "metrics_finetune.json" if storage.name(model) == "finetuned.keras" else "metrics.json"
     try:
-        rows = json.loads((model.parent / name).read_text()).get("predictions") or []
-    except (OSError, ValueError):
+        rows = json.loads(storage.read_text(storage.join(storage.parent(model), name))).get("predictions") or []
+    except (OSError, ValueError, storage.StoreError):
         return set()
     return {r["path"] for r in rows if r["path"] in labels and int(r["predicted"]) != labels[r["path"]]}
 
@@ -304,18 +327,19 @@ def pick_spread(labels: dict[str, int], wrong: set[str], n: int) -> list[str]:
     return chosen
 
 
-def cam_for_run(out_dir: Path, settings: Settings, n: int, workers: int = 1, stages: Stages | None = None,
+def cam_for_run(out_dir: Location, settings: Settings, n: int, workers: int = 1, stages: Stages | None = None,
                 since: float = 0.0) -> dict | None:
     """CAMs for ``n`` test images into OUT/cam with the model trained since ``since`` (a time);
     None when there is none. Returns the paths ``convoy run --json`` reports under ``cam``.
     """
-    model = trained_model(Path(out_dir), since)
+    out_dir = storage.at(out_dir)
+    model = trained_model(out_dir, since)
     if model is None or n < 1:
         return None
-    data, images, labels = run_images(Path(out_dir), n, model)
+    data, images, labels = run_images(out_dir, n, model)
     if not images:
         return None
-    req = CamRequest(model=str(model), inputs=images, out_dir=Path(out_dir) / "cam", root=data, labels=labels)
+    req = CamRequest(model=str(model), inputs=images, out_dir=storage.join(out_dir, "cam"), root=data, labels=labels)
     summary = run_cam(req, settings, workers=workers, stages=stages)
     return {"dir": summary["out"], "heatmaps": summary["heatmaps"], "index": summary["index"],
             "overlays": summary["overlays"], "rows": summary["rows"]}

@@ -12,6 +12,7 @@ from pathlib import Path
 from orchestrator import monitor_cli
 from orchestrator.parser import build_parser
 from orchestrator.progress import STAGE_ORDER
+from shared import storage
 from shared.errors import ConvoyError, JobNotFound, UsageError
 from shared.settings import BROKER_ENV, Settings, redact_url
 from shared.words import plural
@@ -71,6 +72,7 @@ def cmd_run(args, settings: Settings) -> int:
     from orchestrator import jobs_here
     from orchestrator.cluster import local_cluster
     from orchestrator.jobs import check_request, prepare, submit, weights_first
+    from orchestrator.lists import data_roots
     from orchestrator.watch import wait_for_job
 
     t0 = time.monotonic()
@@ -83,7 +85,8 @@ def cmd_run(args, settings: Settings) -> int:
     def job():
         spec, shards, scan = prepare(request, checked, weights=weights)
         spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
-        jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
+        if not storage.is_url(spec.out_dir):
+            jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
         # Scanning ends once the job is known good: a usage error stays the only line printed.
         stages.end(_scan_words(scan))
         return spec, shards
@@ -99,8 +102,9 @@ def cmd_run(args, settings: Settings) -> int:
     else:
         # Workers import TensorFlow while the weights are resolved: start-up overlaps.
         scan, out = checked
-        data = (scan.data_dir, *([Path(args.weights).parent] if Path(args.weights).is_file() else []))
-        with local_cluster(settings, args.workers, out / "logs", data, (out,)) as (local, pool):
+        data = (*data_roots(scan), *_weights_folder(args.weights))
+        logs = storage.join(out, "logs") if not storage.is_url(out) else settings.state_dir / "logs" / str(os.getpid())
+        with local_cluster(settings, args.workers, logs, data, (out,)) as (local, pool):
             store = _store(local)
             since = store.now()
             spec, shards = job()
@@ -111,6 +115,20 @@ def cmd_run(args, settings: Settings) -> int:
     _keep_run(spec, summary)
     _print_result(summary, args.json)
     return 0
+
+
+def _image_roots(images: list[str]) -> list:
+    """Roots that hold ``images``: their common folder, and the buckets of the URLs."""
+    local = [str(Path(p).parent) for p in images if not storage.is_url(p)]
+    urls = sorted({"/".join(p.split("/")[:3]) for p in images if storage.is_url(p)})
+    return [*([Path(os.path.commonpath(local))] if local else []), *urls]
+
+
+def _weights_folder(weights: str) -> list:
+    """Where a --weights file lies (a root the embedded workers may read), if it is a file."""
+    if storage.is_url(weights):
+        return [storage.parent(storage.location(weights))]
+    return [Path(weights).parent] if Path(weights).is_file() else []
 
 
 def _scan_words(scan) -> str:
@@ -127,7 +145,7 @@ def _cam_after_training(args, spec, settings: Settings, stages) -> dict | None:
     from shared.errors import JobFailed
 
     try:
-        return cam_for_run(Path(spec.out_dir), settings, args.cam, stages=stages, since=spec.created_at)
+        return cam_for_run(storage.at(spec.out_dir), settings, args.cam, stages=stages, since=spec.created_at)
     except JobFailed as exc:  # the model is trained and saved: report, don't lose the summary
         stages.say(f"warning: Grad-CAM failed: {exc}")
         return {"error": str(exc)}
@@ -180,7 +198,7 @@ def _keep_run(spec, summary: dict) -> None:
 
     try:
         record_run(spec.out_dir, summary)
-        summary["report"] = str(write_report(Path(spec.out_dir)))
+        summary["report"] = str(write_report(storage.at(spec.out_dir)))
     except (OSError, ConvoyError) as exc:  # the job is done; a report it could not write is a warning
         print(f"convoy: warning: could not write the report: {exc}", file=sys.stderr)
 
@@ -244,7 +262,7 @@ def cmd_predict(args, settings: Settings) -> int:
         _store(settings)
         rows = training.predict(model, images, settings.task_time_limit_s)
     else:
-        data = (Path(os.path.commonpath([str(Path(p).parent) for p in images])), model.parent)
+        data = (*_image_roots(images), storage.parent(model))
         with tempfile.TemporaryDirectory(prefix="convoy-predict-") as logs, \
                 local_cluster(settings, 1, Path(logs), data=data, outputs=(Path(logs),)) as (local, _pool):
             _store(local)
@@ -258,13 +276,13 @@ def cmd_status(args, settings: Settings) -> int:
 
     target = args.job
     # OUT, or a job this machine ran: live from the broker while it knows the job, else the manifest.
-    out = Path(target) if target and Path(target).is_dir() else None
-    out = out or (jobs_here.out_of(settings.state_dir, target) if target else None)
+    given = storage.location(target) if target and (storage.is_url(target) or Path(target).is_dir()) else None
+    out = given or (jobs_here.out_of(settings.state_dir, target) if target else None)
     if out is not None:
         from shared.manifest import read_manifest
 
         job_id = read_manifest(out)["job_id"]
-        if not Path(target).is_dir() and job_id != target:
+        if given is None and job_id != target:
             raise JobNotFound(f"job {target} ran into {out}, which now holds job {job_id}; "
                               f"its record there was replaced (see `convoy status {job_id}`)")
         store = _store(settings) if settings.broker_url else None
@@ -342,8 +360,9 @@ def cmd_resume(args, settings: Settings) -> int:
 
         out = out_dir_of(args.target, args.out, None)
         spec = read_manifest(out)["spec"]
-        data = (Path(spec["data_dir"]), Path(spec["model"]["weights_path"]).parent)
-        with local_cluster(settings, args.workers, out / "logs", data=data, outputs=(out,)) as (local, pool):
+        data = (storage.at(spec["data_dir"]), storage.parent(storage.at(spec["model"]["weights_path"])))
+        logs = storage.join(out, "logs") if not storage.is_url(out) else settings.state_dir / "logs" / str(os.getpid())
+        with local_cluster(settings, args.workers, logs, data=data, outputs=(out,)) as (local, pool):
             store = _store(local)
             since = store.now()
             spec, missing = resume(store, out, local.job_ttl_s)
@@ -385,9 +404,10 @@ def _record_cancel(store, job_id: str) -> None:
 def cmd_report(args, settings: Settings) -> int:
     from orchestrator.report import write_report
 
-    if not args.out.is_dir():
+    out = storage.location(args.out)
+    if not storage.is_url(out) and not out.is_dir():
         raise UsageError(f"{args.out} is not a directory; pass a job's OUT (the folder given to --out)")
-    print(write_report(args.out))
+    print(write_report(out))
     return 0
 
 

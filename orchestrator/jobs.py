@@ -10,7 +10,7 @@ from pathlib import Path
 
 from orchestrator.scan import Scan, scan_data
 from orchestrator.weights import resolve_weights
-from shared import backbones
+from shared import backbones, storage
 from shared.celery_app import send_step
 from shared.errors import OutputError, UsageError
 from shared.images import DECODE_MODES
@@ -18,6 +18,7 @@ from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
 from shared.jobstore import JobStore, NewStep
 from shared.manifest import write_manifest
 from shared.models import check_layer, check_preprocess
+from shared.storage import Location, StoreError
 
 DTYPES = ("float32", "float16")
 PRECISIONS = ("float32", "bfloat16")
@@ -27,8 +28,8 @@ PRECISIONS = ("float32", "bfloat16")
 class ExtractRequest:
     """What the user asked for, straight from the command line."""
 
-    data_dir: Path
-    out_dir: Path
+    data_dir: Path | str  # a folder, a store URL or a list file
+    out_dir: Path | str  # a folder or a store URL
     shard_size: int = 256
     input_size_px: int | None = None  # None: the model's own
     layer: str | None = None  # None: the model's last feature layer
@@ -74,8 +75,17 @@ def validate(req: ExtractRequest) -> None:
             raise UsageError(f"{name} must be a positive whole number; got {value}")
 
 
-def check_output(out_dir: Path) -> Path:
-    """Create OUT if needed and prove it writable, or say why not."""
+def check_output(out_dir: Path | str) -> Location:
+    """Create OUT if needed and prove it writable, or say why not (on a store: write and remove a
+    probe object, so a refused bucket fails here with the store's message)."""
+    out = storage.location(str(out_dir))
+    if storage.is_url(out):
+        try:
+            storage.check_writable(out)
+        except StoreError as exc:
+            raise OutputError(f"cannot write to --out {out}: {exc}") from None
+        return out
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} is a file, not a directory; choose a directory (it is created if missing)")
     try:
@@ -90,14 +100,14 @@ def check_output(out_dir: Path) -> Path:
     return out_dir.resolve()
 
 
-def weights_first(req: ExtractRequest) -> tuple[Path, str] | None:
+def weights_first(req: ExtractRequest) -> tuple[Location, str] | None:
     """The weights file and its sha256, found before any worker starts: an offline ImageNet or a
     bad file fails at once, with its fix, and leaves nothing behind. None for ``--weights none``
     (made later, into OUT, while the workers start)."""
     if req.weights == "none":
         return None
     req = with_model_defaults(req)
-    return resolve_weights(req.model, req.weights, req.seed, req.out_dir, req.keras_home)
+    return resolve_weights(req.model, req.weights, req.seed, storage.location(str(req.out_dir)), req.keras_home)
 
 
 def make_shards(scan: Scan, shard_size: int, workers: int = 1, batch_size: int = 1) -> dict[str, list[list]]:
@@ -125,17 +135,20 @@ def next_shard_size(left: int, shard_size: int, workers: int, batch_size: int) -
     return min(shard_size, max(batch_size, math.ceil(left / (2 * workers))))
 
 
-def check_request(req: ExtractRequest) -> tuple[Scan, Path]:
+def check_request(req: ExtractRequest) -> tuple[Scan, Location]:
     """The quick checks (options, DATA, OUT): a usage error surfaces before anything starts.
     The model's defaults fill what the request leaves open (:func:`with_model_defaults`)."""
     validate(with_model_defaults(req))
     scan = scan_data(req.data_dir)
-    return scan, check_output(req.out_dir)
+    out = check_output(req.out_dir)
+    if req.cache_pixels and (storage.is_url(out) or storage.is_url(scan.data_dir)):
+        raise UsageError("--cache-pixels needs DATA and OUT in folders; drop it for a store URL")
+    return scan, out
 
 
 def prepare(
-    req: ExtractRequest, checked: tuple[Scan, Path] | None = None, options: dict | None = None,
-    weights: tuple[Path, str] | None = None,
+    req: ExtractRequest, checked: tuple[Scan, Location] | None = None, options: dict | None = None,
+    weights: tuple[Location, str] | None = None,
 ) -> tuple[JobSpec, dict[str, list[list]], Scan]:
     """Everything up to, not including, talking to the broker (the weights may take a while,
     unless ``weights`` already holds them)."""

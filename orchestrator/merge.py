@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shared import storage
 from shared.features import materialize, merge_job_files, shard_fingerprint
 from shared.job import fingerprint
 from shared.manifest import read_manifest, spec_and_shards
 from shared.settings import Settings
+from shared.storage import Location
 
 
-def _out_dir(target: str, settings: Settings) -> Path:
+def _out_dir(target: str, settings: Settings) -> Location:
+    if storage.is_url(target):
+        return storage.location(target)
     if Path(target).is_dir():
         return Path(target)
     from orchestrator.cli import _store
 
-    return Path(_store(settings).spec(target).out_dir)
+    return storage.at(_store(settings).spec(target).out_dir)
 
 
 def merge_target(target: str, settings: Settings, make_copy: bool) -> dict[str, str]:
@@ -26,7 +30,8 @@ def merge_target(target: str, settings: Settings, make_copy: bool) -> dict[str, 
         if shard_fingerprint(spec.shard_file(sid)) == fingerprint(spec.model, entries)
     }
     merged = merge_job_files(spec, current)
-    if make_copy:
+    if make_copy:  # a merged file on a store is self-contained already
         for path in merged.values():
-            materialize(Path(path))
+            if not storage.is_url(path):
+                materialize(Path(path))
     return merged

@@ -57,8 +57,9 @@ def _broker_option(p: argparse.ArgumentParser) -> None:
 
 
 def _extract_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat")
-    p.add_argument("--out", type=Path, required=True, help="output directory (features, manifest, logs)")
+    p.add_argument("data", help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat; a folder, "
+                                "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split)")
+    p.add_argument("--out", required=True, help="output directory or store URL (features, manifest, model)")
     p.add_argument("--shard-size", type=_positive, default=256,
                    help="most images per shard; tail shards shrink so no worker idles at the end")
     p.add_argument("--model", choices=list(backbones.BACKBONES), default=backbones.DEFAULT_MODEL, metavar="NAME",
@@ -89,7 +90,7 @@ def _cam_parser(sub) -> None:
     cam = sub.add_parser("cam", help="Grad-CAM heatmaps of images under a classifier, on the cam queue")
     cam.add_argument("model", help="a .keras classifier (e.g. OUT/model/full_model.keras) or vgg16-imagenet")
     cam.add_argument("images", type=Path, nargs="+", help="image files or a folder of images")
-    cam.add_argument("--out", type=Path, required=True, help="CAMDIR: heatmaps.h5, overlays/, index.html")
+    cam.add_argument("--out", required=True, help="CAMDIR (a folder or store URL): heatmaps.h5, overlays/, index.html")
     which = cam.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_index", type=int, help="class index K (default: the predicted one)")
     which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes")
@@ -140,8 +141,8 @@ def build_parser() -> Parser:
         _broker_option(again)
 
     predict = sub.add_parser("predict", help="classify images with a trained full_model.keras or finetuned.keras")
-    predict.add_argument("model", type=Path, help="OUT/model/full_model.keras or finetuned.keras")
-    predict.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    predict.add_argument("model", help="OUT/model/full_model.keras or finetuned.keras (a path or store URL)")
+    predict.add_argument("images", nargs="+", help="image files or folders (paths or store URLs)")
     predict.add_argument("--json", action="store_true", help="print a JSON list")
     _broker_option(predict)
 
@@ -165,7 +166,7 @@ def build_parser() -> Parser:
 
     resume = sub.add_parser("resume", help="rebuild a job from OUT/manifest.json and run only what is missing")
     resume.add_argument("target", help="the job's OUT directory, or its job id")
-    resume.add_argument("--out", type=Path, help="OUT, when the broker no longer knows the job id")
+    resume.add_argument("--out", help="OUT (a folder or store URL), when the broker no longer knows the job id")
     resume.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
                         help="local worker processes when no broker is configured")
     resume.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
@@ -173,7 +174,7 @@ def build_parser() -> Parser:
 
     report = sub.add_parser("report", help="write OUT/report.html: summary, stage times, training, confusion "
                                            "matrix, skipped images and the Grad-CAM gallery")
-    report.add_argument("out", type=Path, help="a job's output directory")
+    report.add_argument("out", help="a job's output directory or store URL")
 
     cancel = sub.add_parser("cancel", help="cancel a job: running shards stop, queued ones are dropped")
     cancel.add_argument("job")

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from orchestrator.progress import fmt_seconds
 from orchestrator.watch import stage_detail
+from shared import storage
 from shared.camjob import HEATMAPS_NAME
 from shared.gallery import gallery_section, page, skipped_section, write_page
 from shared.manifest import read_manifest
+from shared.storage import Location
 from shared.words import plural
 
 REPORT_NAME = "report.html"
@@ -95,8 +97,16 @@ def _skipped(manifest: dict) -> str:
     return skipped_section([(s["path"], s["reason"]) for s in skipped])
 
 
-def write_report(out_dir: Path) -> Path:
-    """OUT/report.html from what OUT holds; returns its path."""
+def write_report(out_dir: Location) -> Location:
+    """OUT/report.html from what OUT holds; returns its path (or URL: for OUT on a store the page
+    is built from a local copy of the files it shows, then uploaded)."""
+    if storage.is_url(out_dir):
+        shown = ["manifest.json", *(f"model/{n}{s}.{e}" for n in ("metrics", "curves") for s in ("", "_finetune")
+                                     for e in (("json",) if n == "metrics" else ("png",))),
+                 f"cam/{HEATMAPS_NAME}"]
+        with storage.local_mirror(out_dir, "report", shown, []) as work:
+            storage.upload_file(write_report(work), storage.join(out_dir, REPORT_NAME))
+        return storage.join(out_dir, REPORT_NAME)
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     model_dir = out_dir / "model"

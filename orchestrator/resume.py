@@ -6,24 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.jobs import own_output, send_steps
+from shared import storage
 from shared.errors import UsageError
 from shared.features import shard_fingerprint
 from shared.job import JobSpec, fingerprint
 from shared.jobstore import JobStore
 from shared.manifest import read_manifest, spec_and_shards
+from shared.storage import Location
 
 
-def out_dir_of(target: str, out: Path | None, store: JobStore | None) -> Path:
+def out_dir_of(target: str, out: str | Path | None, store: JobStore | None) -> Location:
+    """OUT from a folder or store URL, ``--out``, or the job id the broker knows."""
+    if storage.is_url(target):
+        return storage.location(target)
     if Path(target).is_dir():
         return Path(target)
     if out is not None:
-        return out
+        return storage.location(str(out))
     if store is not None and store.exists(target):
-        return Path(store.spec(target).out_dir)
+        return storage.at(store.spec(target).out_dir)
     raise UsageError(f"job {target!r} is unknown to the broker; pass its output directory: convoy resume OUT")
 
 
-def resume(store: JobStore, out_dir: Path, ttl_s: int) -> tuple[JobSpec, list[str]]:
+def resume(store: JobStore, out_dir: Location, ttl_s: int) -> tuple[JobSpec, list[str]]:
     """Recreate the job (same id) in Redis and send its shards: those with a current file are
     reused by the workers without being run again. Returns the shards that will really run."""
     spec, shards = spec_and_shards(read_manifest(out_dir))

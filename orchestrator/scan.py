@@ -1,4 +1,8 @@
-"""Scanning DATA: which layout it has, its classes, and every image in sorted path order."""
+"""Scanning DATA: which layout it has, its classes, and every image in sorted path order.
+
+DATA is a folder, a store prefix (``s3://bucket/cats``: one recursive listing, then the same
+three layouts as a folder), or a list of images (a CSV or Parquet file: :mod:`orchestrator.lists`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import storage
 from shared.errors import DataError
 from shared.images import IMAGE_EXTENSIONS, is_image_name
 from shared.job import SEED_SPLITS, SINGLE_SPLIT
+from shared.storage import Location, StoreError
 
 LAYOUT_HELP = (
     "expected DATA/{train,validation,test}/{class}/*, DATA/{class}/*, or a flat folder of images"
@@ -19,8 +25,8 @@ LAYOUT_HELP = (
 class Scan:
     """What is in DATA. ``splits`` maps a split to its sorted (relative path, label) pairs."""
 
-    data_dir: Path
-    layout: str  # "splits", "classes" or "flat"
+    data_dir: Location  # a folder or store prefix (for a list: the list's own folder)
+    layout: str  # "splits", "classes", "flat" or "list"
     class_names: list[str]
     splits: dict[str, list[list]] = field(default_factory=dict)
     ignored: int = 0
@@ -69,6 +75,16 @@ def _collect(scan: Scan, split: str, folder: Path, label: int, recursive: bool) 
 
 def scan_data(data_dir: str | Path) -> Scan:
     """Scan DATA or raise :class:`DataError` saying what is wrong with it."""
+    from orchestrator.lists import is_list, scan_list
+
+    try:
+        loc = storage.location(str(data_dir))
+        if is_list(loc):
+            return scan_list(loc)
+        if storage.is_url(loc):
+            return _finish(_scan_listing(loc, storage.list_files(loc)), loc)
+    except StoreError as exc:
+        raise DataError(f"cannot read DATA: {exc}") from None
     data = Path(data_dir)
     if not data.exists():
         raise DataError(f"data directory {data} does not exist; {LAYOUT_HELP}")
@@ -79,12 +95,55 @@ def scan_data(data_dir: str | Path) -> Scan:
         scan = _scan(data)
     except PermissionError as exc:
         raise DataError(f"cannot read {exc.filename}: permission denied") from None
+    return _finish(scan, data)
+
+
+def _finish(scan: Scan, data: Location) -> Scan:
     for split in scan.splits:
         scan.splits[split].sort(key=lambda e: e[0])
     if not scan.images:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(f"no images in {data} (looked for {exts}); {LAYOUT_HELP}")
     return scan
+
+
+def _scan_listing(prefix: str, listing: list[tuple[str, int]]) -> Scan:
+    """The layouts of a folder, found in one listing of a store prefix (folders there are only
+    key prefixes: a "folder" is the first segment of some key)."""
+    files = [rel for rel, _size in listing if not any(part.startswith(".") for part in rel.split("/"))]
+    top = sorted({rel.split("/")[0] for rel in files if "/" in rel})
+    splits = [s for s in SEED_SPLITS if s in top]
+    if splits:
+        nested = [rel for rel in files if rel.split("/")[0] in splits]
+        classes = sorted({rel.split("/")[1] for rel in nested if rel.count("/") >= 2})
+        scan = Scan(prefix, "splits", classes)
+        for rel in nested:
+            split, _, rest = rel.partition("/")
+            if "/" in rest:
+                _add(scan, split, rel, classes.index(rest.split("/")[0]))
+            else:
+                scan.ignored += 1  # a file directly in a split folder
+        return scan
+    if top:
+        scan = Scan(prefix, "classes", top)
+        for rel in files:
+            if "/" in rel:
+                _add(scan, SINGLE_SPLIT, rel, top.index(rel.split("/")[0]))
+        if scan.images:
+            scan.ignored += sum(1 for rel in files if "/" not in rel)
+            return scan
+    scan = Scan(prefix, "flat", [])
+    for rel in files:
+        if "/" not in rel:
+            _add(scan, SINGLE_SPLIT, rel, -1)
+    return scan
+
+
+def _add(scan: Scan, split: str, rel: str, label: int) -> None:
+    if is_image_name(rel):
+        scan.splits.setdefault(split, []).append([rel, label])
+    else:
+        scan.ignored += 1
 
 
 def _scan(data: Path) -> Scan:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from orchestrator.scan import Scan
-from shared import keys
+from shared import keys, storage
 from shared.backbones import BASE_OUTPUT
 from shared.backbones import get as backbone
 from shared.celery_app import app, send_step
@@ -21,6 +21,7 @@ from shared.images import is_image_name
 from shared.job import JobSpec
 from shared.jobstore import JobStore, NewStep
 from shared.states import JobStatus
+from shared.storage import Location
 from shared.trainset import check_trainable, plan_splits, scan_sizes
 
 
@@ -119,18 +120,28 @@ def _reopen(store: JobStore, job_id: str, step: NewStep, forget: tuple[str, ...]
 
 # --- predict ------------------------------------------------------------------------------
 
-def model_file(path: Path) -> Path:
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist; pass OUT/model/full_model.keras or finetuned.keras")
-    if path.suffix != ".keras":
-        raise ModelFileError(f"{path} is not a .keras model; pass OUT/model/full_model.keras or finetuned.keras")
-    return path.resolve()
+def model_file(path: str | Path) -> Location:
+    """The model to load: a file or a store URL, checked to exist and be a ``.keras`` model."""
+    loc = storage.location(str(path))
+    try:
+        found = storage.exists(loc) and not storage.is_dir(loc) if storage.is_url(loc) else Path(loc).is_file()
+    except storage.StoreError as exc:
+        raise ModelFileError(f"cannot read model file {loc}: {exc}") from None
+    if not found:
+        raise ModelFileError(f"model file {loc} does not exist; pass OUT/model/full_model.keras or finetuned.keras")
+    if not storage.name(loc).endswith(".keras"):
+        raise ModelFileError(f"{loc} is not a .keras model; pass OUT/model/full_model.keras or finetuned.keras")
+    return loc if storage.is_url(loc) else Path(loc).resolve()
 
 
-def image_paths(inputs: list[Path]) -> list[str]:
-    """Absolute image paths from files and folders (searched recursively, sorted)."""
+def image_paths(inputs: list[str | Path]) -> list[str]:
+    """Absolute image paths (or URLs) from files and folders (searched recursively, sorted)."""
     found: list[str] = []
-    for item in inputs:
+    for text in inputs:
+        item = storage.location(str(text))
+        if storage.is_url(item):
+            found += _store_images(item)
+            continue
         if item.is_dir():
             found += sorted(str(p.resolve()) for p in item.rglob("*") if p.is_file() and is_image_name(p.name))
         elif item.is_file():
@@ -142,7 +153,17 @@ def image_paths(inputs: list[Path]) -> list[str]:
     return found
 
 
-def predict(model: Path, paths: list[str], timeout_s: float) -> list[dict]:
+def _store_images(url: str) -> list[str]:
+    """An object, or every image object below a prefix (one listing)."""
+    try:
+        if storage.is_name_of_object(url):
+            return [url]
+        return [str(storage.join(url, rel)) for rel, _ in storage.list_files(url) if is_image_name(rel)]
+    except storage.StoreError as exc:
+        raise DataError(f"cannot read {url}: {exc}") from None
+
+
+def predict(model: Location, paths: list[str], timeout_s: float) -> list[dict]:
     """Classify ``paths`` on a worker of the ``train`` queue and wait for the answer."""
     result = app.send_task(keys.PREDICT_TASK, args=[str(model), paths], queue=keys.TRAIN_QUEUE)
     try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 from pathlib import Path
 
-from shared import backbones
+from shared import backbones, storage
 from shared.errors import WeightsError
 from shared.job import sha256_file
 from shared.models import build_base, import_tensorflow, save_random_weights
+from shared.storage import Location
 
 #: Keras's own address and MD5 for VGG16 with its ImageNet classifier top (1000 classes, input 224).
 IMAGENET_TOP_URL = (
@@ -23,22 +25,22 @@ DOWNLOAD_TIMEOUT_S = 20
 _IMAGENET_HINT = "use --weights PATH (a weights file) or --weights none --seed S (random, seeded)"
 
 
-def imagenet_weights(model: str, out_dir: Path, keras_home: Path) -> Path:
+def imagenet_weights(model: str, out_dir: Location, keras_home: Path) -> Location:
     """The model's ImageNet base weights as one file in OUT that every worker loads.
 
     Keras's constructor fetches them through its cache (``KERAS_HOME/models``, verified by Keras's
     own hash; downloaded once when missing); the loaded weights are saved once per OUT, so all
     backbones share one code path instead of a copy of Keras's URL and hash tables.
     """
-    path = out_dir / "weights" / f"{model}-imagenet.weights.h5"
-    if path.exists():
-        return path
-    size = backbones.get(model).min_size_px
-    pretrained = _with_timeout(lambda: build_base(model, "imagenet", size), keras_home / "models", _IMAGENET_HINT)
-    plain = build_base(model, None, size)
-    transplant(pretrained, plain)
-    _save_atomically(path, plain.save_weights)
-    return path
+    def save(path: Path) -> None:
+        size = backbones.get(model).min_size_px
+        pretrained = _with_timeout(lambda: build_base(model, "imagenet", size), keras_home / "models",
+                                   _IMAGENET_HINT)
+        plain = build_base(model, None, size)
+        transplant(pretrained, plain)
+        plain.save_weights(path)
+
+    return _weights_file(out_dir, f"{model}-imagenet.weights.h5", save)
 
 
 def transplant(pretrained, plain) -> None:
@@ -119,12 +121,26 @@ def _save_atomically(path: Path, save) -> None:
     tmp.replace(path)
 
 
-def random_weights(model: str, out_dir: Path, seed: int) -> Path:
-    """Random weights made once per OUT, model and seed, so every worker loads the same bytes."""
-    path = out_dir / "weights" / f"{model}-random-seed{seed}.weights.h5"
+def _weights_file(out_dir: Location, name: str, save) -> Location:
+    """OUT/weights/NAME, made once by ``save(path)``: in place in a folder, or made here and
+    uploaded whole to a store."""
+    if storage.is_url(out_dir):
+        target = storage.join(out_dir, "weights", name)
+        if not storage.exists(target):
+            with tempfile.TemporaryDirectory(prefix="convoy-weights-") as tmp:
+                save(Path(tmp) / name)
+                storage.upload_file(Path(tmp) / name, target)
+        return target
+    path = Path(out_dir) / "weights" / name
     if not path.exists():
-        _save_atomically(path, lambda tmp: save_random_weights(model, tmp, seed))
+        _save_atomically(path, save)
     return path
+
+
+def random_weights(model: str, out_dir: Location, seed: int) -> Location:
+    """Random weights made once per OUT, model and seed, so every worker loads the same bytes."""
+    return _weights_file(out_dir, f"{model}-random-seed{seed}.weights.h5",
+                         lambda path: save_random_weights(model, path, seed))
 
 
 def check_loads(model: str, path: Path) -> None:
@@ -140,12 +156,23 @@ def check_loads(model: str, path: Path) -> None:
         ) from None
 
 
-def resolve_weights(model: str, weights: str, seed: int, out_dir: Path, keras_home: Path) -> tuple[Path, str]:
-    """(absolute path, sha256) of the weights file the job's workers will load."""
-    if weights == "imagenet":
-        path = imagenet_weights(model, out_dir, keras_home)
-    elif weights == "none":
-        path = random_weights(model, out_dir, seed)
+def resolve_weights(model: str, weights: str, seed: int, out_dir: Location,
+                    keras_home: Path) -> tuple[Location, str]:
+    """(absolute path or store URL, sha256) of the weights file the job's workers will load."""
+    if weights in ("imagenet", "none"):
+        made = imagenet_weights(model, out_dir, keras_home) if weights == "imagenet" else \
+            random_weights(model, out_dir, seed)
+        if storage.is_url(made):
+            return made, sha256_file(storage.local_copy(made))
+        path = Path(made)
+    elif storage.is_url(weights):
+        url = storage.location(weights)
+        try:
+            local = storage.local_copy(url)
+        except storage.StoreError as exc:
+            raise WeightsError(f"cannot read weights {url}: {exc}") from None
+        check_loads(model, local)
+        return url, sha256_file(local)
     else:
         path = Path(weights)
         if not path.is_file():

@@ -53,6 +53,15 @@ class OutsideRoots(ShardError):
     """A path resolves outside the roots a worker may use (CONVOY_DATA_ROOTS, CONVOY_OUTPUT_ROOTS)."""
 
 
+class StoreError(ConvoyError):
+    """A read or write on an object store failed for good (denied, missing, or still failing
+    after retries); the message is the store's own, with the URL (shared/storage.py)."""
+
+    def __init__(self, message: str, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
 class JobFailed(ConvoyError):
     """The job ended failed; the message names the shard and the reason."""
 

@@ -14,8 +14,9 @@ import random
 import signal
 
 #: Where the points are: after a worker claims a step or a repair, before any message is sent,
-#: and in a worker's main process right after it received a message (it dies holding it).
-POINTS = ("after-claim", "before-enqueue", "after-receive")
+#: in a worker's main process right after it received a message (it dies holding it), and in the
+#: middle of uploading an object to a store (shared.storage: after each part is handed to the store).
+POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload")
 
 _rates: dict[str, float] = {}
 _rng = random.Random()

@@ -1,4 +1,5 @@
-"""The HDF5 schema: shard files written atomically, merged per split with virtual datasets.
+"""The HDF5 schema: shard files written atomically, merged per split with virtual datasets
+(on an object store, where those cannot point at objects: self-contained merged files).
 
 Datasets (shard and merged files): ``features`` (N, h, w, c), ``labels`` (N,) int,
 ``paths`` (N,) UTF-8 relative to DATA, ``skipped_paths`` / ``skipped_reasons`` (bad images).
@@ -10,13 +11,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from shared import storage
+from shared.storage import Location, StoreError, publish  # noqa: F401 - publish: the one atomic write
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -35,6 +42,29 @@ def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+@contextmanager
+def _h5(loc: Location) -> Iterator[h5py.File]:
+    """A features file opened for reading, local or on a store (ranged reads, no download)."""
+    if not storage.is_url(loc):
+        with h5py.File(loc, "r") as f:
+            yield f
+        return
+    with storage.open_read(loc) as fh, h5py.File(fh, "r") as f:
+        yield f
+
+
+def open_features(out_dir: str | Path, split: str) -> h5py.File:
+    """The merged features of ``split`` in OUT (a folder or a store URL), opened read-only: the
+    same datasets and attributes either way (``f["features"][:]``, ``f["labels"]``, ...). On a
+    store the merged file is self-contained and read in ranges, without downloading it whole.
+    Close it when done (or use it in a ``with``)."""
+    loc = storage.join(storage.location(str(out_dir)), "features", f"{split}.h5")
+    if not storage.is_url(loc):
+        return h5py.File(loc, "r")
+    fs, path = storage.filesystem(loc)
+    return h5py.File(storage.retried(lambda: fs.open(path, "rb"), loc, "open"), "r")
+
+
 def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=_STR)
@@ -46,39 +76,18 @@ def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
         f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
-def publish(image: bytes | memoryview, final: Path) -> None:
-    """Write a file image to a temporary name, flush it, rename it: whole or not at all.
-
-    The HDF5 file is built in memory and written with plain file I/O, because HDF5 can crash
-    the process when the disk fills up during its own close; here a full disk is an OSError.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(image)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_shard(final: Path, result: ShardResult, attrs: dict) -> None:
-    """Write a shard file atomically (see :func:`publish`)."""
+def write_shard(final: Location, result: ShardResult, attrs: dict) -> None:
+    """Write a shard file whole (:func:`shared.storage.write_bytes`): built in memory, then a
+    temporary file renamed, or one upload the store shows only complete."""
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         feats = result.features
         chunk_rows = max(1, min(len(feats), 64))
         f.create_dataset("features", data=feats, chunks=(chunk_rows, *feats.shape[1:]) if len(feats) else None)
         _write_common(f, result.labels, result.paths, result.skipped, attrs)
-    publish(buf.getbuffer(), final)
-    _remove_stale_temporaries(final)
+    storage.write_bytes(final, buf.getbuffer())
+    if not storage.is_url(final):
+        _remove_stale_temporaries(Path(final))
 
 
 def _remove_stale_temporaries(final: Path, older_than_s: float = 3 * 3600) -> None:
@@ -92,20 +101,21 @@ def _remove_stale_temporaries(final: Path, older_than_s: float = 3 * 3600) -> No
             pass
 
 
-def shard_fingerprint(path: Path) -> str | None:
-    """The fingerprint a valid shard file was written with, or None if absent or unreadable."""
+def shard_fingerprint(path: Location) -> str | None:
+    """The fingerprint a valid shard file (or object) was written with, or None if absent or
+    unreadable."""
     try:
-        with h5py.File(path, "r") as f:
+        with _h5(path) as f:
             if "features" not in f or "paths" not in f:
                 return None
             return str(f.attrs.get("fingerprint", "")) or None
-    except (OSError, KeyError):
+    except (OSError, KeyError, StoreError):
         return None
 
 
-def read_shard_summary(path: Path) -> dict:
+def read_shard_summary(path: Location) -> dict:
     """Rows and skipped images of a finished shard file."""
-    with h5py.File(path, "r") as f:
+    with _h5(path) as f:
         return {
             "rows": int(f["features"].shape[0]),
             "skipped": [
@@ -119,8 +129,11 @@ def read_shard_summary(path: Path) -> dict:
         }
 
 
-def merge_split(merged: Path, shard_files: list[Path], attrs: dict) -> Path:
-    """Build ``merged`` over ``shard_files`` (in order) with virtual datasets: no copy."""
+def merge_split(merged: Location, shard_files: list[Location], attrs: dict) -> Location:
+    """Build ``merged`` over ``shard_files`` (in order) with virtual datasets: no copy. On a
+    store, where a virtual dataset cannot point at objects, a self-contained copy instead."""
+    if storage.is_url(merged):
+        return _merge_copy(merged, shard_files, attrs)
     sources = []
     paths: list[str] = []
     labels: list[np.ndarray] = []
@@ -154,6 +167,39 @@ def merge_split(merged: Path, shard_files: list[Path], attrs: dict) -> Path:
     return merged
 
 
+def _merge_copy(merged: str, shard_files: list[Location], attrs: dict) -> str:
+    """The merged file of a store: rows copied from each shard object into a local temporary
+    file (too large for memory), then uploaded whole."""
+    paths: list[str] = []
+    labels: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    shapes = []
+    for shard in shard_files:
+        with _h5(shard) as f:
+            shapes.append((f["features"].shape, f["features"].dtype))
+    total = sum(shape[0] for shape, _ in shapes)
+    shape_tail, dtype = (shapes[-1][0][1:], shapes[-1][1]) if shapes else ((0, 0, 0), np.float32)
+    with tempfile.TemporaryDirectory(prefix="convoy-merge-") as tmp:
+        local = Path(tmp) / storage.name(merged)
+        with h5py.File(local, "w") as dst:
+            out = dst.create_dataset("features", shape=(total, *shape_tail), dtype=dtype,
+                                     chunks=(max(1, min(total, 64)), *shape_tail) if total else None)
+            row = 0
+            for shard in shard_files:
+                with _h5(shard) as f:
+                    n = f["features"].shape[0]
+                    if n:
+                        out[row : row + n] = f["features"][()]
+                    row += n
+                    paths += f["paths"].asstr()[()].tolist()
+                    labels.append(f["labels"][()])
+                    skipped += zip(f["skipped_paths"].asstr()[()], f["skipped_reasons"].asstr()[()], strict=True)
+            all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+            _write_common(dst, all_labels, paths, skipped, {**attrs, "shards": len(shard_files), "materialized": 1})
+        storage.upload_file(local, merged)
+    return merged
+
+
 def materialize(merged: Path) -> Path:
     """Replace a virtual merged file by a self-contained copy (same datasets and attributes)."""
     tmp = _tmp_name(merged)
@@ -182,9 +228,9 @@ def materialize(merged: Path) -> Path:
     return merged
 
 
-def read_attrs(path: Path) -> dict:
+def read_attrs(path: Location) -> dict:
     """Attributes of a features file, JSON-valued ones decoded."""
-    with h5py.File(path, "r") as f:
+    with _h5(path) as f:
         out = {}
         for key, value in f.attrs.items():
             if isinstance(value, str) and value[:1] in "[{":

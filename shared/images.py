@@ -13,11 +13,14 @@ Two decode modes (``--decode``):
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from shared import storage
 
 #: ``--decode`` values; ``exact`` reproduces Keras ``load_img``.
 DECODE_MODES = ("exact", "fast")
@@ -48,11 +51,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") -> np.ndarray:
-    """Pixels of ``path`` as uint8 (size_px, size_px, 3) (None: the image's own size), decoded
-    as ``decode`` says (see the module's docstring), or :class:`BadImage` with the reason."""
+    """Pixels of ``path`` (a file, or an object's URL: fetched whole first, in the caller's thread)
+    as uint8 (size_px, size_px, 3) (None: the image's own size), decoded as ``decode`` says (see
+    the module's docstring), or :class:`BadImage` with the reason."""
+    if storage.is_url(path):
+        try:
+            data = storage.read_bytes(path)
+        except storage.StoreError as exc:
+            raise BadImage(str(exc)) from None
+        if not data:
+            raise BadImage("empty object (0 bytes)")
+        return _decode(io.BytesIO(data), size_px, decode)
     try:
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
+    except FileNotFoundError:
+        raise BadImage("file not found (deleted after the scan?)") from None
+    except PermissionError:
+        raise BadImage("permission denied: make the file readable by the worker") from None
+    except OSError as exc:
+        raise BadImage(f"unreadable or corrupt: {exc.strerror or exc}") from None
+    return _decode(path, size_px, decode)
+
+
+def _decode(path, size_px: int | None, decode: str) -> np.ndarray:
+    """Pixels of a file or an in-memory file (see :func:`load_pixels`)."""
+    try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; both are refused.
             warnings.simplefilter("error", Image.DecompressionBombWarning)

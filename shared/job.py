@@ -10,6 +10,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shared import storage
+from shared.storage import Location
+
 #: Split name used when DATA has no train/validation/test folders.
 SINGLE_SPLIT = "all"
 SEED_SPLITS = ("train", "validation", "test")
@@ -38,8 +41,8 @@ class JobSpec:
     """Everything a worker needs to run any shard of the job."""
 
     job_id: str
-    data_dir: str
-    out_dir: str
+    data_dir: str  # a folder, a store URL (s3://bucket/prefix), or a CSV/Parquet list of images
+    out_dir: str  # a folder or a store URL
     model: ModelConfig
     class_names: list[str]
     shard_ids: list[str]
@@ -57,12 +60,12 @@ class JobSpec:
         raw["model"] = ModelConfig(**raw["model"])
         return cls(**raw)
 
-    def shard_file(self, shard_id: str) -> Path:
+    def shard_file(self, shard_id: str) -> Location:
         split, index = shard_id.split("/")
-        return Path(self.out_dir) / "features" / split / f"shard-{index}.h5"
+        return storage.join(storage.at(self.out_dir), "features", split, f"shard-{index}.h5")
 
-    def merged_file(self, split: str) -> Path:
-        return Path(self.out_dir) / "features" / f"{split}.h5"
+    def merged_file(self, split: str) -> Location:
+        return storage.join(storage.at(self.out_dir), "features", f"{split}.h5")
 
     @property
     def splits(self) -> list[str]:

@@ -1,23 +1,24 @@
-"""``OUT/manifest.json``: the job on disk, enough to rebuild it when Redis has lost it."""
+"""``OUT/manifest.json``: the job on disk (or on a store), enough to rebuild it when Redis has lost it."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from shared import storage
 from shared.errors import JobNotFound
 from shared.job import JobSpec
+from shared.storage import Location
 
 MANIFEST_NAME = "manifest.json"
 
 
-def manifest_path(out_dir: str | Path) -> Path:
-    return Path(out_dir) / MANIFEST_NAME
+def manifest_path(out_dir: str | Path) -> Location:
+    return storage.join(storage.at(out_dir), MANIFEST_NAME)
 
 
-def write_manifest(spec: JobSpec, shards: dict[str, list[list]], extra: dict | None = None) -> Path:
-    """Write the manifest atomically (temporary file, then rename)."""
+def write_manifest(spec: JobSpec, shards: dict[str, list[list]], extra: dict | None = None) -> Location:
+    """Write the manifest whole (a temporary file renamed, or one upload)."""
     path = manifest_path(spec.out_dir)
     body = {
         "job_id": spec.job_id,
@@ -25,7 +26,7 @@ def write_manifest(spec: JobSpec, shards: dict[str, list[list]], extra: dict | N
         "shards": [
             {
                 "id": sid,
-                "file": os.path.relpath(spec.shard_file(sid), spec.out_dir),
+                "file": storage.relative_to(spec.shard_file(sid), storage.at(spec.out_dir)),
                 "images": len(entries),
                 "entries": entries,
                 "state": "queued",
@@ -34,18 +35,18 @@ def write_manifest(spec: JobSpec, shards: dict[str, list[list]], extra: dict | N
         ],
         **(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(body, indent=1))
     return path
 
 
 def read_manifest(out_dir: str | Path) -> dict:
     path = manifest_path(out_dir)
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise JobNotFound(f"no manifest at {path}; is this a Convoy output directory?") from None
+    except storage.StoreError as exc:
+        raise JobNotFound(f"no readable manifest at {path} ({exc}); is this a Convoy output directory?") from None
 
 
 def spec_and_shards(manifest: dict) -> tuple[JobSpec, dict[str, list[list]]]:
@@ -56,16 +57,13 @@ def spec_and_shards(manifest: dict) -> tuple[JobSpec, dict[str, list[list]]]:
 def update_states(out_dir: str | Path, states: dict[str, str], extra: dict | None = None) -> None:
     """Record final shard states (and summary fields) in the manifest, when the job has one (a job
     written into Redis by other means has none, and its features are merged all the same)."""
-    if not manifest_path(out_dir).exists():
+    if not storage.exists(manifest_path(out_dir)):
         return
     manifest = read_manifest(out_dir)
     for shard in manifest["shards"]:
         shard["state"] = states.get(shard["id"], shard["state"])
     manifest.update(extra or {})
-    path = manifest_path(out_dir)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    storage.write_text(manifest_path(out_dir), json.dumps(manifest, indent=1))
 
 
 #: The job-state fields the manifest keeps once a job ended (``convoy status OUT`` reads them).

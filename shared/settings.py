@@ -7,6 +7,7 @@ builds one from its options, and both hand it to whatever needs it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,8 +63,16 @@ def _count(name: str, value: str, least: int = 0) -> int:
     return number
 
 
-def _paths(value: str) -> tuple[Path, ...]:
-    return tuple(Path(p).resolve() for p in value.split(":") if p)
+def _paths(value: str) -> tuple[Path | str, ...]:
+    """Roots separated by ``:`` (a URL's own ``://`` does not separate): folders resolved, store
+    URLs normalised."""
+    return _roots(p for p in re.split(r":(?!//)", value) if p)
+
+
+def _roots(items) -> tuple[Path | str, ...]:
+    from shared import storage
+
+    return tuple(storage.location(str(p)) if storage.is_url(p) else Path(p).resolve() for p in items)
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,8 @@ class Settings:
     """What a Convoy process needs to know about its cluster."""
 
     broker_url: str | None = None
-    data_roots: tuple[Path, ...] = ()
-    output_roots: tuple[Path, ...] = ()
+    data_roots: tuple[Path | str, ...] = ()  # folders, or store URLs (s3://bucket/prefix)
+    output_roots: tuple[Path | str, ...] = ()
     tf_threads: int = 0  # 0: let TensorFlow decide
     task_time_limit_s: int = 3600
     max_deliveries: int = 3
@@ -121,11 +130,10 @@ class Settings:
     def with_broker(self, url: str | None) -> Settings:
         return replace(self, broker_url=url) if url else self
 
-    def confined_to(self, data: tuple[Path, ...], outputs: tuple[Path, ...]) -> Settings:
+    def confined_to(self, data: tuple, outputs: tuple) -> Settings:
         """These roots where none were configured (the cluster ``convoy run`` starts for one job)."""
-        resolve = lambda paths: tuple(Path(p).resolve() for p in paths)  # noqa: E731
-        return replace(self, data_roots=self.data_roots or resolve(data),
-                       output_roots=self.output_roots or resolve(outputs))
+        return replace(self, data_roots=self.data_roots or _roots(data),
+                       output_roots=self.output_roots or _roots(outputs))
 
     def to_env(self) -> dict[str, str]:
         """The environment a child process needs to rebuild these settings."""

@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from shared import keys, paths
+from shared import keys, paths, storage
 from shared.camjob import HEATMAPS_NAME, INDEX_NAME, ORIGINALS_DIR, OVERLAYS_DIR, PARTS_DIR, CamSpec, batch_index
 from shared.celery_app import app
 from shared.gallery import write_gallery
@@ -93,12 +96,13 @@ def _run(settings, spec: CamSpec, batch: int, rels: list[str]) -> CamRows:
     t0 = time.perf_counter()
     ok, images, skipped = _decode(files, cam.input_hw, settings)
     rows = concat([], cam.heatmap_hw)
-    if images:
-        pixels = np.stack([small for _, small in images])
-        x = pixels.astype(np.float32) if spec.preprocess == "none" else preprocess(pixels, spec.preprocess)
-        rows = _rows(spec, batch, rels, ok, images, cam(x, spec.class_index, spec.top_k))
-    rows.skipped = [(rels[i], reason) for i, reason in skipped]
-    write_rows(spec.part_file(batch), rows, {"batch": batch})
+    with _on_disk(spec, f"batch-{batch}", [], [OVERLAYS_DIR, ORIGINALS_DIR, PARTS_DIR]) as local:
+        if images:
+            pixels = np.stack([small for _, small in images])
+            x = pixels.astype(np.float32) if spec.preprocess == "none" else preprocess(pixels, spec.preprocess)
+            rows = _rows(local, batch, rels, ok, images, cam(x, spec.class_index, spec.top_k))
+        rows.skipped = [(rels[i], reason) for i, reason in skipped]
+        write_rows(local.part_file(batch), rows, {"batch": batch})
     log.info("cam batch %s of job %s: %d rows in %.2fs", batch, spec.job_id, len(rows.paths),
              time.perf_counter() - t0)
     return rows
@@ -130,18 +134,37 @@ def _rows(spec: CamSpec, batch: int, rels, ok, images, result) -> CamRows:
     )
 
 
+@contextmanager
+def _on_disk(spec: CamSpec, key: str, fetch: list[str], upload: list[str]) -> Iterator[CamSpec]:
+    """The job with CAMDIR in a local folder when it is on a store (PNGs and HDF5 are written as
+    files), uploaded back after: :func:`shared.storage.local_mirror`."""
+    with storage.local_mirror(storage.at(spec.out_dir), f"{spec.job_id}/{key}", fetch, upload) as work:
+        yield spec if not storage.is_url(spec.out_dir) else replace(spec, out_dir=str(work))
+
+
 def assemble(spec: CamSpec, settings) -> dict:
     """heatmaps.h5 and index.html from the part files."""
-    from shared.gradcam import VGG16_IMAGENET
     from workers.cam_model import cam_model
 
     paths.output(spec.out_dir, settings)
     cam = cam_model(spec, settings)
-    rows = concat([read_rows(spec.part_file(b)) for b in range(spec.n_batches)], cam.heatmap_hw)
-    out = Path(spec.out_dir)
+    with _on_disk(spec, "assemble", [PARTS_DIR], [HEATMAPS_NAME, INDEX_NAME]) as local:
+        summary = _assemble(spec, Path(local.out_dir), cam)
+    if storage.is_url(spec.out_dir):  # the parts are in heatmaps.h5 now
+        for b in range(spec.n_batches):
+            storage.remove(storage.join(spec.out_dir, PARTS_DIR, storage.name(spec.part_file(b))))
+    return storage.to_urls(summary, Path(local.out_dir), storage.at(spec.out_dir))
+
+
+def _assemble(spec: CamSpec, out: Path, cam) -> dict:
+    from shared.gradcam import VGG16_IMAGENET
+
+    rows = concat([read_rows(out / PARTS_DIR / Path(spec.part_file(b)).name) for b in range(spec.n_batches)],
+                  cam.heatmap_hw)
+    model_path = spec.model_path if storage.is_url(spec.model_path) else str(Path(spec.model_path).resolve())
     attrs = {
         "layer": cam.layer,
-        "model": spec.model if spec.model == VGG16_IMAGENET else str(Path(spec.model_path).resolve()),
+        "model": spec.model if spec.model == VGG16_IMAGENET else model_path,
         "model_sha256": spec.model_sha256,
         "preprocess": spec.preprocess,
         "input_size": list(cam.input_hw),
@@ -153,7 +176,7 @@ def assemble(spec: CamSpec, settings) -> dict:
     }
     write_rows(out / HEATMAPS_NAME, rows, attrs)
     write_gallery(out / INDEX_NAME, rows, spec.class_names,
-                  f"Grad-CAM {spec.job_id}: {Path(spec.model).name}, layer {cam.layer}")
+                  f"Grad-CAM {spec.job_id}: {storage.name(spec.model)}, layer {cam.layer}")
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     summary = {
         "heatmaps": str(out / HEATMAPS_NAME),

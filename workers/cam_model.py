@@ -6,7 +6,7 @@ since submission is refused, and a new one replaces the old so memory stays flat
 
 from __future__ import annotations
 
-from shared import paths
+from shared import paths, storage
 from shared.camjob import CamSpec
 from shared.settings import Settings
 from workers.runtime import verify_file
@@ -14,8 +14,8 @@ from workers.runtime import verify_file
 _MODELS: dict = {}
 
 
-def verify_model_file(spec: CamSpec) -> None:
-    verify_file(spec.model_path, spec.model_sha256, "model file")
+def verify_model_file(spec: CamSpec, local: str | None = None) -> None:
+    verify_file(local or spec.model_path, spec.model_sha256, "model file")
 
 
 def cam_model(spec: CamSpec, settings: Settings):
@@ -28,9 +28,10 @@ def cam_model(spec: CamSpec, settings: Settings):
             verify_model_file(spec)  # weights only (no code), from the Keras cache
             model = gradcam.build_vgg16_imagenet(spec.model_path)
         else:
-            paths.readable(spec.model_path, settings, "model file")
-            verify_model_file(spec)
-            model = gradcam.load_model(spec.model_path)
+            found = paths.readable(spec.model_path, settings, "model file")
+            local = str(storage.local_copy(found))  # a model on a store: a copy cached by ETag
+            verify_model_file(spec, local)
+            model = gradcam.load_model(local)
         _MODELS.clear()  # one model per process
         _MODELS[key] = gradcam.GradCam(model, spec.layer)
     return _MODELS[key]

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import paths
+from shared import paths, storage
 from shared.images import BadImage, load_pixels
 from shared.settings import Settings
 from workers.pixel_cache import CachedPixels, stamp
 
-_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[bool, ThreadPoolExecutor] = {}
+#: Threads per usable core when images come from a store: a thread waiting on an object uses no
+#: core, so more of them keep the cores decoding while others wait on the store's latency.
+REMOTE_THREADS_PER_CORE = 4
 
 
 def usable_cores() -> int:
@@ -36,16 +39,19 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def decode_threads() -> int:
-    """One decoding thread per usable core, and at least two so reading overlaps decoding."""
+def decode_threads(remote: bool = False) -> int:
+    """One decoding thread per usable core, and at least two so reading overlaps decoding; for
+    images on a store, :data:`REMOTE_THREADS_PER_CORE` per core and at least 16, since each
+    thread also waits on its fetch."""
+    if remote:
+        return max(16, REMOTE_THREADS_PER_CORE * usable_cores())
     return max(2, usable_cores())
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode")
-    return _POOL
+def _pool(remote: bool = False) -> ThreadPoolExecutor:
+    if remote not in _POOLS:
+        _POOLS[remote] = ThreadPoolExecutor(max_workers=decode_threads(remote), thread_name_prefix="decode")
+    return _POOLS[remote]
 
 
 def batches_ahead(batch_size: int, threads: int) -> int:
@@ -65,10 +71,11 @@ class Batch:
 
 def _load(path: str, size_px: int, decode: str, settings: Settings,
           cached: CachedPixels | None, row: int) -> tuple[np.ndarray, tuple[int, int], bool] | str:
-    """(pixels, the file's stamp, decoded?) or the reason the image is skipped."""
+    """(pixels, the file's stamp, decoded?) or the reason the image is skipped. An object on a
+    store is fetched here, in the decoding thread, so fetches overlap like decodes do."""
     try:
         real = paths.image(path, settings)
-        seen = stamp(real)
+        seen = stamp(real) if not storage.is_url(real) else None  # no pixel cache for a store
         hit = cached.get(row, seen) if cached else None
         if hit is not None:
             return hit, seen, False
@@ -81,7 +88,7 @@ def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Sett
                  cached: CachedPixels | None = None) -> Iterator[Batch]:
     """Decoded batches in order, decoding ahead of the one in use (:func:`batches_ahead`);
     images whose file is unchanged since ``cached`` was written come from it instead."""
-    pool = _pool()
+    pool = _pool(remote=any(storage.is_url(f) for f in files))
     ahead = batches_ahead(batch_size, pool._max_workers)
     pending: list[list[Future]] = []
     starts = list(range(0, len(files), batch_size))

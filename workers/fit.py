@@ -136,8 +136,7 @@ def _short(metrics: dict, prefix: str = "") -> dict:
 
 def _save_head_outputs(spec: JobSpec, head, history: dict, metrics: dict) -> dict:
     folder = model_dir(spec)
-    verify_weights(spec.model)  # the full model must hold the very base the features came from
-    m = spec.model
+    m = verify_weights(spec.model)  # the full model must hold the very base the features came from
     full = build_full_model(m, head)
     _write_info(folder, spec)
     return {
@@ -220,15 +219,14 @@ def finetune(spec: JobSpec, config: TrainConfig, settings, ctx=None) -> dict:
     if not head_file.exists():
         raise ModelFileError(f"no trained classifier at {head_file}; train the job before fine-tuning it")
     plan = trainset.plan_splits(spec, config.seed)
-    verify_weights(spec.model)
-    m, k = spec.model, len(spec.class_names)
+    m, k = verify_weights(spec.model), len(spec.class_names)
     full = build_full_model(m, keras.models.load_model(head_file))
     unfreeze_from(full, config.unfreeze_from or backbones.get(m.model).unfreeze_from)
     trainer = with_augmentation(full, config.seed)
     compile_for(trainer, k, config.finetune_learning_rate)
     checkpoint = Checkpoint(folder, _checkpoint_key(head_file, config))
     start, history = checkpoint.restore(trainer)
-    data = {s: trainset.image_data(rows, Path(spec.data_dir), m.input_size_px, k, config.batch_size,
+    data = {s: trainset.image_data(rows, spec.data_dir, m.input_size_px, k, config.batch_size,
                                    s == "train", config.seed, settings, first_epoch=start)
             for s, rows in plan.items()}
     t_fit = time.perf_counter()

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import paths
+from shared import paths, storage
 from shared.classifier import class_probability, predicted_classes
 from shared.errors import ModelFileError, ShardError
 from shared.images import BadImage, load_pixels
 from shared.settings import Settings
+from shared.storage import Location
 from workers.fit import MODEL_INFO
 
 BATCH_SIZE = 32
@@ -36,16 +37,20 @@ def load_model(path: Path, settings: Settings):
 
     path = paths.readable(path, settings, "model file")
     try:
+        if storage.is_url(path):
+            path = storage.local_copy(path)  # Keras loads files: a copy cached by the object's ETag
         return _load(str(path), file_digest(str(path)))
+    except storage.StoreError as exc:
+        raise ModelFileError(f"cannot read model file: {exc}") from None
     except OSError as exc:
         raise ModelFileError(f"model file {path} is not readable on this worker ({exc.strerror})") from None
 
 
-def class_names(model_path: Path, num_outputs: int) -> list[str]:
+def class_names(model_path: Location, num_outputs: int) -> list[str]:
     """From the ``model.json`` training wrote beside the model; class indices if it is gone."""
     try:
-        return json.loads((model_path.parent / MODEL_INFO).read_text())["class_names"]
-    except (OSError, ValueError, KeyError):
+        return json.loads(storage.read_text(storage.join(storage.parent(model_path), MODEL_INFO)))["class_names"]
+    except (OSError, ValueError, KeyError, storage.StoreError):
         return [str(i) for i in range(max(2, num_outputs))]
 
 
@@ -60,7 +65,7 @@ def _decode(files: list[str], size_px: int, settings: Settings) -> tuple[list[in
     return rows, pixels, errors
 
 
-def predict_paths(model_path: Path, files: list[str], settings: Settings) -> list[dict]:
+def predict_paths(model_path: Location, files: list[str], settings: Settings) -> list[dict]:
     """One row per path: class name and its probability, or the reason it could not be read."""
     model = load_model(model_path, settings)
     size_px = int(model.input_shape[1])

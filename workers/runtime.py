@@ -37,9 +37,9 @@ class Runtime:
         if key not in self._extractors:
             from workers.inference import Extractor
 
-            verify_weights(model)
+            local = verify_weights(model)
             self._extractors.clear()  # one model per process: memory stays flat
-            self._extractors[key] = Extractor(model)
+            self._extractors[key] = Extractor(local)
         return self._extractors[key]
 
 
@@ -98,13 +98,23 @@ def verify_file(path: str, expected_sha256: str, what: str) -> None:
         )
 
 
-def verify_weights(model: ModelConfig) -> None:
-    """The job's weights: inside the roots (or the Keras cache), with the hash the job recorded."""
-    from shared import paths
+def verify_weights(model: ModelConfig) -> ModelConfig:
+    """The job's weights: inside the roots (or the Keras cache), with the hash the job recorded.
+    Returns ``model`` with ``weights_path`` a local file (weights on a store are copied to the
+    local cache once: :func:`shared.storage.local_copy`)."""
+    from shared import paths, storage
 
     settings = installed_settings()
-    paths.readable(model.weights_path, settings, "weights file", also=(settings.keras_home,))
+    found = paths.readable(model.weights_path, settings, "weights file", also=(settings.keras_home,))
+    if storage.is_url(found):
+        try:
+            local = str(storage.local_copy(found))
+        except storage.StoreError as exc:
+            raise WeightsMismatch(f"weights file {found} cannot be read on this worker: {exc}") from None
+        verify_file(local, model.weights_sha256, "weights file")
+        return replace(model, weights_path=local)
     verify_file(model.weights_path, model.weights_sha256, "weights file")
+    return model
 
 
 @worker_process_init.connect

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
-from shared import keys
+from shared import keys, storage
 from shared.celery_app import app
 from shared.classifier import TrainConfig
 from shared.errors import ConvoyError
@@ -56,7 +59,9 @@ def _config(store: JobStore, spec: JobSpec, step: str) -> TrainConfig:
 def train_job(self, job_id: str, step: str) -> Outcome:
     """Train the classifier on a merged job's features."""
     store, spec = _open(job_id)
-    result = train_head(spec, _config(store, spec, step), ctx=self.ctx)
+    with _local(spec) as local:
+        result = train_head(local, _config(store, spec, step), ctx=self.ctx)
+        result = storage.to_urls(result, Path(local.out_dir), storage.at(spec.out_dir))
     return Outcome(result={"metrics": result["metrics"]}, job_fields={"summary": _add(_summary(store, job_id), result)})
 
 
@@ -65,15 +70,26 @@ def finetune_job(self, job_id: str, step: str) -> Outcome:
     """Fine-tune the top of the base with the trained head; resumes from its last checkpoint."""
     rt = runtime()
     store, spec = _open(job_id)
-    result = finetune(spec, _config(store, spec, step), rt.settings, ctx=self.ctx)
+    with _local(spec) as local:
+        result = finetune(local, _config(store, spec, step), rt.settings, ctx=self.ctx)
+        result = storage.to_urls(result, Path(local.out_dir), storage.at(spec.out_dir))
     return Outcome(result={"metrics": result["metrics"]}, job_fields={"summary": _add(_summary(store, job_id), result)})
+
+
+@contextmanager
+def _local(spec: JobSpec) -> Iterator[JobSpec]:
+    """The job with OUT in a local folder when it is on a store: the merged features and OUT/model
+    are fetched first, and OUT/model is uploaded back after (Keras and HDF5 need files)."""
+    merged = [f"features/{split}.h5" for split in spec.splits]
+    with storage.local_mirror(storage.at(spec.out_dir), spec.job_id, [*merged, "model"], ["model"]) as work:
+        yield spec if not storage.is_url(spec.out_dir) else replace(spec, out_dir=str(work))
 
 
 @app.task(name=keys.PREDICT_TASK, bind=True)
 def predict_images(self, model_path: str, paths: list[str]) -> dict:
     """Class and probability per image; a user mistake comes back as ``error``, not a crash."""
     try:
-        return {"predictions": predict_paths(Path(model_path), paths, runtime().settings)}
+        return {"predictions": predict_paths(storage.at(model_path), paths, runtime().settings)}
     except ConvoyError as exc:
         return {"error": str(exc)}
 
