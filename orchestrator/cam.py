@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import sys
 import time
 from collections.abc import Callable
@@ -61,13 +62,11 @@ def _images_under(folder: Path) -> list[Path]:
 def collect_images(inputs: list, root: Location | None = None) -> tuple[Location, list[str]]:
     """(root, sorted image paths relative to it) from files and folders, or DataError. Objects on
     a store are named one by one, under ``root`` (a prefix)."""
-    urls = [str(i) for i in inputs if storage.is_url(i)]
+    urls = [storage.location(str(i)) for i in inputs if storage.is_url(i)]
     if urls:
-        if root is None or not storage.is_url(root):
-            raise UsageError("images on a store need --root PREFIX (the URL their paths are relative to)")
-        if not all(storage.under(u, root) for u in urls):
-            raise DataError(f"every image must lie under {root}")
-        return root, sorted(storage.relative_to(u, root) for u in urls)
+        if len(urls) != len(inputs):
+            raise UsageError("pass images either all on a store or all local, not both")
+        return _store_images(urls, root)
     inputs = [Path(i) for i in inputs]
     files: list[Path] = []
     for item in inputs:
@@ -86,6 +85,26 @@ def collect_images(inputs: list, root: Location | None = None) -> tuple[Location
         root = inputs[0] if single_dir else Path(os.path.commonpath([f.parent for f in files]))
     root = Path(os.path.abspath(root))
     return root, [Path(os.path.relpath(f, root)).as_posix() for f in files]
+
+
+def _store_images(urls: list[str], root: Location | None) -> tuple[Location, list[str]]:
+    """Objects named one by one, or every image below a prefix (one listing each), relative to
+    ``root`` (default: the one prefix given, else the images' common prefix)."""
+    files: list[str] = []
+    for url in urls:
+        if is_image_name(storage.name(url)):
+            files.append(url)
+            continue
+        below = [storage.join(url, rel) for rel, _size in storage.list_files(url) if is_image_name(rel)]
+        if not below:
+            raise DataError(f"no images below {url}; pass image objects or a prefix holding them")
+        files += below
+    if root is None:
+        single = len(urls) == 1 and not is_image_name(storage.name(urls[0]))
+        root = urls[0] if single else posixpath.dirname(posixpath.commonprefix([*files, files[0] + "/"]) + "x")
+    if not all(storage.under(f, root) for f in files):
+        raise DataError(f"every image must lie under {root}")
+    return root, sorted({storage.relative_to(f, root) for f in files})
 
 
 def _check_vgg16_imagenet(req: CamRequest) -> None:

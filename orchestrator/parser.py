@@ -89,7 +89,7 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
 def _cam_parser(sub) -> None:
     cam = sub.add_parser("cam", help="Grad-CAM heatmaps of images under a classifier, on the cam queue")
     cam.add_argument("model", help="a .keras classifier (e.g. OUT/model/full_model.keras) or vgg16-imagenet")
-    cam.add_argument("images", type=Path, nargs="+", help="image files or a folder of images")
+    cam.add_argument("images", nargs="+", help="image files or a folder of images; or objects or a prefix on a store")
     cam.add_argument("--out", required=True, help="CAMDIR (a folder or store URL): heatmaps.h5, overlays/, index.html")
     which = cam.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_index", type=int, help="class index K (default: the predicted one)")

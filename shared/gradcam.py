@@ -182,7 +182,9 @@ def _split(model, name: str, stop: bool):
 
     layers = _chain(model)
     direct = [layer for layer in layers if layer.name == name]
-    if direct and not (stop and _is_model(layers[-1])):
+    # A reloaded Sequential model rebuilds its graph on load, and its layers' ``output`` may not
+    # be wired to ``model.inputs``: it is replayed layer by layer instead (below).
+    if direct and not isinstance(model, keras.Sequential) and not (stop and _is_model(layers[-1])):
         end = layers[-1].input if stop else model.outputs[0]
         return keras.Model(model.inputs, [direct[0].output, end])
     # The layer (or the final one) is inside a nested model: replay this model's chain, calling

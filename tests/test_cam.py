@@ -339,3 +339,24 @@ def test_cam_only_worker_serves_cam_while_extraction_waits(cam_only, models, ima
     status = json.loads(convoy("status", job, "--json", env=env).stdout)
     assert status["status"] == "queued" and status["images_done"] == 0  # nobody took the extract task
     assert os.path.exists(tmp_path / "cam" / "heatmaps.h5")
+
+
+def test_a_reloaded_sequential_classifier_equals_keras_io(tmp_path):
+    """A Sequential model saved and loaded again rebuilds its graph: Grad-CAM replays its layers
+    and still equals keras.io's recipe (it used to find no gradient)."""
+    import keras
+
+    from shared.gradcam import GradCam, load_model
+
+    keras.utils.set_random_seed(3)
+    layers = [keras.layers.Conv2D(4, 3, activation="relu", name="conv"), keras.layers.GlobalAveragePooling2D(),
+              keras.layers.Dense(2, activation="softmax")]
+    keras.Sequential([keras.Input((32, 32, 3)), *layers]).save(tmp_path / "seq.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    result = GradCam(load_model(tmp_path / "seq.keras"))(x)
+    conv_model = keras.Sequential([keras.Input((32, 32, 3)), layers[0]])
+    logits = keras.layers.Dense(2, name="logits")
+    classifier = keras.Sequential([keras.Input(conv_model.output_shape[1:]), layers[1], logits])
+    logits.set_weights(layers[2].get_weights())
+    want = _keras_io_heatmap(conv_model, classifier, x, int(result.class_index[0]))
+    np.testing.assert_allclose(result.heatmaps[0], want, atol=1e-5)

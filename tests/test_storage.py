@@ -216,3 +216,28 @@ def test_missing_weights_object_fails_clearly(s3, s3env, tmp_path):  # noqa: F81
                  "s3://noweights/vgg.weights.h5", "--input-size", "32", env=s3env, timeout=120)
     assert run.returncode == 2, run.stderr
     assert "not found (404)" in run.stderr and "s3://noweights/vgg.weights.h5" in run.stderr, run.stderr
+
+
+def test_cam_takes_a_prefix_of_images_on_a_store(s3, s3env, tmp_path):  # noqa: F811
+    """`convoy cam MODEL s3://bucket/prefix --out s3://...`: every image below the prefix, one
+    listing, heatmaps and the gallery written to the store."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, activation="softmax")])
+    model.save(tmp_path / "tiny.keras")
+    flat = make_flat(tmp_path / "imgs", 3)
+    s3.bucket("camimgs")
+    s3.upload_tree(flat, "s3://camimgs/imgs")
+    env = {**s3env, "XDG_CACHE_HOME": str(tmp_path / "cache"), "CONVOY_STATE_DIR": str(tmp_path / "state")}
+    proc = convoy("cam", str(tmp_path / "tiny.keras"), "s3://camimgs/imgs", "--out", "s3://camimgs/cam", "--json",
+                  env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["rows"] == 3 and summary["layer"] == "conv", summary
+    stored = s3.keys("s3://camimgs/cam")
+    assert "cam/heatmaps.h5" in stored and "cam/index.html" in stored, stored
+    assert sum(k.startswith("cam/overlays/") for k in stored) == 3, stored
+    none = convoy("cam", str(tmp_path / "tiny.keras"), "s3://camimgs/nothing", "--out", str(tmp_path / "c"), env=env)
+    assert none.returncode == 2 and "no images below s3://camimgs/nothing" in none.stderr, none.stderr
