@@ -65,13 +65,18 @@ def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") ->
     try:
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
-    except FileNotFoundError:
-        raise BadImage("file not found (deleted after the scan?)") from None
-    except PermissionError:
-        raise BadImage("permission denied: make the file readable by the worker") from None
     except OSError as exc:
-        raise BadImage(f"unreadable or corrupt: {exc.strerror or exc}") from None
+        raise _file_error(exc) from None
     return _decode(path, size_px, decode)
+
+
+def _file_error(exc: OSError) -> BadImage:
+    """The reason a file could not be read, as the user can act on it."""
+    if isinstance(exc, FileNotFoundError):
+        return BadImage("file not found (deleted after the scan?)")
+    if isinstance(exc, PermissionError):
+        return BadImage("permission denied: make the file readable by the worker")
+    return BadImage(f"unreadable or corrupt: {exc.strerror or exc}")
 
 
 def _decode(path, size_px: int | None, decode: str) -> np.ndarray:
@@ -95,12 +100,8 @@ def _decode(path, size_px: int | None, decode: str) -> np.ndarray:
         raise BadImage(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None
-    except FileNotFoundError:
-        raise BadImage("file not found (deleted after the scan?)") from None
-    except PermissionError:
-        raise BadImage("permission denied: make the file readable by the worker") from None
     except OSError as exc:
-        raise BadImage(f"unreadable or corrupt: {exc.strerror or exc}") from None
+        raise _file_error(exc) from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"corrupt image data: {exc}") from None
 
