@@ -4,12 +4,14 @@ Needs root and iproute2; :func:`unavailable` says why not when they are missing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 
 SUBNET = "10.231.{tag}"
+_NETWORKS = itertools.count()
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -52,7 +54,9 @@ class Host:
 class Network:
     """A bridge plus one namespace per host; the bridge's own address is the test's observer."""
 
-    tag: int = field(default_factory=lambda: os.getpid() % 200 + 20)
+    # A tag of its own per network, also within one test session (two modules each build one, and
+    # the second must not meet what is left of the first: names, addresses, neighbour caches).
+    tag: int = field(default_factory=lambda: (os.getpid() + 37 * next(_NETWORKS)) % 200 + 20)
     hosts: dict[str, Host] = field(default_factory=dict)
 
     @property

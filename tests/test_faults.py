@@ -270,11 +270,12 @@ def test_output_disk_full_fails_the_shard_cleanly(private, tmp_path):
 
 @pytest.mark.slow
 def test_soak_one_worker_killed_every_20s(private, tmp_path):
-    """2,000 images at 32 px, one of two workers SIGKILLed and restarted every 20 s: done, each
-    image once. Batches of one keep the job long enough for several kills on this machine."""
-    data = make_tree(tmp_path / "data", {"all": 1000}, splits=("all",), size_px=32)
+    """2,000 images at 64 px, one of two workers SIGKILLed and restarted every 20 s: done, each
+    image once. Batches of one keep the job long enough for several kills on this machine (at
+    32 px the compiled extractor finished it inside the first 20 s)."""
+    data = make_tree(tmp_path / "data", {"all": 1000}, splits=("all",), size_px=64)
     private.start("s1", "s2")
-    job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--input-size", "32",
+    job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--input-size", "64",
                  "--weights", "none", "--shard-size", "20", "--batch-size", "1", "--max-deliveries", "10",
                  "--broker", private.url, check=True).stdout.strip()
     kills, t0 = 0, time.monotonic()
