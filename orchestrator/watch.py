@@ -59,6 +59,7 @@ def wait_for_job(
 def _show(stages: Stages, stage: str, report: dict) -> None:
     done, total = report["images_done"], report["images_total"]
     if stages.current == "extracting" and stage != "extracting":  # its last line: the final count
+        stages.update(done, report["images_total"])
         stages.end(f"{plural(done, 'image')}, {rate_words(done, stages.elapsed(), done)}")
     if stage in ("training", "fine-tuning"):
         stages.begin(stage, unit="epochs")
