@@ -259,7 +259,9 @@ def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_pat
         assert _value(prom_port, 'convoy_jobs{state="done"}') == 1
         for title, expr in dashboard_queries():  # every panel of the Grafana dashboard has something to draw
             if expr != "convoy_images_per_second":  # per worker: there only while a step runs
-                assert _series(prom_port, expr, since=submitted), f"{title}: {expr}"
+                # A rate() needs two samples of a series in its window: a fast job's histogram may
+                # have appeared one scrape ago.
+                assert wait_until(lambda e=expr: _series(prom_port, e, since=submitted), 30, f"{title}: {expr}")
         seen = _series(prom_port, progress, since=submitted)
         assert seen[0] == 0 and seen[-1] == 1 and seen == sorted(seen), str(seen)  # it only ever went forward
         print("\nthe page while the job ran:\n" + "\n".join(line for line in during.splitlines()
