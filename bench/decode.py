@@ -1,16 +1,17 @@
 """Decode throughput per core, ``--decode exact`` against ``fast``, on the sample photographs.
 
     python bench/decode.py                        # 400 sample JPEGs of 500x375 -> 150x150, 1..N cores
-    python bench/decode.py --cores 1 2 --repeat 3 --features
+    python bench/decode.py --cores 1 2 --repeat 5 --features
 
-Each row decodes every image once per repeat with N threads (Pillow releases the GIL while it
-decodes and resizes, so threads scale like processes) and reports images/s in all, per core, the
-scaling against one core, images per CPU-second (this process's CPU time: unlike the wall clock,
+Each row decodes every image once per repeat on N cores, two ways: ``processes`` is the
+worker's own path (``workers.decode.iter_batches`` with N decoding processes writing into the
+shared pixel ring, batches of --batch-size), ``threads`` is N threads calling the same
+``load_pixels`` (what the worker did before: Pillow releases the GIL while it decodes and resizes,
+but not around it). It reports images/s in all, per core, the scaling against one core, images
+per CPU-second (the CPU time of this process and its decoding processes: unlike the wall clock,
 it barely moves when other processes share the cores) and the parallelism reached (CPU-seconds
-per second: above 1 only if the threads really decode at the same time). ``--features`` also
-measures how far ``fast`` moves the pixels and the features (VGG16 base, seeded random weights,
-at --layer) from ``exact``. Writes
-bench/results/decode.json.
+per second). ``--features`` also measures how far ``fast`` moves the pixels and the features
+(VGG16 base, seeded random weights, at --layer) from ``exact``. Writes bench/results/decode.json.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.images import DECODE_MODES, load_pixels  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+from workers import decode as worker_decode  # noqa: E402
+
+POOLS = ("processes", "threads")
 
 
 def sample_files(images: int, work: Path) -> list[Path]:
@@ -40,17 +45,44 @@ def sample_files(images: int, work: Path) -> list[Path]:
     return sorted(data.rglob("*.jpg"))
 
 
-def rate(files: list[Path], size_px: int, decode: str, threads: int, repeat: int) -> tuple[float, float]:
-    """(images/s, images per CPU-second) decoding ``files`` with ``threads`` threads, from the
-    fastest of ``repeat`` passes."""
+def rate(files: list[Path], size_px: int, decode: str, pool: str, cores: int, repeat: int,
+         batch: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) decoding ``files`` on ``cores`` processes or threads,
+    from the fastest of ``repeat`` passes."""
+    if pool == "threads":
+        with ThreadPoolExecutor(max_workers=cores) as threads:
+            return _best(lambda fs: list(threads.map(lambda p: load_pixels(p, size_px, decode), fs)), files,
+                         repeat, lambda: ())
+    settings = Settings()
+    worker_decode.shut_down()
+    processes = worker_decode.process_pool(settings, cores)
+    paths = [str(p) for p in files]
+    try:
+        return _best(lambda fs: list(worker_decode.iter_batches(fs, size_px, batch, settings, decode)), paths,
+                     repeat, lambda: list(processes._processes))
+    finally:
+        worker_decode.shut_down()
+
+
+def _best(run, files: list, repeat: int, children) -> tuple[float, float]:
+    run(files[:64])  # starts the pool, warms the page cache
     best = (float("inf"), 0.0)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda p: load_pixels(p, size_px, decode), files[: threads * 4]))  # warm the cache
-        for _ in range(repeat):
-            t0, c0 = time.perf_counter(), time.process_time()
-            list(pool.map(lambda p: load_pixels(p, size_px, decode), files))
-            best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), _cpu_seconds(children())
+        run(files)
+        best = min(best, (time.perf_counter() - t0, _cpu_seconds(children()) - c0))
     return len(files) / best[0], len(files) / best[1]
+
+
+def _cpu_seconds(children) -> float:
+    """CPU time of this process and of ``children`` (pids), from /proc."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in children:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def feature_shift(files: list[Path], size_px: int, layer: str, work: Path) -> dict:
@@ -86,6 +118,8 @@ def main() -> None:
     parser.add_argument("--cores", type=int, nargs="+",
                         default=sorted({1, 2, len(os.sched_getaffinity(0))}))
     parser.add_argument("--repeat", type=int, default=3, help="best of this many passes per row")
+    parser.add_argument("--pool", nargs="+", choices=POOLS, default=list(POOLS))
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the processes' path")
     parser.add_argument("--features", action="store_true", help="also measure how far fast moves the features")
     parser.add_argument("--layer", default="block5_pool")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
@@ -98,18 +132,20 @@ def main() -> None:
               "images": len(files), "input_size": args.input_size, "rows": []}
     print(f"{len(files)} JPEGs of 500x375 -> {args.input_size}^2 on {result['cores_here']} cores of {cpu}; "
           f"load {result['load_before'][0]:.2f}")
-    print(f"{'decode':<8}{'cores':>6}{'img/s':>9}{'per core':>10}{'scaling':>9}{'img/CPU-s':>11}{'parallel':>10}")
+    print(f"{'decode':<8}{'pool':<11}{'cores':>6}{'img/s':>9}{'per core':>10}{'scaling':>9}{'img/CPU-s':>11}"
+          f"{'parallel':>10}")
     for decode in DECODE_MODES:
-        one = None
-        for n in args.cores:
-            r, per_cpu_s = rate(files, args.input_size, decode, n, args.repeat)
-            one = one or r
-            row = {"decode": decode, "cores": n, "images_per_s": round(r, 1), "per_core": round(r / n, 1),
-                   "scaling": round(r / (n * one), 3), "images_per_cpu_s": round(per_cpu_s, 1),
-                   "parallelism": round(r / per_cpu_s, 2)}
-            result["rows"].append(row)
-            print(f"{decode:<8}{n:>6}{row['images_per_s']:>9}{row['per_core']:>10}{row['scaling']:>9.0%}"
-                  f"{row['images_per_cpu_s']:>11}{row['parallelism']:>10}")
+        for pool in args.pool:
+            one = None
+            for n in args.cores:
+                r, per_cpu_s = rate(files, args.input_size, decode, pool, n, args.repeat, args.batch_size)
+                one = one or r
+                row = {"decode": decode, "pool": pool, "cores": n, "images_per_s": round(r, 1),
+                       "per_core": round(r / n, 1), "scaling": round(r / (n * one), 3),
+                       "images_per_cpu_s": round(per_cpu_s, 1), "parallelism": round(r / per_cpu_s, 2)}
+                result["rows"].append(row)
+                print(f"{decode:<8}{pool:<11}{n:>6}{row['images_per_s']:>9}{row['per_core']:>10}"
+                      f"{row['scaling']:>9.0%}{row['images_per_cpu_s']:>11}{row['parallelism']:>10}", flush=True)
     result["load_after"] = os.getloadavg()
     if args.features:
         result["shift"] = feature_shift(files, args.input_size, args.layer, work)

@@ -8,7 +8,9 @@ or, with --model, one `convoy run` per backbone.
     python bench/extract.py --model resnet50 mobilenetv2 --images 40 --workers 1
 
 Prints a table (images/s, ratios, FP32 ceiling and share, stage breakdown, worker RSS across
-50 shards, start-up time), writes bench/results/extract.json and extract.png. ``--gpu`` also
+50 shards, start-up time) and VGG16's own ceiling here (the model alone on a fixed batch, in the
+seed's layout and in Convoy's: how far any pipeline could go on this machine), writes
+bench/results/extract.json and extract.png. ``--gpu`` also
 reports the steady rate (first batch to last shard written) and the share of the workers' time
 spent waiting on decoding, against the targets (10,000 images/s, 10x the seed loop). With --model:
 per backbone its input size, feature shape, GFLOP per image (TensorFlow's profiler on the base's
@@ -52,6 +54,45 @@ for split in ("train", "validation", "test"):
     features = np.concatenate(chunks)
 print(json.dumps({"images": n, "seconds": time.monotonic() - t0, "loop_s": time.monotonic() - t_loop}))
 """
+
+
+CEILING = r"""
+import sys, time, json
+threads, size, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+precision, seconds = sys.argv[4], float(sys.argv[5])
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(threads)
+tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+import numpy as np, keras
+if precision == "bfloat16":
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+call = tf.function(lambda x: model(x, training=False))
+x = tf.constant(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
+call(x).numpy(); call(x).numpy()
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    call(x).numpy()
+    n += batch
+print(json.dumps({"images_per_s": n / (time.perf_counter() - t0)}))
+"""
+
+
+def inference_ceiling(size: int, batch: int, precision: str, workers: list[int], seconds: float = 15) -> dict:
+    """VGG16's base alone on a fixed batch, nothing else running: the most images/s this machine
+    gives the model, in each layout (P processes of C/P TensorFlow threads each, at once, as the
+    seed loop uses one and Convoy's --workers P use P). The best layout is the ceiling any
+    pipeline can reach on the model's arithmetic."""
+    cores = len(os.sched_getaffinity(0))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    layouts = {}
+    for procs in sorted({1, *workers}):
+        threads = max(1, cores // procs)
+        runs = [subprocess.Popen([sys.executable, "-c", CEILING, str(threads), str(size), str(batch), precision,
+                                  str(seconds)], stdout=subprocess.PIPE, text=True, env=env) for _ in range(procs)]
+        rates = [json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_s"] for p in runs]
+        layouts[f"{procs}x{threads}"] = round(sum(rates), 2)
+    return {"layouts": layouts, "images_per_s": max(layouts.values())}
 
 
 def fp32_ceiling_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -170,6 +211,8 @@ def main() -> None:
               "batch_size": args.batch_size, "precision": args.precision, "decode": args.decode,
               "load_before": os.getloadavg()[0]}
     result["fp32_ceiling_gflops"] = round(fp32_ceiling_gflops(), 1)
+    if not args.gpu:
+        result["model_ceiling"] = inference_ceiling(args.input_size, args.batch_size, args.precision, args.workers)
     gflop = gflop_per_image("vgg16", args.input_size)
     seed, runs = None, {}
     for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits both sides
@@ -182,6 +225,11 @@ def main() -> None:
     result["repeat"] = args.repeat
     result["seed"] = {**seed, "images_per_s": round(seed["images"] / seed["seconds"], 2),
                       "loop_images_per_s": round(seed["images"] / seed["loop_s"], 2)}
+    if "model_ceiling" in result:
+        ceiling = result["model_ceiling"]
+        ceiling["seed_loop_share"] = round(result["seed"]["loop_images_per_s"] / ceiling["images_per_s"], 3)
+        # Convoy with no start-up at all and inference at the ceiling, against the seed's end to end:
+        ceiling["best_possible_ratio"] = round(ceiling["images_per_s"] / result["seed"]["images_per_s"], 2)
     for n, summary in runs.items():
         t = summary["extract_timings"]
         infer_rate = summary["images"] / t["inference_s"] * n if t.get("inference_s") else 0
@@ -194,6 +242,8 @@ def main() -> None:
             "inference_images_per_s": round(infer_rate, 2),
             "inference_gflops": round(infer_rate * gflop, 1),
             "share_of_ceiling": round(infer_rate * gflop / result["fp32_ceiling_gflops"], 2),
+            "share_of_model_ceiling": round(infer_rate / result["model_ceiling"]["images_per_s"], 3)
+            if "model_ceiling" in result else None,
             "startup_s": summary["startup_s"],
         }
     if not args.skip_rss:
@@ -304,6 +354,13 @@ def print_table(r: dict) -> None:
         print(f"{key:<12}{c['images_per_s']:>8}{c['ratio_vs_seed']:>8}{c['inference_images_per_s']:>13}"
               f"{c['inference_gflops']:>9}{c['share_of_ceiling']:>9.0%}{st['decode_wait_s']:>12}s"
               f"{st['inference_s']:>10}s{st['write_s']:>7}s{c['startup_s']!s:>8}s")
+    if "model_ceiling" in r:
+        m = r["model_ceiling"]
+        shares = ", ".join(f"{k} {r[k]['share_of_model_ceiling']:.0%}" for k in sorted(r) if k.startswith("convoy_"))
+        print(f"VGG16 alone on this machine (processes x threads: img/s): {m['layouts']}; ceiling "
+              f"{m['images_per_s']} img/s. Seed loop's inference at {m['seed_loop_share']:.0%} of it, Convoy's: "
+              f"{shares}. With no start-up and inference at the ceiling, Convoy could reach "
+              f"{m['best_possible_ratio']}x the seed loop end to end here.")
     if "rss" in r:
         rss = r["rss"]
         print(f"worker RSS over {rss['shards']} shards: {rss['first_mb']} -> {rss['last_mb']} MB "

@@ -14,9 +14,10 @@ import random
 import signal
 
 #: Where the points are: after a worker claims a step or a repair, before any message is sent,
-#: in a worker's main process right after it received a message (it dies holding it), and in the
-#: middle of uploading an object to a store (shared.storage: after each part is handed to the store).
-POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload")
+#: in a worker's main process right after it received a message (it dies holding it), in the
+#: middle of uploading an object to a store (shared.storage: after each part is handed to the store),
+#: and in a decoding process before each image (workers.decode: the image is decoded again alone).
+POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload", "mid-decode")
 
 _rates: dict[str, float] = {}
 _rng = random.Random()

@@ -138,3 +138,101 @@ def test_cache_pixels_second_layer_skips_decoding(cluster, photos, tmp_path):
 def test_decode_option_is_validated():
     proc = convoy("run", "/nonexistent", "--out", "/tmp/x", "--decode", "turbo")
     assert proc.returncode == 2 and "--decode" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- decoding processes --------------------------------------------------------------------
+
+@pytest.fixture
+def decoders():
+    """The decoding processes of this test process, stopped before and after the test."""
+    from workers import decode
+
+    decode.shut_down()
+    yield decode
+    decode.shut_down()
+
+
+def test_processes_give_load_pixels_pixels_in_order_with_a_reason_for_each_bad_file(decoders, photos, tmp_path):
+    from shared.settings import Settings
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photos[0].read_bytes()[:200])
+    files = [str(p) for p in photos[:3]] + [str(broken), str(tmp_path / "gone.jpg")] + [str(p) for p in photos[3:]]
+    for mode in ("exact", "fast"):
+        batches = list(decoders.iter_batches(files, 150, 3, Settings(), mode))
+        rows = [r for b in batches for r in b.rows]
+        assert rows == [0, 1, 2, 5, 6, 7, 8, 9]
+        skipped = dict(s for b in batches for s in b.skipped)
+        assert set(skipped) == {3, 4} and "not found" in skipped[4] and skipped[3]
+        pixels = np.concatenate([b.pixels for b in batches])
+        np.testing.assert_array_equal(pixels, np.stack([load_pixels(files[r], 150, mode) for r in rows]))
+        assert sum(b.decoded for b in batches) == 8
+    assert decoders.process_pool(Settings())._processes  # decoded elsewhere, not in this process
+
+
+def test_decoding_processes_write_into_the_shared_ring(decoders, photos):
+    """The pixels reach this process through the memfd ring, not pickled: the process returns None."""
+    from shared.settings import Settings
+
+    ring = decoders.Ring(2, 4, 64)
+    try:
+        pool = decoders.process_pool(Settings(), 1)
+        got = pool.submit(decoders.decode_chunk, ring.address, 1, [2, 0], [str(photos[0]), str(photos[1])], 64,
+                          "fast").result(timeout=60)
+        assert got == [None, None]
+        np.testing.assert_array_equal(ring.array[1, 2], load_pixels(photos[0], 64, "fast"))
+        np.testing.assert_array_equal(ring.array[1, 0], load_pixels(photos[1], 64, "fast"))
+        assert not ring.array[0].any()
+    finally:
+        ring.close()
+
+
+def test_a_decoding_process_that_dies_costs_only_its_image(decoders, photos, tmp_path):
+    """Decoding processes SIGKILLed before images (fault point mid-decode): every image still has
+    its exact pixels or the crash as its reason, and this process goes on."""
+    from shared.settings import Settings
+
+    log = tmp_path / "faults.log"
+    settings = Settings(faults="mid-decode=0.3", faults_seed="7", faults_log=str(log))
+    files = [str(p) for p in photos] * 3
+    decoders.process_pool(settings, 2)
+    batches = list(decoders.iter_batches(files, 64, 8, settings, "fast"))
+    assert log.read_text().count("mid-decode") >= 1  # processes really died
+    rows = [r for b in batches for r in b.rows]
+    skipped = [s for b in batches for s in b.skipped]
+    assert sorted(rows + [i for i, _ in skipped]) == list(range(len(files)))
+    assert rows and all(reason == decoders.CRASHED for _, reason in skipped)
+    np.testing.assert_array_equal(np.concatenate([b.pixels for b in batches]),
+                                  np.stack([load_pixels(files[r], 64, "fast") for r in rows]))
+
+
+def test_decoding_processes_exit_when_their_worker_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from shared.settings import Settings\n"
+              "from workers import decode\n"
+              "if __name__ == '__main__':\n"
+              "    pool = decode.process_pool(Settings(), 2); [pool.submit(int).result() for _ in range(4)]\n"
+              "    print(*pool._processes, flush=True); sys.stdin.read()\n")
+    (tmp_path / "holder.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), str(Path(__file__).parent.parent)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    children = [int(p) for p in proc.stdout.readline().split()]
+    assert children and all(Path(f"/proc/{p}").exists() for p in children)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in children), "decoding processes outlived their worker"
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (new) parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

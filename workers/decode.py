@@ -1,29 +1,50 @@
-"""Decoding runs in threads ahead of inference, so the model never waits on Pillow.
+"""Decoding runs ahead of inference, so the model never waits on Pillow.
 
-Threads, not processes: Pillow releases the GIL while it decodes and resizes (bench/decode.py
-measures the scaling), so threads use every core without pickling pixels between processes.
+Files decode in processes. Pillow releases the GIL while it decodes and resizes, but the Python
+around each image (opening it and parsing its header, the load loop, the export to an array)
+holds it for about a tenth of a ``fast`` decode: threads stop scaling near 10,000 images/s
+whatever the cores, which is what a GPU host needs. The processes write pixels straight into a
+ring of batch buffers in shared memory (a memfd this process maps, see :class:`Ring`), so no
+pixels are pickled: each batch is copied out once. A decoding process that dies on an image (a
+decoder bug, the kernel's OOM killer) costs that image, with a reason, never the worker.
+
+Objects on a store are fetched and decoded in threads instead: a fetch waits on the network,
+not on a core, and many threads overlap those waits.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import mmap
+import multiprocessing
 import os
+import signal
+import threading
+import time
+import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from shared import paths, storage
+from shared import faults, paths, storage
 from shared.images import BadImage, load_pixels
 from shared.settings import Settings
 from workers.pixel_cache import CachedPixels, stamp
 
-_POOLS: dict[bool, ThreadPoolExecutor] = {}
+log = logging.getLogger("convoy.decode")
+
 #: Threads per usable core when images come from a store: a thread waiting on an object uses no
 #: core, so more of them keep the cores decoding while others wait on the store's latency.
 REMOTE_THREADS_PER_CORE = 4
+#: Images per task handed to a decoding process: ~10 ms of work, so the hand-off costs little.
+CHUNK = 8
+#: The reason recorded for an image whose decoding process died twice on it.
+CRASHED = "the decoder crashed on this image (its decoding process died); check the file"
 
 
 def usable_cores() -> int:
@@ -39,25 +60,16 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def decode_threads(remote: bool = False) -> int:
-    """One decoding thread per usable core, and at least two so reading overlaps decoding; for
-    images on a store, :data:`REMOTE_THREADS_PER_CORE` per core and at least 16, since each
-    thread also waits on its fetch."""
-    if remote:
-        return max(16, REMOTE_THREADS_PER_CORE * usable_cores())
-    return max(2, usable_cores())
+def decode_threads() -> int:
+    """Threads for images on a store: :data:`REMOTE_THREADS_PER_CORE` per core and at least 16,
+    since each thread also waits on its fetch."""
+    return max(16, REMOTE_THREADS_PER_CORE * usable_cores())
 
 
-def _pool(remote: bool = False) -> ThreadPoolExecutor:
-    if remote not in _POOLS:
-        _POOLS[remote] = ThreadPoolExecutor(max_workers=decode_threads(remote), thread_name_prefix="decode")
-    return _POOLS[remote]
-
-
-def batches_ahead(batch_size: int, threads: int) -> int:
-    """Batches to decode beyond the one in use: enough that every thread has two images queued
-    when inference takes the next batch, and never fewer than two batches."""
-    return max(2, math.ceil(2 * threads / batch_size))
+def batches_ahead(batch_size: int, workers: int) -> int:
+    """Batches to decode beyond the one in use: enough that every decoding process (or thread)
+    has two images queued when inference takes the next batch, and never fewer than two."""
+    return max(2, math.ceil(2 * workers / batch_size))
 
 
 @dataclass
@@ -69,52 +81,284 @@ class Batch:
     stamps: list[tuple[int, int]] = field(default_factory=list)  # (bytes, mtime_ns) of each row's file
 
 
-def _load(path: str, size_px: int, decode: str, settings: Settings,
-          cached: CachedPixels | None, row: int) -> tuple[np.ndarray, tuple[int, int], bool] | str:
-    """(pixels, the file's stamp, decoded?) or the reason the image is skipped. An object on a
-    store is fetched here, in the decoding thread, so fetches overlap like decodes do."""
+# --- the pools ---------------------------------------------------------------------------
+
+_threads: ThreadPoolExecutor | None = None
+_processes: ProcessPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _threads
+    with _lock:
+        if _threads is None:
+            _threads = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode")
+        return _threads
+
+
+def process_pool(settings: Settings, processes: int | None = None) -> ProcessPoolExecutor:
+    """This process's decoding processes, one per usable core unless ``processes`` says; started
+    by "spawn", so they hold no copy of TensorFlow or of the worker's threads."""
+    global _processes
+    with _lock:
+        if _processes is None:
+            _own_multiprocessing()
+            _processes = ProcessPoolExecutor(
+                max_workers=processes or usable_cores(), mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_child, initargs=(os.getpid(), settings.faults, settings.faults_seed,
+                                                    settings.faults_log))
+        return _processes
+
+
+def _own_multiprocessing() -> None:
+    """In a Celery pool process, billiard has put its own process object into the standard
+    ``multiprocessing``: daemonic (which forbids children) and holding a key of billiard's type,
+    which the standard library refuses to pass to a child. The decoding processes exit once this
+    process is gone (:func:`_exit_with`), so the flag is lifted and the key given the standard type."""
+    from multiprocessing import process
+
+    me = process.current_process()
+    if type(me).__module__.startswith("billiard"):
+        me._config.pop("daemon", None)
+        me._config["authkey"] = process.AuthenticationString(bytes(me._config["authkey"]))
+
+
+def warm_up(settings: Settings) -> None:
+    """Start the decoding processes now (while TensorFlow loads), not on the first batch."""
+    pool = process_pool(settings)
+    for _ in range(pool._max_workers):
+        pool.submit(int)
+
+
+def shut_down() -> None:
+    """Stop the decoding processes (the next extraction starts new ones)."""
+    global _processes
+    with _lock:
+        pool, _processes = _processes, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _replace_broken(broken: ProcessPoolExecutor) -> None:
+    global _processes
+    with _lock:
+        if _processes is broken:
+            _processes = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+# --- in a decoding process ---------------------------------------------------------------
+
+_mapped: dict[str, np.ndarray] = {}  # the ring this process writes into, by token
+
+
+def _start_child(parent: int, fault_spec: str, fault_seed: str, fault_log: str) -> None:
+    # A decoding process lives and dies with its worker: a Ctrl-C or a TERM sent to the whole
+    # process group must not kill it under a shard the worker is finishing (a warm shutdown).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faults.configure(fault_spec, fault_seed, fault_log)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+
+
+def _exit_with(parent: int) -> None:
+    """Exit once the worker is gone (even SIGKILLed): an orphan would wait for work for ever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _ring_view(address: tuple[int, int, str, tuple[int, ...]]) -> np.ndarray | None:
+    """The parent's ring, mapped here through /proc (None where that is not allowed)."""
+    pid, fd, token, shape = address
+    if token not in _mapped:
+        _mapped.clear()  # the previous ring's mapping goes with its array
+        try:
+            handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            _mapped[token] = np.ndarray(shape, np.uint8, buffer=mmap.mmap(handle, math.prod(shape)))
+        finally:
+            os.close(handle)
+    return _mapped[token]
+
+
+def decode_chunk(address: tuple | None, slot: int, rows: list[int], files: list[str], size_px: int,
+                 decode: str) -> list[str | np.ndarray | None]:
+    """Decode ``files`` into rows ``rows`` of the ring's batch ``slot``: per image None (its
+    pixels are in the ring), its pixels (no ring here) or the reason it is skipped."""
+    view = _ring_view(address) if address else None
+    out: list[str | np.ndarray | None] = []
+    for row, path in zip(rows, files, strict=True):
+        faults.point("mid-decode")
+        try:
+            pixels = load_pixels(path, size_px, decode)
+        except BadImage as exc:
+            out.append(str(exc))
+            continue
+        if view is None:
+            out.append(pixels)
+        else:
+            view[slot, row] = pixels
+            out.append(None)
+    return out
+
+
+# --- in the worker -------------------------------------------------------------------------
+
+class Ring:
+    """``slots`` batch buffers of (batch, s, s, 3) uint8 in one memfd: the decoding processes
+    map it through ``/proc/<pid>/fd`` and write pixels in place. Anonymous memory: nothing is
+    left behind in /dev/shm when a worker is killed."""
+
+    def __init__(self, slots: int, batch: int, size_px: int) -> None:
+        self.shape = (slots, batch, size_px, size_px, 3)
+        self.token = uuid.uuid4().hex
+        self.fd = os.memfd_create(f"convoy-pixels-{self.token[:8]}", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, math.prod(self.shape))
+        self._map = mmap.mmap(self.fd, math.prod(self.shape))
+        self.array: np.ndarray | None = np.ndarray(self.shape, np.uint8, buffer=self._map)
+
+    @property
+    def address(self) -> tuple[int, int, str, tuple[int, ...]]:
+        return os.getpid(), self.fd, self.token, self.shape
+
+    def close(self) -> None:
+        self.array = None
+        self._map.close()
+        os.close(self.fd)
+
+
+def _ring(slots: int, batch: int, size_px: int) -> Ring | None:
+    """A ring, or None where memfd is missing (not Linux): pixels then travel pickled."""
     try:
-        real = paths.image(path, settings)
-        seen = stamp(real) if not storage.is_url(real) else None  # no pixel cache for a store
-        hit = cached.get(row, seen) if cached else None
-        if hit is not None:
-            return hit, seen, False
-        return load_pixels(real, size_px, decode), seen, True
-    except BadImage as exc:
-        return str(exc)
+        return Ring(slots, batch, size_px)
+    except (AttributeError, OSError) as exc:
+        log.warning("no shared pixel buffer (%s); decoded pixels are copied between processes", exc)
+        return None
+
+
+Result = tuple[np.ndarray, tuple[int, int] | None, bool] | str  # (pixels, stamp, decoded?) or a reason
+
+
+@dataclass
+class _Chunk:
+    future: Future
+    pool: ProcessPoolExecutor
+    rows: list[int]  # positions in the batch
+    files: list[str]
+    stamps: list[tuple[int, int] | None]
+
+
+@dataclass
+class _Pending:
+    slot: int  # the ring's batch buffer its chunks write into
+    settled: dict[int, Result]  # by position in the batch: cache hits, unusable paths
+    chunks: list[_Chunk]
 
 
 def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Settings, decode: str = "exact",
                  cached: CachedPixels | None = None) -> Iterator[Batch]:
     """Decoded batches in order, decoding ahead of the one in use (:func:`batches_ahead`);
     images whose file is unchanged since ``cached`` was written come from it instead."""
-    pool = _pool(remote=any(storage.is_url(f) for f in files))
-    ahead = batches_ahead(batch_size, pool._max_workers)
-    pending: list[list[Future]] = []
+    if any(storage.is_url(f) for f in files):
+        yield from _fetched_batches(files, size_px, batch_size, settings, decode, cached)
+        return
+    ahead = batches_ahead(batch_size, process_pool(settings)._max_workers)
+    ring = _ring(ahead + 2, batch_size, size_px)  # in flight: the batch in use, the next, `ahead`
     starts = list(range(0, len(files), batch_size))
-    submitted = 0
-
-    def submit_next() -> None:
-        nonlocal submitted
-        if submitted < len(starts):
-            lo = starts[submitted]
-            pending.append([pool.submit(_load, p, size_px, decode, settings, cached, lo + i)
-                            for i, p in enumerate(files[lo : lo + batch_size])])
-            submitted += 1
-
-    for _ in range(ahead + 1):
-        submit_next()
-    for start in starts:
-        futures = pending.pop(0)
-        submit_next()
-        yield _collect(start, futures, size_px)
+    submit = lambda k: _submit(k, files[starts[k] : starts[k] + batch_size], size_px, settings, decode,  # noqa: E731
+                               cached, starts[k], ring)
+    pending = [submit(k) for k in range(min(ahead + 1, len(starts)))]
+    try:
+        for k, start in enumerate(starts):
+            results = _settle(pending.pop(0), size_px, decode, ring, settings)
+            if k + ahead + 1 < len(starts):
+                pending.append(submit(k + ahead + 1))
+            yield _batch(start, results, size_px)
+    finally:
+        if ring:
+            ring.close()
 
 
-def _collect(start: int, futures: list[Future], size_px: int) -> Batch:
+def _submit(k: int, files: list[str], size_px: int, settings: Settings, decode: str,
+            cached: CachedPixels | None, start: int, ring: Ring | None) -> _Pending:
+    """Batch ``k``: cache hits and unusable paths settled here, the rest sent to the decoding
+    processes in chunks that write into the ring's buffer ``k mod slots``."""
+    pending = _Pending(k % ring.shape[0] if ring else 0, {}, [])
+    todo: list[tuple[int, str, tuple[int, int] | None]] = []
+    for offset, path in enumerate(files):
+        try:
+            real = str(paths.image(path, settings))
+        except BadImage as exc:
+            pending.settled[offset] = str(exc)
+            continue
+        seen = stamp(Path(real))
+        hit = cached.get(start + offset, seen) if cached else None
+        if hit is not None:
+            pending.settled[offset] = (hit, seen, False)
+        else:
+            todo.append((offset, real, seen))
+    for lo in range(0, len(todo), CHUNK):
+        rows, reals, seens = (list(column) for column in zip(*todo[lo : lo + CHUNK], strict=True))
+        pending.chunks.append(_send(rows, reals, seens, pending.slot, size_px, decode, ring, settings))
+    return pending
+
+
+def _send(rows: list[int], files: list[str], stamps: list, slot: int, size_px: int, decode: str,
+          ring: Ring | None, settings: Settings) -> _Chunk:
+    pool = process_pool(settings)
+    try:
+        future = pool.submit(decode_chunk, ring.address if ring else None, slot, rows, files, size_px, decode)
+    except BrokenProcessPool as exc:
+        future = Future()
+        future.set_exception(exc)
+    return _Chunk(future, pool, rows, files, stamps)
+
+
+def _settle(pending: _Pending, size_px: int, decode: str, ring: Ring | None, settings: Settings) -> dict[int, Result]:
+    """Every image of a batch, by position, once its chunks are back; pixels still in the ring."""
+    results = dict(pending.settled)
+    for chunk in pending.chunks:
+        for row, item, seen in zip(chunk.rows, _chunk_items(chunk, pending.slot, size_px, decode, ring, settings),
+                                   chunk.stamps, strict=True):
+            if isinstance(item, str):
+                results[row] = item
+            else:
+                results[row] = (ring.array[pending.slot, row] if item is None else item, seen, True)
+    return results
+
+
+def _chunk_items(chunk: _Chunk, slot: int, size_px: int, decode: str, ring: Ring | None,
+                 settings: Settings) -> list[str | np.ndarray | None]:
+    try:
+        return chunk.future.result()
+    except BrokenProcessPool:
+        _replace_broken(chunk.pool)
+        return [_alone(row, path, slot, size_px, decode, ring, settings)
+                for row, path in zip(chunk.rows, chunk.files, strict=True)]
+
+
+def _alone(row: int, path: str, slot: int, size_px: int, decode: str, ring: Ring | None,
+           settings: Settings) -> str | np.ndarray | None:
+    """One image of a chunk whose process died, decoded again by itself: if its process dies
+    again, the image is the cause."""
+    chunk = _send([row], [path], [None], slot, size_px, decode, ring, settings)
+    try:
+        return chunk.future.result()[0]
+    except BrokenProcessPool:
+        _replace_broken(chunk.pool)
+        log.warning("decoding %s crashed its process twice; skipped", path)
+        return CRASHED
+
+
+def _batch(start: int, results: dict[int, Result], size_px: int) -> Batch:
+    """A batch from each image's result by position (pixels copied, so the ring can be reused)."""
     batch = Batch(np.zeros((0, size_px, size_px, 3), np.uint8), [])
     images = []
-    for offset, fut in enumerate(futures):
-        result = fut.result()
+    for offset in sorted(results):
+        result = results[offset]
         if isinstance(result, str):
             batch.skipped.append((start + offset, result))
             continue
@@ -126,3 +370,35 @@ def _collect(start: int, futures: list[Future], size_px: int) -> Batch:
     if images:
         batch.pixels = np.stack(images)
     return batch
+
+
+# --- images on a store: fetched and decoded in threads -------------------------------------
+
+def _fetched_batches(files: list[str], size_px: int, batch_size: int, settings: Settings, decode: str,
+                     cached: CachedPixels | None) -> Iterator[Batch]:
+    pool = _thread_pool()
+    ahead = batches_ahead(batch_size, pool._max_workers)
+    starts = list(range(0, len(files), batch_size))
+    submit = lambda lo: [pool.submit(_fetch, p, size_px, decode, settings, cached, lo + i)  # noqa: E731
+                         for i, p in enumerate(files[lo : lo + batch_size])]
+    pending = [submit(lo) for lo in starts[: ahead + 1]]
+    for k, start in enumerate(starts):
+        futures = pending.pop(0)
+        if k + ahead + 1 < len(starts):
+            pending.append(submit(starts[k + ahead + 1]))
+        yield _batch(start, {i: f.result() for i, f in enumerate(futures)}, size_px)
+
+
+def _fetch(path: str, size_px: int, decode: str, settings: Settings, cached: CachedPixels | None,
+           row: int) -> Result:
+    """An image's pixels (an object is fetched in this thread, so fetches overlap like decodes)
+    or the reason it is skipped; a local file of a mixed list may come from the pixel cache."""
+    try:
+        real = paths.image(path, settings)
+        seen = None if storage.is_url(real) else stamp(Path(real))
+        hit = cached.get(row, seen) if cached else None
+        if hit is not None:
+            return hit, seen, False
+        return load_pixels(real, size_px, decode), seen, True
+    except BadImage as exc:
+        return str(exc)

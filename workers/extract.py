@@ -31,8 +31,7 @@ class ExtractShard(ChainStep):
     barrier whose completion queues the merge."""
 
     moves = (JobStatus.QUEUED, JobStatus.EXTRACTING)
-    capped_hint = ("a worker died each time; look for an image that crashes the decoder or raise "
-                   "--max-deliveries")
+    capped_hint = ("a worker died each time (out of memory?); see its log, or raise --max-deliveries")
 
     def describe(self, step: str) -> str:
         return f"shard {step}"

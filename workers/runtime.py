@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from shared import faults
 from shared.errors import WeightsMismatch
@@ -45,12 +45,13 @@ class Runtime:
 
 _RUNTIME: Runtime | None = None
 _SETTINGS: Settings | None = None
+_EXTRACTS = False  # this worker takes extraction shards: start its decoding processes early
 
 
-def install(settings: Settings) -> None:
+def install(settings: Settings, extracts: bool = False) -> None:
     """Called by ``convoy worker`` in the main process before the pool forks."""
-    global _SETTINGS
-    _SETTINGS = settings
+    global _SETTINGS, _EXTRACTS
+    _SETTINGS, _EXTRACTS = settings, extracts
 
 
 def installed_settings() -> Settings:
@@ -121,8 +122,19 @@ def verify_weights(model: ModelConfig) -> ModelConfig:
 def _init_process(**_kwargs) -> None:
     settings = installed_settings()
     faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
+    if _EXTRACTS:
+        from workers import decode
+
+        decode.warm_up(settings)  # they start while TensorFlow loads
     configure_tensorflow(settings.tf_threads)
     runtime()
+
+
+@worker_process_shutdown.connect
+def _end_process(**_kwargs) -> None:
+    from workers import decode
+
+    decode.shut_down()
 
 
 def configure_tensorflow(threads: int) -> None:
