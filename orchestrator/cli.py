@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- commands ---------------------------------------------------------------------------
 
-def _request(args, workers: int = 1):
+def _request(args, settings: Settings, workers: int = 1):
     from orchestrator.jobs import ExtractRequest, keras_home_from_env
 
     return ExtractRequest(
@@ -42,6 +42,7 @@ def _request(args, workers: int = 1):
         precision=args.precision, decode=args.decode, cache_pixels=args.cache_pixels, workers=workers,
         weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
         max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(), model=args.model, pooling=args.pooling,
+        checked_weights=settings.state_dir / "weights-checked",
     )
 
 
@@ -77,7 +78,7 @@ def cmd_run(args, settings: Settings) -> int:
 
     t0 = time.monotonic()
     stages = _stages(args)
-    request = _request(args, workers=args.workers)
+    request = _request(args, settings, workers=args.workers)
     stages.begin("scanning", unit="images")
     checked = check_request(request)
     weights = weights_first(request)  # an offline ImageNet or a bad file fails here, before anything starts
@@ -222,7 +223,7 @@ def cmd_submit(args, settings: Settings) -> int:
     if args.kind in ("train", "finetune"):
         return cmd_submit_training(args, settings)
     store = _store(settings)
-    spec, shards, scan = prepare(_request(args, workers=_extract_workers(store)))
+    spec, shards, scan = prepare(_request(args, settings, workers=_extract_workers(store)))
     spec.options.update(_chain_options(args, spec, scan, train=args.then_train, explicit=True))
     submit(store, spec, shards, settings.job_ttl_s)
     print(json.dumps({"job_id": spec.job_id, "shards": len(shards), "out": spec.out_dir}) if args.json else spec.job_id)

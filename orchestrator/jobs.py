@@ -47,6 +47,7 @@ class ExtractRequest:
     allow_failed_shards: bool = False
     max_deliveries: int = 3
     keras_home: Path = Path.home() / ".keras"
+    checked_weights: Path | None = None  # where weights files that loaded once are remembered
 
 
 def with_model_defaults(req: ExtractRequest) -> ExtractRequest:
@@ -107,7 +108,8 @@ def weights_first(req: ExtractRequest) -> tuple[Location, str] | None:
     if req.weights == "none":
         return None
     req = with_model_defaults(req)
-    return resolve_weights(req.model, req.weights, req.seed, storage.location(str(req.out_dir)), req.keras_home)
+    return resolve_weights(req.model, req.weights, req.seed, storage.location(str(req.out_dir)), req.keras_home,
+                           req.checked_weights)
 
 
 def make_shards(scan: Scan, shard_size: int, workers: int = 1, batch_size: int = 1) -> dict[str, list[list]]:
@@ -154,7 +156,8 @@ def prepare(
     unless ``weights`` already holds them)."""
     req = with_model_defaults(req)
     scan, out = checked or check_request(req)
-    weights_path, sha = weights or resolve_weights(req.model, req.weights, req.seed, out, req.keras_home)
+    weights_path, sha = weights or resolve_weights(req.model, req.weights, req.seed, out, req.keras_home,
+                                                   req.checked_weights)
     shards = make_shards(scan, req.shard_size, req.workers, req.batch_size)
     model = ModelConfig(
         layer=req.layer,

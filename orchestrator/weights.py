@@ -143,9 +143,16 @@ def random_weights(model: str, out_dir: Location, seed: int) -> Location:
                          lambda path: save_random_weights(model, path, seed))
 
 
-def check_loads(model: str, path: Path) -> None:
-    """Fail at submission, not on every worker, when a weights file doesn't fit the model's base."""
+def check_loads(model: str, path: Path, sha256: str, checked: Path | None = None) -> None:
+    """Fail at submission, not on every worker, when a weights file doesn't fit the model's base.
+
+    A file that loaded once is remembered by its hash in ``checked`` (Convoy's state folder), so
+    the next run with it does not import TensorFlow here before the workers start (~3 s).
+    """
     backbone = backbones.get(model)
+    marker = checked / f"{model}-{sha256}" if checked else None
+    if marker and marker.exists():
+        return
     try:
         build_base(model, path, backbone.min_size_px)
     except Exception as exc:
@@ -154,10 +161,16 @@ def check_loads(model: str, path: Path) -> None:
             f"weights file {path} does not load into {backbone.constructor}'s convolutional base ({first}); "
             f"pass a file saved from keras.applications.{backbone.constructor}(include_top=False)"
         ) from None
+    if marker:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass  # only a shortcut for next time
 
 
 def resolve_weights(model: str, weights: str, seed: int, out_dir: Location,
-                    keras_home: Path) -> tuple[Location, str]:
+                    keras_home: Path, checked: Path | None = None) -> tuple[Location, str]:
     """(absolute path or store URL, sha256) of the weights file the job's workers will load."""
     if weights in ("imagenet", "none"):
         made = imagenet_weights(model, out_dir, keras_home) if weights == "imagenet" else \
@@ -171,8 +184,9 @@ def resolve_weights(model: str, weights: str, seed: int, out_dir: Location,
             local = storage.local_copy(url)
         except storage.StoreError as exc:
             raise WeightsError(f"cannot read weights {url}: {exc}") from None
-        check_loads(model, local)
-        return url, sha256_file(local)
+        sha = sha256_file(local)
+        check_loads(model, local, sha, checked)
+        return url, sha
     else:
         path = Path(weights)
         if not path.is_file():
@@ -181,6 +195,9 @@ def resolve_weights(model: str, weights: str, seed: int, out_dir: Location,
             )
         if not path.name.endswith((".h5", ".keras")):
             raise WeightsError(f"weights file {path} must end in .weights.h5, .h5 or .keras")
-        check_loads(model, path)
+        path = path.resolve()
+        sha = sha256_file(path)
+        check_loads(model, path, sha, checked)
+        return path, sha
     path = path.resolve()
     return path, sha256_file(path)

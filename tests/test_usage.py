@@ -75,6 +75,23 @@ def test_weights_file_that_is_not_vgg16(tmp_path, data):
                     "does not load into VGG16")
 
 
+def test_a_weights_file_that_loaded_once_is_not_loaded_again_but_a_changed_one_is(tmp_path):
+    """The check builds the model (TensorFlow in the CLI, ~3 s before the workers start); its
+    success is remembered by the file's hash, so another file at the same path is checked anew."""
+    from orchestrator.weights import resolve_weights
+    from shared.errors import WeightsError
+    from shared.models import save_random_weights
+
+    good, checked = tmp_path / "w.weights.h5", tmp_path / "state" / "weights-checked"
+    save_random_weights("vgg16", good, 0)
+    _, sha = resolve_weights("vgg16", str(good), 0, tmp_path / "o", tmp_path / "keras", checked)
+    assert [p.name for p in checked.iterdir()] == [f"vgg16-{sha}"]
+    good.write_bytes(b"not hdf5 any more")
+    with pytest.raises(WeightsError, match="does not load into VGG16"):
+        resolve_weights("vgg16", str(good), 0, tmp_path / "o", tmp_path / "keras", checked)
+    assert len(list(checked.iterdir())) == 1
+
+
 def test_imagenet_offline_fails_fast_naming_the_cache(tmp_path, data):
     proc = convoy("run", str(data), "--out", str(tmp_path / "o"), env={"KERAS_HOME": str(tmp_path / "keras")},
                   timeout=120)

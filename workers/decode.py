@@ -41,8 +41,6 @@ log = logging.getLogger("convoy.decode")
 #: Threads per usable core when images come from a store: a thread waiting on an object uses no
 #: core, so more of them keep the cores decoding while others wait on the store's latency.
 REMOTE_THREADS_PER_CORE = 4
-#: Images per task handed to a decoding process: ~10 ms of work, so the hand-off costs little.
-CHUNK = 8
 #: The reason recorded for an image whose decoding process died twice on it.
 CRASHED = "the decoder crashed on this image (its decoding process died); check the file"
 
@@ -300,8 +298,11 @@ def _submit(k: int, files: list[str], size_px: int, settings: Settings, decode: 
             pending.settled[offset] = (hit, seen, False)
         else:
             todo.append((offset, real, seen))
-    for lo in range(0, len(todo), CHUNK):
-        rows, reals, seens = (list(column) for column in zip(*todo[lo : lo + CHUNK], strict=True))
+    # One task per decoding process and batch: each hand-off costs the worker's process CPU time
+    # and a trip through the pool's short queue, so fewer and larger tasks keep the processes fed.
+    chunk = max(1, math.ceil(len(files) / process_pool(settings)._max_workers))
+    for lo in range(0, len(todo), chunk):
+        rows, reals, seens = (list(column) for column in zip(*todo[lo : lo + chunk], strict=True))
         pending.chunks.append(_send(rows, reals, seens, pending.slot, size_px, decode, ring, settings))
     return pending
 
