@@ -114,13 +114,6 @@ def _with_timeout(fetch, cached: Path, hint: str):
         socket.setdefaulttimeout(old)
 
 
-def _save_atomically(path: Path, save) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save(tmp)
-    tmp.replace(path)
-
-
 def _weights_file(out_dir: Location, name: str, save) -> Location:
     """OUT/weights/NAME, made once by ``save(path)``: in place in a folder, or made here and
     uploaded whole to a store."""
@@ -133,7 +126,8 @@ def _weights_file(out_dir: Location, name: str, save) -> Location:
         return target
     path = Path(out_dir) / "weights" / name
     if not path.exists():
-        _save_atomically(path, save)
+        with storage.atomic_path(path) as tmp:  # keeps the ".weights.h5" Keras asks for
+            save(tmp)
     return path
 
 

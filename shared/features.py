@@ -13,7 +13,6 @@ import json
 import os
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,10 +35,6 @@ class ShardResult:
     labels: np.ndarray
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 @contextmanager
@@ -201,30 +196,25 @@ def _merge_copy(merged: str, shard_files: list[Location], attrs: dict) -> str:
 
 
 def materialize(merged: Path) -> Path:
-    """Replace a virtual merged file by a self-contained copy (same datasets and attributes)."""
-    tmp = _tmp_name(merged)
-    try:
-        with h5py.File(merged, "r") as src, h5py.File(tmp, "w") as dst:
-            feats = src["features"]
-            chunk_rows = max(1, min(feats.shape[0], 64))
-            out = dst.create_dataset(
-                "features",
-                shape=feats.shape,
-                dtype=feats.dtype,
-                chunks=(chunk_rows, *feats.shape[1:]) if feats.shape[0] else None,
-            )
-            for start in range(0, feats.shape[0], 1024):
-                out[start : start + 1024] = feats[start : start + 1024]
-            for name in ("labels", "paths", "skipped_paths", "skipped_reasons"):
-                src.copy(src[name], dst, name=name)
-            dst.attrs.update(dict(src.attrs))
-            dst.attrs["materialized"] = 1
-        # Too large to build in memory: written in place, then renamed over the virtual file.
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, merged)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Replace a virtual merged file by a self-contained copy (same datasets and attributes).
+
+    Too large to build in memory: written beside it, then renamed over the virtual file."""
+    with (storage.atomic_path(merged) as tmp, h5py.File(merged, "r") as src,
+          h5py.File(tmp, "w") as dst):
+        feats = src["features"]
+        chunk_rows = max(1, min(feats.shape[0], 64))
+        out = dst.create_dataset(
+            "features",
+            shape=feats.shape,
+            dtype=feats.dtype,
+            chunks=(chunk_rows, *feats.shape[1:]) if feats.shape[0] else None,
+        )
+        for start in range(0, feats.shape[0], 1024):
+            out[start : start + 1024] = feats[start : start + 1024]
+        for name in ("labels", "paths", "skipped_paths", "skipped_reasons"):
+            src.copy(src[name], dst, name=name)
+        dst.attrs.update(dict(src.attrs))
+        dst.attrs["materialized"] = 1
     return merged
 
 

@@ -10,9 +10,9 @@ elsewhere, so the page works from a folder, an archive or a mail attachment. The
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
+from shared import storage
 from shared.words import plural
 
 STYLE = """
@@ -147,9 +147,8 @@ def page(title: str, body: str) -> str:
 
 def write_page(path: Path, text: str) -> Path:
     """Write under a temporary name, then rename: a reader never sees half a page."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

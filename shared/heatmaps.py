@@ -12,13 +12,13 @@ Attributes: ``layer``, ``model``, ``model_sha256`` and how the job was asked for
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from shared import storage
 
 _STR = h5py.string_dtype("utf-8")
 _STRINGS = ("paths", "flags", "overlay", "original")
@@ -49,22 +49,16 @@ def _strings(values: list[str]) -> np.ndarray:
 
 def write_rows(final: Path, rows: CamRows, attrs: dict) -> None:
     """Write ``rows`` under a temporary name, then rename: the file is whole or absent."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("heatmaps", data=rows.heatmaps.astype(np.float32))
-            for name in _STRINGS:
-                f.create_dataset(name, data=_strings(getattr(rows, name)), dtype=_STR)
-            for name, dtype in _NUMBERS.items():
-                f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=dtype))
-            f.create_dataset("skipped_paths", data=_strings([p for p, _ in rows.skipped]), dtype=_STR)
-            f.create_dataset("skipped_reasons", data=_strings([r for _, r in rows.skipped]), dtype=_STR)
-            for key, value in attrs.items():
-                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with storage.atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("heatmaps", data=rows.heatmaps.astype(np.float32))
+        for name in _STRINGS:
+            f.create_dataset(name, data=_strings(getattr(rows, name)), dtype=_STR)
+        for name, dtype in _NUMBERS.items():
+            f.create_dataset(name, data=np.asarray(getattr(rows, name), dtype=dtype))
+        f.create_dataset("skipped_paths", data=_strings([p for p, _ in rows.skipped]), dtype=_STR)
+        f.create_dataset("skipped_reasons", data=_strings([r for _, r in rows.skipped]), dtype=_STR)
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
 def read_rows(path: Path) -> CamRows:

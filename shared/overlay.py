@@ -7,12 +7,13 @@ to 0..255.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from shared import storage
 
 #: Weight of the coloured heatmap added to the original image (the book's 0.4).
 INTENSITY = 0.4
@@ -42,10 +43,8 @@ def superimpose(original: np.ndarray, heatmap: np.ndarray, intensity: float = IN
 
 def write_png(path: Path, pixels: np.ndarray) -> None:
     """Write under a temporary name, then rename, so a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
 
 
 def overlay_name(position: int, rel_path: str, class_index: int, ranked: bool) -> str:

@@ -224,27 +224,46 @@ def open_read(loc: Location) -> Iterator[IO[bytes]]:
 
 # --- writing ----------------------------------------------------------------------------
 
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """A temporary path beside ``final`` to write to; on a clean exit it replaces ``final``.
+
+    Every local writer goes through here, so a reader (another worker, a browser, a resumed job)
+    sees the old file or the new one, never half of one, and a crash leaves the old file. The
+    temporary name is hidden (listings and uploads skip dot files), unique per process and call,
+    and ends with ``final``'s suffixes: Keras (``.keras``, ``.weights.h5``) and matplotlib choose
+    the format from the name. On a clean exit the file is flushed to disk, renamed over
+    ``final``, and the rename itself flushed (the folder's fsync); on an exception the temporary
+    file is removed and the exception goes on.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffixes = "".join(final.suffixes)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffixes}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish(image: bytes | memoryview, final: Path) -> None:
-    """Write a file image to a temporary name, flush it, rename it: whole or not at all.
+    """Write a file image to ``final`` whole or not at all (:func:`atomic_path`).
 
     Written with plain file I/O, because HDF5 can crash the process when the disk fills up
     during its own close; here a full disk is an OSError.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(image)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+        fh.write(image)
 
 
 def write_bytes(loc: Location, data: bytes | memoryview) -> None:
@@ -274,10 +293,8 @@ def upload_file(local: Path, loc: Location) -> None:
     """Copy a local file to ``loc`` whole (a file too big to hold in memory: a merged split)."""
     if not is_url(loc):
         if Path(local) != Path(loc):
-            tmp = Path(loc).with_name(f".{Path(loc).name}.tmp-{os.getpid()}")
-            Path(loc).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, loc)
+            with atomic_path(Path(loc)) as tmp:
+                shutil.copyfile(local, tmp)
         return
     fs, path = filesystem(loc)
     retried(lambda: fs.put_file(str(local), path), loc, "write")

@@ -1,6 +1,7 @@
 """Several "hosts" on one Linux machine: a network namespace each, joined by veth links to one
 bridge, talking only by IP. Each host also gets its own host name (a UTS namespace per process).
-Needs root and iproute2; :func:`unavailable` says why not when they are missing."""
+Needs root and iproute2; :func:`unavailable` says why not when they are missing, and
+:func:`network` skips the test then (fails it in CI)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import itertools
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from tests.conftest import skip_or_fail
 
 SUBNET = "10.231.{tag}"
 _NETWORKS = itertools.count()
@@ -94,3 +99,17 @@ class Network:
             subprocess.run(["ip", "link", "del", host.link], capture_output=True)
             subprocess.run(["ip", "netns", "del", host.ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
+@contextmanager
+def network(names: list[str]) -> Iterator[Network]:
+    """A :class:`Network` of hosts ``names``, removed on the way out, however the test ends.
+    Where namespaces can't be made the test is skipped; in CI (``CI`` set) it fails instead."""
+    reason = unavailable()
+    if reason:
+        skip_or_fail(f"multi-host test needs Linux network namespaces: {reason}")
+    net = Network()
+    try:
+        yield net.up(names)
+    finally:
+        net.down()

@@ -52,6 +52,16 @@ def _wait_running(store: JobStore, job: str, min_done: int = 2, timeout: float =
     raise TimeoutError("no shard got going")
 
 
+def _long_shard_running(private, tmp_path: Path, *workers: str) -> tuple[Path, Path, str, str, str]:
+    """``workers`` started and a job of long shards submitted to them: (data, out, job, a shard
+    under way, the name of the worker running it), for a test that then stops that worker."""
+    private.start(*workers)
+    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+    job = _submit(private, data, out, *LONG_SHARD)
+    shard, state = _wait_running(private.store, job)
+    return data, out, job, shard, state["worker"].split("@")[0]
+
+
 def _exactly_once(data: Path, out: Path) -> None:
     scan = scan_data(data)
     for split, entries in scan.splits.items():
@@ -77,11 +87,7 @@ def test_pool_process_killed_mid_shard(private, tmp_path):
 
 
 def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
-    private.start("m1", "m2")
-    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-    job = _submit(private, data, out, *LONG_SHARD)
-    shard, state = _wait_running(private.store, job)
-    victim = state["worker"].split("@")[0]
+    data, out, job, shard, victim = _long_shard_running(private, tmp_path, "m1", "m2")
     killed_at = time.monotonic()
     os.killpg(private.procs[victim].pid, signal.SIGKILL)
     while private.store.shard_states(job)[shard].get("state") != "done":
@@ -96,11 +102,7 @@ def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
 
 
 def test_sigterm_hands_the_shard_back(private, tmp_path):
-    private.start("t1", "t2")
-    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-    job = _submit(private, data, out, *LONG_SHARD)
-    shard, state = _wait_running(private.store, job)
-    victim = state["worker"].split("@")[0]
+    data, out, job, shard, victim = _long_shard_running(private, tmp_path, "t1", "t2")
     os.killpg(private.procs[victim].pid, signal.SIGTERM)
     private.procs[victim].wait(timeout=60)  # warm shutdown does not wait for the whole shard
     assert wait_final(private.store, job)["status"] == "done", private.logs()

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -24,6 +26,8 @@ from tests.imagegen import make_flat
 pytestmark = pytest.mark.slow
 
 PASSWORD = "multihost-pass"
+#: Redis, the two worker hosts and the orchestrator: one namespace each.
+HOSTS = ["redis", "worker1", "worker2", "orchestrator"]
 IMAGES = 96
 #: Small enough that a shard takes seconds on a CPU, several shards per job.
 JOB_ARGS = ["--input-size", "64", "--weights", "none", "--seed", "1", "--shard-size", "12", "--batch-size", "4",
@@ -49,6 +53,15 @@ class Cluster:
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[host] = proc
         return proc
+
+    @contextmanager
+    def running(self) -> Iterator[Cluster]:
+        """Redis started on its host; on the way out, every process stopped (:meth:`stop`)."""
+        try:
+            self.start_redis()
+            yield self
+        finally:
+            self.stop()
 
     def start_redis(self) -> None:
         ip = self.net.hosts["redis"].ip
@@ -117,20 +130,8 @@ def _wait(proc: subprocess.Popen, timeout_s: float = 30) -> None:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    reason = netns.unavailable()
-    if reason:
-        message = f"multi-host test needs Linux network namespaces: {reason}"
-        if os.environ.get("CI") and os.geteuid() == 0:
-            pytest.fail(message)  # CI runs as root: it must be able to run this test
-        pytest.skip(message)
-    net = netns.Network().up(["redis", "worker1", "worker2", "orchestrator"])
-    cluster = Cluster(net, tmp_path_factory.mktemp("multihost-logs"))
-    try:
-        cluster.start_redis()
+    with netns.network(HOSTS) as net, Cluster(net, tmp_path_factory.mktemp("multihost-logs")).running() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        net.down()
 
 
 def _shard_hosts(out: Path) -> dict[str, str]:

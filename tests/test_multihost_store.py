@@ -20,7 +20,7 @@ from tests import netns
 from tests.conftest import ROOT
 from tests.imagegen import make_flat
 from tests.s3server import start_s3
-from tests.test_multihost import ENV, IMAGES, JOB_ARGS, Cluster, _wait_for_running_on
+from tests.test_multihost import ENV, HOSTS, IMAGES, JOB_ARGS, Cluster, _wait_for_running_on
 
 pytestmark = pytest.mark.slow
 
@@ -54,23 +54,14 @@ class StoreCluster(Cluster):
 
 @pytest.fixture(scope="module")
 def store_hosts(tmp_path_factory):
-    reason = netns.unavailable()
-    if reason:
-        message = f"multi-host test needs Linux network namespaces: {reason}"
-        if os.environ.get("CI") and os.geteuid() == 0:
-            pytest.fail(message)
-        pytest.skip(message)
-    net = netns.Network().up(["redis", "worker1", "worker2", "orchestrator"])
-    log_dir = tmp_path_factory.mktemp("multihost-store-logs")
-    s3 = start_s3(log_dir, host=net.observer_ip)  # on the bridge: every host reaches it by IP
-    cluster = StoreCluster(net, log_dir, s3.env)
-    try:
-        cluster.start_redis()
-        yield cluster, s3
-    finally:
-        cluster.stop()
-        s3.stop()
-        net.down()
+    with netns.network(HOSTS) as net:
+        log_dir = tmp_path_factory.mktemp("multihost-store-logs")
+        s3 = start_s3(log_dir, host=net.observer_ip)  # on the bridge: every host reaches it by IP
+        try:
+            with StoreCluster(net, log_dir, s3.env).running() as cluster:
+                yield cluster, s3
+        finally:
+            s3.stop()
 
 
 def _shard_hosts(s3, prefix: str) -> dict[str, str]:

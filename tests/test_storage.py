@@ -72,6 +72,30 @@ def test_confinement_matches_whole_segments_of_urls():
         confine("/etc/passwd", roots, "image", "R")
 
 
+def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path):
+    """storage.atomic_path: a write that raises leaves the old file (or none) and no temporary; the
+    temporary keeps the final suffixes (Keras reads ".weights.h5" from the name)."""
+    from shared import storage
+
+    final = tmp_path / "model" / "vgg16-imagenet.weights.h5"
+    with storage.atomic_path(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".") and tmp.name.endswith(".weights.h5")
+        tmp.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="killed mid-write"), storage.atomic_path(final) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert final.read_bytes() == b"old" and os.listdir(final.parent) == [final.name]
+    with storage.atomic_path(final) as tmp:
+        tmp.write_bytes(b"new")
+    assert final.read_bytes() == b"new" and os.listdir(final.parent) == [final.name]
+    storage.upload_file(tmp_path / "model" / final.name, tmp_path / "copy" / final.name)  # a local OUT
+    assert (tmp_path / "copy" / final.name).read_bytes() == b"new" and os.listdir(tmp_path / "copy") == [final.name]
+    fresh = tmp_path / "never.json"
+    with pytest.raises(OSError), storage.atomic_path(fresh) as tmp:
+        raise OSError(28, "No space left on device")
+    assert not fresh.exists() and sorted(os.listdir(tmp_path)) == ["copy", "model"]
+
+
 def test_roots_hold_folders_and_store_prefixes_and_survive_the_environment(tmp_path):
     from shared.settings import Settings
 

@@ -7,13 +7,12 @@ TensorFlow is imported inside the functions, never when a worker imports this mo
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from shared import backbones, trainset
+from shared import backbones, storage, trainset
 from shared.classifier import (
     TrainConfig,
     build_full_model,
@@ -42,9 +41,8 @@ def model_dir(spec: JobSpec) -> Path:
 
 def save_model(model, path: Path) -> str:
     """Save under a temporary name, then rename: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:  # keeps the ".keras" Keras asks for
+        model.save(tmp)
     return str(path)
 
 
@@ -182,10 +180,8 @@ class Checkpoint:
         return int(state["epoch"]), state["history"]
 
     def save(self, trainer, epoch: int, history: dict) -> None:
-        tmp = self.variables.with_name(f".tmp-{os.getpid()}-{self.variables.name}")
-        with open(tmp, "wb") as fh:
+        with storage.atomic_path(self.variables) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, *[np.asarray(v) for v in self._all(trainer)])
-        os.replace(tmp, self.variables)
         write_json(self.state, {"key": self.key, "epoch": epoch, "history": history})
 
     def callback(self, model, history: dict):

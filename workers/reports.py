@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from shared import storage
+
 
 def write_json(path: Path, body: dict) -> Path:
     """Write ``body`` atomically, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(body, indent=1))
     return path
 
 
@@ -64,8 +64,7 @@ def plot_curves(history: dict, path: Path, title: str) -> Path:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:  # keeps the suffix matplotlib takes the format from
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
     return path
