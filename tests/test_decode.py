@@ -179,7 +179,8 @@ def test_decoding_processes_write_into_the_shared_ring(decoders, photos):
         pool = decoders.process_pool(Settings(), 1)
         got = pool.submit(decoders.decode_chunk, ring.address, 1, [2, 0], [str(photos[0]), str(photos[1])], 64,
                           "fast").result(timeout=60)
-        assert got == [None, None]
+        assert [pixels for pixels, _ in got] == [None, None]  # in the ring, not returned
+        assert got[0][1] == (photos[0].stat().st_size, photos[0].stat().st_mtime_ns)
         np.testing.assert_array_equal(ring.array[1, 2], load_pixels(photos[0], 64, "fast"))
         np.testing.assert_array_equal(ring.array[1, 0], load_pixels(photos[1], 64, "fast"))
         assert not ring.array[0].any()

@@ -24,8 +24,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +104,7 @@ def process_pool(settings: Settings, processes: int | None = None) -> ProcessPoo
             _own_multiprocessing()
             _processes = ProcessPoolExecutor(
                 max_workers=processes or usable_cores(), mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_child, initargs=(os.getpid(), settings.faults, settings.faults_seed,
-                                                    settings.faults_log))
+                initializer=_start_child, initargs=(os.getpid(), settings))
         return _processes
 
 
@@ -148,14 +148,17 @@ def _replace_broken(broken: ProcessPoolExecutor) -> None:
 # --- in a decoding process ---------------------------------------------------------------
 
 _mapped: dict[str, np.ndarray] = {}  # the ring this process writes into, by token
+_settings = Settings()  # the worker's, for the data roots every image is confined to
 
 
-def _start_child(parent: int, fault_spec: str, fault_seed: str, fault_log: str) -> None:
+def _start_child(parent: int, settings: Settings) -> None:
+    global _settings
     # A decoding process lives and dies with its worker: a Ctrl-C or a TERM sent to the whole
     # process group must not kill it under a shard the worker is finishing (a warm shutdown).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    faults.configure(fault_spec, fault_seed, fault_log)
+    _settings = settings
+    faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
 
 
@@ -182,24 +185,31 @@ def _ring_view(address: tuple[int, int, str, tuple[int, ...]]) -> np.ndarray | N
     return _mapped[token]
 
 
+Decoded = tuple[str | np.ndarray | None, tuple[int, int] | None]  # see decode_chunk
+
+
 def decode_chunk(address: tuple | None, slot: int, rows: list[int], files: list[str], size_px: int,
-                 decode: str) -> list[str | np.ndarray | None]:
-    """Decode ``files`` into rows ``rows`` of the ring's batch ``slot``: per image None (its
-    pixels are in the ring), its pixels (no ring here) or the reason it is skipped."""
+                 decode: str) -> list[Decoded]:
+    """Decode the job's ``files`` (confined to the data roots here, so the worker does no
+    per-image work) into rows ``rows`` of the ring's batch ``slot``. Per image: None (its pixels
+    are in the ring), its pixels (no ring here) or the reason it is skipped; and its file's stamp."""
     view = _ring_view(address) if address else None
-    out: list[str | np.ndarray | None] = []
+    out: list[Decoded] = []
     for row, path in zip(rows, files, strict=True):
         faults.point("mid-decode")
+        seen = None
         try:
-            pixels = load_pixels(path, size_px, decode)
+            real = paths.image(path, _settings)
+            seen = stamp(Path(real))
+            pixels = load_pixels(real, size_px, decode)
         except BadImage as exc:
-            out.append(str(exc))
+            out.append((str(exc), seen))
             continue
         if view is None:
-            out.append(pixels)
+            out.append((pixels, seen))
         else:
             view[slot, row] = pixels
-            out.append(None)
+            out.append((None, seen))
     return out
 
 
@@ -228,13 +238,38 @@ class Ring:
         os.close(self.fd)
 
 
-def _ring(slots: int, batch: int, size_px: int) -> Ring | None:
-    """A ring, or None where memfd is missing (not Linux): pixels then travel pickled."""
+_kept: Ring | None = None  # the last ring, kept for the next shard of the same shape
+_kept_busy = False
+
+
+@contextmanager
+def _ring(slots: int, batch: int, size_px: int) -> Iterator[Ring | None]:
+    """A ring for one pass over a shard, or None where memfd is missing (not Linux): pixels then
+    travel pickled. The ring is kept for the next shard of the same shape: its pages are mapped
+    already, here and in the decoding processes (a fresh ring faults each page in again: a third
+    of the copy's time). A second pass at the same time gets a ring of its own."""
+    global _kept, _kept_busy
+    shape = (slots, batch, size_px, size_px, 3)
+    with _lock:
+        borrow = not _kept_busy
+        if borrow and _kept is not None and _kept.shape != shape:
+            _kept.close()
+            _kept = None
+        if borrow:
+            _kept_busy = True
     try:
-        return Ring(slots, batch, size_px)
+        ring = (_kept if borrow and _kept is not None else None) or Ring(*shape[:3])
     except (AttributeError, OSError) as exc:
         log.warning("no shared pixel buffer (%s); decoded pixels are copied between processes", exc)
-        return None
+        ring = None
+    try:
+        yield ring
+    finally:
+        with _lock:
+            if borrow:
+                _kept, _kept_busy = ring, False
+            elif ring is not None:
+                ring.close()
 
 
 Result = tuple[np.ndarray, tuple[int, int] | None, bool] | str  # (pixels, stamp, decoded?) or a reason
@@ -246,7 +281,6 @@ class _Chunk:
     pool: ProcessPoolExecutor
     rows: list[int]  # positions in the batch
     files: list[str]
-    stamps: list[tuple[int, int] | None]
 
 
 @dataclass
@@ -264,66 +298,71 @@ def iter_batches(files: list[str], size_px: int, batch_size: int, settings: Sett
         yield from _fetched_batches(files, size_px, batch_size, settings, decode, cached)
         return
     ahead = batches_ahead(batch_size, process_pool(settings)._max_workers)
-    ring = _ring(ahead + 2, batch_size, size_px)  # in flight: the batch in use, the next, `ahead`
     starts = list(range(0, len(files), batch_size))
-    submit = lambda k: _submit(k, files[starts[k] : starts[k] + batch_size], size_px, settings, decode,  # noqa: E731
-                               cached, starts[k], ring)
-    pending = [submit(k) for k in range(min(ahead + 1, len(starts)))]
-    try:
-        for k, start in enumerate(starts):
-            results = _settle(pending.pop(0), size_px, decode, ring, settings)
-            if k + ahead + 1 < len(starts):
-                pending.append(submit(k + ahead + 1))
-            yield _batch(start, results, size_px)
-    finally:
-        if ring:
-            ring.close()
+    # In flight: the batch in use, the next one, and `ahead` more; each has a buffer of the ring.
+    with _ring(ahead + 2, batch_size, size_px) as ring:
+        submit = lambda k: _submit(k, files[starts[k] : starts[k] + batch_size], size_px, settings,  # noqa: E731
+                                   decode, cached, starts[k], ring)
+        pending = [submit(k) for k in range(min(ahead + 1, len(starts)))]
+        try:
+            for k, start in enumerate(starts):
+                results = _settle(pending.pop(0), size_px, decode, ring, settings)
+                if k + ahead + 1 < len(starts):
+                    pending.append(submit(k + ahead + 1))
+                yield _batch(start, results, size_px)
+        finally:
+            # Left early (the shard failed or was stopped): let what is still being decoded land
+            # before the ring serves another shard.
+            wait([chunk.future for p in pending for chunk in p.chunks])
 
 
 def _submit(k: int, files: list[str], size_px: int, settings: Settings, decode: str,
             cached: CachedPixels | None, start: int, ring: Ring | None) -> _Pending:
-    """Batch ``k``: cache hits and unusable paths settled here, the rest sent to the decoding
-    processes in chunks that write into the ring's buffer ``k mod slots``."""
+    """Batch ``k``: cache hits settled here, the rest sent to the decoding processes in chunks
+    that write into the ring's buffer ``k mod slots``."""
     pending = _Pending(k % ring.shape[0] if ring else 0, {}, [])
-    todo: list[tuple[int, str, tuple[int, int] | None]] = []
-    for offset, path in enumerate(files):
-        try:
-            real = str(paths.image(path, settings))
-        except BadImage as exc:
-            pending.settled[offset] = str(exc)
-            continue
-        seen = stamp(Path(real))
-        hit = cached.get(start + offset, seen) if cached else None
-        if hit is not None:
-            pending.settled[offset] = (hit, seen, False)
-        else:
-            todo.append((offset, real, seen))
+    todo = [(offset, path) for offset, path in enumerate(files)
+            if not (cached and _from_cache(cached, start + offset, path, settings, pending.settled, offset))]
     # One task per decoding process and batch: each hand-off costs the worker's process CPU time
     # and a trip through the pool's short queue, so fewer and larger tasks keep the processes fed.
     chunk = max(1, math.ceil(len(files) / process_pool(settings)._max_workers))
     for lo in range(0, len(todo), chunk):
-        rows, reals, seens = (list(column) for column in zip(*todo[lo : lo + chunk], strict=True))
-        pending.chunks.append(_send(rows, reals, seens, pending.slot, size_px, decode, ring, settings))
+        rows, names = (list(column) for column in zip(*todo[lo : lo + chunk], strict=True))
+        pending.chunks.append(_send(rows, names, pending.slot, size_px, decode, ring, settings))
     return pending
 
 
-def _send(rows: list[int], files: list[str], stamps: list, slot: int, size_px: int, decode: str,
-          ring: Ring | None, settings: Settings) -> _Chunk:
+def _from_cache(cached: CachedPixels, row: int, path: str, settings: Settings, settled: dict[int, Result],
+                offset: int) -> bool:
+    """Settle the image from the pixel cache when its file is unchanged since it was cached."""
+    try:
+        real = paths.image(path, settings)
+    except BadImage:
+        return False  # the decoding process gives the reason
+    seen = stamp(Path(real))
+    hit = cached.get(row, seen)
+    if hit is not None:
+        settled[offset] = (hit, seen, False)
+    return hit is not None
+
+
+def _send(rows: list[int], files: list[str], slot: int, size_px: int, decode: str, ring: Ring | None,
+          settings: Settings) -> _Chunk:
     pool = process_pool(settings)
     try:
         future = pool.submit(decode_chunk, ring.address if ring else None, slot, rows, files, size_px, decode)
     except BrokenProcessPool as exc:
         future = Future()
         future.set_exception(exc)
-    return _Chunk(future, pool, rows, files, stamps)
+    return _Chunk(future, pool, rows, files)
 
 
 def _settle(pending: _Pending, size_px: int, decode: str, ring: Ring | None, settings: Settings) -> dict[int, Result]:
     """Every image of a batch, by position, once its chunks are back; pixels still in the ring."""
     results = dict(pending.settled)
     for chunk in pending.chunks:
-        for row, item, seen in zip(chunk.rows, _chunk_items(chunk, pending.slot, size_px, decode, ring, settings),
-                                   chunk.stamps, strict=True):
+        for row, (item, seen) in zip(chunk.rows, _chunk_items(chunk, pending.slot, size_px, decode, ring, settings),
+                                     strict=True):
             if isinstance(item, str):
                 results[row] = item
             else:
@@ -332,7 +371,7 @@ def _settle(pending: _Pending, size_px: int, decode: str, ring: Ring | None, set
 
 
 def _chunk_items(chunk: _Chunk, slot: int, size_px: int, decode: str, ring: Ring | None,
-                 settings: Settings) -> list[str | np.ndarray | None]:
+                 settings: Settings) -> list[Decoded]:
     try:
         return chunk.future.result()
     except BrokenProcessPool:
@@ -342,16 +381,16 @@ def _chunk_items(chunk: _Chunk, slot: int, size_px: int, decode: str, ring: Ring
 
 
 def _alone(row: int, path: str, slot: int, size_px: int, decode: str, ring: Ring | None,
-           settings: Settings) -> str | np.ndarray | None:
+           settings: Settings) -> Decoded:
     """One image of a chunk whose process died, decoded again by itself: if its process dies
     again, the image is the cause."""
-    chunk = _send([row], [path], [None], slot, size_px, decode, ring, settings)
+    chunk = _send([row], [path], slot, size_px, decode, ring, settings)
     try:
         return chunk.future.result()[0]
     except BrokenProcessPool:
         _replace_broken(chunk.pool)
         log.warning("decoding %s crashed its process twice; skipped", path)
-        return CRASHED
+        return CRASHED, None
 
 
 def _batch(start: int, results: dict[int, Result], size_px: int) -> Batch:
