@@ -234,7 +234,10 @@ class Ring:
 
     def close(self) -> None:
         self.array = None
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view of it is still alive somewhere; the mapping goes when that view does
         os.close(self.fd)
 
 
