@@ -49,8 +49,9 @@ def test_workers_ping_is_a_health_check(cluster):
 
 
 def test_workers_shows_the_shard_each_one_is_running(cluster, tmp_path):
-    data = make_flat(tmp_path / "data", 48)
-    # Batch size 1 at 128 px keeps each shard busy for seconds on a CPU worker.
+    data = make_flat(tmp_path / "data", 200)
+    # Batch size 1 at 128 px keeps the job busy for about 10 s on two CPU workers, long enough for
+    # several polls (shards shrink towards the end of a job, so the job's length is what counts).
     proc = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--input-size", "128",
                   "--weights", "none", "--shard-size", "24", "--batch-size", "1", "--broker", cluster.url, check=True)
     job_id = proc.stdout.strip().splitlines()[-1]
@@ -59,7 +60,7 @@ def test_workers_shows_the_shard_each_one_is_running(cluster, tmp_path):
     seen: set[str] = set()
     deadline = time.monotonic() + 120
     while not is_final(store.status(job_id).get("status", "")) and time.monotonic() < deadline:
-        for row in list_workers(app, store, timeout_s=1.0):
+        for row in list_workers(app, store, timeout_s=0.5):
             seen.update(c for c in row["current"] if c.startswith(job_id))
     assert store.status(job_id).get("status") == "done", cluster.logs()
     assert seen and seen <= {f"{job_id}:{shard}" for shard in store.spec(job_id).shard_ids}, seen
