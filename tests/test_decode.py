@@ -184,6 +184,10 @@ def test_decoding_processes_write_into_the_shared_ring(decoders, photos):
         np.testing.assert_array_equal(ring.array[1, 2], load_pixels(photos[0], 64, "fast"))
         np.testing.assert_array_equal(ring.array[1, 0], load_pixels(photos[1], 64, "fast"))
         assert not ring.array[0].any()
+        # Where the ring cannot be opened (a /proc that hides other processes), pixels come back pickled.
+        hidden = (2**22 + 1, ring.fd, "another-token", ring.shape)
+        (pixels, _), = pool.submit(decoders.decode_chunk, hidden, 0, [0], [str(photos[2])], 64, "fast").result(60)
+        np.testing.assert_array_equal(pixels, load_pixels(photos[2], 64, "fast"))
     finally:
         ring.close()
 
