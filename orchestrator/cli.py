@@ -327,7 +327,7 @@ def cmd_worker(args, settings: Settings) -> int:
     app = configure(settings)
     # Children import TensorFlow in worker_process_init; give them time before Celery gives up.
     app.conf.worker_proc_alive_timeout = 120
-    runtime.install(settings, extracts=keys.EXTRACT_QUEUE in queues)
+    runtime.install(settings, extracts=args.concurrency if keys.EXTRACT_QUEUE in queues else 0)
     print(f"convoy worker {args.hostname} on {redact_url(settings.broker_url)}, queues {','.join(queues)}",
           file=sys.stderr)
     app.worker_main(["worker", "-Q", ",".join(queues), "-c", str(args.concurrency), "-P", "prefork", "-E",

@@ -211,6 +211,16 @@ def test_a_decoding_process_that_dies_costs_only_its_image(decoders, photos, tmp
                                   np.stack([load_pixels(files[r], 64, "fast") for r in rows]))
 
 
+def test_pool_processes_of_one_worker_split_the_cores_also_after_a_crash(decoders):
+    from shared.settings import Settings
+
+    decoders.warm_up(Settings(), share=2)  # `convoy worker --concurrency 2`
+    pool = decoders.process_pool(Settings())
+    assert pool._max_workers == max(1, decoders.usable_cores() // 2)
+    decoders._replace_broken(pool)
+    assert decoders.process_pool(Settings())._max_workers == pool._max_workers
+
+
 def test_decoding_processes_exit_when_their_worker_is_killed(tmp_path):
     import signal
     import subprocess

@@ -84,6 +84,7 @@ class Batch:
 
 _threads: ThreadPoolExecutor | None = None
 _processes: ProcessPoolExecutor | None = None
+_size: int | None = None  # decoding processes per pool, once set (warm_up); else one per usable core
 _lock = threading.Lock()
 
 
@@ -96,14 +97,16 @@ def _thread_pool() -> ThreadPoolExecutor:
 
 
 def process_pool(settings: Settings, processes: int | None = None) -> ProcessPoolExecutor:
-    """This process's decoding processes, one per usable core unless ``processes`` says; started
-    by "spawn", so they hold no copy of TensorFlow or of the worker's threads."""
-    global _processes
+    """This process's decoding processes: ``processes`` of them (kept for the pools that replace
+    this one), else one per usable core; started by "spawn", so they hold no copy of TensorFlow or
+    of the worker's threads."""
+    global _processes, _size
     with _lock:
+        _size = processes or _size
         if _processes is None:
             _own_multiprocessing()
             _processes = ProcessPoolExecutor(
-                max_workers=processes or usable_cores(), mp_context=multiprocessing.get_context("spawn"),
+                max_workers=_size or usable_cores(), mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_child, initargs=(os.getpid(), settings))
         return _processes
 
@@ -121,18 +124,19 @@ def _own_multiprocessing() -> None:
         me._config["authkey"] = process.AuthenticationString(bytes(me._config["authkey"]))
 
 
-def warm_up(settings: Settings) -> None:
-    """Start the decoding processes now (while TensorFlow loads), not on the first batch."""
-    pool = process_pool(settings)
+def warm_up(settings: Settings, share: int = 1) -> None:
+    """Start the decoding processes now (while TensorFlow loads), not on the first batch; ``share``
+    pool processes of one worker (``--concurrency``) split the usable cores between them."""
+    pool = process_pool(settings, max(1, usable_cores() // share))
     for _ in range(pool._max_workers):
         pool.submit(int)
 
 
 def shut_down() -> None:
-    """Stop the decoding processes (the next extraction starts new ones)."""
-    global _processes
+    """Stop the decoding processes (the next extraction starts new ones, one per usable core)."""
+    global _processes, _size
     with _lock:
-        pool, _processes = _processes, None
+        pool, _processes, _size = _processes, None, None
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
 

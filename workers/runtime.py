@@ -45,11 +45,12 @@ class Runtime:
 
 _RUNTIME: Runtime | None = None
 _SETTINGS: Settings | None = None
-_EXTRACTS = False  # this worker takes extraction shards: start its decoding processes early
+_EXTRACTS = 0  # pool processes of a worker that takes extraction shards (0: it takes none)
 
 
-def install(settings: Settings, extracts: bool = False) -> None:
-    """Called by ``convoy worker`` in the main process before the pool forks."""
+def install(settings: Settings, extracts: int = 0) -> None:
+    """Called by ``convoy worker`` in the main process before the pool forks; ``extracts``: its
+    pool processes, when it serves the extract queue (they split the cores for decoding)."""
     global _SETTINGS, _EXTRACTS
     _SETTINGS, _EXTRACTS = settings, extracts
 
@@ -125,7 +126,7 @@ def _init_process(**_kwargs) -> None:
     if _EXTRACTS:
         from workers import decode
 
-        decode.warm_up(settings)  # they start while TensorFlow loads
+        decode.warm_up(settings, share=_EXTRACTS)  # they start while TensorFlow loads
     configure_tensorflow(settings.tf_threads)
     runtime()
 
