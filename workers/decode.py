@@ -2,8 +2,10 @@
 
 Files decode in processes. Pillow releases the GIL while it decodes and resizes, but the Python
 around each image (opening it and parsing its header, the load loop, the export to an array)
-holds it for about a tenth of a ``fast`` decode: threads stop scaling near 10,000 images/s
-whatever the cores, which is what a GPU host needs. The processes write pixels straight into a
+needs it, and a thread that wants it back after each step in C waits behind any thread running
+Python, up to the 5 ms switch interval: beside one busy Python thread in the worker, decoding
+threads fall to 3-5 % of their rate (bench/decode.py), and on a GPU host many decoding threads
+contend for it among themselves. The processes write pixels straight into a
 ring of batch buffers in shared memory (a memfd this process maps, see :class:`Ring`), so no
 pixels are pickled: each batch is copied out once. A decoding process that dies on an image (a
 decoder bug, the kernel's OOM killer) costs that image, with a reason, never the worker.
