@@ -194,13 +194,14 @@ class OwnRedis:
              "--save", "", *self.args],
             stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, password=self._password())
-        for _ in range(100):
+        deadline = time.monotonic() + 30  # a restart replays its AOF, maybe on a loaded machine
+        while time.monotonic() < deadline:
             try:
                 client.ping()
                 return self
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # BusyLoadingError too, while it replays
                 time.sleep(0.05)
-        raise RuntimeError("own redis-server did not start")
+        raise RuntimeError(f"own redis-server did not start within 30 s: see {self.workdir / 'redis.log'}")
 
     def _password(self) -> str | None:
         return self.args[self.args.index("--requirepass") + 1] if "--requirepass" in self.args else None

@@ -28,8 +28,9 @@ from tests.imagegen import make_tree
 
 #: Shards big enough to be caught mid-way on a 2-core machine.
 ARGS = ["--input-size", "48", "--weights", "none", "--seed", "5", "--shard-size", "30", "--batch-size", "2"]
-#: One shard of 60 images a batch at a time: long enough for a test to act while it runs.
-LONG_SHARD = ["--shard-size", "60", "--batch-size", "1"]
+#: Shards of up to 60 images, a batch at a time, at 96 px: a shard caught with work left lasts
+#: long enough for a test to act while it runs.
+LONG_SHARD = ["--shard-size", "60", "--batch-size", "1", "--input-size", "96"]
 
 
 def _data(tmp_path: Path, per_split: int = 20) -> Path:
@@ -42,23 +43,29 @@ def _submit(private, data: Path, out: Path, *extra: str) -> str:
     return proc.stdout.strip()
 
 
-def _wait_running(store: JobStore, job: str, min_done: int = 2, timeout: float = 120) -> tuple[str, dict]:
+def _wait_running(store: JobStore, job: str, min_done: int = 2, min_left: int = 8,
+                  timeout: float = 120) -> tuple[str, dict]:
+    """A running shard with ``min_done`` images done and ``min_left`` still to do (the one with the
+    most left): a test acting on it finds it still running, however late this poll caught it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for shard, state in store.shard_states(job).items():
-            if state.get("state") == "running" and int(state.get("done", 0)) >= min_done and state.get("pid"):
-                return shard, state
+        running = [(int(state.get("total", 0)) - int(state.get("done", 0)), shard, state)
+                   for shard, state in store.shard_states(job).items()
+                   if state.get("state") == "running" and state.get("pid") and int(state.get("done", 0)) >= min_done]
+        if running and max(running)[0] >= min_left:
+            _, shard, state = max(running, key=lambda r: r[0])
+            return shard, state
         time.sleep(0.1)
-    raise TimeoutError("no shard got going")
+    raise TimeoutError(f"no shard got going with {min_done} images done and {min_left} left")
 
 
 def _long_shard_running(private, tmp_path: Path, *workers: str) -> tuple[Path, Path, str, str, str]:
     """``workers`` started and a job of long shards submitted to them: (data, out, job, a shard
     under way, the name of the worker running it), for a test that then stops that worker."""
     private.start(*workers)
-    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+    data, out = _data(tmp_path, per_split=60), tmp_path / "out"
     job = _submit(private, data, out, *LONG_SHARD)
-    shard, state = _wait_running(private.store, job)
+    shard, state = _wait_running(private.store, job, min_left=15)
     return data, out, job, shard, state["worker"].split("@")[0]
 
 
@@ -127,8 +134,8 @@ def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     data = make_tree(tmp_path / "data", {"all": 15}, splits=("all",), size_px=48)
     app = make_app(Settings(broker_url=private.url))
     job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), *ARGS, "--batch-size", "1",
-                 "--broker", private.url, check=True).stdout.strip()
-    shard, running = _wait_running(private.store, job, min_done=1)
+                 "--input-size", "96", "--broker", private.url, check=True).stdout.strip()
+    shard, running = _wait_running(private.store, job, min_done=1, min_left=15)
     assert len(private.store.spec(job).shard_ids) == 1
     duplicate = app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.TRAIN_QUEUE)
     answer = AsyncResult(duplicate.id, app=app).get(timeout=60)
@@ -167,9 +174,9 @@ def test_poison_shard_is_given_up_and_named(private, tmp_path):
 def test_cancel_stops_the_job_and_nothing_else(private, tmp_path):
     private.start("c1")
     data = _data(tmp_path, per_split=60)
-    # One long training shard: the cancel lands while it runs, whatever the machine's speed.
-    job = _submit(private, data, tmp_path / "out", "--shard-size", "120")
-    _wait_running(private.store, job)
+    # One long training shard, caught with half of it left: the cancel lands while it runs.
+    job = _submit(private, data, tmp_path / "out", "--shard-size", "120", "--input-size", "96")
+    _wait_running(private.store, job, min_left=60)
     proc = convoy("cancel", job, "--broker", private.url, check=True)
     assert "cancelled" in proc.stdout
     final = wait_final(private.store, job, timeout=60)
@@ -188,8 +195,7 @@ def test_resume_after_the_broker_forgot_everything(private, tmp_path):
     private.start("r1")
     data, out = _data(tmp_path, per_split=30), tmp_path / "out"
     job = _submit(private, data, out)
-    while not private.store.finished_shards(job):
-        time.sleep(0.2)
+    wait_until(lambda: private.store.finished_shards(job), 120, "a first shard finished")
     stop_worker(private.procs.pop("r1"), signal.SIGKILL)
     private.store.r.flushdb()
     private.store.r.set("convoy-test-lock", os.getpid(), ex=3600)

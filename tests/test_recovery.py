@@ -83,7 +83,8 @@ def test_extract_only_cluster_finishes_extraction_and_says_what_training_waits_f
     private.start("x1", queues="extract")
     data = make_tree(tmp_path / "data", {"train": 12, "validation": 4, "test": 4}, size_px=48)
     job = _submit(private, data, tmp_path / "out", "--shard-size", "30", "--batch-size", "1")
-    wait_until(lambda: private.store.job_status(job).value == "extracting", 120, "status extracting")
+    # Stamped when the status is entered: a small job may be past it by the first poll.
+    wait_until(lambda: "extracting_at" in private.store.status(job), 120, "status extracting")
     assert wait_final(private.store, job)["status"] == "done", private.logs()
 
     trained = _submit(private, data, tmp_path / "out2", "--then-train", "--epochs", "1")
