@@ -52,8 +52,8 @@ def _wait_running(store: JobStore, job: str, min_done: int = 2, min_left: int = 
         running = [(int(state.get("total", 0)) - int(state.get("done", 0)), shard, state)
                    for shard, state in store.shard_states(job).items()
                    if state.get("state") == "running" and state.get("pid") and int(state.get("done", 0)) >= min_done]
-        if running and max(running)[0] >= min_left:
-            _, shard, state = max(running, key=lambda r: r[0])
+        left, shard, state = max(running, key=lambda r: r[0], default=(-1, "", {}))
+        if left >= min_left:
             return shard, state
         time.sleep(0.1)
     raise TimeoutError(f"no shard got going with {min_done} images done and {min_left} left")
