@@ -209,6 +209,7 @@ def test_gradcam_on_a_nested_mobilenetv2_equals_keras_io(tmp_path):
 
 # --- end to end on real workers -------------------------------------------------------------------
 
+@pytest.mark.slow  # about a minute; vgg16 end to end stays in make test (test_cam.py, test_train.py)
 def test_resnet50_end_to_end_trains_predicts_and_draws_heatmaps(cluster, tmp_path):
     import keras
 

@@ -28,9 +28,9 @@ from tests.imagegen import make_tree
 
 #: Shards big enough to be caught mid-way on a 2-core machine.
 ARGS = ["--input-size", "48", "--weights", "none", "--seed", "5", "--shard-size", "30", "--batch-size", "2"]
-#: Shards of up to 60 images, a batch at a time, at 96 px: a shard caught with work left lasts
-#: long enough for a test to act while it runs.
-LONG_SHARD = ["--shard-size", "60", "--batch-size", "1", "--input-size", "96"]
+#: Shards of up to 60 images, a batch at a time: a shard caught with 15 images left (see
+#: :func:`_wait_running`) still runs when the test acts on it.
+LONG_SHARD = ["--shard-size", "60", "--batch-size", "1"]
 
 
 def _data(tmp_path: Path, per_split: int = 20) -> Path:

@@ -37,13 +37,20 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """SIGINT at its default in the CLI, as for a command run in a terminal: tests started in the
+    background (``pytest &``) ignore it, a child inherits that, and Python then installs no
+    KeyboardInterrupt handler, so the Ctrl-C would go unheard."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_everything_it_started(tmp_path):
     data = make_tree(tmp_path / "data", {"train": 60, "validation": 2, "test": 2}, size_px=64)
     env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(tmp_path / "out"),
                              "--weights", "none", "--input-size", "64", "--workers", "2", "--shard-size", "8",
                              "--no-train"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.monotonic() + 120
     kids: set[int] = set()
     while time.monotonic() < deadline and not list((tmp_path / "out" / "features").glob("*/shard-*.h5")):
