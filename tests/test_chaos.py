@@ -29,6 +29,7 @@ import pytest
 from redis.exceptions import RedisError
 
 from shared.jobstore import JobStore, connect
+from tests import procs
 from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_ready, wait_until
 from tests.imagegen import make_flat, make_tree
 from tests.test_faults import _exactly_once
@@ -81,7 +82,7 @@ class Chaos:
         return None
 
     def kill_child(self, name: str) -> bool:
-        children = _children(self.procs[name].pid)
+        children = procs.children(self.procs[name].pid)
         if not children:
             return False
         os.kill(children[0], signal.SIGKILL)
@@ -89,7 +90,7 @@ class Chaos:
         return True
 
     def kill_pid(self, pid: int, why: str) -> bool:
-        if _zombie(pid):  # already dead, not yet reaped: killing it again proves nothing
+        if not procs.alive(pid):  # a zombie is dead already: killing it again proves nothing
             return False
         try:
             os.kill(pid, signal.SIGKILL)
@@ -102,25 +103,6 @@ class Chaos:
         self.server.stop()
         self.server.start()
         self.note("restart redis (AOF)")
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True  # gone
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return sorted(found)
 
 
 def _fault(chaos: Chaos, store: JobStore, rng: random.Random) -> None:

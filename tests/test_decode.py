@@ -18,6 +18,7 @@ from orchestrator.sample import make_sample
 from orchestrator.scan import Scan
 from shared.images import load_pixels
 from shared.job import ModelConfig, fingerprint
+from tests import procs
 from tests.conftest import convoy
 
 FAST = ["--input-size", "32", "--weights", "none", "--seed", "3", "--no-train"]
@@ -240,14 +241,8 @@ def test_decoding_processes_exit_when_their_worker_is_killed(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 15
-    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+    while any(procs.alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in children), "decoding processes outlived their worker"
+    assert not any(procs.alive(p) for p in children), "decoding processes outlived their worker"
 
 
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its (new) parent to reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -10,31 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+from tests import procs
 from tests.conftest import wait_until
 from tests.imagegen import make_tree
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _children(pid: int) -> set[int]:
-    kids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.add(int(entry))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _sigint_as_in_a_terminal() -> None:
@@ -54,13 +34,13 @@ def test_ctrl_c_stops_everything_it_started(tmp_path):
     deadline = time.monotonic() + 120
     kids: set[int] = set()
     while time.monotonic() < deadline and not list((tmp_path / "out" / "features").glob("*/shard-*.h5")):
-        kids |= _children(proc.pid)
+        kids |= set(procs.children(proc.pid))
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
-    kids |= _children(proc.pid)
+    kids |= set(procs.children(proc.pid))
     assert len(kids) >= 3, "a broker and two workers"
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    wait_until(lambda: not [k for k in kids if _alive(k)], 10, "every child of the CLI gone")
+    wait_until(lambda: not [k for k in kids if procs.alive(k)], 10, "every child of the CLI gone")

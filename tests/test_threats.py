@@ -16,6 +16,7 @@ from shared.camjob import CamSpec
 from shared.celery_app import make_app
 from shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
 from shared.settings import Settings
+from tests import procs
 from tests.conftest import ROOT, convoy, wait_final, wait_until
 from tests.imagegen import make_flat, make_tree
 
@@ -161,7 +162,7 @@ def _worker_broker_url(cli_pid: int) -> str | None:
     """CONVOY_BROKER_URL from the environment of a worker the CLI started (root may read it)."""
     for entry in Path("/proc").iterdir():
         try:
-            if not entry.name.isdigit() or _parent(entry) != cli_pid:
+            if not entry.name.isdigit() or procs.parent(entry.name) != cli_pid:
                 continue
             if b"orchestrator\x00worker" in (entry / "cmdline").read_bytes():
                 env = dict(i.split("=", 1) for i in (entry / "environ").read_text().split("\0") if "=" in i)
@@ -170,6 +171,3 @@ def _worker_broker_url(cli_pid: int) -> str | None:
             continue
     return None
 
-
-def _parent(proc: Path) -> int:
-    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
