@@ -379,7 +379,7 @@ def cmd_cancel(args, settings: Settings) -> int:
     from shared.states import JobStatus
 
     store = _store(settings)
-    store.spec(args.job)
+    store.kind_of(args.job)  # an unknown job is a usage error; any kind of job can be cancelled
     if store.end_job(args.job, JobStatus.CANCELLED, error="cancelled by the user"):
         _record_cancel(store, args.job)
         print(f"job {args.job} cancelled")

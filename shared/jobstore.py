@@ -78,6 +78,7 @@ class Claim:
 
     outcome: str  # claimed | capped | busy | already | stopped | unknown
     deliveries: int
+    attempt: int = 0  # the step's claim count, never lowered: this holder's fencing number
 
 
 class JobStore:
@@ -219,8 +220,9 @@ class JobStore:
         """Take ``step`` for this worker: count the delivery, take its lease, move the job's status.
         ``takeover``: the token of a holder known dead, whose live lease may be taken at once."""
         src, dst = (moves[0].value, moves[1].value) if moves else ("", "")
-        outcome, deliveries = self._run("CLAIM", [job, step, token, worker, pid, lease_s, src, dst, takeover])
-        return Claim(outcome, int(deliveries))
+        outcome, deliveries, *attempt = self._run("CLAIM", [job, step, token, worker, pid, lease_s, src, dst,
+                                                            takeover])
+        return Claim(outcome, int(deliveries), int(attempt[0]) if attempt else 0)
 
     def renew(self, job: str, step: str, token: str, lease_s: float, worker: str) -> str:
         """ok | lost (another holder, or repaired) | ended (the job is final) | draining."""
@@ -239,16 +241,17 @@ class JobStore:
         """Fields the holder reports on its step (a training's epoch); the answer is :meth:`renew`'s."""
         return self._run("NOTE", [job, step, token, json.dumps(fields)])
 
-    def finish_step(self, job: str, step: str, outcome: StepState, *, done: int | None = None, error: str = "",
-                    fields: dict | None = None, job_fields: dict | None = None, fail_job: bool = True,
-                    job_error: str = "", barrier: int = 0, then: NewStep | None = None) -> str:
+    def finish_step(self, job: str, step: str, outcome: StepState, *, token: str, done: int | None = None,
+                    error: str = "", fields: dict | None = None, job_fields: dict | None = None,
+                    fail_job: bool = True, job_error: str = "", barrier: int = 0, then: NewStep | None = None) -> str:
         """A step ends done or failed: one transition that also trips the barrier or queues ``then``.
 
-        Returns dup (it had ended already: nothing changes), late (the job had ended), failed (this
-        failure ended the job), wait (other steps are still out), next (``then`` was queued: send
-        it) or done (the job is done).
+        ``token`` is the caller's claim: only the current holder of a running step is heard.
+        Returns dup (it had ended already: nothing changes), stale (the caller no longer holds the
+        step: nothing changes), late (the job had ended), failed (this failure ended the job), wait
+        (other steps are still out), next (``then`` was queued: send it) or done (the job is done).
         """
-        payload = {"job": job, "step": step, "outcome": outcome.value, "error": error,
+        payload = {"job": job, "step": step, "token": token, "outcome": outcome.value, "error": error,
                    "fields": {k: _field(v) for k, v in (fields or {}).items()},
                    "job_fields": {k: _field(v) for k, v in (job_fields or {}).items()},
                    "fail_job": fail_job, "job_error": job_error, "barrier": barrier}

@@ -58,8 +58,8 @@ def claim(store: JobStore, job: str, step: str, token: str = "t1", lease_s: floa
     return store.claim(job, step, token, "w1@test", 1, lease_s, (JobStatus.QUEUED, JobStatus.EXTRACTING))
 
 
-def finish(store: JobStore, spec: JobSpec, step: str, outcome=StepState.DONE, **kw) -> str:
-    return store.finish_step(spec.job_id, step, outcome, done=4, barrier=len(spec.shard_ids), then=MERGE,
+def finish(store: JobStore, spec: JobSpec, step: str, outcome=StepState.DONE, token: str = "t1", **kw) -> str:
+    return store.finish_step(spec.job_id, step, outcome, token=token, done=4, barrier=len(spec.shard_ids), then=MERGE,
                              fail_job=not spec.allow_failed_shards, job_error=f"shard {step} failed", **kw)
 
 
@@ -78,7 +78,7 @@ def test_late_duplicate_past_the_cap_does_not_fail_a_finished_shard(store):
     assert finish(store, spec, s0) == "wait"
     again = claim(store, job, s0, token="t2")  # Redis redelivers it: past --max-deliveries 1
     assert again.outcome == "already"
-    assert finish(store, spec, s0, StepState.FAILED, error="late") == "dup"
+    assert finish(store, spec, s0, StepState.FAILED, token="t2", error="late") == "dup"
     assert store.finished_shards(job) == {s0} and not store.failed_shards(job)
     assert store.step(job, s0)["deliveries"] == 1
     assert store.job_status(job) == JobStatus.EXTRACTING  # the barrier did not count s0 twice
@@ -106,12 +106,35 @@ def test_progress_and_finish_never_overwrite_each_other(store):
     lapse(store, job, s0)
     assert store.repair(keys.member(job, s0), "lease", "lapsed") is not None
     assert claim(store, job, s0, "new").outcome == "claimed"
-    finish(store, spec, s0, fields={"rows": 3, "skipped": [{"path": "x", "reason": "bad"}]})
+    finish(store, spec, s0, token="new", fields={"rows": 3, "skipped": [{"path": "x", "reason": "bad"}]})
     assert store.progress(job, s0, "old", 1, 1.0, "w1@test") == "lost"  # the old holder learns to stop
     state = store.step(job, s0)
     assert state["rows"] == 3 and state["skipped"] == [{"path": "x", "reason": "bad"}] and state["done"] == 4
     assert int(store.status(job)["images_done"]) == 4  # the old holder's 2 were taken back
     assert state["deliveries"] == 2
+
+
+def test_only_the_current_holder_finishes_a_step(store):
+    """Fencing: a holder whose lease lapsed and was taken over can neither finish nor fail the step."""
+    spec = make_job(store, n_shards=1)
+    job, s0 = spec.job_id, spec.shard_ids[0]
+    first = claim(store, job, s0, "old")
+    lapse(store, job, s0)  # the holder froze past its lease
+    assert store.repair(keys.member(job, s0), "lease", "lapsed") is not None
+    second = claim(store, job, s0, "new")
+    assert second.outcome == "claimed" and second.attempt > first.attempt
+    assert finish(store, spec, s0, token="old") == "stale"  # the old holder thaws and reports done
+    assert finish(store, spec, s0, StepState.FAILED, token="old", error="stale") == "stale"
+    assert store.step(job, s0)["state"] == "running" and store.job_status(job) == JobStatus.EXTRACTING
+    assert not store.r.hexists(keys.job_steps(job), keys.MERGE_STEP)
+    assert finish(store, spec, s0, token="new") == "next"
+    assert finish(store, spec, s0, token="old") == "dup"
+
+
+def test_a_queued_step_cannot_be_finished_without_a_claim(store):
+    spec = make_job(store, n_shards=1)
+    assert finish(store, spec, spec.shard_ids[0], token="") == "stale"
+    assert store.step(spec.job_id, spec.shard_ids[0])["state"] == "queued"
 
 
 def test_only_one_of_many_reconcilers_repairs_a_lapsed_lease(store, db):
@@ -147,12 +170,12 @@ def test_a_cancel_during_training_stays_cancelled(store):
     assert finish(store, spec, s0) == "next"
     assert claim(store, job, keys.MERGE_STEP).outcome == "claimed"
     train = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)
-    assert store.finish_step(job, keys.MERGE_STEP, StepState.DONE, then=train) == "next"
+    assert store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train) == "next"
     assert claim(store, job, keys.TRAIN_STEP).outcome == "claimed"
     assert store.job_status(job) == JobStatus.TRAINING
     assert store.end_job(job, JobStatus.CANCELLED, error="cancelled by the user")
     assert store.renew(job, keys.TRAIN_STEP, "t1", 45, "w1@test") == "ended"  # training stops
-    assert store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, job_fields={"summary": {}}) == "late"
+    assert store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, token="t1", job_fields={"summary": {}}) == "late"
     assert not store.end_job(job, JobStatus.DONE)
     assert claim(store, job, keys.TRAIN_STEP, "t9").outcome == "stopped"
     assert store.job_status(job) == JobStatus.CANCELLED
@@ -223,14 +246,15 @@ def test_job_states_follow_the_chain(store):
     seen.append(store.job_status(job))
     claim(store, job, keys.MERGE_STEP)
     train = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)
-    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, then=train, job_fields={"summary": {"images": 8}})
+    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train,
+                      job_fields={"summary": {"images": 8}})
     seen.append(store.job_status(job))
     claim(store, job, keys.TRAIN_STEP)
     fine = NewStep(keys.FINETUNE_STEP, keys.TRAIN_QUEUE, keys.FINETUNE_TASK, JobStatus.FINETUNING)
-    store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, then=fine)
+    store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, token="t1", then=fine)
     seen.append(store.job_status(job))
     claim(store, job, keys.FINETUNE_STEP)
-    assert store.finish_step(job, keys.FINETUNE_STEP, StepState.DONE) == "done"
+    assert store.finish_step(job, keys.FINETUNE_STEP, StepState.DONE, token="t1") == "done"
     seen.append(store.job_status(job))
     assert [s.value for s in dict.fromkeys(seen)] == ["queued", "extracting", "merging", "training",
                                                       "finetuning", "done"]
@@ -249,7 +273,7 @@ def test_waiting_for_names_the_queue_nobody_consumes(store):
     finish(store, spec, spec.shard_ids[0])
     claim(store, job, keys.MERGE_STEP)
     train = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)
-    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, then=train)
+    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train)
     assert brief(store, job)["waiting_for"] == {"queue": "train", "workers": 0}
 
 
@@ -308,3 +332,15 @@ def test_no_module_but_the_store_talks_to_redis():
         if "import redis" in text or ".r." in text or "store.r\n" in text:
             offenders.append(path.name)
     assert not offenders
+
+
+def test_convoy_cancel_ends_a_grad_cam_job(store, db):
+    from shared.camjob import CamSpec
+    from tests.conftest import convoy
+
+    spec = CamSpec(job_id=new_job_id(), model="m.keras", model_path="/m.keras", model_sha256="0" * 64,
+                   out_dir="/tmp/cam-out", root="/d", n_batches=1, n_images=2, batch_size=2)
+    store.create_cam(spec, {"cam/00000": ["a.jpg", "b.jpg"]}, ttl_s=TTL_S)
+    got = convoy("cancel", spec.job_id, "--broker", db)
+    assert got.returncode == 0 and "cancelled" in got.stdout, got.stderr
+    assert store.job_status(spec.job_id) == JobStatus.CANCELLED

@@ -77,6 +77,7 @@ class StepContext:
 
     def __init__(self, store: JobStore, job_id: str, step: str, worker: str, deliveries: int) -> None:
         self.store, self.job_id, self.step, self.worker, self.deliveries = store, job_id, step, worker, deliveries
+        self.attempt = 0  # the store's fencing number of this claim
         self.token = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.answer = "ok"
         self.started = self._renewed_at = time.monotonic()
@@ -159,14 +160,14 @@ class ConvoyStep(Task):
         claim = store.claim(job_id, step, ctx.token, worker, os.getpid(), LEASE_S, self.moves)
         if claim.outcome == "busy":
             claim = self._take_over_from_a_dead_sibling(store, ctx, claim)
+        if claim.outcome not in ("claimed", "capped"):
+            return {"job": job_id, "step": step, "state": claim.outcome}
+        ctx.deliveries, ctx.attempt = claim.deliveries, claim.attempt
+        self.ctx = ctx
         if claim.outcome == "capped":
             reason = f"given up after {claim.deliveries - 1} deliveries ({self.capped_hint})"
             return self._fail(store, job_id, step, reason)
-        if claim.outcome != "claimed":
-            return {"job": job_id, "step": step, "state": claim.outcome}
         faults.point("after-claim")
-        ctx.deliveries = claim.deliveries
-        self.ctx = ctx
         with ctx:
             try:
                 self.preflight(job_id)
@@ -198,12 +199,18 @@ class ConvoyStep(Task):
                            takeover=holder.get("token", ""))
 
     def _finish(self, store: JobStore, job_id: str, step: str, outcome: Outcome) -> dict:
+        ctx = self.ctx
+        if ctx.answer == "lost":  # another holder has the step: its outcome, not this one's, counts
+            return {"job": job_id, "step": step, "state": "stopped", "why": "lost"}
         route = self.route(job_id, step)
-        answer = store.finish_step(job_id, step, StepState.DONE, done=outcome.done, fields=outcome.fields,
-                                   job_fields=outcome.job_fields, barrier=route.barrier, then=route.then)
+        answer = store.finish_step(job_id, step, StepState.DONE, token=ctx.token, done=outcome.done,
+                                   fields=outcome.fields, job_fields=outcome.job_fields, barrier=route.barrier,
+                                   then=route.then)
+        if answer == "stale":
+            return {"job": job_id, "step": step, "state": "stopped", "why": "stale"}
         self._follow(job_id, answer, route.then)
-        if answer != "dup" and self.ctx is not None:
-            self._observe(store, time.monotonic() - self.ctx.started)
+        if answer != "dup":
+            self._observe(store, time.monotonic() - ctx.started)
         return {"job": job_id, "step": step, "state": "done", "transition": answer, **outcome.result}
 
     def _observe(self, store: JobStore, seconds: float) -> None:
@@ -214,16 +221,16 @@ class ConvoyStep(Task):
             log.warning("could not record the time of a %s: %s", self.name, exc)
 
     def _fail(self, store: JobStore, job_id: str, step: str, reason: str) -> dict:
-        ctx = getattr(self, "ctx", None)
-        if ctx is not None and ctx.step == step and ctx.job_id == job_id and ctx.answer == "lost":
-            # Another holder has the step now: its outcome, not this one's failure, counts.
+        ctx = self.ctx
+        if ctx.answer == "lost":  # another holder has the step now: its outcome, not this failure, counts
             return {"job": job_id, "step": step, "state": "stopped", "why": "lost"}
         route = self.route(job_id, step)
         what = self.describe(step)
-        answer = store.finish_step(job_id, step, StepState.FAILED, error=reason, fail_job=route.fail_job,
-                                   job_error=f"{what} failed: {reason}", barrier=route.barrier, then=route.then)
+        answer = store.finish_step(job_id, step, StepState.FAILED, token=ctx.token, error=reason,
+                                   fail_job=route.fail_job, job_error=f"{what} failed: {reason}",
+                                   barrier=route.barrier, then=route.then)
         self._follow(job_id, answer, route.then)
-        if answer in ("dup", "late"):
+        if answer in ("dup", "late", "stale"):
             return {"job": job_id, "step": step, "state": answer}
         # Raised so that Celery and Flower show the task failed; the job state already says why.
         raise ShardError(f"{what} of job {job_id} failed: {reason}")
