@@ -58,6 +58,7 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
     result, timings = _extract(self, rt, spec, shard, entries, abs_paths)
     t0 = time.perf_counter()
     attrs = feature_attrs(spec, split=shard.split("/")[0]) | {"fingerprint": fp, "shard": shard, "host": host}
+    self.ctx.confirm()  # a cancelled job, or a holder another worker superseded, writes nothing
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
     timings["written_at"] = time.time()

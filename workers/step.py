@@ -99,6 +99,15 @@ class StepContext:
         if self.answer != "ok":
             raise StepStopped(self.answer)
 
+    def confirm(self) -> None:
+        """Ask the store now whether this holder may still publish (a round trip, unlike
+        :meth:`check`): called right before a step writes what others read, so that a cancelled
+        job or a superseded holder publishes nothing."""
+        faults.point("before-publish")
+        self._note(self.store.renew(self.job_id, self.step, self.token, LEASE_S, self.worker))
+        if self.answer != "draining":  # a draining worker still finishes what it has written
+            self.check()
+
     def _note(self, answer: str) -> None:
         self._renewed_at = time.monotonic()
         if self.answer == "ok":
