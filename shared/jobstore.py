@@ -88,8 +88,8 @@ class JobStore:
         self.r = client
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
             "CLAIM", "RENEW", "PROGRESS", "NOTE", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
-            "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE", "OBSERVE_STEP", "RATES",
-            "FORGET_RATE")}
+            "LAPSED", "OLD_PENDING", "OVERTAKEN", "OLD_HELD", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE",
+            "OBSERVE_STEP", "RATES", "FORGET_RATE")}
 
     def _run(self, name: str, args: list, script_keys: list | None = None):
         return self._scripts[name](keys=script_keys or [], args=[str(a) for a in args])
@@ -296,10 +296,46 @@ class JobStore:
         count, *members = self._run("OLD_PENDING", [queue, age_s, limit])
         return int(count), members
 
-    def repair(self, member: str, kind: str, reason: str, old_msg: str = "") -> NewStep | None:
+    def overtaken(self, queue: str, margin_s: float, limit: int) -> list[str]:
+        """Steps waiting on ``queue`` whose message a later one overtook (see ``lua.OVERTAKEN``)."""
+        return self._run("OVERTAKEN", [queue, margin_s, limit])
+
+    def old_held(self, age_s: float, limit: int = 500) -> list[str]:
+        """Steps whose message a worker received more than ``age_s`` ago and has not started."""
+        return self._run("OLD_HELD", [age_s, limit])
+
+    def messages_in_hand(self) -> set[str]:
+        """The ids of the messages workers took and have not acknowledged (kombu's ``unacked``):
+        as many as the cluster has task slots, whatever the queues' lengths."""
+        ids = set()
+        for raw in self.r.hvals(keys.KOMBU_UNACKED):
+            try:
+                ids.add(json.loads(raw)[0]["headers"]["id"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+        return ids
+
+    def drain(self, job: str) -> int:
+        """Take a job's waiting messages off its queues (after it ended): they would only be
+        received to be refused. How many were removed."""
+        steps = self.steps(job)
+        msgs = {s.get("msg") for s in steps.values()}
+        removed = 0
+        for queue in {s.get("queue") for s in steps.values() if s.get("queue")}:
+            for name in keys.queue_lists(queue):
+                for raw in self.r.lrange(name, 0, -1):
+                    try:
+                        msg = json.loads(raw)["headers"]["id"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if msg in msgs:
+                        removed += self.r.lrem(name, 1, raw)
+        return removed
+
+    def repair(self, member: str, kind: str, reason: str, old_msg: str = "", held_s: float = 0) -> NewStep | None:
         """Claim one repair of a lost edge; the step to enqueue again, or None if another did it."""
         msg = new_message_id()
-        found = self._run("REPAIR", [member, kind, reason, msg, old_msg])
+        found = self._run("REPAIR", [member, kind, reason, msg, old_msg, held_s])
         if not found:
             return None
         return NewStep(keys.split_member(member)[1], found[1], found[0], msg=msg)

@@ -233,20 +233,26 @@ add_step(j, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], t)
 return 1
 """
 
-#: A worker's main process received a step's message. ARGV: job, step, worker.
+#: A worker's main process received a step's message. ARGV: job, step, worker. The time the step
+#: was queued raises its queue's received mark (what the reconciler finds lost messages behind).
 RECEIVED = _PRELUDE + """
 local j, s = ARGV[1], ARGV[2]
 local sk = k_step(j, s)
 if redis.call('HGET', sk, 'state') ~= 'queued' or final(job_status(j)) then return 0 end
-local m = member(j, s)
-redis.call('ZREM', k_pending(redis.call('HGET', sk, 'queue')), m)
+local m, queue = member(j, s), redis.call('HGET', sk, 'queue')
+local queued = redis.call('ZSCORE', k_pending(queue), m)
+if queued and tonumber(queued) > tonumber(redis.call('GET', k_received(queue)) or '0') then
+  redis.call('SET', k_received(queue), queued)
+end
+redis.call('ZREM', k_pending(queue), m)
 redis.call('ZADD', k_held(), now(), m)
 redis.call('HSET', sk, 'holder', ARGV[3])
 return 1
 """
 
 #: The reconciler's one repair: put a step whose message is lost back on its queue, once.
-#: ARGV: member, kind (lease | held | lost), reason, new message id, old message id (lost).
+#: ARGV: member, kind (lease | held | orphan | lost), reason, new message id, old message id (orphan,
+#: lost), held for at least this many seconds (orphan: its message is in no worker's hands).
 #: -> {task, queue} when this call claimed the repair, else {}.
 REPAIR = _PRELUDE + """
 local sep = string.find(ARGV[1], '|', 1, true)
@@ -269,6 +275,11 @@ elseif kind == 'held' then
   local beat = redis.call('ZSCORE', k_workers(queue), redis.call('HGET', sk, 'holder') or '')
   if beat and tonumber(beat) > t then return {} end
   redis.call('ZREM', k_held(), m)
+elseif kind == 'orphan' then
+  local since = redis.call('ZSCORE', k_held(), m)
+  local young = not since or tonumber(since) > t - tonumber(ARGV[6])
+  if state ~= 'queued' or young or redis.call('HGET', sk, 'msg') ~= ARGV[5] then return {} end
+  redis.call('ZREM', k_held(), m)
 else
   if state ~= 'queued' or redis.call('HGET', sk, 'msg') ~= ARGV[5] or not redis.call('ZSCORE', k_pending(queue), m) then
     return {}
@@ -284,6 +295,20 @@ return {redis.call('HGET', sk, 'task'), queue}
 #: ARGV: limit. -> members whose lease deadline has passed.
 LAPSED = _PRELUDE + """
 return redis.call('ZRANGEBYSCORE', k_leases(), '-inf', now(), 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+
+#: ARGV: queue, margin_s, limit. -> steps waiting on ``queue`` that were queued more than margin_s
+#: before a step whose message a worker has already taken: on a first-in, first-out queue their
+#: messages are gone. The cost is the number found, whatever the queue's length.
+OVERTAKEN = _PRELUDE + """
+local mark = tonumber(redis.call('GET', k_received(ARGV[1])) or '0')
+return redis.call('ZRANGEBYSCORE', k_pending(ARGV[1]), '-inf', '(' .. (mark - tonumber(ARGV[2])),
+                  'LIMIT', 0, tonumber(ARGV[3]))
+"""
+
+#: ARGV: age_s, limit. -> steps held (their message received by a worker) for longer than age_s.
+OLD_HELD = _PRELUDE + """
+return redis.call('ZRANGEBYSCORE', k_held(), '-inf', now() - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
 """
 
 #: ARGV: queue, age_s, limit. -> {count, members...} of steps queued longer than age_s ago.

@@ -18,7 +18,7 @@ from shared.job import JobSpec, ModelConfig, new_job_id
 from shared.jobstore import JobStore, NewStep, connect
 from shared.settings import Settings
 from shared.states import JobStatus, StepState
-from tests.conftest import own_database
+from tests.conftest import own_database, wait_until
 from workers.reconciler import Reconciler
 
 MERGE = NewStep(keys.MERGE_STEP, keys.MERGE_QUEUE, keys.MERGE_TASK, JobStatus.MERGING)
@@ -233,6 +233,64 @@ def test_a_message_held_by_a_dead_worker_is_repaired_and_a_live_one_is_not(store
     assert store.held_members() == [keys.member(job, s1)]
 
 
+def _send_all(send, store: JobStore, spec: JobSpec) -> None:
+    for shard in spec.shard_ids:
+        msg = store.step(spec.job_id, shard)["msg"]
+        send(spec.job_id, NewStep(shard, keys.EXTRACT_QUEUE, keys.EXTRACT_TASK, msg=msg))
+
+
+def test_a_lost_message_behind_a_backlog_of_live_and_stale_ones_is_found_in_one_tick(store, db):
+    """Stale messages (a cancelled job's) and younger live ones on the queue do not hide a lost one:
+    once a worker has taken a message queued after it, the step is repaired."""
+    send = sender(db)
+    store.r.delete(*keys.queue_lists(keys.EXTRACT_QUEUE))
+    lost = make_job(store, n_shards=1)  # its message never reaches the queue
+    stale = make_job(store, n_shards=3)
+    _send_all(send, store, stale)
+    store.end_job(stale.job_id, JobStatus.CANCELLED)  # its three messages stay behind
+    wait_until(lambda: store.now() > float(store.r.zscore(keys.pending(keys.EXTRACT_QUEUE),
+                                                        keys.member(lost.job_id, lost.shard_ids[0]))) + 0.3,
+               5, "Redis's clock to move on")
+    live = make_job(store, n_shards=2)
+    _send_all(send, store, live)
+    reconciler = Reconciler(store, "r", [keys.EXTRACT_QUEUE], send=send, lost_after_s=0.2)
+    assert reconciler.tick()["lost"] == 0  # nothing taken yet: the count says 3 + 2 messages for 3 steps
+    store.received(live.job_id, live.shard_ids[0], "w1@test")  # a worker took a younger message
+    assert reconciler.tick()["lost"] == 1
+    step = store.step(lost.job_id, lost.shard_ids[0])
+    assert step["repaired"] and step["msg"] in store.queued_message_ids(keys.EXTRACT_QUEUE)
+    assert reconciler.tick()["lost"] == 0
+
+
+def test_cancel_takes_the_jobs_messages_off_the_queue(store, db):
+    send = sender(db)
+    store.r.delete(*keys.queue_lists(keys.EXTRACT_QUEUE))
+    spec, other = make_job(store, n_shards=3), make_job(store, n_shards=1)
+    _send_all(send, store, spec)
+    _send_all(send, store, other)
+    store.end_job(spec.job_id, JobStatus.CANCELLED)
+    assert store.drain(spec.job_id) == 3
+    assert store.queued_message_ids(keys.EXTRACT_QUEUE) == {store.step(other.job_id, other.shard_ids[0])["msg"]}
+
+
+def test_a_held_message_in_no_workers_hands_is_repaired_though_its_holder_lives(store, db):
+    """A Redis that lost its last second of writes: the claim is gone, the worker acknowledged the
+    message, the step sits held under a live worker. A message still in a worker's hands is not."""
+    spec = make_job(store, n_shards=2)
+    job, (s0, s1) = spec.job_id, spec.shard_ids
+    store.heartbeat("alive@test", [keys.EXTRACT_QUEUE], 30)
+    store.received(job, s0, "alive@test")
+    store.received(job, s1, "alive@test")
+    in_hand = {"headers": {"id": store.step(job, s1)["msg"]}}
+    store.r.hset(keys.KOMBU_UNACKED, "tag-1", json.dumps([in_hand, keys.EXTRACT_QUEUE, keys.EXTRACT_QUEUE]))
+    sent = []
+    reconciler = Reconciler(store, "r", [keys.EXTRACT_QUEUE], send=lambda j, s: sent.append(s.step),
+                            held_max_s=0)
+    assert reconciler.tick()["held"] == 1 and sent == [s0]
+    assert store.held_members() == [keys.member(job, s1)]
+    store.r.hdel(keys.KOMBU_UNACKED, "tag-1")
+
+
 # --- defect 6: states a user can read -----------------------------------------------------------
 
 def test_job_states_follow_the_chain(store):
@@ -334,13 +392,16 @@ def test_no_module_but_the_store_talks_to_redis():
     assert not offenders
 
 
-def test_convoy_cancel_ends_a_grad_cam_job(store, db):
+def test_convoy_cancel_ends_a_grad_cam_job(store, db, tmp_path):
     from shared.camjob import CamSpec
     from tests.conftest import convoy
 
+    out = tmp_path / "cam"
+    out.mkdir()
     spec = CamSpec(job_id=new_job_id(), model="m.keras", model_path="/m.keras", model_sha256="0" * 64,
-                   out_dir="/tmp/cam-out", root="/d", n_batches=1, n_images=2, batch_size=2)
+                   out_dir=str(out), root="/d", n_batches=1, n_images=2, batch_size=2)
     store.create_cam(spec, {"cam/00000": ["a.jpg", "b.jpg"]}, ttl_s=TTL_S)
     got = convoy("cancel", spec.job_id, "--broker", db)
     assert got.returncode == 0 and "cancelled" in got.stdout, got.stderr
     assert store.job_status(spec.job_id) == JobStatus.CANCELLED
+    assert "cancelled" in (out / "index.html").read_text()  # OUT says so, not a half-made gallery
