@@ -232,6 +232,10 @@ class JobStore:
         """Images done so far by this holder; the answer is :meth:`renew`'s."""
         return self._run("PROGRESS", [job, step, token, done, round(rate, 2), worker, RATE_TTL_S])
 
+    def uptime_s(self) -> int:
+        """Seconds since this Redis started (a restart makes every lease look lapsed at once)."""
+        return int(self.r.info("server").get("uptime_in_seconds", 0))
+
     def now(self) -> float:
         """Redis's clock, the one every timestamp of a job is read from."""
         seconds, micros = self.r.time()

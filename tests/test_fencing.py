@@ -1,19 +1,30 @@
-"""Fencing with real workers: a holder frozen right before it publishes (the ``before-publish``
-fault point set to ``stop``) is thawed after its job was cancelled, or after another worker took
-its step over; it writes nothing and decides nothing."""
+"""Fencing and outages with real workers and a real redis-server:
+
+- a holder frozen right before it publishes (the ``before-publish`` fault point set to ``stop``)
+  is thawed after its job was cancelled, or after another worker took its step over: it writes
+  nothing and decides nothing;
+- Redis down for longer than a lease while a step runs: the step keeps its holder, and no
+  delivery is counted;
+- Redis loses the writes after a step's message was received (its AOF cut right before the
+  claim): the step, held by a live worker that no longer has its message, is repaired."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import h5py
 import pytest
 
-from tests.conftest import convoy, wait_final, wait_until
+from shared import keys
+from shared.jobstore import JobStore, connect
+from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_final, wait_ready, wait_until
 from tests.imagegen import make_flat
 from tests.procs import _stat
+from tests.test_faults import ARGS as LONG_ARGS
+from tests.test_faults import _data, _exactly_once, _wait_running
 
 ARGS = ("--input-size", "32", "--weights", "none", "--shard-size", "100")
 
@@ -74,3 +85,70 @@ def test_a_stale_holder_neither_finishes_nor_overwrites_the_new_holders_work(pri
     assert private.store.job_status(job).value == "done"
     assert private.store.step(job, step)["state"] == "done"
     assert shard_file.stat().st_mtime_ns == written
+
+
+def _own_broker(tmp_path: Path, name: str):
+    server = OwnRedis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always").start()
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    worker = start_worker(server.url, log_dir, name)
+    wait_ready(server.url, [name], procs=[worker], log_dir=log_dir)
+    return server, worker, log_dir
+
+
+@pytest.mark.slow
+def test_a_redis_outage_longer_than_a_lease_costs_no_delivery(tmp_path):
+    server, worker, log_dir = _own_broker(tmp_path, "out1")
+    try:
+        store = JobStore(connect(server.url))
+        data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+        job = convoy("submit", "extract", str(data), "--out", str(out), *LONG_ARGS, "--broker", server.url,
+                     check=True).stdout.strip()
+        shard, _ = _wait_running(store, job)
+        server.stop()
+        time.sleep(50)  # the fault itself: Redis stays down for longer than a lease (45 s)
+        server.start()
+        final = wait_final(store, job, timeout=300)
+        assert final["status"] == "done", (final, (log_dir / "out1.log").read_text()[-3000:])
+        assert int(store.step(job, shard)["deliveries"]) == 1, store.step(job, shard)
+        _exactly_once(data, out)
+    finally:
+        stop_worker(worker, signal.SIGKILL)
+        server.stop()
+
+
+def _cut_before_claim(aof_dir: Path, step_key: str) -> None:
+    """Truncate the AOF right before the transaction that claimed ``step_key``: Redis comes back
+    having lost that write and everything after it, as ``appendfsync everysec`` can."""
+    incr = max(aof_dir.glob("*.incr.aof"), key=lambda p: p.stat().st_mtime)
+    data = incr.read_bytes()
+    claim = data.find(b"running", data.find(step_key.encode()))
+    while claim != -1 and step_key.encode() not in data[data.rfind(b"MULTI", 0, claim):claim]:
+        claim = data.find(b"running", claim + 1)
+    assert claim != -1, "no claim of the step in the AOF"
+    start = data.rfind(b"*1\r\n$5\r\nMULTI\r\n", 0, claim)
+    assert keys.held().encode() in data[:start], "the receipt must come before the cut"
+    incr.write_bytes(data[:start])
+
+
+@pytest.mark.slow
+def test_a_step_whose_claim_redis_lost_is_repaired_under_its_live_holder(tmp_path):
+    server, worker, log_dir = _own_broker(tmp_path, "cut1")
+    try:
+        store = JobStore(connect(server.url))
+        data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+        job = convoy("submit", "extract", str(data), "--out", str(out), *LONG_ARGS, "--broker", server.url,
+                     check=True).stdout.strip()
+        shard, _ = _wait_running(store, job)
+        server.stop(signal.SIGKILL)
+        _cut_before_claim(tmp_path / "redis" / "appendonlydir", keys.job_step(job, shard))
+        server.start()
+        assert store.step(job, shard)["state"] == "queued"  # the claim is gone, the receipt is kept
+        assert keys.member(job, shard) in store.held_members()
+        final = wait_final(store, job, timeout=300)
+        assert final["status"] == "done", (final, (log_dir / "cut1.log").read_text()[-3000:])
+        assert store.step(job, shard).get("repaired"), store.step(job, shard)
+        _exactly_once(data, out)
+    finally:
+        stop_worker(worker, signal.SIGKILL)
+        server.stop()

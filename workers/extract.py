@@ -8,6 +8,7 @@ import socket
 import time
 
 import numpy as np
+from celery.exceptions import BackendStoreError
 from kombu.exceptions import OperationalError
 
 from shared import keys
@@ -129,7 +130,7 @@ def _report(task, store, spec, shard, done: int, total: int, t_start: float) -> 
     try:
         task.update_state(state="PROGRESS", meta=meta)
         task.send_event("task-progress", **meta)
-    except OperationalError as exc:  # progress is best effort; the shard itself must go on
+    except (OperationalError, BackendStoreError) as exc:  # best effort (Redis may be down): the shard goes on
         log.warning("could not publish progress of %s: %s", shard, exc)
     task.ctx.progress(done, rate)
 

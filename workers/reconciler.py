@@ -29,9 +29,11 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 from celery.signals import task_received, worker_ready, worker_shutting_down
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import faults, keys
 from shared.celery_app import send_step
@@ -47,6 +49,9 @@ HEARTBEAT_TTL_S = 30
 LOST_AFTER_S = 30
 #: Steps looked at per tick for lost messages (the rest wait for the next tick).
 LOST_SCAN_LIMIT = 5000
+#: After Redis comes back from an outage, lapsed leases wait this long before they are repaired:
+#: a holder that worked through the outage renews within a renewal interval (workers.step).
+OUTAGE_GRACE_S = 45
 #: A worker starts a message it received within moments (it takes only what a free slot can
 #: run); one held for longer, and in no worker's hands, was lost with its step never started.
 HELD_MAX_S = 30
@@ -62,14 +67,16 @@ class Reconciler:
                  lost_after_s: float = LOST_AFTER_S, held_max_s: float = HELD_MAX_S) -> None:
         self.store, self.worker, self.queues, self.send = store, worker, queues, send
         self.lost_after_s, self.held_max_s = lost_after_s, held_max_s
+        self._grace_until = 0.0
         self._suspects: dict[str, dict[str, str]] = {}  # queue -> {member: message id} seen missing
 
     def tick(self) -> dict[str, int]:
         """Heartbeat, then every kind of repair; how many of each this tick made."""
         self.store.heartbeat(self.worker, self.queues, HEARTBEAT_TTL_S)
         made = {"lease": 0, "held": 0, "lost": 0}
-        for member in self.store.lapsed_leases():
-            made["lease"] += self._repair(member, "lease", "its worker stopped renewing the lease")
+        if not self._after_outage():
+            for member in self.store.lapsed_leases():
+                made["lease"] += self._repair(member, "lease", "its worker stopped renewing the lease")
         for member in self.store.held_members():
             made["held"] += self._repair(member, "held", "its message was held by a worker that died")
         made["held"] += self._orphans()
@@ -77,6 +84,17 @@ class Reconciler:
             made["lost"] += self._overtaken(queue) or self._lost(queue)
         self.store.prune_index()
         return made
+
+    def _after_outage(self) -> bool:
+        """Within a lease of Redis coming back (restarted, or out of this worker's reach): leases
+        lapsed during the outage while their holders worked on, and the holders renew now."""
+        if time.monotonic() < self._grace_until:
+            return True
+        return self.store.uptime_s() < OUTAGE_GRACE_S
+
+    def outage(self) -> None:
+        """This worker could not reach Redis: hold lease repairs back until a lease after it answers."""
+        self._grace_until = time.monotonic() + OUTAGE_GRACE_S + RECONCILE_EVERY_S
 
     def _repair(self, member: str, kind: str, reason: str, old_msg: str = "", held_s: float = 0) -> int:
         step = self.store.repair(member, kind, reason, old_msg, held_s)
@@ -133,7 +151,10 @@ class Reconciler:
             while True:
                 try:
                     self.tick()
-                except Exception as exc:  # keep reconciling through broker restarts
+                except RedisConnectionError as exc:  # keep reconciling through broker restarts
+                    log.warning("reconciler: %s", exc)
+                    self.outage()
+                except Exception as exc:
                     log.warning("reconciler: %s", exc)
                 stop.wait(RECONCILE_EVERY_S)
 
