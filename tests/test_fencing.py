@@ -63,6 +63,33 @@ def test_a_holder_thawed_after_a_cancel_publishes_nothing(private, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_merge_cancelled_before_it_publishes_leaves_the_previous_files(private, tmp_path):
+    """A rerun into the same OUT reuses every shard, so the merge is the first step to publish:
+    frozen there, cancelled, thawed, it writes neither the merged files nor the summary."""
+    data, out = make_flat(tmp_path / "data", 2, size_px=32), tmp_path / "out"
+    private.start("plain")
+    first = _submit(private, data, out)
+    assert wait_final(private.store, first)["status"] == "done", private.logs()
+    private.kill("plain")
+    merged = {p: p.stat().st_mtime_ns for p in (out / "features").glob("*.h5")}
+    assert merged
+    private.start("fz", extra_env={"CONVOY_FAULTS": "before-publish=stop"})
+    job = _submit(private, data, out)
+    pid = wait_until(lambda: _frozen_step(private, job, "merge"), 120, "the merge frozen before publishing")
+    assert convoy("cancel", job, "--broker", private.url, check=True).returncode == 0
+    os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: private.store.step(job, "merge").get("state") == "stopped", 30, "the merge to stop")
+    assert {p: p.stat().st_mtime_ns for p in (out / "features").glob("*.h5")} == merged
+    assert '"cancelled"' in (out / "manifest.json").read_text()
+
+
+def _frozen_step(private, job: str, step: str) -> int | None:
+    state = private.store.step(job, step)
+    pid = int(state.get("pid") or 0)
+    return pid if state.get("state") == "running" and pid and _stat(pid)[0] == "T" else None
+
+
+@pytest.mark.slow
 def test_a_stale_holder_neither_finishes_nor_overwrites_the_new_holders_work(private, tmp_path):
     """The audit's case: holder A frozen past its lease, B takes the step over and the job ends;
     A thaws: its outcome is refused and the files stay B's."""
