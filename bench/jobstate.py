@@ -67,11 +67,12 @@ def memory_of_finished_job(store: JobStore, images: int, per_shard: int = 250) -
     spec = make_job(store, images // per_shard, per_shard, ttl_s=2)
     for sid in spec.shard_ids:
         store.claim(spec.job_id, sid, "t", "bench@host", 1, 60, (JobStatus.QUEUED, JobStatus.EXTRACTING))
-        store.finish_step(spec.job_id, sid, StepState.DONE, done=per_shard, barrier=len(spec.shard_ids),
+        store.finish_step(spec.job_id, sid, StepState.DONE, token="t", done=per_shard, barrier=len(spec.shard_ids),
                           fields={"rows": per_shard, "skipped": [], "timings": {"inference_s": 1.0}},
                           then=NewStep(keys.MERGE_STEP, keys.MERGE_QUEUE, keys.MERGE_TASK, JobStatus.MERGING))
     store.claim(spec.job_id, keys.MERGE_STEP, "m", "bench@host", 1, 60)
-    assert store.finish_step(spec.job_id, keys.MERGE_STEP, StepState.DONE, job_fields={"summary": {}}) == "done"
+    merged = store.finish_step(spec.job_id, keys.MERGE_STEP, StepState.DONE, token="m", job_fields={"summary": {}})
+    assert merged == "done"
     ended = store.r.info("memory")["used_memory"] - base
     deadline = time.monotonic() + 30
     while store.job_key_ttls(spec.job_id) and time.monotonic() < deadline:

@@ -379,8 +379,9 @@ def cmd_cancel(args, settings: Settings) -> int:
     from shared.states import JobStatus
 
     store = _store(settings)
-    store.spec(args.job)
+    store.kind_of(args.job)  # an unknown job is a usage error; any kind of job can be cancelled
     if store.end_job(args.job, JobStatus.CANCELLED, error="cancelled by the user"):
+        store.drain(args.job)  # its waiting messages leave the queues now, not when a worker refuses them
         _record_cancel(store, args.job)
         print(f"job {args.job} cancelled")
         return 0
@@ -390,14 +391,20 @@ def cmd_cancel(args, settings: Settings) -> int:
 
 
 def _record_cancel(store, job_id: str) -> None:
-    """The cancel in OUT/manifest.json too, when this machine sees OUT (workers record other ends)."""
+    """The cancel in OUT too, when this machine sees OUT (workers record other ends): in
+    manifest.json for an extraction, as index.html for a Grad-CAM job."""
+    from shared.camjob import INDEX_NAME
+    from shared.gallery import cancelled_page
     from shared.manifest import record_end
 
-    if store.kind(job_id) != "extract":
-        return
-    spec = store.spec(job_id)
     try:
-        record_end(spec.out_dir, store.status(job_id), {})
+        if store.kind(job_id) == "cam":
+            spec = store.cam_spec(job_id)
+            done = len(store.finished_shards(job_id))
+            page = cancelled_page(job_id, done, spec.n_batches).encode()
+            storage.write_bytes(storage.join(storage.at(spec.out_dir), INDEX_NAME), page)
+        else:
+            record_end(store.spec(job_id).out_dir, store.status(job_id), {})
     except (OSError, ConvoyError):
         pass
 

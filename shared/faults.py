@@ -16,8 +16,12 @@ import signal
 #: Where the points are: after a worker claims a step or a repair, before any message is sent,
 #: in a worker's main process right after it received a message (it dies holding it), in the
 #: middle of uploading an object to a store (shared.storage: after each part is handed to the store),
-#: and in a decoding process before each image (workers.decode: the image is decoded again alone).
-POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload", "mid-decode")
+#: in a decoding process before each image (workers.decode: the image is decoded again alone), and
+#: in a step right before it publishes what it wrote (workers.step: StepContext.confirm).
+POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload", "mid-decode", "before-publish")
+#: A rate of ``stop`` freezes the process (SIGSTOP) instead of killing it: a holder that a test
+#: thaws later (SIGCONT), after its job was cancelled or its lease was taken over.
+STOP = "stop"
 
 _rates: dict[str, float] = {}
 _rng = random.Random()
@@ -32,17 +36,18 @@ def configure(spec: str, seed: str = "", log_path: str = "") -> None:
         name, _, rate = item.partition("=")
         if name not in POINTS:
             raise ValueError(f"unknown fault point {name!r}; known: {', '.join(POINTS)}")
-        _rates[name] = float(rate or 1)
+        _rates[name] = -1.0 if rate == STOP else float(rate or 1)
     _rng.seed(f"{seed}:{os.getpid()}" if seed else None)
     _log_path = log_path
 
 
 def point(name: str) -> None:
-    """Crash this process here, with the configured probability (never when unarmed)."""
+    """Crash this process here, with the configured probability, or freeze it every time when the
+    point's rate is ``stop`` (never when unarmed)."""
     rate = _rates.get(name)
-    if not rate or _rng.random() >= rate:
+    if not rate or (rate > 0 and _rng.random() >= rate):
         return
     if _log_path:
         with open(_log_path, "a") as fh:
             fh.write(f"{name} {os.getpid()}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if rate < 0 else signal.SIGKILL)

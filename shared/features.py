@@ -233,10 +233,12 @@ def read_attrs(path: Location) -> dict:
 _SHARD_ONLY = ("fingerprint", "shard", "host")
 
 
-def merge_job_files(spec, finished: set[str]) -> dict[str, str]:
-    """Merge every split of a job (a :class:`shared.job.JobSpec`) over its finished shards."""
+def merge_job_files(spec, finished: set[str], confirm=lambda: None) -> dict[str, str]:
+    """Merge every split of a job (a :class:`shared.job.JobSpec`) over its finished shards;
+    ``confirm()`` runs before each split is published and raises to publish nothing more."""
     merged = {}
     for split in spec.splits:
+        confirm()
         files = [
             spec.shard_file(s) for s in spec.shard_ids if s.startswith(split + "/") and s in finished
         ]

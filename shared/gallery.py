@@ -155,3 +155,12 @@ def write_page(path: Path, text: str) -> Path:
 def write_gallery(path: Path, rows, class_names: list[str], title: str) -> Path:
     """CAMDIR/index.html."""
     return write_page(path, page(title, gallery_section(rows, class_names) + skipped_section(rows.skipped)))
+
+
+def cancelled_page(job_id: str, batches_done: int, batches: int) -> str:
+    """CAMDIR/index.html of a Grad-CAM job that was cancelled before its gallery was assembled."""
+    body = (f"<p>This Grad-CAM job was <strong>cancelled</strong>: {batches_done} of "
+            f"{plural(batches, 'batch')} had finished. Overlays already drawn are in "
+            f"<code>overlays/</code>; no <code>heatmaps.h5</code> was written. Run <code>convoy cam</code> "
+            f"again into this folder to make the whole gallery.</p>")
+    return page(f"Grad-CAM {job_id}: cancelled", body)

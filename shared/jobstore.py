@@ -78,6 +78,7 @@ class Claim:
 
     outcome: str  # claimed | capped | busy | already | stopped | unknown
     deliveries: int
+    attempt: int = 0  # the step's claim count, never lowered: this holder's fencing number
 
 
 class JobStore:
@@ -87,8 +88,8 @@ class JobStore:
         self.r = client
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
             "CLAIM", "RENEW", "PROGRESS", "NOTE", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
-            "LAPSED", "OLD_PENDING", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE", "OBSERVE_STEP", "RATES",
-            "FORGET_RATE")}
+            "LAPSED", "OLD_PENDING", "OVERTAKEN", "OLD_HELD", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE",
+            "OBSERVE_STEP", "RATES", "FORGET_RATE")}
 
     def _run(self, name: str, args: list, script_keys: list | None = None):
         return self._scripts[name](keys=script_keys or [], args=[str(a) for a in args])
@@ -219,8 +220,9 @@ class JobStore:
         """Take ``step`` for this worker: count the delivery, take its lease, move the job's status.
         ``takeover``: the token of a holder known dead, whose live lease may be taken at once."""
         src, dst = (moves[0].value, moves[1].value) if moves else ("", "")
-        outcome, deliveries = self._run("CLAIM", [job, step, token, worker, pid, lease_s, src, dst, takeover])
-        return Claim(outcome, int(deliveries))
+        outcome, deliveries, *attempt = self._run("CLAIM", [job, step, token, worker, pid, lease_s, src, dst,
+                                                            takeover])
+        return Claim(outcome, int(deliveries), int(attempt[0]) if attempt else 0)
 
     def renew(self, job: str, step: str, token: str, lease_s: float, worker: str) -> str:
         """ok | lost (another holder, or repaired) | ended (the job is final) | draining."""
@@ -229,6 +231,10 @@ class JobStore:
     def progress(self, job: str, step: str, token: str, done: int, rate: float, worker: str) -> str:
         """Images done so far by this holder; the answer is :meth:`renew`'s."""
         return self._run("PROGRESS", [job, step, token, done, round(rate, 2), worker, RATE_TTL_S])
+
+    def uptime_s(self) -> int:
+        """Seconds since this Redis started (a restart makes every lease look lapsed at once)."""
+        return int(self.r.info("server").get("uptime_in_seconds", 0))
 
     def now(self) -> float:
         """Redis's clock, the one every timestamp of a job is read from."""
@@ -239,16 +245,17 @@ class JobStore:
         """Fields the holder reports on its step (a training's epoch); the answer is :meth:`renew`'s."""
         return self._run("NOTE", [job, step, token, json.dumps(fields)])
 
-    def finish_step(self, job: str, step: str, outcome: StepState, *, done: int | None = None, error: str = "",
-                    fields: dict | None = None, job_fields: dict | None = None, fail_job: bool = True,
-                    job_error: str = "", barrier: int = 0, then: NewStep | None = None) -> str:
+    def finish_step(self, job: str, step: str, outcome: StepState, *, token: str, done: int | None = None,
+                    error: str = "", fields: dict | None = None, job_fields: dict | None = None,
+                    fail_job: bool = True, job_error: str = "", barrier: int = 0, then: NewStep | None = None) -> str:
         """A step ends done or failed: one transition that also trips the barrier or queues ``then``.
 
-        Returns dup (it had ended already: nothing changes), late (the job had ended), failed (this
-        failure ended the job), wait (other steps are still out), next (``then`` was queued: send
-        it) or done (the job is done).
+        ``token`` is the caller's claim: only the current holder of a running step is heard.
+        Returns dup (it had ended already: nothing changes), stale (the caller no longer holds the
+        step: nothing changes), late (the job had ended), failed (this failure ended the job), wait
+        (other steps are still out), next (``then`` was queued: send it) or done (the job is done).
         """
-        payload = {"job": job, "step": step, "outcome": outcome.value, "error": error,
+        payload = {"job": job, "step": step, "token": token, "outcome": outcome.value, "error": error,
                    "fields": {k: _field(v) for k, v in (fields or {}).items()},
                    "job_fields": {k: _field(v) for k, v in (job_fields or {}).items()},
                    "fail_job": fail_job, "job_error": job_error, "barrier": barrier}
@@ -293,10 +300,46 @@ class JobStore:
         count, *members = self._run("OLD_PENDING", [queue, age_s, limit])
         return int(count), members
 
-    def repair(self, member: str, kind: str, reason: str, old_msg: str = "") -> NewStep | None:
+    def overtaken(self, queue: str, margin_s: float, limit: int) -> list[str]:
+        """Steps waiting on ``queue`` whose message a later one overtook (see ``lua.OVERTAKEN``)."""
+        return self._run("OVERTAKEN", [queue, margin_s, limit])
+
+    def old_held(self, age_s: float, limit: int = 500) -> list[str]:
+        """Steps whose message a worker received more than ``age_s`` ago and has not started."""
+        return self._run("OLD_HELD", [age_s, limit])
+
+    def messages_in_hand(self) -> set[str]:
+        """The ids of the messages workers took and have not acknowledged (kombu's ``unacked``):
+        as many as the cluster has task slots, whatever the queues' lengths."""
+        ids = set()
+        for raw in self.r.hvals(keys.KOMBU_UNACKED):
+            try:
+                ids.add(json.loads(raw)[0]["headers"]["id"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+        return ids
+
+    def drain(self, job: str) -> int:
+        """Take a job's waiting messages off its queues (after it ended): they would only be
+        received to be refused. How many were removed."""
+        steps = self.steps(job)
+        msgs = {s.get("msg") for s in steps.values()}
+        removed = 0
+        for queue in {s.get("queue") for s in steps.values() if s.get("queue")}:
+            for name in keys.queue_lists(queue):
+                for raw in self.r.lrange(name, 0, -1):
+                    try:
+                        msg = json.loads(raw)["headers"]["id"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if msg in msgs:
+                        removed += self.r.lrem(name, 1, raw)
+        return removed
+
+    def repair(self, member: str, kind: str, reason: str, old_msg: str = "", held_s: float = 0) -> NewStep | None:
         """Claim one repair of a lost edge; the step to enqueue again, or None if another did it."""
         msg = new_message_id()
-        found = self._run("REPAIR", [member, kind, reason, msg, old_msg])
+        found = self._run("REPAIR", [member, kind, reason, msg, old_msg, held_s])
         if not found:
             return None
         return NewStep(keys.split_member(member)[1], found[1], found[0], msg=msg)

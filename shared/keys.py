@@ -105,6 +105,12 @@ def held() -> str:
     return f"{PREFIX}:held"
 
 
+def received_mark(queue: str) -> str:
+    """String: the latest time queued of any step whose message a worker took off ``queue``. Queues
+    are first in, first out, so a step queued well before it whose message never came is lost."""
+    return f"{PREFIX}:received:{queue}"
+
+
 def live_workers(queue: str) -> str:
     """Sorted set worker name -> heartbeat deadline, for the workers consuming ``queue``."""
     return f"{PREFIX}:workers:{queue}"
@@ -192,6 +198,7 @@ LUA = "".join([
     _lua_function("k_pending", pending, "q"),
     _lua_function("k_held", held),
     _lua_function("k_workers", live_workers, "q"),
+    _lua_function("k_received", received_mark, "q"),
     _lua_function("k_draining", worker_draining, "w"),
     _lua_function("k_rates", step_rates),
     _lua_function("k_rates_seen", step_rates_seen),

@@ -57,7 +57,9 @@ end
 
 #: ARGV: job, step, token, worker, pid, lease_s, from status, to status, takeover token.
 #: A live lease is taken over only from the holder whose token is ARGV[9] (a dead process of the
-#: same worker). -> {outcome, deliveries}: claimed | capped | busy | already | stopped | unknown.
+#: same worker). -> {outcome, deliveries, attempt}: claimed | capped | busy | already | stopped |
+#: unknown. ``attempt`` counts every claim of the step and never goes back (a hand-back returns the
+#: delivery, not the attempt): the fencing number of this holder.
 CLAIM = _PRELUDE + """
 local j, s = ARGV[1], ARGV[2]
 local js = job_status(j)
@@ -74,18 +76,22 @@ if state == 'running' then
   if deadline and tonumber(deadline) > t and not takeover then return {'busy', '0'} end
 end
 local n = redis.call('HINCRBY', sk, 'deliveries', 1)
-if n > tonumber(redis.call('HGET', k_state(j), 'max_deliveries') or '3') then return {'capped', tostring(n)} end
+local attempt = redis.call('HINCRBY', sk, 'attempt', 1)
 local old = tonumber(redis.call('HGET', sk, 'done') or '0')
 if old ~= 0 then redis.call('HINCRBY', k_state(j), 'images_done', -old) end
+-- A capped delivery holds the step too: the failure it is about to record is fenced like any outcome.
 redis.call('HSET', sk, 'state', 'running', 'token', ARGV[3], 'worker', ARGV[4], 'pid', ARGV[5],
            'started_at', t, 'error', '', 'done', 0, 'holder', '')
 redis.call('ZADD', k_leases(), t + tonumber(ARGV[6]), m)
 redis.call('ZREM', k_pending(redis.call('HGET', sk, 'queue')), m)
 redis.call('ZREM', k_held(), m)
+if n > tonumber(redis.call('HGET', k_state(j), 'max_deliveries') or '3') then
+  return {'capped', tostring(n), tostring(attempt)}
+end
 if ARGV[8] ~= '' and js == ARGV[7] then
   redis.call('HSET', k_state(j), 'status', ARGV[8], ARGV[8] .. '_at', t)
 end
-return {'claimed', tostring(n)}
+return {'claimed', tostring(n), tostring(attempt)}
 """
 
 _HOLDS = """
@@ -125,9 +131,11 @@ for k, v in pairs(cjson.decode(ARGV[4])) do redis.call('HSET', sk, k, tostring(v
 return 'ok'
 """
 
-#: ARGV[1]: JSON {job, step, outcome, done?, error, fields, job_fields, fail_job, job_error,
-#: barrier, next?: {step, queue, task, msg, status, params}}.
-#: -> dup | late | failed | wait | next | done | unknown.
+#: ARGV[1]: JSON {job, step, token, outcome, done?, error, fields, job_fields, fail_job, job_error,
+#: barrier, next?: {step, queue, task, msg, status, params}}. Only the current holder of a running
+#: step decides its outcome: any other caller (a holder whose lease lapsed and was taken over,
+#: repaired, or released) is answered ``stale`` and changes nothing.
+#: -> dup | stale | late | failed | wait | next | done | unknown.
 FINISH = _PRELUDE + """
 local a = cjson.decode(ARGV[1])
 local j, s = a.job, a.step
@@ -135,6 +143,7 @@ local sk = k_step(j, s)
 local state = redis.call('HGET', sk, 'state')
 if not state then return 'unknown' end
 if state == 'done' or state == 'failed' then return 'dup' end
+if state ~= 'running' or redis.call('HGET', sk, 'token') ~= a.token then return 'stale' end
 local m, t = member(j, s), now()
 local f = {'state', a.outcome, 'finished_at', t, 'error', a.error, 'token', ''}
 for k, v in pairs(a.fields) do f[#f + 1] = k; f[#f + 1] = tostring(v) end
@@ -224,20 +233,26 @@ add_step(j, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], t)
 return 1
 """
 
-#: A worker's main process received a step's message. ARGV: job, step, worker.
+#: A worker's main process received a step's message. ARGV: job, step, worker. The time the step
+#: was queued raises its queue's received mark (what the reconciler finds lost messages behind).
 RECEIVED = _PRELUDE + """
 local j, s = ARGV[1], ARGV[2]
 local sk = k_step(j, s)
 if redis.call('HGET', sk, 'state') ~= 'queued' or final(job_status(j)) then return 0 end
-local m = member(j, s)
-redis.call('ZREM', k_pending(redis.call('HGET', sk, 'queue')), m)
+local m, queue = member(j, s), redis.call('HGET', sk, 'queue')
+local queued = redis.call('ZSCORE', k_pending(queue), m)
+if queued and tonumber(queued) > tonumber(redis.call('GET', k_received(queue)) or '0') then
+  redis.call('SET', k_received(queue), queued)
+end
+redis.call('ZREM', k_pending(queue), m)
 redis.call('ZADD', k_held(), now(), m)
 redis.call('HSET', sk, 'holder', ARGV[3])
 return 1
 """
 
 #: The reconciler's one repair: put a step whose message is lost back on its queue, once.
-#: ARGV: member, kind (lease | held | lost), reason, new message id, old message id (lost).
+#: ARGV: member, kind (lease | held | orphan | lost), reason, new message id, old message id (orphan,
+#: lost), held for at least this many seconds (orphan: its message is in no worker's hands).
 #: -> {task, queue} when this call claimed the repair, else {}.
 REPAIR = _PRELUDE + """
 local sep = string.find(ARGV[1], '|', 1, true)
@@ -260,6 +275,11 @@ elseif kind == 'held' then
   local beat = redis.call('ZSCORE', k_workers(queue), redis.call('HGET', sk, 'holder') or '')
   if beat and tonumber(beat) > t then return {} end
   redis.call('ZREM', k_held(), m)
+elseif kind == 'orphan' then
+  local since = redis.call('ZSCORE', k_held(), m)
+  local young = not since or tonumber(since) > t - tonumber(ARGV[6])
+  if state ~= 'queued' or young or redis.call('HGET', sk, 'msg') ~= ARGV[5] then return {} end
+  redis.call('ZREM', k_held(), m)
 else
   if state ~= 'queued' or redis.call('HGET', sk, 'msg') ~= ARGV[5] or not redis.call('ZSCORE', k_pending(queue), m) then
     return {}
@@ -275,6 +295,20 @@ return {redis.call('HGET', sk, 'task'), queue}
 #: ARGV: limit. -> members whose lease deadline has passed.
 LAPSED = _PRELUDE + """
 return redis.call('ZRANGEBYSCORE', k_leases(), '-inf', now(), 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+
+#: ARGV: queue, margin_s, limit. -> steps waiting on ``queue`` that were queued more than margin_s
+#: before a step whose message a worker has already taken: on a first-in, first-out queue their
+#: messages are gone. The cost is the number found, whatever the queue's length.
+OVERTAKEN = _PRELUDE + """
+local mark = tonumber(redis.call('GET', k_received(ARGV[1])) or '0')
+return redis.call('ZRANGEBYSCORE', k_pending(ARGV[1]), '-inf', '(' .. (mark - tonumber(ARGV[2])),
+                  'LIMIT', 0, tonumber(ARGV[3]))
+"""
+
+#: ARGV: age_s, limit. -> steps held (their message received by a worker) for longer than age_s.
+OLD_HELD = _PRELUDE + """
+return redis.call('ZRANGEBYSCORE', k_held(), '-inf', now() - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
 """
 
 #: ARGV: queue, age_s, limit. -> {count, members...} of steps queued longer than age_s ago.

@@ -1,7 +1,9 @@
 """Chaos with real processes: several jobs at once on two workers while a driver SIGKILLs pool
 processes and whole workers (one holding a reserved message, one training or fine-tuning),
-restarts them, and restarts Redis (AOF) once; fault points crash processes right after claims
-and before enqueues. Invariants at the end (Jepsen-style):
+restarts them, freezes a step's holder (SIGSTOP) past its lease and thaws it after another worker
+took the step over, and SIGKILLs Redis once (AOF with ``appendfsync everysec``: its last second of
+writes may be lost); fault points crash processes right after claims and before enqueues.
+Invariants at the end (Jepsen-style):
 
 - every job reached a final state within a bound;
 - every accepted image is exactly once in a done job's merged output;
@@ -33,6 +35,7 @@ from tests import procs
 from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_ready, wait_until
 from tests.imagegen import make_flat, make_tree
 from tests.test_faults import _exactly_once
+from workers.step import LEASE_S
 
 CHAOS_S = 120
 #: Every job must end within this long after the last fault.
@@ -50,6 +53,7 @@ class Chaos:
     procs: dict = field(default_factory=dict)
     events: list = field(default_factory=list)
     last_fault: float = 0.0
+    frozen: list = field(default_factory=list)  # (pid, when to thaw it)
 
     def start(self, name: str) -> None:
         self.procs[name] = start_worker(self.server.url, self.log_dir, name, extra_env=self.env)
@@ -100,9 +104,31 @@ class Chaos:
         return True
 
     def restart_redis(self) -> None:
-        self.server.stop()
+        self.server.stop(signal.SIGKILL)
         self.server.start()
-        self.note("restart redis (AOF)")
+        self.note("kill -9 and restart redis (AOF everysec)")
+
+    def freeze_holder(self, store: JobStore) -> bool:
+        """SIGSTOP the process running a step, until well past its lease (thawed by :meth:`thaw_due`)."""
+        for job in store.active_job_ids():
+            for step, state in store.steps(job).items():
+                pid = int(state.get("pid") or 0)
+                if state.get("state") == "running" and pid and procs.alive(pid):
+                    os.kill(pid, signal.SIGSTOP)
+                    self.frozen.append((pid, time.monotonic() + LEASE_S + 15))
+                    self.note(f"freeze pid {pid} (it runs {step} of {job})")
+                    return True
+        return False
+
+    def thaw_due(self, everyone: bool = False) -> None:
+        for pid, at in list(self.frozen):
+            if everyone or time.monotonic() >= at:
+                self.frozen.remove((pid, at))
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    continue
+                self.note(f"thaw pid {pid}")
 
 
 def _fault(chaos: Chaos, store: JobStore, rng: random.Random) -> None:
@@ -161,7 +187,7 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
     print(f"\nchaos seed {seed} (replay: CONVOY_CHAOS_SEED={seed})")
     rng = random.Random(seed)
     model = _trained_model(tmp_path)
-    server = OwnRedis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always").start()
+    server = OwnRedis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "everysec").start()
     faults_log = tmp_path / "faults.log"
     env = {"CONVOY_FAULTS": "after-claim=0.08,before-enqueue=0.15,after-receive=0.03", "CONVOY_FAULTS_SEED": str(seed),
            "CONVOY_FAULTS_LOG": str(faults_log)}
@@ -218,15 +244,18 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
 
         t0 = time.monotonic()
         next_fault = t0 + rng.uniform(8, 16)
-        restarted_redis = False
+        restarted_redis = froze = False
         while time.monotonic() - t0 < CHAOS_S:
             time.sleep(0.5)
             chaos.restart_dead()
+            chaos.thaw_due()
             if time.monotonic() >= next_fault:
                 next_fault = time.monotonic() + rng.uniform(8, 16)
                 if not restarted_redis and time.monotonic() - t0 > CHAOS_S / 2:
                     chaos.restart_redis()
                     restarted_redis = True
+                elif not froze and time.monotonic() - t0 > CHAOS_S / 4 and chaos.freeze_holder(store):
+                    froze = True
                 else:
                     _fault(chaos, store, rng)
         watchers[1].join(timeout=30)  # a cancel command under way
@@ -236,6 +265,7 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
 
         def all_final() -> bool:
             chaos.restart_dead()  # the crash points stay armed: a worker may still die on one
+            chaos.thaw_due()
             for job in jobs:
                 if job not in ended and store.job_status(job).is_final:
                     ended[job] = time.monotonic()
@@ -250,6 +280,7 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
                 "seed": seed, "jobs": {j: (v["label"], str(store.job_status(j))) for j, v in jobs.items()},
                 "faults": chaos.events, "kills": sum("kill" in what for _, what in chaos.events),
                 "restarts": sum("restart" in what for _, what in chaos.events),
+                "freezes": sum("freeze" in what for _, what in chaos.events),
                 "training_steps_killed": sorted(trainers_killed),
                 "injected_crashes": faults_log.read_text().splitlines() if faults_log.exists() else [],
                 "worst_recovery_s": round(max((t - chaos.last_fault for t in ended.values()), default=0), 1),
@@ -257,7 +288,9 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
             print("chaos report:", json.dumps(report, indent=1))
         _check_invariants(store, jobs, cancelled, chaos)
         assert trainers_killed, "training never ran during the chaos: nothing killed it"
+        assert froze, "no step ran when the driver wanted to freeze its holder"
     finally:
+        chaos.thaw_due(everyone=True)
         for watcher in watchers:
             watcher.halt.set()
         for proc in chaos.procs.values():

@@ -18,7 +18,7 @@ from shared.job import JobSpec, ModelConfig, new_job_id
 from shared.jobstore import JobStore, NewStep, connect
 from shared.settings import Settings
 from shared.states import JobStatus, StepState
-from tests.conftest import own_database
+from tests.conftest import own_database, wait_until
 from workers.reconciler import Reconciler
 
 MERGE = NewStep(keys.MERGE_STEP, keys.MERGE_QUEUE, keys.MERGE_TASK, JobStatus.MERGING)
@@ -58,8 +58,8 @@ def claim(store: JobStore, job: str, step: str, token: str = "t1", lease_s: floa
     return store.claim(job, step, token, "w1@test", 1, lease_s, (JobStatus.QUEUED, JobStatus.EXTRACTING))
 
 
-def finish(store: JobStore, spec: JobSpec, step: str, outcome=StepState.DONE, **kw) -> str:
-    return store.finish_step(spec.job_id, step, outcome, done=4, barrier=len(spec.shard_ids), then=MERGE,
+def finish(store: JobStore, spec: JobSpec, step: str, outcome=StepState.DONE, token: str = "t1", **kw) -> str:
+    return store.finish_step(spec.job_id, step, outcome, token=token, done=4, barrier=len(spec.shard_ids), then=MERGE,
                              fail_job=not spec.allow_failed_shards, job_error=f"shard {step} failed", **kw)
 
 
@@ -78,7 +78,7 @@ def test_late_duplicate_past_the_cap_does_not_fail_a_finished_shard(store):
     assert finish(store, spec, s0) == "wait"
     again = claim(store, job, s0, token="t2")  # Redis redelivers it: past --max-deliveries 1
     assert again.outcome == "already"
-    assert finish(store, spec, s0, StepState.FAILED, error="late") == "dup"
+    assert finish(store, spec, s0, StepState.FAILED, token="t2", error="late") == "dup"
     assert store.finished_shards(job) == {s0} and not store.failed_shards(job)
     assert store.step(job, s0)["deliveries"] == 1
     assert store.job_status(job) == JobStatus.EXTRACTING  # the barrier did not count s0 twice
@@ -106,12 +106,35 @@ def test_progress_and_finish_never_overwrite_each_other(store):
     lapse(store, job, s0)
     assert store.repair(keys.member(job, s0), "lease", "lapsed") is not None
     assert claim(store, job, s0, "new").outcome == "claimed"
-    finish(store, spec, s0, fields={"rows": 3, "skipped": [{"path": "x", "reason": "bad"}]})
+    finish(store, spec, s0, token="new", fields={"rows": 3, "skipped": [{"path": "x", "reason": "bad"}]})
     assert store.progress(job, s0, "old", 1, 1.0, "w1@test") == "lost"  # the old holder learns to stop
     state = store.step(job, s0)
     assert state["rows"] == 3 and state["skipped"] == [{"path": "x", "reason": "bad"}] and state["done"] == 4
     assert int(store.status(job)["images_done"]) == 4  # the old holder's 2 were taken back
     assert state["deliveries"] == 2
+
+
+def test_only_the_current_holder_finishes_a_step(store):
+    """Fencing: a holder whose lease lapsed and was taken over can neither finish nor fail the step."""
+    spec = make_job(store, n_shards=1)
+    job, s0 = spec.job_id, spec.shard_ids[0]
+    first = claim(store, job, s0, "old")
+    lapse(store, job, s0)  # the holder froze past its lease
+    assert store.repair(keys.member(job, s0), "lease", "lapsed") is not None
+    second = claim(store, job, s0, "new")
+    assert second.outcome == "claimed" and second.attempt > first.attempt
+    assert finish(store, spec, s0, token="old") == "stale"  # the old holder thaws and reports done
+    assert finish(store, spec, s0, StepState.FAILED, token="old", error="stale") == "stale"
+    assert store.step(job, s0)["state"] == "running" and store.job_status(job) == JobStatus.EXTRACTING
+    assert not store.r.hexists(keys.job_steps(job), keys.MERGE_STEP)
+    assert finish(store, spec, s0, token="new") == "next"
+    assert finish(store, spec, s0, token="old") == "dup"
+
+
+def test_a_queued_step_cannot_be_finished_without_a_claim(store):
+    spec = make_job(store, n_shards=1)
+    assert finish(store, spec, spec.shard_ids[0], token="") == "stale"
+    assert store.step(spec.job_id, spec.shard_ids[0])["state"] == "queued"
 
 
 def test_only_one_of_many_reconcilers_repairs_a_lapsed_lease(store, db):
@@ -147,12 +170,12 @@ def test_a_cancel_during_training_stays_cancelled(store):
     assert finish(store, spec, s0) == "next"
     assert claim(store, job, keys.MERGE_STEP).outcome == "claimed"
     train = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)
-    assert store.finish_step(job, keys.MERGE_STEP, StepState.DONE, then=train) == "next"
+    assert store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train) == "next"
     assert claim(store, job, keys.TRAIN_STEP).outcome == "claimed"
     assert store.job_status(job) == JobStatus.TRAINING
     assert store.end_job(job, JobStatus.CANCELLED, error="cancelled by the user")
     assert store.renew(job, keys.TRAIN_STEP, "t1", 45, "w1@test") == "ended"  # training stops
-    assert store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, job_fields={"summary": {}}) == "late"
+    assert store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, token="t1", job_fields={"summary": {}}) == "late"
     assert not store.end_job(job, JobStatus.DONE)
     assert claim(store, job, keys.TRAIN_STEP, "t9").outcome == "stopped"
     assert store.job_status(job) == JobStatus.CANCELLED
@@ -210,6 +233,64 @@ def test_a_message_held_by_a_dead_worker_is_repaired_and_a_live_one_is_not(store
     assert store.held_members() == [keys.member(job, s1)]
 
 
+def _send_all(send, store: JobStore, spec: JobSpec) -> None:
+    for shard in spec.shard_ids:
+        msg = store.step(spec.job_id, shard)["msg"]
+        send(spec.job_id, NewStep(shard, keys.EXTRACT_QUEUE, keys.EXTRACT_TASK, msg=msg))
+
+
+def test_a_lost_message_behind_a_backlog_of_live_and_stale_ones_is_found_in_one_tick(store, db):
+    """Stale messages (a cancelled job's) and younger live ones on the queue do not hide a lost one:
+    once a worker has taken a message queued after it, the step is repaired."""
+    send = sender(db)
+    store.r.delete(*keys.queue_lists(keys.EXTRACT_QUEUE))
+    lost = make_job(store, n_shards=1)  # its message never reaches the queue
+    stale = make_job(store, n_shards=3)
+    _send_all(send, store, stale)
+    store.end_job(stale.job_id, JobStatus.CANCELLED)  # its three messages stay behind
+    wait_until(lambda: store.now() > float(store.r.zscore(keys.pending(keys.EXTRACT_QUEUE),
+                                                        keys.member(lost.job_id, lost.shard_ids[0]))) + 0.3,
+               5, "Redis's clock to move on")
+    live = make_job(store, n_shards=2)
+    _send_all(send, store, live)
+    reconciler = Reconciler(store, "r", [keys.EXTRACT_QUEUE], send=send, lost_after_s=0.2)
+    assert reconciler.tick()["lost"] == 0  # nothing taken yet: the count says 3 + 2 messages for 3 steps
+    store.received(live.job_id, live.shard_ids[0], "w1@test")  # a worker took a younger message
+    assert reconciler.tick()["lost"] == 1
+    step = store.step(lost.job_id, lost.shard_ids[0])
+    assert step["repaired"] and step["msg"] in store.queued_message_ids(keys.EXTRACT_QUEUE)
+    assert reconciler.tick()["lost"] == 0
+
+
+def test_cancel_takes_the_jobs_messages_off_the_queue(store, db):
+    send = sender(db)
+    store.r.delete(*keys.queue_lists(keys.EXTRACT_QUEUE))
+    spec, other = make_job(store, n_shards=3), make_job(store, n_shards=1)
+    _send_all(send, store, spec)
+    _send_all(send, store, other)
+    store.end_job(spec.job_id, JobStatus.CANCELLED)
+    assert store.drain(spec.job_id) == 3
+    assert store.queued_message_ids(keys.EXTRACT_QUEUE) == {store.step(other.job_id, other.shard_ids[0])["msg"]}
+
+
+def test_a_held_message_in_no_workers_hands_is_repaired_though_its_holder_lives(store, db):
+    """A Redis that lost its last second of writes: the claim is gone, the worker acknowledged the
+    message, the step sits held under a live worker. A message still in a worker's hands is not."""
+    spec = make_job(store, n_shards=2)
+    job, (s0, s1) = spec.job_id, spec.shard_ids
+    store.heartbeat("alive@test", [keys.EXTRACT_QUEUE], 30)
+    store.received(job, s0, "alive@test")
+    store.received(job, s1, "alive@test")
+    in_hand = {"headers": {"id": store.step(job, s1)["msg"]}}
+    store.r.hset(keys.KOMBU_UNACKED, "tag-1", json.dumps([in_hand, keys.EXTRACT_QUEUE, keys.EXTRACT_QUEUE]))
+    sent = []
+    reconciler = Reconciler(store, "r", [keys.EXTRACT_QUEUE], send=lambda j, s: sent.append(s.step),
+                            held_max_s=0)
+    assert reconciler.tick()["held"] == 1 and sent == [s0]
+    assert store.held_members() == [keys.member(job, s1)]
+    store.r.hdel(keys.KOMBU_UNACKED, "tag-1")
+
+
 # --- defect 6: states a user can read -----------------------------------------------------------
 
 def test_job_states_follow_the_chain(store):
@@ -223,14 +304,15 @@ def test_job_states_follow_the_chain(store):
     seen.append(store.job_status(job))
     claim(store, job, keys.MERGE_STEP)
     train = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)
-    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, then=train, job_fields={"summary": {"images": 8}})
+    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train,
+                      job_fields={"summary": {"images": 8}})
     seen.append(store.job_status(job))
     claim(store, job, keys.TRAIN_STEP)
     fine = NewStep(keys.FINETUNE_STEP, keys.TRAIN_QUEUE, keys.FINETUNE_TASK, JobStatus.FINETUNING)
-    store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, then=fine)
+    store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, token="t1", then=fine)
     seen.append(store.job_status(job))
     claim(store, job, keys.FINETUNE_STEP)
-    assert store.finish_step(job, keys.FINETUNE_STEP, StepState.DONE) == "done"
+    assert store.finish_step(job, keys.FINETUNE_STEP, StepState.DONE, token="t1") == "done"
     seen.append(store.job_status(job))
     assert [s.value for s in dict.fromkeys(seen)] == ["queued", "extracting", "merging", "training",
                                                       "finetuning", "done"]
@@ -249,7 +331,7 @@ def test_waiting_for_names_the_queue_nobody_consumes(store):
     finish(store, spec, spec.shard_ids[0])
     claim(store, job, keys.MERGE_STEP)
     train = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)
-    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, then=train)
+    store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train)
     assert brief(store, job)["waiting_for"] == {"queue": "train", "workers": 0}
 
 
@@ -308,3 +390,18 @@ def test_no_module_but_the_store_talks_to_redis():
         if "import redis" in text or ".r." in text or "store.r\n" in text:
             offenders.append(path.name)
     assert not offenders
+
+
+def test_convoy_cancel_ends_a_grad_cam_job(store, db, tmp_path):
+    from shared.camjob import CamSpec
+    from tests.conftest import convoy
+
+    out = tmp_path / "cam"
+    out.mkdir()
+    spec = CamSpec(job_id=new_job_id(), model="m.keras", model_path="/m.keras", model_sha256="0" * 64,
+                   out_dir=str(out), root="/d", n_batches=1, n_images=2, batch_size=2)
+    store.create_cam(spec, {"cam/00000": ["a.jpg", "b.jpg"]}, ttl_s=TTL_S)
+    got = convoy("cancel", spec.job_id, "--broker", db)
+    assert got.returncode == 0 and "cancelled" in got.stdout, got.stderr
+    assert store.job_status(spec.job_id) == JobStatus.CANCELLED
+    assert "cancelled" in (out / "index.html").read_text()  # OUT says so, not a half-made gallery

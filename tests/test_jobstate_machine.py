@@ -1,6 +1,6 @@
 """A Hypothesis state machine drives the store's transitions in random orders against a real Redis
-(claims, duplicate deliveries, progress from stale holders, lapsed leases, repairs, failures,
-cancels) and checks the job-state invariants after every step."""
+(claims, duplicate deliveries, progress and finishes from stale holders, lapsed leases, repairs,
+failures, cancels) and checks the job-state invariants after every step."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ class JobMachine(RuleBasedStateMachine):
         super().__init__()
         self.spec = None
         self.tokens: dict[str, str] = {}  # step -> the token of its latest claim
+        self.issued: dict[str, list[str]] = {}  # step -> every token a claim of it was given
+        self.attempts: dict[str, int] = {}  # step -> the fencing number of its latest claim
         self.counter = 0
         self.cancelled = False
         self.sent: list[str] = []
@@ -58,11 +60,14 @@ class JobMachine(RuleBasedStateMachine):
         token = f"tok{self.counter}"
         moves = (JobStatus.QUEUED, JobStatus.EXTRACTING)
         got = self.store.claim(self.job, step, token, "w@test", 1, 45, moves)
-        if got.outcome == "claimed":
+        if got.outcome in ("claimed", "capped"):
+            assert got.attempt > self.attempts.get(step, 0)  # a fencing number never goes back
+            self.attempts[step] = got.attempt
             self.tokens[step] = token
-        elif got.outcome == "capped":
-            self.store.finish_step(self.job, step, StepState.FAILED, error="capped", job_error="capped",
-                                   **self._route(step))
+            self.issued.setdefault(step, []).append(token)
+        if got.outcome == "capped":
+            self.store.finish_step(self.job, step, StepState.FAILED, token=token, error="capped",
+                                   job_error="capped", **self._route(step))
 
     @rule(data=st.data(), done=st.integers(0, 2))
     @precondition(lambda self: self.tokens)
@@ -73,11 +78,20 @@ class JobMachine(RuleBasedStateMachine):
     @rule(data=st.data(), ok=st.booleans())
     @precondition(lambda self: self.tokens)
     def finish(self, data, ok: bool) -> None:
+        """Any holder the step ever had tries to finish it: only the current one is heard."""
         step = data.draw(st.sampled_from(sorted(self.tokens)))
+        token = data.draw(st.sampled_from(self.issued[step]))
+        before = self.store.step(self.job, step)
+        current = before.get("state") == StepState.RUNNING and before.get("token") == token
+        job_before = self.store.status(self.job)
         outcome = StepState.DONE if ok else StepState.FAILED
         done = 2 if step.startswith("train/") else None
-        self.store.finish_step(self.job, step, outcome, done=done, error="" if ok else "broken",
-                               job_error=f"{step} failed", fields={"rows": 2} if ok else {}, **self._route(step))
+        answer = self.store.finish_step(self.job, step, outcome, token=token, done=done,
+                                        error="" if ok else "broken", job_error=f"{step} failed",
+                                        fields={"rows": 2} if ok else {}, **self._route(step))
+        if not current:
+            assert answer in ("stale", "dup"), answer
+            assert self.store.step(self.job, step) == before and self.store.status(self.job) == job_before
 
     @rule(data=st.data())
     @precondition(lambda self: self.tokens)

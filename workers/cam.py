@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +59,7 @@ def cam_batch(self, job_id: str, step: str) -> Outcome:
     rt = runtime()
     spec = rt.store.cam_spec(job_id)
     rels = rt.store.inputs(job_id, step)
-    rows = _run(rt.settings, spec, batch_index(step), rels)
+    rows = _run(rt.settings, spec, batch_index(step), rels, confirm=self.ctx.confirm)
     return Outcome(result={"rows": len(rows.paths), "skipped": len(rows.skipped)}, done=len(rels),
                    fields={"rows": len(rows.paths), "total": len(rels)})
 
@@ -67,7 +67,7 @@ def cam_batch(self, job_id: str, step: str) -> Outcome:
 @app.task(name=keys.ASSEMBLE_TASK, base=AssembleStep, bind=True)
 def cam_assemble(self, job_id: str, step: str) -> Outcome:
     """heatmaps.h5 and index.html from the batches' part files; then the job is done."""
-    summary = assemble(runtime().store.cam_spec(job_id), runtime().settings)
+    summary = assemble(runtime().store.cam_spec(job_id), runtime().settings, confirm=self.ctx.confirm)
     return Outcome(result={"rows": summary["rows"]}, job_fields={"summary": summary})
 
 
@@ -86,7 +86,9 @@ def _decode(files: list[Path], hw: tuple[int, int], settings) -> tuple[list[int]
     return ok, images, skipped
 
 
-def _run(settings, spec: CamSpec, batch: int, rels: list[str]) -> CamRows:
+def _run(settings, spec: CamSpec, batch: int, rels: list[str], confirm: Callable[[], None] = lambda: None) -> CamRows:
+    """One batch's rows, overlays and part file; ``confirm()`` raises before anything is written
+    when this holder may no longer publish (the job was cancelled, another holder took the batch)."""
     from shared.models import preprocess
     from workers.cam_model import cam_model
 
@@ -100,8 +102,11 @@ def _run(settings, spec: CamSpec, batch: int, rels: list[str]) -> CamRows:
         if images:
             pixels = np.stack([small for _, small in images])
             x = pixels.astype(np.float32) if spec.preprocess == "none" else preprocess(pixels, spec.preprocess)
-            rows = _rows(local, batch, rels, ok, images, cam(x, spec.class_index, spec.top_k))
+            result = cam(x, spec.class_index, spec.top_k)
+            confirm()
+            rows = _rows(local, batch, rels, ok, images, result)
         rows.skipped = [(rels[i], reason) for i, reason in skipped]
+        confirm()
         write_rows(local.part_file(batch), rows, {"batch": batch})
     log.info("cam batch %s of job %s: %d rows in %.2fs", batch, spec.job_id, len(rows.paths),
              time.perf_counter() - t0)
@@ -142,21 +147,21 @@ def _on_disk(spec: CamSpec, key: str, fetch: list[str], upload: list[str]) -> It
         yield spec if not storage.is_url(spec.out_dir) else replace(spec, out_dir=str(work))
 
 
-def assemble(spec: CamSpec, settings) -> dict:
-    """heatmaps.h5 and index.html from the part files."""
+def assemble(spec: CamSpec, settings, confirm: Callable[[], None] = lambda: None) -> dict:
+    """heatmaps.h5 and index.html from the part files (``confirm``: as in :func:`_run`)."""
     from workers.cam_model import cam_model
 
     paths.output(spec.out_dir, settings)
     cam = cam_model(spec, settings)
     with _on_disk(spec, "assemble", [PARTS_DIR], [HEATMAPS_NAME, INDEX_NAME]) as local:
-        summary = _assemble(spec, Path(local.out_dir), cam)
+        summary = _assemble(spec, Path(local.out_dir), cam, confirm)
     if storage.is_url(spec.out_dir):  # the parts are in heatmaps.h5 now
         for b in range(spec.n_batches):
             storage.remove(storage.join(spec.out_dir, PARTS_DIR, storage.name(spec.part_file(b))))
     return storage.to_urls(summary, Path(local.out_dir), storage.at(spec.out_dir))
 
 
-def _assemble(spec: CamSpec, out: Path, cam) -> dict:
+def _assemble(spec: CamSpec, out: Path, cam, confirm: Callable[[], None]) -> dict:
     from shared.gradcam import VGG16_IMAGENET
 
     rows = concat([read_rows(out / PARTS_DIR / Path(spec.part_file(b)).name) for b in range(spec.n_batches)],
@@ -174,6 +179,7 @@ def _assemble(spec: CamSpec, out: Path, cam) -> dict:
         "job_id": spec.job_id,
         "class_names": spec.class_names,
     }
+    confirm()
     write_rows(out / HEATMAPS_NAME, rows, attrs)
     write_gallery(out / INDEX_NAME, rows, spec.class_names,
                   f"Grad-CAM {spec.job_id}: {storage.name(spec.model)}, layer {cam.layer}")

@@ -8,6 +8,7 @@ import socket
 import time
 
 import numpy as np
+from celery.exceptions import BackendStoreError
 from kombu.exceptions import OperationalError
 
 from shared import keys
@@ -58,6 +59,7 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
     result, timings = _extract(self, rt, spec, shard, entries, abs_paths)
     t0 = time.perf_counter()
     attrs = feature_attrs(spec, split=shard.split("/")[0]) | {"fingerprint": fp, "shard": shard, "host": host}
+    self.ctx.confirm()  # a cancelled job, or a holder another worker superseded, writes nothing
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
     timings["written_at"] = time.time()
@@ -128,7 +130,7 @@ def _report(task, store, spec, shard, done: int, total: int, t_start: float) -> 
     try:
         task.update_state(state="PROGRESS", meta=meta)
         task.send_event("task-progress", **meta)
-    except OperationalError as exc:  # progress is best effort; the shard itself must go on
+    except (OperationalError, BackendStoreError) as exc:  # best effort (Redis may be down): the shard goes on
         log.warning("could not publish progress of %s: %s", shard, exc)
     task.ctx.progress(done, rate)
 

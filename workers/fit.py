@@ -115,6 +115,8 @@ def train_head(spec: JobSpec, config: TrainConfig, ctx=None) -> dict:
                       verbose=0, callbacks=step_callbacks(ctx, config.epochs))
     t_eval = time.perf_counter()
     metrics = _evaluate(head, data["test"], plan["test"], spec.class_names)
+    if ctx is not None:  # a cancelled job, or a holder another worker superseded, saves nothing
+        ctx.confirm()
     paths = _save_head_outputs(spec, head, _history(fitted.history), metrics)
     t_end = time.perf_counter()
     timings = {"load_s": t_fit - t0, "fit_s": t_eval - t_fit, "evaluate_save_s": t_end - t_eval}
@@ -233,6 +235,8 @@ def finetune(spec: JobSpec, config: TrainConfig, settings, ctx=None) -> dict:
     t_eval = time.perf_counter()
     metrics = _evaluate(trainer, (data["test"], None), plan["test"], spec.class_names)
     history = {**history, "resumed_from_epoch": start}
+    if ctx is not None:
+        ctx.confirm()
     paths = {
         "finetuned": save_model(full, folder / "finetuned.keras"),
         "history_finetune": str(write_json(folder / "history_finetune.json", history)),

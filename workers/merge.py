@@ -7,6 +7,7 @@ job), after the barrier, and leads to training when the job asked for it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from shared import keys
 from shared.celery_app import app
@@ -36,7 +37,7 @@ class MergeStep(ChainStep):
 def merge_job(self, job_id: str, step: str = keys.MERGE_STEP) -> Outcome:
     """Merge a job's finished shards into ``features/<split>.h5``."""
     store = runtime().store
-    summary = merge_all(store, store.spec(job_id))
+    summary = merge_all(store, store.spec(job_id), confirm=self.ctx.confirm)
     return Outcome(result={"images": summary["images"]}, job_fields={"summary": summary})
 
 
@@ -50,11 +51,14 @@ def check_shard_files(store: JobStore, spec: JobSpec, finished: set[str]) -> Non
                              f"run `convoy resume {spec.out_dir}` to extract it again")
 
 
-def merge_all(store: JobStore, spec: JobSpec) -> dict:
+def merge_all(store: JobStore, spec: JobSpec, confirm: Callable[[], None] = lambda: None) -> dict:
+    """Merge and record the job's summary in OUT; ``confirm`` raises before each publication when
+    this holder may no longer publish (the job was cancelled, another holder took the merge)."""
     finished = store.finished_shards(spec.job_id)
     check_shard_files(store, spec, finished)
     states = store.shard_states(spec.job_id)
-    features, images, skipped = merge_job_files(spec, finished), 0, list(spec.options.get("scan_skipped", []))
+    features, images = merge_job_files(spec, finished, confirm), 0
+    skipped = list(spec.options.get("scan_skipped", []))
     for sid in sorted(finished):
         images += int(states[sid].get("rows", 0))
         skipped += states[sid].get("skipped") or []
@@ -64,6 +68,7 @@ def merge_all(store: JobStore, spec: JobSpec) -> dict:
     summary = {"images": images, "skipped": skipped, "features": features, "failed_shards": failed,
                "reused_shards": len(reused), "reused_images": sum(int(states[s].get("total", 0)) for s in reused),
                "extract_timings": extract_timings(states)}
+    confirm()
     update_states(spec.out_dir, {s: st.get("state", "queued") for s, st in states.items()}, {"summary": summary})
     return summary
 

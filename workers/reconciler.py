@@ -7,12 +7,19 @@ atomic script that only one reconciler can win):
 - a **lease that lapsed**: the step's holder died or hung; the step is queued again;
 - a message **held by a dead worker** (received, never started; kombu keeps it in ``unacked``
   until the visibility timeout, hours away): the step is queued again;
+- a message **held by a worker that no longer has it** (received, then acknowledged or lost
+  without the step starting: a Redis that lost its last second of writes): held for longer than
+  ``HELD_MAX_S`` and in no worker's hands (kombu's ``unacked``), the step is queued again;
 - a step **queued with no message waiting** (a crash between a transition and its enqueue, an
-  enqueue that raised, a broker that lost the message): seen on two ticks in a row, it is
-  queued again. This covers a complete barrier with no merge, a merge with no training, ...
+  enqueue that raised, a broker that lost the message): queues are first in, first out, so a
+  step queued ``LOST_AFTER_S`` before one whose message a worker already took has lost its
+  message, however long the queue is; on a queue that nothing overtakes (idle), the step's
+  message id is looked for on the queue and, missing on two ticks in a row, it is queued again.
+  This covers a complete barrier with no merge, a merge with no training, ...
 
-A tick costs O(running + held steps): lapsed leases come from a sorted set of deadlines, and
-lost messages are looked for only when a queue holds fewer messages than steps waiting on it.
+A tick costs O(running + held steps + repairs): lapsed leases come from a sorted set of
+deadlines, overtaken steps from the queue's received mark, and a queue's messages are read only
+when it holds fewer messages than steps waiting on it.
 The main process never imports TensorFlow, so the thread starts at ``worker_ready``.
 """
 
@@ -22,9 +29,11 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 from celery.signals import task_received, worker_ready, worker_shutting_down
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import faults, keys
 from shared.celery_app import send_step
@@ -40,6 +49,12 @@ HEARTBEAT_TTL_S = 30
 LOST_AFTER_S = 30
 #: Steps looked at per tick for lost messages (the rest wait for the next tick).
 LOST_SCAN_LIMIT = 5000
+#: After Redis comes back from an outage, lapsed leases wait this long before they are repaired:
+#: a holder that worked through the outage renews within a renewal interval (workers.step).
+OUTAGE_GRACE_S = 45
+#: A worker starts a message it received within moments (it takes only what a free slot can
+#: run); one held for longer, and in no worker's hands, was lost with its step never started.
+HELD_MAX_S = 30
 
 _STEP_TASKS = {keys.EXTRACT_TASK, keys.MERGE_TASK, keys.TRAIN_TASK, keys.FINETUNE_TASK, keys.CAM_TASK,
                keys.ASSEMBLE_TASK}
@@ -49,31 +64,67 @@ class Reconciler:
     """One worker's repairs; ``tick()`` once, or ``start()`` a thread that ticks for ever."""
 
     def __init__(self, store: JobStore, worker: str, queues: list[str], send: Callable = send_step,
-                 lost_after_s: float = LOST_AFTER_S) -> None:
-        self.store, self.worker, self.queues, self.send, self.lost_after_s = store, worker, queues, send, lost_after_s
+                 lost_after_s: float = LOST_AFTER_S, held_max_s: float = HELD_MAX_S) -> None:
+        self.store, self.worker, self.queues, self.send = store, worker, queues, send
+        self.lost_after_s, self.held_max_s = lost_after_s, held_max_s
+        self._grace_until = 0.0
         self._suspects: dict[str, dict[str, str]] = {}  # queue -> {member: message id} seen missing
 
     def tick(self) -> dict[str, int]:
         """Heartbeat, then every kind of repair; how many of each this tick made."""
         self.store.heartbeat(self.worker, self.queues, HEARTBEAT_TTL_S)
         made = {"lease": 0, "held": 0, "lost": 0}
-        for member in self.store.lapsed_leases():
-            made["lease"] += self._repair(member, "lease", "its worker stopped renewing the lease")
+        if not self._after_outage():
+            for member in self.store.lapsed_leases():
+                made["lease"] += self._repair(member, "lease", "its worker stopped renewing the lease")
         for member in self.store.held_members():
             made["held"] += self._repair(member, "held", "its message was held by a worker that died")
+        made["held"] += self._orphans()
         for queue in keys.ALL_QUEUES:
-            made["lost"] += self._lost(queue)
+            made["lost"] += self._overtaken(queue) or self._lost(queue)
         self.store.prune_index()
         return made
 
-    def _repair(self, member: str, kind: str, reason: str, old_msg: str = "") -> int:
-        step = self.store.repair(member, kind, reason, old_msg)
+    def _after_outage(self) -> bool:
+        """Within a lease of Redis coming back (restarted, or out of this worker's reach): leases
+        lapsed during the outage while their holders worked on, and the holders renew now."""
+        if time.monotonic() < self._grace_until:
+            return True
+        return self.store.uptime_s() < OUTAGE_GRACE_S
+
+    def outage(self) -> None:
+        """This worker could not reach Redis: hold lease repairs back until a lease after it answers."""
+        self._grace_until = time.monotonic() + OUTAGE_GRACE_S + RECONCILE_EVERY_S
+
+    def _repair(self, member: str, kind: str, reason: str, old_msg: str = "", held_s: float = 0) -> int:
+        step = self.store.repair(member, kind, reason, old_msg, held_s)
         if step is None:
             return 0
         job_id = keys.split_member(member)[0]
         log.warning("re-queued %s of job %s: %s", step.step, job_id, reason)
         self.send(job_id, step)
         return 1
+
+    def _orphans(self) -> int:
+        old = self.store.old_held(self.held_max_s)
+        if not old:
+            return 0
+        in_hand, made = self.store.messages_in_hand(), 0
+        for member in old:
+            msg = self.store.message_of(member)
+            if msg and msg not in in_hand:
+                made += self._repair(member, "orphan", "its message left the worker that held it, unstarted",
+                                     old_msg=msg, held_s=self.held_max_s)
+        return made
+
+    def _overtaken(self, queue: str) -> int:
+        made = 0
+        for member in self.store.overtaken(queue, self.lost_after_s, LOST_SCAN_LIMIT):
+            msg = self.store.message_of(member)
+            if msg:
+                made += self._repair(member, "lost", "its message was lost (later ones were taken first)",
+                                     old_msg=msg)
+        return made
 
     def _lost(self, queue: str) -> int:
         count, _ = self.store.old_pending(queue, self.lost_after_s, 0)
@@ -100,7 +151,10 @@ class Reconciler:
             while True:
                 try:
                     self.tick()
-                except Exception as exc:  # keep reconciling through broker restarts
+                except RedisConnectionError as exc:  # keep reconciling through broker restarts
+                    log.warning("reconciler: %s", exc)
+                    self.outage()
+                except Exception as exc:
                     log.warning("reconciler: %s", exc)
                 stop.wait(RECONCILE_EVERY_S)
 

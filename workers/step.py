@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import faults
 from shared.celery_app import send_step
@@ -77,6 +78,7 @@ class StepContext:
 
     def __init__(self, store: JobStore, job_id: str, step: str, worker: str, deliveries: int) -> None:
         self.store, self.job_id, self.step, self.worker, self.deliveries = store, job_id, step, worker, deliveries
+        self.attempt = 0  # the store's fencing number of this claim
         self.token = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.answer = "ok"
         self.started = self._renewed_at = time.monotonic()
@@ -84,13 +86,16 @@ class StepContext:
         self._thread = threading.Thread(target=self._renew, name=f"lease-{step}", daemon=True)
 
     def progress(self, done: int, rate: float) -> None:
-        """Record images done (field by field); raise :class:`StepStopped` when the step must stop."""
-        self._note(self.store.progress(self.job_id, self.step, self.token, done, rate, self.worker))
+        """Record images done (field by field); raise :class:`StepStopped` when the step must stop.
+        While Redis is out of reach the step goes on: progress is bookkeeping, and the store
+        decides at the next answer whether this holder is still current."""
+        self._note(_reachable(lambda: self.store.progress(self.job_id, self.step, self.token, done, rate,
+                                                          self.worker)))
         self.check()
 
     def note(self, fields: dict) -> None:
         """Record what the step says of itself (a training's epoch); stop like :meth:`progress`."""
-        self._note(self.store.note(self.job_id, self.step, self.token, fields))
+        self._note(_reachable(lambda: self.store.note(self.job_id, self.step, self.token, fields)))
         self.check()
 
     def check(self) -> None:
@@ -98,19 +103,33 @@ class StepContext:
         if self.answer != "ok":
             raise StepStopped(self.answer)
 
-    def _note(self, answer: str) -> None:
+    def confirm(self) -> None:
+        """Ask the store now whether this holder may still publish (a round trip, unlike
+        :meth:`check`; through an outage it waits for the answer): called right before a step
+        writes what others read, so that a cancelled job or a superseded holder publishes nothing."""
+        faults.point("before-publish")
+        self._note(answered(lambda: self.store.renew(self.job_id, self.step, self.token, LEASE_S, self.worker)))
+        if self.answer != "draining":  # a draining worker still finishes what it has written
+            self.check()
+
+    def _note(self, answer: str | None) -> None:
+        if answer is None:  # Redis out of reach: no news
+            return
         self._renewed_at = time.monotonic()
         if self.answer == "ok":
             self.answer = answer
 
     def _renew(self) -> None:
+        # Through a Redis outage the holder keeps its step: the lease lapses in Redis, but the
+        # reconcilers hold back lease repairs for a lease after Redis comes back (workers.reconciler),
+        # and this thread renews within RENEW_EVERY_S of it. Fencing refuses anything it does after
+        # another holder took over.
         while not self._stop.wait(RENEW_EVERY_S):
-            try:
-                self._note(self.store.renew(self.job_id, self.step, self.token, LEASE_S, self.worker))
-            except Exception as exc:  # the broker restarts: keep trying until the lease would lapse
-                log.warning("could not renew the lease of %s/%s: %s", self.job_id, self.step, exc)
-                if time.monotonic() - self._renewed_at > LEASE_S - RENEW_EVERY_S:
-                    self.answer = "lost"  # someone else may take it now: stop rather than duplicate
+            answer = _reachable(lambda: self.store.renew(self.job_id, self.step, self.token, LEASE_S, self.worker))
+            if answer is None:
+                log.warning("could not renew the lease of %s/%s: Redis is out of reach; still working",
+                            self.job_id, self.step)
+            self._note(answer)
 
     def __enter__(self) -> StepContext:
         self._thread.start()
@@ -159,20 +178,22 @@ class ConvoyStep(Task):
         claim = store.claim(job_id, step, ctx.token, worker, os.getpid(), LEASE_S, self.moves)
         if claim.outcome == "busy":
             claim = self._take_over_from_a_dead_sibling(store, ctx, claim)
+        if claim.outcome not in ("claimed", "capped"):
+            return {"job": job_id, "step": step, "state": claim.outcome}
+        ctx.deliveries, ctx.attempt = claim.deliveries, claim.attempt
+        self.ctx = ctx
         if claim.outcome == "capped":
             reason = f"given up after {claim.deliveries - 1} deliveries ({self.capped_hint})"
             return self._fail(store, job_id, step, reason)
-        if claim.outcome != "claimed":
-            return {"job": job_id, "step": step, "state": claim.outcome}
         faults.point("after-claim")
-        ctx.deliveries = claim.deliveries
-        self.ctx = ctx
         with ctx:
             try:
                 self.preflight(job_id)
                 outcome = self.run(job_id, step)
             except StepStopped as stop:
                 return self._stopped(ctx, stop.answer)
+            except RedisConnectionError as exc:  # an outage is not the step's fault: it costs no delivery
+                return self._handback(ctx, f"Redis was out of reach ({exc})")
             except SoftTimeLimitExceeded:
                 return self._fail(store, job_id, step, self.time_limit_hint)
             except ConvoyError as exc:
@@ -198,12 +219,18 @@ class ConvoyStep(Task):
                            takeover=holder.get("token", ""))
 
     def _finish(self, store: JobStore, job_id: str, step: str, outcome: Outcome) -> dict:
+        ctx = self.ctx
+        if ctx.answer == "lost":  # another holder has the step: its outcome, not this one's, counts
+            return {"job": job_id, "step": step, "state": "stopped", "why": "lost"}
         route = self.route(job_id, step)
-        answer = store.finish_step(job_id, step, StepState.DONE, done=outcome.done, fields=outcome.fields,
-                                   job_fields=outcome.job_fields, barrier=route.barrier, then=route.then)
+        answer = answered(lambda: store.finish_step(
+            job_id, step, StepState.DONE, token=ctx.token, done=outcome.done, fields=outcome.fields,
+            job_fields=outcome.job_fields, barrier=route.barrier, then=route.then))
+        if answer == "stale":
+            return {"job": job_id, "step": step, "state": "stopped", "why": "stale"}
         self._follow(job_id, answer, route.then)
-        if answer != "dup" and self.ctx is not None:
-            self._observe(store, time.monotonic() - self.ctx.started)
+        if answer != "dup":
+            self._observe(store, time.monotonic() - ctx.started)
         return {"job": job_id, "step": step, "state": "done", "transition": answer, **outcome.result}
 
     def _observe(self, store: JobStore, seconds: float) -> None:
@@ -214,16 +241,16 @@ class ConvoyStep(Task):
             log.warning("could not record the time of a %s: %s", self.name, exc)
 
     def _fail(self, store: JobStore, job_id: str, step: str, reason: str) -> dict:
-        ctx = getattr(self, "ctx", None)
-        if ctx is not None and ctx.step == step and ctx.job_id == job_id and ctx.answer == "lost":
-            # Another holder has the step now: its outcome, not this one's failure, counts.
+        ctx = self.ctx
+        if ctx.answer == "lost":  # another holder has the step now: its outcome, not this failure, counts
             return {"job": job_id, "step": step, "state": "stopped", "why": "lost"}
         route = self.route(job_id, step)
         what = self.describe(step)
-        answer = store.finish_step(job_id, step, StepState.FAILED, error=reason, fail_job=route.fail_job,
-                                   job_error=f"{what} failed: {reason}", barrier=route.barrier, then=route.then)
+        answer = answered(lambda: store.finish_step(
+            job_id, step, StepState.FAILED, token=ctx.token, error=reason, fail_job=route.fail_job,
+            job_error=f"{what} failed: {reason}", barrier=route.barrier, then=route.then))
         self._follow(job_id, answer, route.then)
-        if answer in ("dup", "late"):
+        if answer in ("dup", "late", "stale"):
             return {"job": job_id, "step": step, "state": answer}
         # Raised so that Celery and Flower show the task failed; the job state already says why.
         raise ShardError(f"{what} of job {job_id} failed: {reason}")
@@ -234,14 +261,41 @@ class ConvoyStep(Task):
         elif answer in ("done", "failed"):
             self.ended(job_id, JobStatus(answer))
 
+    def _handback(self, ctx: StepContext, reason: str):
+        """Back to the queue without counting this delivery (a warm shutdown, a Redis outage)."""
+        answered(lambda: ctx.store.release(ctx.job_id, ctx.step, ctx.token, handback=True, reason=reason))
+        raise Reject(f"step handed back: {reason}", requeue=True)
+
     def _stopped(self, ctx: StepContext, answer: str) -> dict:
         if answer == "draining":
-            ctx.store.release(ctx.job_id, ctx.step, ctx.token, handback=True,
-                              reason=f"handed back by {ctx.worker} (warm shutdown)")
-            raise Reject("worker shutting down; step handed back", requeue=True)
+            self._handback(ctx, f"handed back by {ctx.worker} (warm shutdown)")
         if answer == "ended":
             ctx.store.release(ctx.job_id, ctx.step, ctx.token, handback=False, reason="the job ended while it ran")
         return {"job": ctx.job_id, "step": ctx.step, "state": "stopped", "why": answer}
+
+
+#: How long a step that has finished its work waits for Redis to answer its outcome.
+OUTCOME_WAIT_S = 3600
+
+
+def _reachable(call):
+    """``call()``'s answer, or None when Redis stays out of reach through the client's retries."""
+    try:
+        return call()
+    except RedisConnectionError as exc:
+        log.warning("Redis out of reach: %s", exc)
+        return None
+
+
+def answered(call, wait_s: float = OUTCOME_WAIT_S):
+    """``call()``'s answer, asked again through a Redis outage of up to ``wait_s``: a step that
+    did its work keeps it until the store says whether it still holds the step."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        answer = _reachable(call)
+        if answer is not None or time.monotonic() > deadline:
+            return answer if answer is not None else call()
+        time.sleep(1)
 
 
 def _alive(pid: int) -> bool:
