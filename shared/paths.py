@@ -64,8 +64,9 @@ def image(path: str | Path, settings: Settings) -> Location:
 
 def readable(path: str | Path, settings: Settings, what: str, also: tuple[Path, ...] = ()) -> Location:
     """A file to read that is not an image (a model, weights): inside the data or the output roots
-    (or ``also``, such as the Keras cache for downloaded weights)."""
-    roots = settings.data_roots + settings.output_roots if settings.data_roots and settings.output_roots else ()
+    (or ``also``, such as the Keras cache for downloaded weights). Either kind of root set is
+    enough to confine: only when neither is set may it be anywhere."""
+    roots = settings.data_roots + settings.output_roots
     return confine(path, roots + tuple(p.resolve() for p in also) if roots else (), what,
                    "CONVOY_DATA_ROOTS and CONVOY_OUTPUT_ROOTS")
 

@@ -93,10 +93,10 @@ def verify_file(path: str, expected_sha256: str, what: str) -> None:
             f"{what} {path} is not readable on this worker ({exc.strerror}); "
             "put it on storage every worker sees at the same path"
         ) from None
-    if digest != expected_sha256:
+    if digest != expected_sha256:  # the file's own digest stays out of the message: it may not be the user's
         raise WeightsMismatch(
-            f"{what} {path} has sha256 {digest[:12]}…, the job recorded "
-            f"{expected_sha256[:12]}…; the file changed after submission: resubmit the job"
+            f"{what} {path} does not have the sha256 the job recorded ({expected_sha256[:12]}…); "
+            "the file changed after submission: resubmit the job"
         )
 
 
