@@ -22,6 +22,7 @@ from shared.settings import Settings
 from shared.storage import Location
 
 OUTSIDE_DATA = "outside the allowed data roots"
+NUL_IN_PATH = "path contains a NUL byte"
 
 
 def confine(path: str | Path, roots: tuple[Location, ...], what: str, variable: str) -> Location:
@@ -56,6 +57,8 @@ def relative(root: str | Path, rel: str, absolute_ok: bool = False) -> Location:
 
 def image(path: str | Path, settings: Settings) -> Location:
     """An image to read: resolved and inside the data roots, else :class:`BadImage` (it is skipped)."""
+    if "\0" in str(path):  # no file has one; the OS refuses the name outright
+        raise BadImage(NUL_IN_PATH)
     try:
         return confine(path, settings.data_roots, "image", "CONVOY_DATA_ROOTS")
     except OutsideRoots:
