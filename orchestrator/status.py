@@ -139,9 +139,9 @@ def print_report(report: dict, as_json: bool) -> None:
     if report["waiting_for"]:
         console.print(markup(waiting_words(report["waiting_for"])), soft_wrap=True)
     if report["error"]:
-        console.print(f"[red]error:[/red] {markup(report['error'])}")
-    for item in report["skipped"]:
-        console.print(markup(f"skipped {item['path']}: {item['reason']}"), highlight=False)
+        console.print(f"[red]error:[/red] {markup(report['error'])}", soft_wrap=True)
+    for item in report["skipped"]:  # one line each, however long: a path is not broken up
+        console.print(markup(f"skipped {item['path']}: {item['reason']}"), soft_wrap=True, highlight=False)
 
 
 def watch(store: JobStore, job_id: str, as_json: bool) -> int:
