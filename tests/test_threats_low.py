@@ -38,7 +38,7 @@ def _forge_cam(private, model_path: str, images: Path, out: Path) -> dict:
 def test_forged_vgg16_imagenet_cam_job_cannot_hash_a_file_outside_the_roots(confined):
     private, allowed, outs, elsewhere = confined
     images = make_flat(allowed / "imgs", 1, size_px=32)
-    secret = elsewhere / "secret.h5"
+    secret = elsewhere / "secret\x1b[2J.h5"  # the escape sequence must not reach the worker's log raw
     secret.write_bytes(b"the user may not read this")
     errors = {}
     for name, path in (("there", secret), ("absent", elsewhere / "absent.h5"), ("shadow", Path("/etc/shadow"))):
@@ -59,6 +59,8 @@ def test_forged_vgg16_imagenet_cam_job_cannot_hash_a_file_outside_the_roots(conf
     assert final["status"] == "failed" and "does not have the sha256 the job recorded" in final["error"], final
     for error in (*errors.values(), final["error"]):
         assert not any(digest in error for digest in digests), error
+    logs = "".join(log.read_text() for log in private.log_dir.glob("*.log"))
+    assert "secret\\x1b[2J.h5" in logs and "\x1b[2J" not in logs, logs
 
 
 @pytest.mark.parametrize("env", [{"CONVOY_DATA_ROOTS": "{allowed}"}, {"CONVOY_OUTPUT_ROOTS": "{allowed}"},

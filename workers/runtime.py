@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_process_shutdown
 
 from shared import faults
 from shared.errors import WeightsMismatch
@@ -117,6 +117,16 @@ def verify_weights(model: ModelConfig) -> ModelConfig:
         return replace(model, weights_path=local)
     verify_file(model.weights_path, model.weights_sha256, "weights file")
     return model
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _printable_logs(logger: logging.Logger, **_kwargs) -> None:
+    """A worker's log lines show job paths and names spelled out (shared/terminal.py)."""
+    from shared.terminal import PrintableArgs
+
+    for handler in logger.handlers:
+        handler.addFilter(PrintableArgs())
 
 
 @worker_process_init.connect
