@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.jobs import check_output, send_steps
+from orchestrator.jobs import check_apart, check_output, send_steps
 from orchestrator.progress import Stages
 from shared import storage
 from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
@@ -24,6 +24,7 @@ from shared.jobstore import JobStore
 from shared.settings import Settings
 from shared.states import JobStatus, is_final
 from shared.storage import Location
+from shared.terminal import printable
 from shared.words import plural
 
 POLL_S = 0.5
@@ -157,6 +158,8 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
     if req.class_index is not None and req.top_k != 1:
         raise UsageError("--class and --top-k exclude each other; pass one")
     root, rels = collect_images(req.inputs, req.root)
+    for folder in _folders(req.inputs):
+        check_apart(req.out_dir, folder, "the images' folder")
     out = check_output(req.out_dir)
     path, sha = resolve_model(req)
     batches = [rels[i : i + req.batch_size] for i in range(0, len(rels), req.batch_size)]
@@ -169,6 +172,13 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
         class_names=names, labels=labels,
     )
     return spec, batches
+
+
+def _folders(inputs: list) -> list[Location]:
+    """The inputs that are folders or store prefixes, not single images."""
+    if any(storage.is_url(i) for i in inputs):
+        return [storage.location(str(i)) for i in inputs if not is_image_name(storage.name(storage.location(str(i))))]
+    return [Path(i) for i in inputs if Path(i).is_dir()]
 
 
 def _class_names_beside(model: Location) -> list[str]:
@@ -262,11 +272,12 @@ def print_cam_summary(summary: dict, as_json: bool) -> None:
     if "heatmaps" not in summary:
         print(summary["job_id"])  # --detach: the id is what the user needs
         return
-    print(f"cam {summary['job_id']}: {plural(summary['rows'], 'heatmap')} of {plural(summary['images'], 'image')} "
-          f"(layer {summary['layer']}), {summary['seconds']:.1f} s")
-    print(f"  heatmaps -> {summary['heatmaps']}\n  index    -> {summary['index']}")
-    for item in summary.get("skipped", []):
-        print(f"  skipped {item['path']}: {item['reason']}")
+    lines = [f"cam {summary['job_id']}: {plural(summary['rows'], 'heatmap')} of {plural(summary['images'], 'image')} "
+             f"(layer {summary['layer']}), {summary['seconds']:.1f} s",
+             f"  heatmaps -> {summary['heatmaps']}", f"  index    -> {summary['index']}",
+             *(f"  skipped {item['path']}: {item['reason']}" for item in summary.get("skipped", []))]
+    for line in lines:
+        print(printable(line))
 
 
 def cam_status(store: JobStore, job_id: str, watch: bool, as_json: bool) -> int:
@@ -284,8 +295,8 @@ def cam_status(store: JobStore, job_id: str, watch: bool, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report))
     else:
-        print(f"cam job {job_id}: {report['status']}, {report['images_done']}/{report['images_total']} images"
-              + (f"; {report['error']}" if report["error"] else ""))
+        print(printable(f"cam job {job_id}: {report['status']}, {report['images_done']}/{report['images_total']} images"
+                        + (f"; {report['error']}" if report["error"] else "")))
     return 1 if report["status"] in (JobStatus.FAILED, JobStatus.CANCELLED) else 0
 
 

@@ -15,6 +15,7 @@ from orchestrator.progress import STAGE_ORDER
 from shared import storage
 from shared.errors import ConvoyError, JobNotFound, UsageError
 from shared.settings import BROKER_ENV, Settings, redact_url
+from shared.terminal import printable
 from shared.words import plural
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env().with_broker(getattr(args, "broker", None))
         return COMMANDS[args.command](args, settings)
     except ConvoyError as exc:
-        print(f"convoy: error: {exc}", file=sys.stderr)
+        print(f"convoy: error: {printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("convoy: interrupted; everything this command started was stopped", file=sys.stderr)
@@ -201,7 +202,7 @@ def _keep_run(spec, summary: dict) -> None:
         record_run(spec.out_dir, summary)
         summary["report"] = str(write_report(storage.at(spec.out_dir)))
     except (OSError, ConvoyError) as exc:  # the job is done; a report it could not write is a warning
-        print(f"convoy: warning: could not write the report: {exc}", file=sys.stderr)
+        print(f"convoy: warning: could not write the report: {printable(exc)}", file=sys.stderr)
 
 
 def _print_result(summary: dict, as_json: bool) -> None:
@@ -339,7 +340,7 @@ def cmd_merge(args, settings: Settings) -> int:
     from orchestrator.merge import merge_target
 
     for split, path in merge_target(args.target, settings, args.materialize).items():
-        print(f"features[{split}] -> {path}")
+        print(printable(f"features[{split}] -> {path}"))
     return 0
 
 
@@ -415,7 +416,7 @@ def cmd_report(args, settings: Settings) -> int:
     out = storage.location(args.out)
     if not storage.is_url(out) and not out.is_dir():
         raise UsageError(f"{args.out} is not a directory; pass a job's OUT (the folder given to --out)")
-    print(write_report(out))
+    print(printable(write_report(out)))
     return 0
 
 
@@ -423,7 +424,7 @@ def cmd_sample(args, settings: Settings) -> int:
     from orchestrator.sample import make_sample
 
     make_sample(args.out, args.images, args.seed)
-    print(f"wrote {args.images} images to {args.out}")
+    print(printable(f"wrote {args.images} images to {args.out}"))
     return 0
 
 

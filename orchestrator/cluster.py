@@ -20,6 +20,7 @@ import redis
 
 from shared import keys
 from shared.errors import BrokerError
+from shared.jobstore import client_url, socket_url
 from shared.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -55,10 +56,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Longest Unix socket path the kernel takes (sun_path is 108 bytes, NUL included).
+_SOCKET_PATH_MAX = 107
+
+
+def _private_dir() -> Path:
+    """A new 0700 folder for the broker's socket and config, under $TMPDIR unless that is too
+    long a path for a socket."""
+    base = tempfile.gettempdir()
+    if len(base) + len("/convoy-redis-12345678/redis.sock") > _SOCKET_PATH_MAX:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="convoy-redis-", dir=base))
+
+
 class EmbeddedBroker:
-    """A private Redis-protocol server on a free 127.0.0.1 port, keeping nothing on disk, with a
-    random password. The password is in a 0600 config file and in the URL that the workers get
-    through their environment, never on a command line (``ps`` shows command lines to everyone)."""
+    """A private Redis-protocol server on a Unix socket in a 0700 folder, keeping nothing on disk,
+    with a random password. No TCP port: nobody else can listen where the workers connect (a
+    squatter on a port would get the password with AUTH), and only this user can reach the socket.
+    The password is in a 0600 config file and in the URL that the workers get through their
+    environment, never on a command line (``ps`` shows command lines to everyone)."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -67,18 +83,17 @@ class EmbeddedBroker:
         self.workdir: Path | None = None
 
     def start(self, timeout_s: float = 15) -> str:
-        port = free_port()
-        workdir = self.workdir = Path(tempfile.mkdtemp(prefix="convoy-redis-"))  # 0700
+        workdir = self.workdir = _private_dir()
         password = secrets.token_urlsafe(24)
-        config = workdir / "redis.conf"
+        sock, config = workdir / "redis.sock", workdir / "redis.conf"
         config.touch(mode=0o600)
-        config.write_text(f"port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {workdir}\n"
-                          f"protected-mode yes\nrequirepass {password}\n")
+        config.write_text(f"port 0\nunixsocket {sock}\nunixsocketperm 700\nsave \"\"\nappendonly no\n"
+                          f"dir {workdir}\nrequirepass {password}\n")
         log = open(self.log_dir / "broker.log", "ab")
         self.proc = subprocess.Popen([redis_binary(), str(config)], stdout=log, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
-        self.url = f"redis://:{password}@127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(self.url)
+        self.url = socket_url(sock, password)
+        client = redis.Redis.from_url(client_url(self.url))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:

@@ -101,6 +101,20 @@ def check_output(out_dir: Path | str) -> Location:
     return out_dir.resolve()
 
 
+def check_apart(out_dir: Path | str, data: Location, what: str = "DATA") -> None:
+    """Refuse an OUT inside DATA (or inside a folder of images given to ``convoy cam``) before
+    anything is written: the next scan of DATA would take OUT's own PNGs (Grad-CAM overlays) for
+    images to learn from."""
+    out = storage.location(str(out_dir))
+    if storage.is_url(out) != storage.is_url(data):
+        return
+    if not storage.is_url(out):
+        out, data = Path(os.path.realpath(out)), Path(os.path.realpath(data))
+    if storage.under(out, data):
+        raise OutputError(f"--out {out_dir} lies inside {what} {data}: the next run would take its files for "
+                          f"images; choose an --out outside {what}")
+
+
 def weights_first(req: ExtractRequest) -> tuple[Location, str] | None:
     """The weights file and its sha256, found before any worker starts: an offline ImageNet or a
     bad file fails at once, with its fix, and leaves nothing behind. None for ``--weights none``
@@ -142,6 +156,8 @@ def check_request(req: ExtractRequest) -> tuple[Scan, Location]:
     The model's defaults fill what the request leaves open (:func:`with_model_defaults`)."""
     validate(with_model_defaults(req))
     scan = scan_data(req.data_dir)
+    if scan.layout != "list":  # a list names its images: nothing new in its folder joins the job
+        check_apart(req.out_dir, scan.data_dir)
     out = check_output(req.out_dir)
     if req.cache_pixels and (storage.is_url(out) or storage.is_url(scan.data_dir)):
         raise UsageError("--cache-pixels needs DATA and OUT in folders; drop it for a store URL")

@@ -18,6 +18,7 @@ from shared import storage
 from shared.errors import DataError, UsageError
 from shared.images import is_image_name
 from shared.job import SEED_SPLITS, SINGLE_SPLIT
+from shared.paths import NUL_IN_PATH
 from shared.storage import Location
 
 LIST_SUFFIXES = (".csv", ".parquet")
@@ -101,6 +102,8 @@ def _entry(row: dict, with_split: bool) -> tuple[str, str]:
     path = row.get("path", "")
     if not path:
         return "", "empty path"
+    if "\0" in path:
+        return "", NUL_IN_PATH
     if with_split and row.get("split") not in SEED_SPLITS:
         return "", f"split {row.get('split')!r} is not one of {', '.join(SEED_SPLITS)}"
     if storage.is_url(path) or path.startswith("file://") or PurePosixPath(path).is_absolute():

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.states import JobStatus
+from shared.terminal import markup, printable
 from shared.words import plural
 
 #: The stage a job is in, by its status (queued: its shards wait for a worker, extraction has begun).
@@ -72,7 +73,7 @@ class Stages:
         self._total = self._total if total is None else total
         self._detail = detail
         if self._bar is not None:
-            self._bar.update(self._task, completed=self._done, total=self._total or None, detail=detail)
+            self._bar.update(self._task, completed=self._done, total=self._total or None, detail=markup(detail))
         elif not self.quiet and time.monotonic() - self._last_line >= PLAIN_EVERY_S:
             self._line(self._words())
 
@@ -86,9 +87,9 @@ class Stages:
             self._detail = detail
         if self._bar is not None:
             if self._total:
-                self._bar.update(self._task, detail=self._detail)
+                self._bar.update(self._task, detail=markup(self._detail))
             else:  # a stage without a count (merging): show it as complete
-                self._bar.update(self._task, total=1, completed=1, detail=self._detail)
+                self._bar.update(self._task, total=1, completed=1, detail=markup(self._detail))
             self._bar.stop()
             self._bar = None
         elif not self.quiet:
@@ -107,9 +108,9 @@ class Stages:
     def say(self, text: str) -> None:
         """A line of its own (a warning), between the stage lines."""
         if self._bar is not None:
-            self._bar.console.print(text, soft_wrap=True, markup=False, highlight=False)
+            self._bar.console.print(printable(text), soft_wrap=True, markup=False, highlight=False)
         else:
-            print(f"convoy: {text}", file=self.out, flush=True)
+            print(f"convoy: {printable(text)}", file=self.out, flush=True)
 
     # --- plain lines ----------------------------------------------------------------------
 
@@ -122,7 +123,7 @@ class Stages:
 
     def _line(self, text: str) -> None:
         self._last_line = time.monotonic()
-        print(f"convoy: {text}", file=self.out, flush=True)
+        print(f"convoy: {printable(text)}", file=self.out, flush=True)
 
 
 def rate_words(done: int, seconds: float, total: int) -> str:

@@ -15,6 +15,7 @@ from shared import keys
 from shared.jobstore import JobStore
 from shared.manifest import read_manifest
 from shared.states import JobStatus, is_final
+from shared.terminal import markup
 
 WATCH_POLL_S = 0.5
 
@@ -119,13 +120,13 @@ def _title(report: dict) -> str:
 
 
 def _table(report: dict) -> Table:
-    table = Table(title=_title(report), title_justify="left")
+    table = Table(title=markup(_title(report)), title_justify="left")
     for col in ("shard", "state", "images", "img/s", "worker", "skipped", "error"):
         table.add_column(col)
     for sid, s in report["shards"].items():
-        table.add_row(sid, s.get("state", ""), f"{s.get('done', 0)}/{s.get('total', 0)}",
-                      str(s.get("images_per_s", "")), s.get("worker", ""), str(len(s.get("skipped") or [])),
-                      s.get("error", ""))
+        cells = (sid, s.get("state", ""), f"{s.get('done', 0)}/{s.get('total', 0)}", str(s.get("images_per_s", "")),
+                 s.get("worker", ""), str(len(s.get("skipped") or [])), s.get("error", ""))
+        table.add_row(*map(markup, cells))
     return table
 
 
@@ -136,21 +137,21 @@ def print_report(report: dict, as_json: bool) -> None:
     console = Console()
     console.print(_table(report))
     if report["waiting_for"]:
-        console.print(waiting_words(report["waiting_for"]), soft_wrap=True, markup=False)
+        console.print(markup(waiting_words(report["waiting_for"])), soft_wrap=True)
     if report["error"]:
-        console.print(f"[red]error:[/red] {report['error']}")
-    for item in report["skipped"]:
-        console.print(f"skipped {item['path']}: {item['reason']}")
+        console.print(f"[red]error:[/red] {markup(report['error'])}", soft_wrap=True)
+    for item in report["skipped"]:  # one line each, however long: a path is not broken up
+        console.print(markup(f"skipped {item['path']}: {item['reason']}"), soft_wrap=True, highlight=False)
 
 
 def watch(store: JobStore, job_id: str, as_json: bool) -> int:
     """Follow the job (one hash read per poll) until it ends; then the whole report."""
     line = brief(store, job_id)
-    with Live(_line(line), refresh_per_second=2, transient=True) as live:
+    with Live(markup(_line(line)), refresh_per_second=2, transient=True) as live:
         while not is_final(line["status"]):
             time.sleep(WATCH_POLL_S)
             line = brief(store, job_id)
-            live.update(_line(line))
+            live.update(markup(_line(line)))
     report = job_report(store, job_id)
     print_report(report, as_json)
     return 0 if report["status"] == JobStatus.DONE else 1
@@ -172,5 +173,5 @@ def print_jobs(store: JobStore, as_json: bool) -> None:
     for col in ("job", "kind", "status", "error"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["job_id"], row.get("kind", ""), row.get("status", ""), row.get("error", ""))
+        table.add_row(*map(markup, (row["job_id"], row.get("kind", ""), row.get("status", ""), row.get("error", ""))))
     Console().print(table)

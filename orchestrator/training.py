@@ -181,8 +181,9 @@ def print_predictions(rows: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows))
         return
-    for row in rows:
-        if "error" in row:
-            print(f"{row['path']}\t-\t-\t({row['error']})")
-        else:
-            print(f"{row['path']}\t{row['class']}\t{row['probability']:.4f}")
+    from shared.terminal import printable
+
+    for row in rows:  # a tab inside a name is spelled out, so the columns stay apart
+        fields = (row["path"], "-", "-", f"({row['error']})") if "error" in row else \
+            (row["path"], row["class"], f"{row['probability']:.4f}")
+        print("\t".join(map(printable, fields)))

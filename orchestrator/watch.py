@@ -12,6 +12,7 @@ from orchestrator.status import brief, waiting_words
 from shared.errors import JobCancelled, JobFailed
 from shared.jobstore import JobStore
 from shared.states import JobStatus, is_final
+from shared.terminal import printable
 from shared.words import plural
 
 POLL_S = 0.5
@@ -91,7 +92,7 @@ def print_summary(summary: dict, as_json: bool, out=None) -> None:
         print(json.dumps(summary), file=out)
         return
     for line in summary_lines(summary):
-        print(line, file=out)
+        print(printable(line), file=out)
 
 
 def summary_lines(summary: dict) -> list[str]:

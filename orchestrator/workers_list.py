@@ -12,6 +12,7 @@ from rich.table import Table
 
 from shared import keys
 from shared.jobstore import JobStore
+from shared.terminal import markup
 
 COLUMNS = ("worker", "host", "queues", "concurrency", "device", "current")
 
@@ -65,6 +66,7 @@ def print_workers(rows: list[dict], as_json: bool) -> None:
     for col in COLUMNS:
         table.add_column(col)
     for row in rows:
-        table.add_row(row["worker"], row["host"], ",".join(row["queues"]), str(row["concurrency"] or ""),
-                      row["device"], ", ".join(row["current"]) or "idle")
+        cells = (row["worker"], row["host"], ",".join(row["queues"]), str(row["concurrency"] or ""),
+                 row["device"], ", ".join(row["current"]) or "idle")
+        table.add_row(*map(markup, cells))
     Console().print(table)

@@ -27,6 +27,30 @@ RATE_TTL_S = 60
 STEP_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
+#: Celery's (kombu's) scheme for Redis on a Unix socket; redis-py calls it ``unix``.
+SOCKET_SCHEME = "redis+socket"
+
+
+def socket_url(path, password: str, db: int = 0) -> str:
+    """The broker URL of a Redis on the Unix socket ``path``, in the form Celery, Flower and
+    :func:`connect` all take."""
+    from urllib.parse import quote
+
+    return f"{SOCKET_SCHEME}://:{quote(password, safe='')}@{quote(str(path))}?virtual_host={db}"
+
+
+def client_url(url: str) -> str:
+    """``url`` as redis-py takes it: ``redis+socket://:pw@/path?virtual_host=N`` becomes
+    ``unix://:pw@/path?db=N``; other URLs are unchanged."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != SOCKET_SCHEME:
+        return url
+    query = [("db" if k == "virtual_host" else k, v) for k, v in parse_qsl(parts.query)]
+    return urlunsplit(("unix", parts.netloc, parts.path, urlencode(query), ""))
+
+
 def connect(url: str) -> redis.Redis:
     """A client for ``url`` that answers, or :class:`BrokerError` saying how to fix it.
 
@@ -40,14 +64,14 @@ def connect(url: str) -> redis.Redis:
     from shared.settings import redact_url
 
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=5).ping()
+        redis.Redis.from_url(client_url(url), socket_connect_timeout=5).ping()
     except redis.RedisError as exc:
         raise BrokerError(
             f"cannot reach the broker at {redact_url(url)} ({exc}); start Redis or unset "
             "--broker / CONVOY_BROKER_URL to let `convoy run` start its own"
         ) from None
     return redis.Redis.from_url(
-        url,
+        client_url(url),
         decode_responses=True,
         socket_connect_timeout=3,
         socket_timeout=30,

@@ -22,6 +22,7 @@ from shared.settings import Settings
 from shared.storage import Location
 
 OUTSIDE_DATA = "outside the allowed data roots"
+NUL_IN_PATH = "path contains a NUL byte"
 
 
 def confine(path: str | Path, roots: tuple[Location, ...], what: str, variable: str) -> Location:
@@ -56,6 +57,8 @@ def relative(root: str | Path, rel: str, absolute_ok: bool = False) -> Location:
 
 def image(path: str | Path, settings: Settings) -> Location:
     """An image to read: resolved and inside the data roots, else :class:`BadImage` (it is skipped)."""
+    if "\0" in str(path):  # no file has one; the OS refuses the name outright
+        raise BadImage(NUL_IN_PATH)
     try:
         return confine(path, settings.data_roots, "image", "CONVOY_DATA_ROOTS")
     except OutsideRoots:
@@ -64,8 +67,9 @@ def image(path: str | Path, settings: Settings) -> Location:
 
 def readable(path: str | Path, settings: Settings, what: str, also: tuple[Path, ...] = ()) -> Location:
     """A file to read that is not an image (a model, weights): inside the data or the output roots
-    (or ``also``, such as the Keras cache for downloaded weights)."""
-    roots = settings.data_roots + settings.output_roots if settings.data_roots and settings.output_roots else ()
+    (or ``also``, such as the Keras cache for downloaded weights). Either kind of root set is
+    enough to confine: only when neither is set may it be anywhere."""
+    roots = settings.data_roots + settings.output_roots
     return confine(path, roots + tuple(p.resolve() for p in also) if roots else (), what,
                    "CONVOY_DATA_ROOTS and CONVOY_OUTPUT_ROOTS")
 

@@ -125,9 +125,14 @@ def test_models_that_can_carry_code_are_refused_at_the_edge_and_on_the_worker(co
 
 
 def test_embedded_broker_wants_its_password_and_ps_shows_no_secret(tmp_path):
-    """`convoy run`'s own Redis: 127.0.0.1 only, a random password kept in a 0600 file and in the
-    workers' environment; no command line on the machine shows it."""
+    """`convoy run`'s own Redis: a Unix socket in a 0700 folder and no TCP port (nothing to squat
+    on), a random password kept in a 0600 file and in the workers' environment; no command line on
+    the machine shows it."""
+    from urllib.parse import unquote, urlsplit
+
     import redis
+
+    from orchestrator.cluster import redis_binary
 
     data = make_tree(tmp_path / "data", {"train": 20, "validation": 2, "test": 2}, size_px=32)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -138,21 +143,20 @@ def test_embedded_broker_wants_its_password_and_ps_shows_no_secret(tmp_path):
                            start_new_session=True)
     try:
         url = wait_until(lambda: _worker_broker_url(run.pid), 120, "a local worker with the broker URL")
-        password, port = url.split(":")[2].split("@")[0], int(url.rsplit(":", 1)[1].split("/")[0])
-        assert len(password) >= 24
+        parts = urlsplit(url)
+        password, sock = unquote(parts.password or ""), Path(unquote(parts.path))
+        assert parts.scheme == "redis+socket" and len(password) >= 24, url
         with pytest.raises(redis.AuthenticationError):
-            redis.Redis(port=port).ping()
-        assert redis.Redis.from_url(url).ping()
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
-        local = {line.split()[3] for line in listening.splitlines() if line.strip()}
-        assert local == {f"127.0.0.1:{port}"}, listening  # loopback only
+            redis.Redis(unix_socket_path=str(sock)).ping()
+        assert redis.Redis(unix_socket_path=str(sock), password=password).ping()
+        config = sock.parent / "redis.conf"
+        binary = os.path.realpath(redis_binary())
+        server = next(pid for pid in procs.children(run.pid) if os.path.realpath(f"/proc/{pid}/exe") == binary)
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        assert f"pid={server}," not in listening, listening  # no TCP port
         commands = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert password not in commands
-        import tempfile
-
-        config = next(c for c in Path(tempfile.gettempdir()).glob("convoy-redis-*/redis.conf")
-                      if f"port {port}\n" in c.read_text())
-        assert config.stat().st_mode & 0o777 == 0o600 and config.parent.stat().st_mode & 0o777 == 0o700
+        assert config.stat().st_mode & 0o777 == 0o600 and sock.parent.stat().st_mode & 0o777 == 0o700
     finally:
         os.killpg(run.pid, signal.SIGINT)
         run.communicate(timeout=120)

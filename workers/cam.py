@@ -22,6 +22,7 @@ from shared.images import BadImage, load_pixels, resize_pixels
 from shared.jobstore import NewStep
 from shared.overlay import overlay_name, superimpose, write_png
 from shared.states import JobStatus
+from shared.terminal import printable
 from workers.runtime import runtime
 from workers.step import ConvoyStep, Outcome, Route
 
@@ -105,7 +106,7 @@ def _run(settings, spec: CamSpec, batch: int, rels: list[str], confirm: Callable
             result = cam(x, spec.class_index, spec.top_k)
             confirm()
             rows = _rows(local, batch, rels, ok, images, result)
-        rows.skipped = [(rels[i], reason) for i, reason in skipped]
+        rows.skipped = [(printable(rels[i]), reason) for i, reason in skipped]  # as shown: HDF5 text holds no NUL
         confirm()
         write_rows(local.part_file(batch), rows, {"batch": batch})
     log.info("cam batch %s of job %s: %d rows in %.2fs", batch, spec.job_id, len(rows.paths),

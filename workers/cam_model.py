@@ -25,8 +25,10 @@ def cam_model(spec: CamSpec, settings: Settings):
     key = (spec.model, spec.model_path, spec.model_sha256, spec.layer)
     if key not in _MODELS:
         if spec.model == gradcam.VGG16_IMAGENET:
-            verify_model_file(spec)  # weights only (no code), from the Keras cache
-            model = gradcam.build_vgg16_imagenet(spec.model_path)
+            # Weights only (no code), from the Keras cache: confined like any file before it is hashed.
+            found = paths.readable(spec.model_path, settings, "weights file", also=(settings.keras_home,))
+            verify_model_file(spec, str(found))
+            model = gradcam.build_vgg16_imagenet(found)
         else:
             found = paths.readable(spec.model_path, settings, "model file")
             local = str(storage.local_copy(found))  # a model on a store: a copy cached by ETag

@@ -18,6 +18,7 @@ from shared.job import fingerprint
 from shared.jobstore import NewStep
 from shared.paths import shard_images
 from shared.states import JobStatus
+from shared.terminal import printable
 from workers import pixel_cache
 from workers.decode import iter_batches
 from workers.provenance import feature_attrs
@@ -97,7 +98,8 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
         if len(batch.rows):
             feats.append(extractor(batch.pixels))
             rows += batch.rows
-        skipped += [(entries[i][0], reason) for i, reason in batch.skipped]
+        # A skipped path is kept as shown: HDF5 text holds no NUL byte and no undecodable name.
+        skipped += [(printable(entries[i][0]), reason) for i, reason in batch.skipped]
         t_mark = time.perf_counter()
         timings["inference_s"] += t_mark - t_ready
         done += len(batch.rows) + len(batch.skipped)

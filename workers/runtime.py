@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_process_shutdown
 
 from shared import faults
 from shared.errors import WeightsMismatch
@@ -93,10 +93,10 @@ def verify_file(path: str, expected_sha256: str, what: str) -> None:
             f"{what} {path} is not readable on this worker ({exc.strerror}); "
             "put it on storage every worker sees at the same path"
         ) from None
-    if digest != expected_sha256:
+    if digest != expected_sha256:  # the file's own digest stays out of the message: it may not be the user's
         raise WeightsMismatch(
-            f"{what} {path} has sha256 {digest[:12]}…, the job recorded "
-            f"{expected_sha256[:12]}…; the file changed after submission: resubmit the job"
+            f"{what} {path} does not have the sha256 the job recorded ({expected_sha256[:12]}…); "
+            "the file changed after submission: resubmit the job"
         )
 
 
@@ -117,6 +117,16 @@ def verify_weights(model: ModelConfig) -> ModelConfig:
         return replace(model, weights_path=local)
     verify_file(model.weights_path, model.weights_sha256, "weights file")
     return model
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _printable_logs(logger: logging.Logger, **_kwargs) -> None:
+    """A worker's log lines show job paths and names spelled out (shared/terminal.py)."""
+    from shared.terminal import PrintableArgs
+
+    for handler in logger.handlers:
+        handler.addFilter(PrintableArgs())
 
 
 @worker_process_init.connect
