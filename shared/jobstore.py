@@ -145,14 +145,15 @@ class JobStore:
             "images_total": sum(len(v) for v in inputs.values()), "max_deliveries": max_deliveries,
             "ttl": ttl_s, "out_key": keys.out_owner(_path_hash(out_dir))})
         pipe.hset(keys.job_inputs(job), mapping={s: json.dumps(v) for s, v in inputs.items()})
+        seconds, micros = self.r.time()  # the scripts' clock, not this machine's
+        queued_at = seconds + micros / 1e6
         for step in steps:
             pipe.hset(keys.job_step(job, step.step), mapping={
                 "state": StepState.QUEUED.value, "queue": step.queue, "task": step.task, "msg": step.msg,
-                "deliveries": 0, "done": 0, "total": len(inputs[step.step]), "params": "{}"})
+                "deliveries": 0, "done": 0, "total": len(inputs[step.step]), "params": "{}", "queued_at": queued_at})
             pipe.hset(keys.job_steps(job), step.step, step.queue)
-        seconds, micros = self.r.time()  # the scripts' clock, not this machine's
         for step in steps:
-            pipe.zadd(keys.pending(step.queue), {keys.member(job, step.step): seconds + micros / 1e6})
+            pipe.zadd(keys.pending(step.queue), {keys.member(job, step.step): queued_at})
         pipe.zadd(keys.jobs_index(), {job: created_at})
         pipe.zrem(keys.ended_jobs(), job)
         pipe.sadd(keys.active_jobs(), job)

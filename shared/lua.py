@@ -194,7 +194,10 @@ redis.call('ZREM', k_leases(), m)
 if ARGV[4] == 'handback' then
   redis.call('HINCRBY', sk, 'deliveries', -1)
   redis.call('HSET', sk, 'state', 'queued', 'token', '', 'error', ARGV[5])
-  if not final(job_status(j)) then redis.call('ZADD', k_pending(redis.call('HGET', sk, 'queue')), now(), m) end
+  -- Waiting since it was first queued: a handed-back message goes to the head of its queue, and
+  -- must not look younger than the messages it is put before (see OVERTAKEN).
+  local since = tonumber(redis.call('HGET', sk, 'queued_at') or '') or now()
+  if not final(job_status(j)) then redis.call('ZADD', k_pending(redis.call('HGET', sk, 'queue')), since, m) end
 else
   redis.call('HSET', sk, 'state', 'stopped', 'token', '', 'error', ARGV[5])
 end
@@ -302,7 +305,8 @@ return redis.call('ZRANGEBYSCORE', k_leases(), '-inf', now(), 'LIMIT', 0, tonumb
 #: messages are gone. The cost is the number found, whatever the queue's length.
 OVERTAKEN = _PRELUDE + """
 local mark = tonumber(redis.call('GET', k_received(ARGV[1])) or '0')
-return redis.call('ZRANGEBYSCORE', k_pending(ARGV[1]), '-inf', '(' .. (mark - tonumber(ARGV[2])),
+-- %.17g: Lua's own number-to-text keeps 14 digits, too few for a time to the microsecond
+return redis.call('ZRANGEBYSCORE', k_pending(ARGV[1]), '-inf', string.format('(%.17g', mark - tonumber(ARGV[2])),
                   'LIMIT', 0, tonumber(ARGV[3]))
 """
 

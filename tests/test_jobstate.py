@@ -262,6 +262,19 @@ def test_a_lost_message_behind_a_backlog_of_live_and_stale_ones_is_found_in_one_
     assert reconciler.tick()["lost"] == 0
 
 
+def test_a_handed_back_step_keeps_its_place_in_time(store):
+    """A handed-back message goes to the head of its queue: taken first, it must not look younger
+    than the messages behind it, or they would be taken for lost."""
+    spec = make_job(store, n_shards=2)
+    job, s0 = spec.job_id, spec.shard_ids[0]
+    queued = store.r.zscore(keys.pending(keys.EXTRACT_QUEUE), keys.member(job, s0))
+    claim(store, job, s0)
+    assert store.release(job, s0, "t1", handback=True, reason="warm shutdown")
+    assert store.r.zscore(keys.pending(keys.EXTRACT_QUEUE), keys.member(job, s0)) == queued
+    store.received(job, s0, "w1@test")
+    assert store.overtaken(keys.EXTRACT_QUEUE, 0, 10) == []  # s1, queued with it, is not lost
+
+
 def test_cancel_takes_the_jobs_messages_off_the_queue(store, db):
     send = sender(db)
     store.r.delete(*keys.queue_lists(keys.EXTRACT_QUEUE))
