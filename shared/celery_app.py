@@ -11,6 +11,8 @@ from shared.settings import Settings
 #: Task modules the workers import. They import TensorFlow lazily, inside the tasks' helpers,
 #: so the worker's main process (which forks the pool) never initialises it.
 TASK_MODULES = ["workers.extract", "workers.merge", "workers.train", "workers.cam", "workers.reconciler",
+                # Checks every message in the main process before the pool sees it (poison messages).
+                "workers.intake",
                 # Last: its start-up hook lists devices after workers.runtime configured TensorFlow.
                 "workers.identity"]
 

@@ -62,6 +62,11 @@ class StoreError(ConvoyError):
         self.permanent = permanent
 
 
+class MessageRefused(ConvoyError):
+    """A worker set a task message aside unrun: mis-shaped, too large, or one that took down the
+    main processes of the workers that received it."""
+
+
 class JobFailed(ConvoyError):
     """The job ended failed; the message names the shard and the reason."""
 

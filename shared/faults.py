@@ -16,9 +16,11 @@ import signal
 #: Where the points are: after a worker claims a step or a repair, before any message is sent,
 #: in a worker's main process right after it received a message (it dies holding it), in the
 #: middle of uploading an object to a store (shared.storage: after each part is handed to the store),
-#: in a decoding process before each image (workers.decode: the image is decoded again alone), and
-#: in a step right before it publishes what it wrote (workers.step: StepContext.confirm).
-POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload", "mid-decode", "before-publish")
+#: in a decoding process before each image (workers.decode: the image is decoded again alone),
+#: in a step right before it publishes what it wrote (workers.step: StepContext.confirm), and in a
+#: worker's main process handing a checked message to its pool (raises: see :func:`fail`).
+POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload", "mid-decode", "before-publish",
+          "before-pool")
 #: A rate of ``stop`` freezes the process (SIGSTOP) instead of killing it: a holder that a test
 #: thaws later (SIGCONT), after its job was cancelled or its lease was taken over.
 STOP = "stop"
@@ -41,13 +43,29 @@ def configure(spec: str, seed: str = "", log_path: str = "") -> None:
     _log_path = log_path
 
 
+class InjectedFault(RuntimeError):
+    """Raised by :func:`fail`: an error no code path expects."""
+
+
 def point(name: str) -> None:
     """Crash this process here, with the configured probability, or freeze it every time when the
     point's rate is ``stop`` (never when unarmed)."""
+    if _drawn(name):
+        os.kill(os.getpid(), signal.SIGSTOP if _rates[name] < 0 else signal.SIGKILL)
+
+
+def fail(name: str) -> None:
+    """Raise :class:`InjectedFault` here, with the configured probability: in a worker's event loop
+    it stops the worker and hands its messages back, as a message that cannot be pickled did."""
+    if _drawn(name):
+        raise InjectedFault(f"fault injected at {name}")
+
+
+def _drawn(name: str) -> bool:
     rate = _rates.get(name)
     if not rate or (rate > 0 and _rng.random() >= rate):
-        return
+        return False
     if _log_path:
         with open(_log_path, "a") as fh:
             fh.write(f"{name} {os.getpid()}\n")
-    os.kill(os.getpid(), signal.SIGSTOP if rate < 0 else signal.SIGKILL)
+    return True

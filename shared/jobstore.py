@@ -453,6 +453,19 @@ class JobStore:
     def forget_rate(self, token: str) -> None:
         self._run("FORGET_RATE", [token])
 
+    # --- messages that take down workers' main processes ----------------------------------------
+    def count_receipt(self, msg_id: str, ttl_s: int) -> int:
+        """One more receipt of a message that no pool process started yet; how many so far."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(keys.message_receipts(msg_id))
+        pipe.expire(keys.message_receipts(msg_id), ttl_s)
+        return int(pipe.execute()[0])
+
+    def forget_receipts(self, *msg_ids: str) -> None:
+        """The messages were started (or handed back cleanly): their receipts count no more."""
+        if msg_ids:
+            self.r.delete(*map(keys.message_receipts, msg_ids))
+
     # --- workers ---------------------------------------------------------------------------
     def set_draining(self, worker: str, draining: bool) -> None:
         if draining:

@@ -126,6 +126,12 @@ def worker_draining(hostname: str) -> str:
     return f"{PREFIX}:worker:{hostname}:draining"
 
 
+def message_receipts(msg_id: str) -> str:
+    """Integer, with a TTL: how often workers' main processes received a message (by its id) that
+    no pool process started yet; cleared once one does."""
+    return f"{PREFIX}:msg:{msg_id}:receipts"
+
+
 def worker_info(nodename: str) -> str:
     """JSON, with a TTL: a worker's host, pid and device, written by its pool process."""
     return f"{PREFIX}:worker:{nodename}"
