@@ -42,7 +42,8 @@ def _refusal(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
-        return "not a .keras archive (a zip file); pass a file saved with model.save('x.keras')"
+        raise ModelError(f"model file {path} does not load as a Keras model (it is not a zip archive, as "
+                         ".keras files are); pass a file saved with model.save('x.keras')") from None
     if len(members) > MAX_ENTRIES:
         return f"it holds {len(members)} members, more than the {MAX_ENTRIES} a Keras model may have"
     total = sum(m.file_size for m in members)

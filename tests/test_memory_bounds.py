@@ -70,7 +70,7 @@ def test_keras_archives_are_checked_before_keras_reads_them(tmp_path):
     cases = {
         "bomb.keras": (zip_bomb(tmp_path / "bomb.keras", 200 * 2**20), "unpacks to 200 MB"),
         "weights.keras": (zip_bomb(tmp_path / "weights.keras", 20 * 2**20, "model.weights.h5"), "bomb"),
-        "plain.keras": (tmp_path / "plain.keras", "not a .keras archive"),
+        "plain.keras": (tmp_path / "plain.keras", "not a zip archive"),
     }
     (tmp_path / "plain.keras").write_text("{}")
     many = tmp_path / "many.keras"
