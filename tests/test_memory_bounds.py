@@ -24,7 +24,7 @@ from shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
 from shared.keras_archive import check_keras_archive
 from shared.settings import Settings
 from tests import procs
-from tests.conftest import ROOT, convoy, wait_final
+from tests.conftest import ROOT, convoy, wait_final, wait_ready
 from tests.imagegen import make_flat
 
 
@@ -153,8 +153,6 @@ def workers(private, tmp_path):
     roots = {"CONVOY_DATA_ROOTS": str(allowed), "CONVOY_OUTPUT_ROOTS": str(outs)}
     private.start("cam", queues="cam", extra_env=roots, wait=False)
     private.start("tiny", queues="extract", extra_env={**roots, "CONVOY_MAX_MEMORY": "1M"}, wait=False)
-    from tests.conftest import wait_ready
-
     wait_ready(private.url, ["cam", "tiny"], procs=list(private.procs.values()), log_dir=private.log_dir)
     private.app = make_app(Settings(broker_url=private.url))
     return private, allowed, outs
