@@ -325,12 +325,19 @@ def cmd_worker(args, settings: Settings) -> int:
     _store(settings)  # fail fast, with a clear line, when the broker does not answer
     if not settings.tf_threads:  # N pool processes share the cores instead of each taking all
         settings = replace(settings, tf_threads=max(1, (os.cpu_count() or 1) // args.concurrency))
+    from shared.memory import worker_budget
+
+    budget = worker_budget(args.max_memory or settings.max_memory_bytes)
+    settings = replace(settings, max_memory_bytes=budget // args.concurrency)  # each pool process's share
     app = configure(settings)
     # Children import TensorFlow in worker_process_init; give them time before Celery gives up.
     app.conf.worker_proc_alive_timeout = 120
+    # A pool process whose peak went past its budget (a step stopped for memory) is replaced by a
+    # fresh one after that step: what it freed may not go back to the system.
+    app.conf.worker_max_memory_per_child = settings.max_memory_bytes // 1024
     runtime.install(settings, extracts=args.concurrency if keys.EXTRACT_QUEUE in queues else 0)
-    print(f"convoy worker {args.hostname} on {redact_url(settings.broker_url)}, queues {','.join(queues)}",
-          file=sys.stderr)
+    print(f"convoy worker {args.hostname} on {redact_url(settings.broker_url)}, queues {','.join(queues)}, "
+          f"memory budget {budget / 2**30:.1f} GiB", file=sys.stderr)
     app.worker_main(["worker", "-Q", ",".join(queues), "-c", str(args.concurrency), "-P", "prefork", "-E",
                      "-n", args.hostname, "-l", args.loglevel, "--without-gossip", "--without-mingle"])
     return 0

@@ -21,7 +21,8 @@ import redis
 from shared import keys
 from shared.errors import BrokerError
 from shared.jobstore import client_url, socket_url
-from shared.settings import Settings
+from shared.memory import worker_budget
+from shared.settings import MAX_MEMORY_ENV, Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -122,7 +123,9 @@ class LocalWorkers:
     def start(self) -> None:
         threads = self.settings.tf_threads or max(1, (os.cpu_count() or 1) // self.n)
         env = {**os.environ, **self.settings.to_env(), "CONVOY_TF_THREADS": str(threads),
-               "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+               "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2",
+               # Unset, the workers share this machine's budget instead of each taking all of it.
+               MAX_MEMORY_ENV: str(worker_budget(self.settings.max_memory_bytes, self.n))}
         for i in range(self.n):
             cmd = [sys.executable, "-m", "orchestrator", "worker", "--queues", ",".join(keys.ALL_QUEUES),
                    "--concurrency", "1", "--hostname", f"local{i + 1}@%h"]

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 from shared.classifier import TrainConfig
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+from shared.memory import parse_size
 
 
 def memory_size(text: str) -> int:
     """``--max-memory``: bytes from ``512M``, ``2G``, ``1.5GiB`` or a plain number of bytes."""
-    match = _SIZE.match(text)
-    if not match:
+    size = parse_size(text)
+    if size is None:
         raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** "bkmgt".index(unit or "b"))
+    return size
 
 
 def add_train_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:

@@ -131,7 +131,12 @@ def model_file(path: str | Path) -> Location:
         raise ModelFileError(f"model file {loc} does not exist; pass OUT/model/full_model.keras or finetuned.keras")
     if not storage.name(loc).endswith(".keras"):
         raise ModelFileError(f"{loc} is not a .keras model; pass OUT/model/full_model.keras or finetuned.keras")
-    return loc if storage.is_url(loc) else Path(loc).resolve()
+    if storage.is_url(loc):
+        return loc  # checked by the worker that fetches it
+    from shared.keras_archive import check_keras_archive
+
+    check_keras_archive(loc)
+    return Path(loc).resolve()
 
 
 def image_paths(inputs: list[str | Path]) -> list[str]:

@@ -16,6 +16,10 @@ from shared.errors import UsageError
 BASE_OUTPUT = "output"
 #: ``--pooling`` values, as Keras's ``pooling=`` argument (``none``: the 4-D feature map).
 POOLINGS = ("none", "avg", "max")
+#: The largest --input-size is this many times a model's native side (224 at least): a forward
+#: pass's memory grows with the pixels, so at most 16x what the model was built for (VGG16 at
+#: 896: 205 MB for each of block1's activations, per image).
+MAX_SIZE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,16 @@ class Backbone:
     last_conv: str  # Grad-CAM's layer: the last spatial layer of the base's last block
     unfreeze_from: str  # fine-tuning's default: the first layer of the last block
     preprocess_inside: bool = False  # the model rescales/normalises itself; preprocess_input is the identity
+
+    @property
+    def max_size_px(self) -> int:
+        return MAX_SIZE_FACTOR * max(self.default_size_px, 224)
+
+    def check_size(self, input_size_px: int) -> None:
+        """A UsageError when the input size is outside what the model accepts and memory allows."""
+        if not self.min_size_px <= input_size_px <= self.max_size_px:
+            raise UsageError(f"--input-size must be at least {self.min_size_px} and at most {self.max_size_px} "
+                             f"for {self.name}; got {input_size_px}")
 
     def build(self, weights: str | None, input_size_px: int):
         """The ``include_top=False`` base (TensorFlow is imported by the caller)."""

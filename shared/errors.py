@@ -81,3 +81,8 @@ class TrainingDataError(UsageError):
 
 class ModelFileError(UsageError):
     """A model file is missing, or was not written by Convoy's training."""
+
+
+class OutOfMemoryBudget(ConvoyError):
+    """A step went over its worker's memory budget (CONVOY_MAX_MEMORY). Raised inside the step by
+    the memory watcher (shared/memory.py), without a message: the guard holds the reason."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.errors import LayerError, ModelError, UsageError
+from shared.keras_archive import check_keras_archive
 from shared.models import import_tensorflow
 
 #: MODEL value that means VGG16 with its ImageNet top, as in the book.
@@ -52,6 +53,7 @@ def load_model(path: str | Path):
     if path.suffix != ".keras":
         raise ModelError(f"model file {path} is not a .keras file; only .keras files load (in safe mode), "
                          "since other formats can run code: re-save it with model.save('x.keras')")
+    check_keras_archive(path)  # before Keras reads a byte of it
     import_tensorflow()
     import keras
 

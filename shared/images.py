@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from shared import storage
+from shared import memory, storage
 
 #: ``--decode`` values; ``exact`` reproduces Keras ``load_img``.
 DECODE_MODES = ("exact", "fast")
 #: In ``fast`` mode, a whole-factor box reduction first when the image is this many times the target.
 _REDUCING_GAP = 2.0
+
+T = TypeVar("T")
 
 #: File endings Convoy treats as images (any case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
@@ -54,6 +58,56 @@ def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") ->
     """Pixels of ``path`` (a file, or an object's URL: fetched whole first, in the caller's thread)
     as uint8 (size_px, size_px, 3) (None: the image's own size), decoded as ``decode`` says (see
     the module's docstring), or :class:`BadImage` with the reason."""
+    fast = decode == "fast" and bool(size_px)
+
+    def pixels(img: Image.Image) -> np.ndarray:
+        # JPEG only (a no-op for other formats); never below the target size.
+        img = _loaded(img, (size_px, size_px) if fast else None)
+        if size_px and img.size != (size_px, size_px):
+            img = img.resize((size_px, size_px), Image.BILINEAR, reducing_gap=_REDUCING_GAP if fast else None)
+        return np.asarray(img, dtype=np.uint8)
+
+    return _read(path, pixels)
+
+
+def load_views(path: str | Path, size_hw: tuple[int, int], display_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """One decode of ``path``, two uint8 RGB views: the pixels at ``size_hw`` (height, width) for a
+    model, and the image within ``display_px`` on its longer side (aspect kept, never enlarged) for
+    a person. Decoded as ``fast`` does: a JPEG already shrunk to no less than either view needs,
+    then box-reduced and resized; the full-size image is never held."""
+    height, width = size_hw
+
+    def views(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        shown_wh = fit_within(img.size, display_px)
+        img = _loaded(img, (max(shown_wh[0], width), max(shown_wh[1], height)))
+        model = img.resize((width, height), Image.BILINEAR, reducing_gap=_REDUCING_GAP)
+        shown = img if img.size == shown_wh else img.resize(shown_wh, Image.BILINEAR, reducing_gap=_REDUCING_GAP)
+        return np.asarray(model, dtype=np.uint8), np.asarray(shown, dtype=np.uint8)
+
+    return _read(path, views)
+
+
+def fit_within(size_wh: tuple[int, int], longest_px: int) -> tuple[int, int]:
+    """(width, height) scaled down so the longer side is at most ``longest_px``, aspect kept."""
+    width, height = size_wh
+    scale = min(1.0, longest_px / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _loaded(img: Image.Image, draft_wh: tuple[int, int] | None) -> Image.Image:
+    """``img`` decoded as RGB (shrunk while decoding to no less than ``draft_wh`` where the format
+    can), after checking from its header that the decoded pixels fit this worker's memory budget."""
+    if draft_wh:
+        img.draft("RGB", draft_wh)
+    too_big = memory.image_too_big(*img.size)  # the size draft will decode at, read from the header
+    if too_big:
+        raise BadImage(too_big)
+    img.load()
+    return _to_rgb(img)
+
+
+def _read(path: str | Path, use: Callable[[Image.Image], T]) -> T:
+    """``use`` applied to the opened image at ``path`` (a file or an object's URL), or BadImage."""
     if storage.is_url(path):
         try:
             data = storage.read_bytes(path)
@@ -61,13 +115,13 @@ def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") ->
             raise BadImage(str(exc)) from None
         if not data:
             raise BadImage("empty object (0 bytes)")
-        return _decode(io.BytesIO(data), size_px, decode)
+        return _decode(io.BytesIO(data), use)
     try:
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
         raise _file_error(exc) from None
-    return _decode(path, size_px, decode)
+    return _decode(path, use)
 
 
 def _file_error(exc: OSError) -> BadImage:
@@ -79,23 +133,14 @@ def _file_error(exc: OSError) -> BadImage:
     return BadImage(f"unreadable or corrupt: {exc.strerror or exc}")
 
 
-def _decode(path, size_px: int | None, decode: str) -> np.ndarray:
-    """Pixels of a file or an in-memory file (see :func:`load_pixels`)."""
+def _decode(source, use: Callable[[Image.Image], T]) -> T:
+    """``use`` applied to the opened image (a file or an in-memory file), its errors as BadImage."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; both are refused.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                fast = decode == "fast" and bool(size_px)
-                if fast:
-                    # JPEG only (a no-op for other formats); never below the target size.
-                    img.draft("RGB", (size_px, size_px))
-                img.load()
-                img = _to_rgb(img)
-                if size_px and img.size != (size_px, size_px):
-                    img = img.resize((size_px, size_px), Image.BILINEAR,
-                                     reducing_gap=_REDUCING_GAP if fast else None)
-                return np.asarray(img, dtype=np.uint8)
+            with Image.open(source) as img:
+                return use(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:
@@ -104,10 +149,3 @@ def _decode(path, size_px: int | None, decode: str) -> np.ndarray:
         raise _file_error(exc) from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"corrupt image data: {exc}") from None
-
-
-def resize_pixels(pixels: np.ndarray, height_px: int, width_px: int) -> np.ndarray:
-    """uint8 RGB pixels at (height_px, width_px), resized exactly as :func:`load_pixels` does."""
-    if pixels.shape[:2] == (height_px, width_px):
-        return pixels
-    return np.asarray(Image.fromarray(pixels, "RGB").resize((width_px, height_px), Image.BILINEAR), dtype=np.uint8)

@@ -109,8 +109,7 @@ def layer_names(model: str) -> tuple[str, ...]:
 def check_layer(model: str, layer: str, input_size_px: int) -> None:
     """A usage error when ``layer`` is not a spatial layer of the base, or vanishes at this size."""
     spec = backbones.get(model)
-    if input_size_px < spec.min_size_px:
-        raise UsageError(f"--input-size must be at least {spec.min_size_px} for {model}; got {input_size_px}")
+    spec.check_size(input_size_px)
     if layer in (spec.default_layer, BASE_OUTPUT):
         return  # the base's output exists at every size Keras accepts
     names = layer_names(model)

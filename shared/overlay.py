@@ -17,6 +17,9 @@ from shared import storage
 
 #: Weight of the coloured heatmap added to the original image (the book's 0.4).
 INTENSITY = 0.4
+#: Longest side, pixels, of the overlays and originals drawn (smaller images keep their size): a
+#: page of them reads well in a browser, and a worker never holds a photograph at full size.
+DISPLAY_PX = 1024
 
 
 @lru_cache(maxsize=1)
@@ -37,8 +40,8 @@ def superimpose(original: np.ndarray, heatmap: np.ndarray, intensity: float = IN
     """uint8 (H, W, 3): the jet-coloured heatmap added to ``original`` (uint8 RGB, H x W)."""
     height, width = original.shape[:2]
     levels = np.uint8(np.round(255 * resize_heatmap(heatmap, width, height)))
-    coloured = _jet()[levels]
-    return np.clip(coloured * intensity + original.astype(np.float64), 0, 255).astype(np.uint8)
+    coloured = _jet()[levels].astype(np.float32)
+    return np.clip(coloured * np.float32(intensity) + original, 0, 255).astype(np.uint8)
 
 
 def write_png(path: Path, pixels: np.ndarray) -> None:

@@ -30,6 +30,9 @@ JOB_TTL_ENV = "CONVOY_JOB_TTL"
 #: Fault injection for tests (see shared/faults.py): points, seed of the draws, log file.
 FAULTS_ENV, FAULTS_SEED_ENV, FAULTS_LOG_ENV = "CONVOY_FAULTS", "CONVOY_FAULTS_SEED", "CONVOY_FAULTS_LOG"
 
+#: Memory one ``convoy worker`` may use, all its processes together (``8G``; default: a share of the machine's).
+MAX_MEMORY_ENV = "CONVOY_MAX_MEMORY"
+
 #: Where this machine remembers the jobs it ran (job id -> OUT), for `convoy status JOB` later.
 STATE_DIR_ENV = "CONVOY_STATE_DIR"
 
@@ -63,6 +66,18 @@ def _count(name: str, value: str, least: int = 0) -> int:
     return number
 
 
+def _size(name: str, value: str) -> int:
+    from shared.memory import parse_size
+
+    size = parse_size(value)
+    if size is None:
+        from shared.errors import UsageError
+
+        raise UsageError(f"{name} must be a size such as 512M or 8G (0: a share of this machine's memory); "
+                         f"got {value!r}")
+    return size
+
+
 def _paths(value: str) -> tuple[Path | str, ...]:
     """Roots separated by ``:`` (a URL's own ``://`` does not separate): folders resolved, store
     URLs normalised."""
@@ -87,6 +102,7 @@ class Settings:
     max_deliveries: int = 3
     train_time_limit_s: int = 6 * 3600
     job_ttl_s: int = 7 * 86400
+    max_memory_bytes: int = 0  # one worker's budget; 0: a share of the machine's (shared/memory.py)
     faults: str = ""
     faults_seed: str = ""
     faults_log: str = ""
@@ -119,6 +135,7 @@ class Settings:
             max_deliveries=_count(MAX_DELIVERIES_ENV, env.get(MAX_DELIVERIES_ENV) or "3", least=1),
             train_time_limit_s=_seconds(TRAIN_TIME_LIMIT_ENV, env.get(TRAIN_TIME_LIMIT_ENV) or "21600"),
             job_ttl_s=_seconds(JOB_TTL_ENV, env.get(JOB_TTL_ENV) or "7d"),
+            max_memory_bytes=_size(MAX_MEMORY_ENV, env.get(MAX_MEMORY_ENV) or "0"),
             faults=env.get(FAULTS_ENV, ""),
             faults_seed=env.get(FAULTS_SEED_ENV, ""),
             faults_log=env.get(FAULTS_LOG_ENV, ""),
@@ -146,6 +163,8 @@ class Settings:
             TRAIN_TIME_LIMIT_ENV: str(self.train_time_limit_s),
             JOB_TTL_ENV: str(self.job_ttl_s),
         }
+        if self.max_memory_bytes:
+            env[MAX_MEMORY_ENV] = str(self.max_memory_bytes)
         for name, value in ((FAULTS_ENV, self.faults), (FAULTS_SEED_ENV, self.faults_seed),
                             (FAULTS_LOG_ENV, self.faults_log)):
             if value:

@@ -18,9 +18,9 @@ from shared.camjob import HEATMAPS_NAME, INDEX_NAME, ORIGINALS_DIR, OVERLAYS_DIR
 from shared.celery_app import app
 from shared.gallery import write_gallery
 from shared.heatmaps import CamRows, concat, read_rows, write_rows
-from shared.images import BadImage, load_pixels, resize_pixels
+from shared.images import BadImage, load_views
 from shared.jobstore import NewStep
-from shared.overlay import overlay_name, superimpose, write_png
+from shared.overlay import DISPLAY_PX, overlay_name, superimpose, write_png
 from shared.states import JobStatus
 from shared.terminal import printable
 from workers.runtime import runtime
@@ -73,17 +73,18 @@ def cam_assemble(self, job_id: str, step: str) -> Outcome:
 
 
 def _decode(files: list[Path], hw: tuple[int, int], settings) -> tuple[list[int], list, list[tuple[int, str]]]:
-    """(positions decoded, [(original, model-sized) pixels], [(position, reason)]); an image that
-    resolves outside the data roots is skipped like a bad one."""
+    """(positions decoded, [(original as drawn, model-sized) pixels], [(position, reason)]); an
+    image that resolves outside the data roots is skipped like a bad one. Originals are kept at
+    DISPLAY_PX at most, never at their full size."""
     ok, images, skipped = [], [], []
     for i, path in enumerate(files):
         try:
-            original = load_pixels(paths.image(path, settings), None)
+            small, shown = load_views(paths.image(path, settings), hw, DISPLAY_PX)
         except BadImage as exc:
             skipped.append((i, str(exc)))
             continue
         ok.append(i)
-        images.append((original, resize_pixels(original, *hw)))
+        images.append((shown, small))
     return ok, images, skipped
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from shared import faults, paths, storage
 from shared.images import BadImage, load_pixels
+from shared.memory import set_image_limit
 from shared.settings import Settings
 from workers.pixel_cache import CachedPixels, stamp
 
@@ -165,6 +166,7 @@ def _start_child(parent: int, settings: Settings) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _settings = settings
     faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
+    set_image_limit(settings.max_memory_bytes)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
 
 

@@ -24,6 +24,7 @@ from shared.classifier import (
 )
 from shared.errors import ModelFileError
 from shared.job import JobSpec, sha256_file
+from shared.keras_archive import check_keras_archive
 from workers.reports import evaluation_metrics, plot_curves, write_json
 from workers.runtime import verify_weights
 
@@ -218,6 +219,7 @@ def finetune(spec: JobSpec, config: TrainConfig, settings, ctx=None) -> dict:
         raise ModelFileError(f"no trained classifier at {head_file}; train the job before fine-tuning it")
     plan = trainset.plan_splits(spec, config.seed)
     m, k = verify_weights(spec.model), len(spec.class_names)
+    check_keras_archive(head_file)  # a file in OUT: anyone who can write there could have put it
     full = build_full_model(m, keras.models.load_model(head_file))
     unfreeze_from(full, config.unfreeze_from or backbones.get(m.model).unfreeze_from)
     trainer = with_augmentation(full, config.seed)

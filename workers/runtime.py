@@ -17,6 +17,7 @@ from shared import faults
 from shared.errors import WeightsMismatch
 from shared.job import JobSpec, ModelConfig, sha256_file
 from shared.jobstore import JobStore, connect
+from shared.memory import set_image_limit
 from shared.settings import Settings
 
 log = logging.getLogger("convoy.worker")
@@ -133,6 +134,7 @@ def _printable_logs(logger: logging.Logger, **_kwargs) -> None:
 def _init_process(**_kwargs) -> None:
     settings = installed_settings()
     faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
+    set_image_limit(settings.max_memory_bytes)
     if _EXTRACTS:
         from workers import decode
 

@@ -30,10 +30,12 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import faults
+from shared.backbones import get as get_backbone
 from shared.celery_app import send_step
-from shared.errors import ConvoyError, OutsideRoots, ShardError
+from shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError
 from shared.jobstore import Claim, JobStore, NewStep
 from shared.manifest import record_end
+from shared.memory import StepGuard
 from shared.paths import check_job_paths, output
 from shared.states import JobStatus, StepState
 from workers.runtime import runtime
@@ -186,10 +188,15 @@ class ConvoyStep(Task):
             reason = f"given up after {claim.deliveries - 1} deliveries ({self.capped_hint})"
             return self._fail(store, job_id, step, reason)
         faults.point("after-claim")
+        guard = StepGuard(runtime().settings.max_memory_bytes, lambda reason: self._fail_quietly(job_id, step, reason))
         with ctx:
             try:
                 self.preflight(job_id)
-                outcome = self.run(job_id, step)
+                with guard:
+                    outcome = self.run(job_id, step)
+            except OutOfMemoryBudget as exc:
+                guard.__exit__(None, None, None)  # in case it landed before the guard let go
+                return self._fail(store, job_id, step, guard.reason or str(exc))
             except StepStopped as stop:
                 return self._stopped(ctx, stop.answer)
             except RedisConnectionError as exc:  # an outage is not the step's fault: it costs no delivery
@@ -255,6 +262,13 @@ class ConvoyStep(Task):
         # Raised so that Celery and Flower show the task failed; the job state already says why.
         raise ShardError(f"{what} of job {job_id} failed: {reason}")
 
+    def _fail_quietly(self, job_id: str, step: str, reason: str) -> None:
+        """The step's failure recorded from another thread, just before this process is killed."""
+        try:
+            self._fail(runtime().store, job_id, step, reason)
+        except ShardError:
+            pass  # raised for Celery's sake; the job's state says why
+
     def _follow(self, job_id: str, answer: str, then: NewStep | None) -> None:
         if answer == "next" and then is not None:
             send_step(job_id, then)
@@ -316,7 +330,9 @@ class ChainStep(ConvoyStep):
 
     def preflight(self, job_id: str) -> None:
         rt = runtime()
-        check_job_paths(rt.store.spec(job_id), rt.settings)
+        spec = rt.store.spec(job_id)
+        check_job_paths(spec, rt.settings)
+        get_backbone(spec.model.model).check_size(spec.model.input_size_px)  # a forged job's too
 
     def ended(self, job_id: str, status: JobStatus) -> None:
         store = runtime().store
