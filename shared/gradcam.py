@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import LayerError, ModelError, UsageError
+from shared.errors import HDF5Refused, LayerError, ModelError, UsageError
 from shared.models import import_tensorflow
 
 #: MODEL value that means VGG16 with its ImageNet top, as in the book.
@@ -52,6 +52,12 @@ def load_model(path: str | Path):
     if path.suffix != ".keras":
         raise ModelError(f"model file {path} is not a .keras file; only .keras files load (in safe mode), "
                          "since other formats can run code: re-save it with model.save('x.keras')")
+    from shared import hdf5
+
+    try:
+        hdf5.check_for_keras(path, "model file")
+    except HDF5Refused as exc:
+        raise ModelError(str(exc)) from None
     import_tensorflow()
     import keras
 
@@ -67,6 +73,9 @@ def load_model(path: str | Path):
 
 def build_vgg16_imagenet(weights_path: str | Path):
     """VGG16 with its ImageNet top, from a weights file already in the Keras cache."""
+    from shared import hdf5
+
+    hdf5.check_for_keras(weights_path, "weights file")
     import_tensorflow()
     import keras
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import backbones, storage, trainset
+from shared import backbones, hdf5, storage, trainset
 from shared.classifier import (
     TrainConfig,
     build_full_model,
@@ -216,6 +216,7 @@ def finetune(spec: JobSpec, config: TrainConfig, settings, ctx=None) -> dict:
         raise ModelFileError(f"no trained classifier at {head_file}; train the job before fine-tuning it")
     plan = trainset.plan_splits(spec, config.seed)
     m, k = verify_weights(spec.model), len(spec.class_names)
+    hdf5.check_for_keras(head_file, "classifier")  # OUT is the user's: its weights may point elsewhere
     full = build_full_model(m, keras.models.load_model(head_file))
     unfreeze_from(full, config.unfreeze_from or backbones.get(m.model).unfreeze_from)
     trainer = with_augmentation(full, config.seed)
