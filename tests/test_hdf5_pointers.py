@@ -221,31 +221,39 @@ def _everything_under(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink())
 
 
-def test_planted_pixel_caches_and_shards_are_decoded_again_and_nothing_leaks(cluster, outside, tmp_path):
+@pytest.fixture(scope="module")
+def clean(cluster, tmp_path_factory) -> tuple[Path, Path]:
+    """Four images extracted with --cache-pixels, one shard each: (DATA, OUT) as Convoy wrote them."""
+    root = tmp_path_factory.mktemp("pointers")
+    data = make_flat(root / "data", 4, size_px=32)
+    _run(cluster, data, root / "clean", "--weights", "none", "--seed", "0")
+    return data, root / "clean"
+
+
+def test_planted_pixel_caches_and_shards_are_decoded_again_and_nothing_leaks(cluster, clean, outside, tmp_path):
     """The headline case: OUT/pixels/<key>.h5 (and the shard file a rerun would reuse) with its
     data in a secret file, in /proc/self/environ, behind an external link, or a virtual dataset
     onto a file outside. Every one is refused with its reason, the images are decoded again, the
     features are those of a clean run, and neither the secret nor the worker's environment reaches
     OUT."""
     secret, outside_h5 = outside
-    data = make_flat(tmp_path / "data", 4, size_px=32)
-    _run(cluster, data, tmp_path / "clean", "--weights", "none", "--seed", "0")
-    weights = next((tmp_path / "clean" / "weights").glob("*.weights.h5"))  # same fingerprints below
+    data, clean_out = clean
+    weights = next((clean_out / "weights").glob("*.weights.h5"))  # the same fingerprints below
     out = tmp_path / "out"
     kinds = [("external", secret), ("external", "/proc/self/environ"), ("external-link", secret),
              ("virtual", secret)]
-    caches = sorted((tmp_path / "clean" / "pixels").glob("*.h5"))
-    shards = sorted((tmp_path / "clean" / "features" / "all").glob("shard-*.h5"))
+    caches = sorted((clean_out / "pixels").glob("*.h5"))
+    shards = sorted((clean_out / "features" / "all").glob("shard-*.h5"))
     assert len(caches) == len(shards) == len(kinds)
     for (kind, target), cache, shard in zip(kinds, caches, shards, strict=True):
         for src, dataset in ((cache, "pixels"), (shard, "features")):
-            planted = out / src.relative_to(tmp_path / "clean")
+            planted = out / src.relative_to(clean_out)
             planted.parent.mkdir(parents=True, exist_ok=True)
             planted.write_bytes(src.read_bytes())
             plant(planted, dataset, kind, target, outside_h5)
     summary = _run(cluster, data, out, "--weights", str(weights))
     assert summary["extract_timings"]["decoded"] == 4  # no shard reused, no cached pixel served
-    with open_features(tmp_path / "clean", "all") as a, open_features(out, "all") as b:
+    with open_features(clean_out, "all") as a, open_features(out, "all") as b:
         assert a["paths"].asstr()[()].tolist() == b["paths"].asstr()[()].tolist()
         np.testing.assert_array_equal(a["features"][()], b["features"][()])
     for path in [*(out / "pixels").glob("*.h5"), *(out / "features" / "all").glob("*.h5")]:
@@ -257,20 +265,23 @@ def test_planted_pixel_caches_and_shards_are_decoded_again_and_nothing_leaks(clu
         assert f"pixel cache {out}" in logs and reason in logs, reason
 
 
-def test_a_forged_job_with_weights_that_point_elsewhere_fails_with_the_reason(cluster, outside, tmp_path):
-    """Weights with the very hash the job recorded, stored in a secret file: the worker refuses them
-    before Keras opens them; the job fails with the reason and nothing reaches OUT."""
+def test_a_forged_job_with_weights_that_point_elsewhere_fails_with_the_reason(cluster, clean, outside, tmp_path):
+    """Real weights with one variable stored in a secret file, under the very hash the job records:
+    the worker refuses them before Keras opens them (Keras would load the secret as weights); the
+    job fails with the reason and nothing reaches OUT."""
     from shared.celery_app import make_app
     from shared.job import JobSpec, ModelConfig, new_job_id
     from shared.jobstore import JobStore, connect
     from shared.settings import Settings
 
     secret, _ = outside
-    data = make_flat(tmp_path / "data", 2, size_px=32)
+    data, clean_out = clean
     weights = tmp_path / "w.weights.h5"
-    with h5py.File(weights, "w") as f:
-        f.create_dataset("layers/block1_conv1/vars/0", shape=(3, 3, 3, 64), dtype=np.float32,
-                         external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+    weights.write_bytes(next((clean_out / "weights").glob("*.weights.h5")).read_bytes())
+    with h5py.File(weights, "r") as f:
+        sizes = []
+        f.visititems(lambda name, obj: sizes.append((obj.nbytes, name)) if isinstance(obj, h5py.Dataset) else None)
+    plant(weights, min(sizes)[1], "external", secret)  # a bias: the secret file covers it whole
     model = ModelConfig(layer="block5_pool", input_size_px=32, preprocess="vgg16", weights=str(weights),
                         weights_path=str(weights), weights_sha256=sha256_file(weights), batch_size=2,
                         dtype="float32")
