@@ -100,26 +100,27 @@ def _check_source(folder: Path, name: str, what: str) -> None:
     if pure.is_absolute() or ".." in pure.parts or "%" in name or name in ("", "."):
         raise HDF5Refused(f"{what}: a virtual dataset reads {name!r}, not a file beside it; refused "
                           "(nothing read)")
-    real = Path(os.path.realpath(folder / pure))
-    if folder not in real.parents:
-        raise HDF5Refused(f"{what}: a virtual dataset reads {name!r}, which resolves to {real}, outside "
-                          f"{folder}; refused (nothing read)")
     try:
-        st = os.stat(real)
-    except OSError as exc:
+        st = os.stat(folder / pure)
+    except OSError as exc:  # HDF5 would look for it in the working folder next: never let it
         raise HDF5Refused(f"{what}: a virtual dataset reads {name!r}, which cannot be opened "
                           f"({exc.strerror}); refused") from None
-    _check_written(str(real), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, what)
+    _check_written(folder, name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, what)
 
 
 @lru_cache(maxsize=4096)
-def _check_written(path: str, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int,
+def _check_written(folder: Path, name: str, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int,
                    what: str) -> None:
-    """One source, checked once per version of the file (a streamed split reopens its merged
-    file every batch; ctime changes with any write, and no one can set it back)."""
-    with open_read(path, f"{what}: the source {path} of its virtual dataset") as f:
+    """One source, checked once per version of the file it names (a streamed split reopens its
+    merged file every batch): a name turned into a symlink elsewhere, or a file written again,
+    has another inode or ctime, and no one can set a ctime back."""
+    real = Path(os.path.realpath(folder / name))
+    if folder not in real.parents:
+        raise HDF5Refused(f"{what}: a virtual dataset reads {name!r}, which resolves to {real}, outside "
+                          f"{folder}; refused (nothing read)")
+    with open_read(real, f"{what}: the source {real} of its virtual dataset") as f:
         if CONVOY_MARK not in f.attrs:
-            raise HDF5Refused(f"{what}: a virtual dataset reads {path}, which Convoy did not write "
+            raise HDF5Refused(f"{what}: a virtual dataset reads {real}, which Convoy did not write "
                               f"(no {CONVOY_MARK!r} attribute); refused (nothing read)")
 
 
