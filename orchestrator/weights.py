@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from shared import backbones, storage
-from shared.errors import WeightsError
+from shared.errors import HDF5Refused, WeightsError
 from shared.job import sha256_file
 from shared.models import build_base, import_tensorflow, save_random_weights
 from shared.storage import Location
@@ -147,6 +147,12 @@ def check_loads(model: str, path: Path, sha256: str, checked: Path | None = None
     marker = checked / f"{model}-{sha256}" if checked else None
     if marker and marker.exists():
         return
+    from shared import hdf5  # h5py: only when a file is checked, not at every CLI start
+
+    try:
+        hdf5.check_for_keras(path, "weights file")
+    except HDF5Refused as exc:
+        raise WeightsError(str(exc)) from None
     try:
         build_base(model, path, backbone.min_size_px)
     except Exception as exc:

@@ -53,6 +53,11 @@ class OutsideRoots(ShardError):
     """A path resolves outside the roots a worker may use (CONVOY_DATA_ROOTS, CONVOY_OUTPUT_ROOTS)."""
 
 
+class HDF5Refused(ConvoyError):
+    """An HDF5 file points outside itself (external storage, an external link, a virtual dataset
+    onto a file Convoy did not write beside it): refused before any of its data is read."""
+
+
 class StoreError(ConvoyError):
     """A read or write on an object store failed for good (denied, missing, or still failing
     after retries); the message is the store's own, with the URL (shared/storage.py)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,10 +22,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from shared import storage
+from shared import hdf5, storage
+from shared.errors import HDF5Refused
 from shared.storage import Location, StoreError, publish  # noqa: F401 - publish: the one atomic write
 
 _STR = h5py.string_dtype("utf-8")
+log = logging.getLogger("convoy.features")
 
 
 @dataclass
@@ -38,13 +41,15 @@ class ShardResult:
 
 
 @contextmanager
-def _h5(loc: Location) -> Iterator[h5py.File]:
-    """A features file opened for reading, local or on a store (ranged reads, no download)."""
+def _h5(loc: Location, virtual: bool = False) -> Iterator[h5py.File]:
+    """A features file opened for reading, local or on a store (ranged reads, no download), once
+    :func:`shared.hdf5.open_read` found only data in it (``virtual``: a merged file's own
+    virtual dataset too)."""
     if not storage.is_url(loc):
-        with h5py.File(loc, "r") as f:
+        with hdf5.open_read(loc, "features file", virtual) as f:
             yield f
         return
-    with storage.open_read(loc) as fh, h5py.File(fh, "r") as f:
+    with storage.open_read(loc) as fh, hdf5.open_read(fh, f"features file {loc}") as f:
         yield f
 
 
@@ -52,12 +57,13 @@ def open_features(out_dir: str | Path, split: str) -> h5py.File:
     """The merged features of ``split`` in OUT (a folder or a store URL), opened read-only: the
     same datasets and attributes either way (``f["features"][:]``, ``f["labels"]``, ...). On a
     store the merged file is self-contained and read in ranges, without downloading it whole.
-    Close it when done (or use it in a ``with``)."""
+    Close it when done (or use it in a ``with``). A file that points outside OUT is refused
+    (:class:`shared.errors.HDF5Refused`)."""
     loc = storage.join(storage.location(str(out_dir)), "features", f"{split}.h5")
     if not storage.is_url(loc):
-        return h5py.File(loc, "r")
+        return hdf5.open_read(loc, "merged features file", virtual=True)
     fs, path = storage.filesystem(loc)
-    return h5py.File(storage.retried(lambda: fs.open(path, "rb"), loc, "open"), "r")
+    return hdf5.open_read(storage.retried(lambda: fs.open(path, "rb"), loc, "open"), f"merged features file {loc}")
 
 
 def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
@@ -97,13 +103,17 @@ def _remove_stale_temporaries(final: Path, older_than_s: float = 3 * 3600) -> No
 
 
 def shard_fingerprint(path: Location) -> str | None:
-    """The fingerprint a valid shard file (or object) was written with, or None if absent or
-    unreadable."""
+    """The fingerprint a valid shard file (or object) was written with, or None if absent,
+    unreadable, or pointing elsewhere: then the shard is extracted again and its file replaced,
+    which loses nothing (the file held no features Convoy can use)."""
     try:
         with _h5(path) as f:
             if "features" not in f or "paths" not in f:
                 return None
             return str(f.attrs.get("fingerprint", "")) or None
+    except HDF5Refused as exc:
+        log.warning("%s; the shard is extracted again", exc)
+        return None
     except (OSError, KeyError, StoreError):
         return None
 
@@ -135,7 +145,7 @@ def merge_split(merged: Location, shard_files: list[Location], attrs: dict) -> L
     skipped: list[tuple[str, str]] = []
     shape_tail, dtype = None, np.float32
     for shard in shard_files:
-        with h5py.File(shard, "r") as f:
+        with _h5(shard) as f:
             n = f["features"].shape[0]
             shape_tail, dtype = f["features"].shape[1:], f["features"].dtype
             paths += f["paths"].asstr()[()].tolist()
@@ -199,7 +209,7 @@ def materialize(merged: Path) -> Path:
     """Replace a virtual merged file by a self-contained copy (same datasets and attributes).
 
     Too large to build in memory: written beside it, then renamed over the virtual file."""
-    with (storage.atomic_path(merged) as tmp, h5py.File(merged, "r") as src,
+    with (storage.atomic_path(merged) as tmp, hdf5.open_read(merged, "merged features file", virtual=True) as src,
           h5py.File(tmp, "w") as dst):
         feats = src["features"]
         chunk_rows = max(1, min(feats.shape[0], 64))
@@ -219,8 +229,8 @@ def materialize(merged: Path) -> Path:
 
 
 def read_attrs(path: Location) -> dict:
-    """Attributes of a features file, JSON-valued ones decoded."""
-    with _h5(path) as f:
+    """Attributes of a features file (a shard or a merged file), JSON-valued ones decoded."""
+    with _h5(path, virtual=True) as f:
         out = {}
         for key, value in f.attrs.items():
             if isinstance(value, str) and value[:1] in "[{":

@@ -69,6 +69,9 @@ def load_model(path: str | Path):
 
 def build_vgg16_imagenet(weights_path: str | Path):
     """VGG16 with its ImageNet top, from a weights file already in the Keras cache."""
+    from shared import hdf5
+
+    hdf5.check_for_keras(weights_path, "weights file")
     import_tensorflow()
     import keras
 

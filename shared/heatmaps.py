@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from shared import storage
+from shared import hdf5, storage
 
 _STR = h5py.string_dtype("utf-8")
 _STRINGS = ("paths", "flags", "overlay", "original")
@@ -62,7 +62,7 @@ def write_rows(final: Path, rows: CamRows, attrs: dict) -> None:
 
 
 def read_rows(path: Path) -> CamRows:
-    with h5py.File(path, "r") as f:
+    with hdf5.open_read(path, "heatmaps file") as f:
         text = {n: list(f[n].asstr()[()]) for n in (*_STRINGS, "skipped_paths", "skipped_reasons")}
         return CamRows(
             heatmaps=f["heatmaps"][()],
@@ -102,5 +102,5 @@ def concat(parts: list[CamRows], hw: tuple[int, int]) -> CamRows:
 
 
 def read_attrs(path: Path) -> dict:
-    with h5py.File(path, "r") as f:
+    with hdf5.open_read(path, "heatmaps file") as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from shared.errors import ModelError
+from shared.errors import HDF5Refused, ModelError
 
 #: Uncompressed size of every member together. VGG16 with its ImageNet top is ~530 MB; every
 #: backbone Convoy builds, with a classifier on top, is well under this.
@@ -30,11 +30,18 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.0f} MB"
 
 
-def check_keras_archive(path: str | Path) -> None:
-    """ModelError with the reason when ``path`` is not a zip archive or is too large to load."""
+def check_keras_archive(path: str | Path, what: str = "model file") -> None:
+    """ModelError with the reason when ``path`` is not a zip archive, is too large to load, or holds
+    HDF5 weights that point outside it (checked in that order: the bounds before any member is read)."""
+    from shared import hdf5
+
     why = _refusal(Path(path))
     if why:
-        raise ModelError(f"model file {path} is refused: {why}")
+        raise ModelError(f"{what} {path} is refused: {why}")
+    try:
+        hdf5.check_for_keras(path, what)
+    except HDF5Refused as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _refusal(path: Path) -> str | None:

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from shared import hdf5
 from shared.errors import TrainingDataError
 from shared.job import SEED_SPLITS, SINGLE_SPLIT, JobSpec
 
@@ -70,8 +70,13 @@ def scan_sizes(splits: dict[str, list]) -> dict[str, int]:
     return {s: len(splits.get(s, [])) for s in SEED_SPLITS}
 
 
+def _merged(path: Path):
+    """A merged file, opened once it is known to read only shard files Convoy wrote beside it."""
+    return hdf5.open_read(path, "merged features file", virtual=True)
+
+
 def _read_rows(path: Path) -> tuple[np.ndarray, list[str]]:
-    with h5py.File(path, "r") as f:
+    with _merged(path) as f:
         return f["labels"][()], f["paths"].asstr()[()].tolist()
 
 
@@ -108,20 +113,20 @@ def memory_budget(max_memory_bytes: int) -> int:
 
 
 def feature_bytes(split: SplitRows) -> int:
-    with h5py.File(split.file, "r") as f:
+    with _merged(split.file) as f:
         ds = f["features"]
         return len(split) * int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
 
 
 def feature_shape(split: SplitRows) -> tuple[int, ...]:
-    with h5py.File(split.file, "r") as f:
+    with _merged(split.file) as f:
         return tuple(f["features"].shape[1:])
 
 
 def read_features(split: SplitRows, rows: np.ndarray | None = None) -> np.ndarray:
     """Features of ``rows`` (positions in ``split``, increasing; all when None) as float32."""
     picked = split.rows if rows is None else split.rows[rows]
-    with h5py.File(split.file, "r") as f:
+    with _merged(split.file) as f:
         ds = f["features"]
         if len(picked) == ds.shape[0]:
             return ds[()].astype(np.float32, copy=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from shared import paths
+from shared import hdf5, paths
+from shared.errors import HDF5Refused
 from shared.features import publish
 from shared.settings import Settings
 
@@ -27,6 +29,7 @@ from shared.settings import Settings
 CACHE_DIR = "pixels"
 
 Stamp = tuple[int, int]  # (bytes, mtime_ns)
+log = logging.getLogger("convoy.pixel_cache")
 
 
 def stamp(path: Path) -> Stamp | None:
@@ -63,11 +66,16 @@ class CachedPixels:
 
 
 def read(path: Path) -> CachedPixels | None:
-    """The cache at ``path``, or None when it is absent or unreadable (then everything decodes)."""
+    """The cache at ``path``, or None when it is absent, unreadable or points elsewhere (then
+    everything decodes, and the file is replaced by one Convoy wrote: nothing is lost, since a
+    cache holds only what decoding makes again)."""
     try:
-        with h5py.File(path, "r") as f:
+        with hdf5.open_read(path, "pixel cache") as f:
             rows = f["rows"][()]
             return CachedPixels({int(r): i for i, r in enumerate(rows)}, f["pixels"][()], f["stamps"][()])
+    except HDF5Refused as exc:
+        log.warning("%s; its images are decoded again", exc)
+        return None
     except (OSError, KeyError):
         return None
 

@@ -102,10 +102,11 @@ def verify_file(path: str, expected_sha256: str, what: str) -> None:
 
 
 def verify_weights(model: ModelConfig) -> ModelConfig:
-    """The job's weights: inside the roots (or the Keras cache), with the hash the job recorded.
+    """The job's weights: inside the roots (or the Keras cache), with the hash the job recorded,
+    and only data in them (:func:`shared.hdf5.check_for_keras`).
     Returns ``model`` with ``weights_path`` a local file (weights on a store are copied to the
     local cache once: :func:`shared.storage.local_copy`)."""
-    from shared import paths, storage
+    from shared import hdf5, paths, storage
 
     settings = installed_settings()
     found = paths.readable(model.weights_path, settings, "weights file", also=(settings.keras_home,))
@@ -115,8 +116,10 @@ def verify_weights(model: ModelConfig) -> ModelConfig:
         except storage.StoreError as exc:
             raise WeightsMismatch(f"weights file {found} cannot be read on this worker: {exc}") from None
         verify_file(local, model.weights_sha256, "weights file")
+        hdf5.check_for_keras(local, "weights file")
         return replace(model, weights_path=local)
     verify_file(model.weights_path, model.weights_sha256, "weights file")
+    hdf5.check_for_keras(model.weights_path, "weights file")  # the hash proves sameness, not safety
     return model
 
 
