@@ -14,8 +14,10 @@ Two decode modes (``--decode``):
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,10 +52,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") -> np.ndarray:
-    """Pixels of ``path`` (a file, or an object's URL: fetched whole first, in the caller's thread)
-    as uint8 (size_px, size_px, 3) (None: the image's own size), decoded as ``decode`` says (see
-    the module's docstring), or :class:`BadImage` with the reason."""
+def load_pixels(path: str | Path | IO[bytes], size_px: int | None, decode: str = "exact") -> np.ndarray:
+    """Pixels of ``path`` (an open file, as workers hand it over from :func:`shared.paths.open_image`;
+    a file's name; or an object's URL: fetched whole first, in the caller's thread) as uint8
+    (size_px, size_px, 3) (None: the image's own size), decoded as ``decode`` says (see the
+    module's docstring), or :class:`BadImage` with the reason."""
+    if not isinstance(path, (str, Path)):
+        try:
+            empty = os.fstat(path.fileno()).st_size == 0
+        except io.UnsupportedOperation:  # in memory (an object fetched whole)
+            empty = not path.getbuffer().nbytes
+        except OSError as exc:
+            raise BadImage(file_error(exc)) from None
+        if empty:
+            raise BadImage("empty file (0 bytes)")
+        return _decode(path, size_px, decode)
     if storage.is_url(path):
         try:
             data = storage.read_bytes(path)
@@ -66,17 +79,17 @@ def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") ->
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
-        raise _file_error(exc) from None
+        raise BadImage(file_error(exc)) from None
     return _decode(path, size_px, decode)
 
 
-def _file_error(exc: OSError) -> BadImage:
+def file_error(exc: OSError) -> str:
     """The reason a file could not be read, as the user can act on it."""
     if isinstance(exc, FileNotFoundError):
-        return BadImage("file not found (deleted after the scan?)")
+        return "file not found (deleted after the scan?)"
     if isinstance(exc, PermissionError):
-        return BadImage("permission denied: make the file readable by the worker")
-    return BadImage(f"unreadable or corrupt: {exc.strerror or exc}")
+        return "permission denied: make the file readable by the worker"
+    return f"unreadable or corrupt: {exc.strerror or exc}"
 
 
 def _decode(path, size_px: int | None, decode: str) -> np.ndarray:
@@ -101,7 +114,7 @@ def _decode(path, size_px: int | None, decode: str) -> np.ndarray:
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None
     except OSError as exc:
-        raise _file_error(exc) from None
+        raise BadImage(file_error(exc)) from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"corrupt image data: {exc}") from None
 

@@ -93,6 +93,10 @@ def verify_file(path: str, expected_sha256: str, what: str) -> None:
             f"{what} {path} is not readable on this worker ({exc.strerror}); "
             "put it on storage every worker sees at the same path"
         ) from None
+    check_digest(path, digest, expected_sha256, what)
+
+
+def check_digest(path: str, digest: str, expected_sha256: str, what: str) -> None:
     if digest != expected_sha256:
         raise WeightsMismatch(
             f"{what} {path} has sha256 {digest[:12]}…, the job recorded "
@@ -115,8 +119,13 @@ def verify_weights(model: ModelConfig) -> ModelConfig:
             raise WeightsMismatch(f"weights file {found} cannot be read on this worker: {exc}") from None
         verify_file(local, model.weights_sha256, "weights file")
         return replace(model, weights_path=local)
-    verify_file(model.weights_path, model.weights_sha256, "weights file")
-    return model
+    try:  # Keras loads a private copy of the file opened beneath its root, hashed as copied
+        local, digest = paths.opened_copy(model.weights_path, settings, "weights file", also=(settings.keras_home,))
+    except OSError as exc:
+        raise WeightsMismatch(f"weights file {model.weights_path} is not readable on this worker ({exc.strerror}); "
+                              "put it on storage every worker sees at the same path") from None
+    check_digest(model.weights_path, digest, model.weights_sha256, "weights file")
+    return replace(model, weights_path=str(local))
 
 
 @worker_process_init.connect

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from shared import faults
+from shared import faults, storage
 from shared.celery_app import send_step
 from shared.errors import ConvoyError, OutsideRoots, ShardError
 from shared.jobstore import Claim, JobStore, NewStep
@@ -146,8 +146,11 @@ class ConvoyStep(Task):
     def ended(self, job_id: str, status: JobStatus) -> None:
         """Called once, by the step whose transition ended the job (extraction records it in OUT)."""
 
-    def preflight(self, job_id: str) -> None:
-        """Checks before the body runs (confinement): raising fails the step, nothing written."""
+    def preflight(self, job_id: str) -> str | None:
+        """Checks before the body runs (confinement): raising fails the step, nothing written.
+        Returns the job's OUT, whose subfolders every write of the body is confined to
+        (:func:`shared.storage.writes_confined_to`)."""
+        return None
 
     def describe(self, step: str) -> str:
         return self.label
@@ -169,8 +172,8 @@ class ConvoyStep(Task):
         self.ctx = ctx
         with ctx:
             try:
-                self.preflight(job_id)
-                outcome = self.run(job_id, step)
+                with storage.writes_confined_to(self.preflight(job_id)):
+                    outcome = self.run(job_id, step)
             except StepStopped as stop:
                 return self._stopped(ctx, stop.answer)
             except SoftTimeLimitExceeded:
@@ -260,9 +263,11 @@ class ChainStep(ConvoyStep):
     """A step of an extraction job (shard, merge, train, fine-tune): DATA and OUT must lie inside
     the worker's roots, and the job's end goes into OUT too."""
 
-    def preflight(self, job_id: str) -> None:
+    def preflight(self, job_id: str) -> str:
         rt = runtime()
-        check_job_paths(rt.store.spec(job_id), rt.settings)
+        spec = rt.store.spec(job_id)
+        check_job_paths(spec, rt.settings)
+        return spec.out_dir
 
     def ended(self, job_id: str, status: JobStatus) -> None:
         store = runtime().store
