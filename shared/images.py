@@ -14,10 +14,11 @@ Two decode modes (``--decode``):
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -54,10 +55,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") -> np.ndarray:
-    """Pixels of ``path`` (a file, or an object's URL: fetched whole first, in the caller's thread)
-    as uint8 (size_px, size_px, 3) (None: the image's own size), decoded as ``decode`` says (see
-    the module's docstring), or :class:`BadImage` with the reason."""
+def load_pixels(path: str | Path | IO[bytes], size_px: int | None, decode: str = "exact") -> np.ndarray:
+    """Pixels of ``path`` (an open file, as workers hand it over from :func:`shared.paths.open_image`;
+    a file's name; or an object's URL: fetched whole first, in the caller's thread) as uint8
+    (size_px, size_px, 3) (None: the image's own size), decoded as ``decode`` says (see the
+    module's docstring), or :class:`BadImage` with the reason."""
     fast = decode == "fast" and bool(size_px)
 
     def pixels(img: Image.Image) -> np.ndarray:
@@ -70,7 +72,8 @@ def load_pixels(path: str | Path, size_px: int | None, decode: str = "exact") ->
     return _read(path, pixels)
 
 
-def load_views(path: str | Path, size_hw: tuple[int, int], display_px: int) -> tuple[np.ndarray, np.ndarray]:
+def load_views(path: str | Path | IO[bytes], size_hw: tuple[int, int],
+               display_px: int) -> tuple[np.ndarray, np.ndarray]:
     """One decode of ``path``, two uint8 RGB views: the pixels at ``size_hw`` (height, width) for a
     model, and the image within ``display_px`` on its longer side (aspect kept, never enlarged) for
     a person. Decoded as ``fast`` does: a JPEG already shrunk to no less than either view needs,
@@ -106,8 +109,19 @@ def _loaded(img: Image.Image, draft_wh: tuple[int, int] | None) -> Image.Image:
     return _to_rgb(img)
 
 
-def _read(path: str | Path, use: Callable[[Image.Image], T]) -> T:
-    """``use`` applied to the opened image at ``path`` (a file or an object's URL), or BadImage."""
+def _read(path: str | Path | IO[bytes], use: Callable[[Image.Image], T]) -> T:
+    """``use`` applied to the image at ``path`` (an open file, a file's name or an object's URL),
+    or BadImage."""
+    if not isinstance(path, (str, Path)):
+        try:
+            empty = os.fstat(path.fileno()).st_size == 0
+        except io.UnsupportedOperation:  # in memory (an object fetched whole)
+            empty = not path.getbuffer().nbytes
+        except OSError as exc:
+            raise BadImage(file_error(exc)) from None
+        if empty:
+            raise BadImage("empty file (0 bytes)")
+        return _decode(path, use)
     if storage.is_url(path):
         try:
             data = storage.read_bytes(path)
@@ -120,17 +134,17 @@ def _read(path: str | Path, use: Callable[[Image.Image], T]) -> T:
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
-        raise _file_error(exc) from None
+        raise BadImage(file_error(exc)) from None
     return _decode(path, use)
 
 
-def _file_error(exc: OSError) -> BadImage:
+def file_error(exc: OSError) -> str:
     """The reason a file could not be read, as the user can act on it."""
     if isinstance(exc, FileNotFoundError):
-        return BadImage("file not found (deleted after the scan?)")
+        return "file not found (deleted after the scan?)"
     if isinstance(exc, PermissionError):
-        return BadImage("permission denied: make the file readable by the worker")
-    return BadImage(f"unreadable or corrupt: {exc.strerror or exc}")
+        return "permission denied: make the file readable by the worker"
+    return f"unreadable or corrupt: {exc.strerror or exc}"
 
 
 def _decode(source, use: Callable[[Image.Image], T]) -> T:
@@ -146,6 +160,6 @@ def _decode(source, use: Callable[[Image.Image], T]) -> T:
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None
     except OSError as exc:
-        raise _file_error(exc) from None
+        raise BadImage(file_error(exc)) from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"corrupt image data: {exc}") from None

@@ -6,18 +6,37 @@ lie inside one of the roots (``CONVOY_DATA_ROOTS`` for what is read, ``CONVOY_OU
 what is written; empty roots mean anywhere). ``convoy run`` and ``convoy cam`` set the roots of
 the workers they start to the job's own folders, so the embedded case is confined too.
 
+Checking a name and opening it later is a race, so what a step reads is opened once, beneath the
+root that holds it, with no symlink at any component below the root (:func:`open_beneath`), and
+the open file is checked (a regular file) and handed on: Pillow decodes it, Keras loads a private
+copy of it (:func:`opened_copy`). An image that fails is skipped with its reason. What a step
+writes goes into folders under OUT made and opened the same way (:func:`output_folder`, through
+:func:`shared.storage.atomic_path`): a symlinked ``OUT/features`` fails the step with its reason.
+Inside a root a path must name the real folders and file; a symlink *above* a root (``/home`` to
+``/srv/home``) is the operator's and is followed once to find the root. With no roots, workers
+may read anywhere: a file is opened once, symlinks followed, and checked all the same.
+
 Store URLs (``s3://bucket/prefix``) are confined the same way: normalised (no ``..``), then the URL
 must lie under a URL root (a prefix match on whole path segments). A store has no symlinks.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
+import io
 import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from shared import storage
 from shared.errors import OutsideRoots, ShardError
-from shared.images import BadImage
+from shared.images import BadImage, file_error
 from shared.settings import Settings
 from shared.storage import Location
 
@@ -91,3 +110,233 @@ def shard_images(spec, entries: list[list], settings: Settings) -> list[str]:
     check_job_paths(spec, settings)
     listed = spec.options.get("layout") == "list"
     return [str(relative(spec.data_dir, rel, absolute_ok=listed)) for rel, _label in entries]
+
+
+# --- opening beneath a root, never through a symlink ---------------------------------------
+#
+# Checking a path and then opening it by name is a race: between the two, a writer can swap a
+# checked file (or a folder on its way) for a symlink. So a file is opened relative to a folder
+# descriptor of its root, refusing every symlink below the root and every '..', and then what was
+# opened is checked (a regular file) and handed on as an open file: nothing opens it by name again.
+
+#: openat2(2)'s number: 437 in the generic table every Linux architecture uses since 5.6
+#: (x86_64 and aarch64 alike).
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
+#: Reading: O_NONBLOCK so that a FIFO swapped in answers at once (and is then refused as not a
+#: regular file) instead of blocking the worker; it changes nothing for a regular file.
+READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+_FOLDER = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_openat2_usable = hasattr(_libc, "syscall") and os.uname().sysname == "Linux"
+
+
+def _parts(rel: str | PurePosixPath) -> list[str]:
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise OSError(errno.EXDEV, "absolute or through '..'", str(rel))
+    return [p for p in pure.parts if p != "."]
+
+
+def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int | None:
+    """openat2 beneath ``dir_fd`` with no symlinks; None where the kernel (or a seccomp filter)
+    does not offer it, and from then on in this process."""
+    global _openat2_usable
+    how = _OpenHow(flags, mode if flags & os.O_CREAT else 0,
+                   _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    for _attempt in range(8):
+        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(os.fsencode(rel)),
+                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return fd
+        code = ctypes.get_errno()
+        if code in (errno.ENOSYS, errno.EPERM, errno.E2BIG):  # no openat2 here (old kernel, seccomp)
+            _openat2_usable = False
+            return None
+        if code not in (errno.EAGAIN, errno.EINTR):  # EAGAIN: a rename raced the lookup; try again
+            raise OSError(code, os.strerror(code), rel)
+    raise OSError(errno.EAGAIN, "the path kept changing while it was opened", rel)
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+
+
+def _walk(dir_fd: int, parts: list[str], flags: int, mode: int, create: bool) -> int:
+    """Component by component: each folder opened relative to the last with O_NOFOLLOW (made first
+    when ``create``), the last name opened with ``flags | O_NOFOLLOW``. A new descriptor."""
+    fd = os.dup(dir_fd)
+    try:
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            if create and (not last or flags & os.O_DIRECTORY):
+                try:
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                nxt = os.open(name, (flags if last else _FOLDER) | os.O_NOFOLLOW, mode, dir_fd=fd)
+            except OSError as exc:  # named by the path below the root up to where it stopped
+                where = "/".join(parts[: i + 1])
+                if isinstance(exc, NotADirectoryError) and _is_symlink(name, fd):  # O_DIRECTORY|O_NOFOLLOW
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), where) from None
+                exc.filename = where
+                raise
+            os.close(fd)
+            fd = nxt
+        if not parts:
+            nxt = os.open(".", flags, mode, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_beneath(root: str | Path | int, rel: str | PurePosixPath, flags: int = READ, mode: int = 0o666,
+                 walk: bool = False, create: bool = False) -> int:
+    """A descriptor of ``root/rel`` (``flags`` as for os.open), never through a symlink at any
+    component of ``rel`` (OSError ELOOP) and never out of ``root`` (EXDEV: absolute, or '..').
+    ``root`` itself (a folder, or its descriptor) is trusted as it is: the operator chose it.
+    openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) where the kernel has it, else (or ``walk``) a
+    walk with O_NOFOLLOW at every component; ``create`` makes the missing folders of ``rel``
+    (with O_DIRECTORY in ``flags``, ``rel`` itself too), which the walk does."""
+    parts = _parts(rel)
+    dir_fd = root if isinstance(root, int) else os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not (walk or create) and _openat2_usable:
+            fd = _openat2(dir_fd, "/".join(parts) or ".", flags, mode)
+            if fd is not None:
+                return fd
+        return _walk(dir_fd, parts, flags, mode, create)
+    finally:
+        if not isinstance(root, int):
+            os.close(dir_fd)
+
+
+def refusal(exc: OSError, below: str) -> str | None:
+    """What a refused open says: a symlink, or a way out of the root (None: another error)."""
+    if exc.errno == errno.ELOOP:
+        return f"a symlink below the {below}: refused"
+    if exc.errno == errno.EXDEV:
+        return f"leads out of the {below} (absolute or '..'): refused"
+    return None
+
+
+def _root_and_rel(path: str | Path, roots: tuple[Location, ...]) -> tuple[Path, str] | None:
+    """The root ``path`` lies under and the rest of it. By name first: below the root, the name must
+    be the real one. Else (a symlink above a root: ``/home`` to ``/srv/home``) the path is resolved
+    once to find its root; either way the open itself follows no symlink below the root."""
+    local = [Path(r) for r in roots if not storage.is_url(r)]
+    for candidate in (Path(os.path.abspath(path)), None):
+        if candidate is None:
+            candidate = Path(os.path.realpath(path))
+        for root in local:
+            if candidate == root or root in candidate.parents:
+                return root, candidate.relative_to(root).as_posix()
+    return None
+
+
+def open_file(path: str | Path, roots: tuple[Location, ...], below: str) -> int:
+    """A descriptor of the regular file ``path``, opened beneath the root that holds it (no roots:
+    anywhere, as the operator chose, symlinks followed); :class:`OutsideRoots` with the reason for
+    a path outside the roots, a symlink below one or anything but a regular file; OSError else."""
+    if not any(not storage.is_url(r) for r in roots):
+        fd = os.open(path, READ)
+    else:
+        found = _root_and_rel(path, roots)
+        if found is None:
+            raise OutsideRoots(f"outside the allowed {below}s")
+        try:
+            fd = open_beneath(found[0], found[1])
+        except OSError as exc:
+            why = refusal(exc, below)
+            if why is None:
+                raise
+            raise OutsideRoots(why) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutsideRoots("not a regular file (a folder, pipe or device): refused")
+    return fd
+
+
+@contextmanager
+def open_image(path: str | Path, settings: Settings) -> Iterator[IO[bytes]]:
+    """An image to read, open: a file beneath its data root (see :func:`open_file`), or an object
+    fetched whole; :class:`BadImage` with the reason (it is skipped, the shard goes on)."""
+    if storage.is_url(path):
+        url = image(path, settings)
+        try:
+            data = storage.read_bytes(url)
+        except storage.StoreError as exc:
+            raise BadImage(str(exc)) from None
+        if not data:
+            raise BadImage("empty object (0 bytes)")
+        yield io.BytesIO(data)
+        return
+    try:
+        fd = open_file(path, settings.data_roots, "data root")
+    except OutsideRoots as exc:
+        raise BadImage(str(exc)) from None
+    except OSError as exc:  # one image's trouble, whatever it is, is that image's reason
+        raise BadImage(file_error(exc)) from None
+    with os.fdopen(fd, "rb") as fh:
+        yield fh
+
+
+def open_readable(path: str | Path, settings: Settings, what: str, also: tuple[Path, ...] = ()) -> IO[bytes]:
+    """A file that is not an image (a model, weights), open, beneath the data or output roots (or
+    ``also``) as :func:`readable` says; :class:`OutsideRoots` with the reason, OSError else."""
+    roots = settings.data_roots + settings.output_roots if settings.data_roots and settings.output_roots else ()
+    roots = roots + tuple(p.resolve() for p in also) if roots else ()
+    try:
+        return os.fdopen(open_file(path, roots, "data or output root"), "rb")
+    except OutsideRoots as exc:
+        raise OutsideRoots(f"{what} {path}: {exc}") from None
+
+
+def output_folder(out: str | Path, rel: str | PurePosixPath) -> int:
+    """A descriptor of the folder ``OUT/rel``, made where missing, with no symlink below OUT (OUT
+    itself is confined by :func:`output`, and made like it was before any of this): :class:`OutsideRoots`
+    names a symlinked one."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    try:
+        return open_beneath(out, rel, _FOLDER, create=True)
+    except OSError as exc:
+        why = refusal(exc, "output directory")
+        if why is None:
+            raise
+        raise OutsideRoots(f"output folder {Path(out) / (exc.filename or rel)}: {why}") from None
+
+
+def opened_copy(path: str | Path, settings: Settings, what: str, also: tuple[Path, ...] = ()) -> tuple[Path, str]:
+    """A file Keras loads by name (a ``.keras`` model, ``.weights.h5`` weights), opened beneath its
+    root (:func:`open_readable`) and copied, hashed as it is read, into a 0700 folder of this
+    user's own: (the copy, its sha256). Keras takes the format from the name's suffix, which
+    ``/proc/self/fd/N`` lacks, and a model read into memory would be held twice; the copy has the
+    file's own name, and holds exactly the bytes that were opened and hashed, which nobody else
+    can change before Keras reads them."""
+    folder = storage.cache_dir().parent / "opened"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    digest = hashlib.sha256()
+    with open_readable(path, settings, what, also) as src, \
+            tempfile.NamedTemporaryFile(dir=folder, prefix=".copy-", delete=False) as dst:
+        try:
+            while chunk := src.read(2**20):
+                digest.update(chunk)
+                dst.write(chunk)
+        except BaseException:
+            os.unlink(dst.name)
+            raise
+    final = folder / digest.hexdigest() / Path(path).name
+    final.parent.mkdir(exist_ok=True, mode=0o700)
+    os.replace(dst.name, final)
+    return final, digest.hexdigest()

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import IO
 
@@ -224,6 +225,24 @@ def open_read(loc: Location) -> Iterator[IO[bytes]]:
 
 # --- writing ----------------------------------------------------------------------------
 
+#: The folder (a job's OUT) whose subfolders the writes of the running step are confined to:
+#: see :func:`writes_confined_to`.
+_CONFINED: ContextVar[Path | None] = ContextVar("convoy_confined_writes", default=None)
+
+
+@contextmanager
+def writes_confined_to(out: Location | None) -> Iterator[None]:
+    """While it lasts, every :func:`atomic_path` below ``out`` (a local OUT already confined by
+    :func:`shared.paths.output`) writes into folders made and opened under ``out`` without
+    following a symlink: a symlinked ``OUT/features`` is refused, not written through. A step's
+    body runs inside it (``workers/step.py``); a store URL has no symlinks, and nothing changes."""
+    token = _CONFINED.set(None if out is None or is_url(out) else Path(os.path.abspath(out)))
+    try:
+        yield
+    finally:
+        _CONFINED.reset(token)
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """A temporary path beside ``final`` to write to; on a clean exit it replaces ``final``.
@@ -235,17 +254,36 @@ def atomic_path(final: Path) -> Iterator[Path]:
     the format from the name. On a clean exit the file is flushed to disk, renamed over
     ``final``, and the rename itself flushed (the folder's fsync); on an exception the temporary
     file is removed and the exception goes on.
+
+    Below the folder of :func:`writes_confined_to`, the folder of ``final`` is opened once
+    (:func:`shared.paths.output_folder`) and everything happens through that descriptor: the
+    temporary path is ``/proc/self/fd/N/<name>``, the rename is relative to it.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = Path(os.path.abspath(final))
     suffixes = "".join(final.suffixes)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffixes}")
+    tmp_name = f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffixes}"
+    out = _CONFINED.get()
+    if out is None or out not in final.parents:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        from shared.paths import output_folder  # paths builds on this module
+
+        folder = output_folder(out, final.parent.relative_to(out).as_posix())
     try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, final)
+        tmp = Path(f"/proc/self/fd/{folder}") / tmp_name
+        try:
+            yield tmp
+            _fsync(tmp)
+            os.replace(tmp_name, final.name, src_dir_fd=folder, dst_dir_fd=folder)
+        finally:
+            try:
+                os.unlink(tmp_name, dir_fd=folder)
+            except FileNotFoundError:
+                pass
+        os.fsync(folder)
     finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(final.parent)
+        os.close(folder)
 
 
 def _fsync(path: Path) -> None:

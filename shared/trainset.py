@@ -194,7 +194,8 @@ def image_data(split: SplitRows, data_dir: Path, size_px: int, num_classes: int,
     from shared.images import load_pixels
 
     def read(rel: str) -> np.ndarray:
-        return load_pixels(paths.image(paths.relative(data_dir, rel), settings), size_px)
+        with paths.open_image(paths.relative(data_dir, rel), settings) as fh:
+            return load_pixels(fh, size_px)
 
     def load(pos: np.ndarray) -> np.ndarray:
         return np.stack([read(split.paths[i]) for i in pos]).astype(np.float32)

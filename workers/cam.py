@@ -38,8 +38,10 @@ class CamBatchStep(ConvoyStep):
     def describe(self, step: str) -> str:
         return f"batch {batch_index(step)}"
 
-    def preflight(self, job_id: str) -> None:
-        paths.output(runtime().store.cam_spec(job_id).out_dir, runtime().settings)
+    def preflight(self, job_id: str) -> str:
+        out = runtime().store.cam_spec(job_id).out_dir
+        paths.output(out, runtime().settings)
+        return out
 
     def route(self, job_id: str, step: str) -> Route:
         spec = runtime().store.cam_spec(job_id)
@@ -50,8 +52,10 @@ class CamBatchStep(ConvoyStep):
 class AssembleStep(ConvoyStep):
     label = "assemble"
 
-    def preflight(self, job_id: str) -> None:
-        paths.output(runtime().store.cam_spec(job_id).out_dir, runtime().settings)
+    def preflight(self, job_id: str) -> str:
+        out = runtime().store.cam_spec(job_id).out_dir
+        paths.output(out, runtime().settings)
+        return out
 
 
 @app.task(name=keys.CAM_TASK, base=CamBatchStep, bind=True)
@@ -79,7 +83,8 @@ def _decode(files: list[Path], hw: tuple[int, int], settings) -> tuple[list[int]
     ok, images, skipped = [], [], []
     for i, path in enumerate(files):
         try:
-            small, shown = load_views(paths.image(path, settings), hw, DISPLAY_PX)
+            with paths.open_image(path, settings) as fh:
+                small, shown = load_views(fh, hw, DISPLAY_PX)
         except BadImage as exc:
             skipped.append((i, str(exc)))
             continue

@@ -9,9 +9,18 @@ from __future__ import annotations
 from shared import paths, storage
 from shared.camjob import CamSpec
 from shared.settings import Settings
-from workers.runtime import verify_file
+from workers.runtime import check_digest, verify_file
 
 _MODELS: dict = {}
+
+
+def _opened(path: str, settings: Settings):
+    from shared.errors import ModelError
+
+    try:
+        return paths.opened_copy(path, settings, "model file")
+    except OSError as exc:
+        raise ModelError(f"model file {path} is not readable on this worker ({exc.strerror})") from None
 
 
 def verify_model_file(spec: CamSpec, local: str | None = None) -> None:
@@ -31,8 +40,13 @@ def cam_model(spec: CamSpec, settings: Settings):
             model = gradcam.build_vgg16_imagenet(found)
         else:
             found = paths.readable(spec.model_path, settings, "model file")
-            local = str(storage.local_copy(found))  # a model on a store: a copy cached by ETag
-            verify_model_file(spec, local)
+            if storage.is_url(found):
+                local = str(storage.local_copy(found))  # a model on a store: a copy cached by ETag
+                verify_model_file(spec, local)
+            else:  # a private copy of the file opened beneath its root, hashed as copied
+                copy, digest = _opened(spec.model_path, settings)
+                local = str(copy)
+                check_digest(spec.model_path, digest, spec.model_sha256, "model file")
             model = gradcam.load_model(local)
         _MODELS.clear()  # one model per process
         _MODELS[key] = gradcam.GradCam(model, spec.layer)

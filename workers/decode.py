@@ -207,9 +207,9 @@ def decode_chunk(address: tuple | None, slot: int, rows: list[int], files: list[
         faults.point("mid-decode")
         seen = None
         try:
-            real = paths.image(path, _settings)
-            seen = stamp(Path(real))
-            pixels = load_pixels(real, size_px, decode)
+            with paths.open_image(path, _settings) as fh:  # opened beneath its root, then read
+                seen = stamp(fh)
+                pixels = load_pixels(fh, size_px, decode)
         except BadImage as exc:
             out.append((str(exc), seen))
             continue
@@ -347,10 +347,10 @@ def _from_cache(cached: CachedPixels, row: int, path: str, settings: Settings, s
                 offset: int) -> bool:
     """Settle the image from the pixel cache when its file is unchanged since it was cached."""
     try:
-        real = paths.image(path, settings)
+        with paths.open_image(path, settings) as fh:  # the stamp of the file itself, not of a name
+            seen = stamp(fh)
     except BadImage:
         return False  # the decoding process gives the reason
-    seen = stamp(Path(real))
     hit = cached.get(row, seen)
     if hit is not None:
         settled[offset] = (hit, seen, False)
@@ -445,11 +445,11 @@ def _fetch(path: str, size_px: int, decode: str, settings: Settings, cached: Cac
     """An image's pixels (an object is fetched in this thread, so fetches overlap like decodes)
     or the reason it is skipped; a local file of a mixed list may come from the pixel cache."""
     try:
-        real = paths.image(path, settings)
-        seen = None if storage.is_url(real) else stamp(Path(real))
-        hit = cached.get(row, seen) if cached else None
-        if hit is not None:
-            return hit, seen, False
-        return load_pixels(real, size_px, decode), seen, True
+        with paths.open_image(path, settings) as fh:
+            seen = stamp(fh)
+            hit = cached.get(row, seen) if cached else None
+            if hit is not None:
+                return hit, seen, False
+            return load_pixels(fh, size_px, decode), seen, True
     except BadImage as exc:
         return str(exc)

@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import h5py
 import numpy as np
@@ -32,22 +33,24 @@ Stamp = tuple[int, int]  # (bytes, mtime_ns)
 log = logging.getLogger("convoy.pixel_cache")
 
 
-def stamp(path: Path) -> Stamp | None:
-    """What says a file is unchanged: its size and modification time (None: cannot stat it)."""
+def stamp(fh: IO[bytes]) -> Stamp | None:
+    """What says an open file is unchanged: its size and modification time (None: not a file,
+    such as an object fetched into memory)."""
     try:
-        st = os.stat(path)
-    except OSError:
+        st = os.fstat(fh.fileno())
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
         return None
     return st.st_size, st.st_mtime_ns
 
 
 def cache_file(out_dir: str, files: list[str], size_px: int, decode: str, settings: Settings) -> Path:
-    """Where the pixels of a shard's ``files`` (as the job names them) are kept, confined to the
-    output roots."""
+    """Where the pixels of a shard's ``files`` (as the job names them) are kept: below OUT (itself
+    confined to the output roots), written into ``OUT/pixels`` opened without following a symlink
+    (:func:`shared.storage.atomic_path`)."""
     payload = json.dumps({"files": files, "input_size_px": size_px, "decode": decode})
     key = hashlib.sha256(payload.encode()).hexdigest()[:32]
-    return paths.confine(Path(out_dir) / CACHE_DIR / f"{key}.h5", settings.output_roots, "pixel cache",
-                         "CONVOY_OUTPUT_ROOTS")
+    paths.output(out_dir, settings)
+    return Path(out_dir) / CACHE_DIR / f"{key}.h5"
 
 
 @dataclass

@@ -39,7 +39,8 @@ def load_model(path: Path, settings: Settings):
     try:
         if storage.is_url(path):
             path = storage.local_copy(path)  # Keras loads files: a copy cached by the object's ETag
-        return _load(str(path), file_digest(str(path)))
+            return _load(str(path), file_digest(str(path)))
+        return _load(*map(str, paths.opened_copy(path, settings, "model file")))  # opened beneath its root
     except storage.StoreError as exc:
         raise ModelFileError(f"cannot read model file: {exc}") from None
     except OSError as exc:
@@ -58,7 +59,8 @@ def _decode(files: list[str], size_px: int, settings: Settings) -> tuple[list[in
     rows, pixels, errors = [], [], {}
     for i, path in enumerate(files):
         try:
-            pixels.append(load_pixels(paths.image(path, settings), size_px))
+            with paths.open_image(path, settings) as fh:
+                pixels.append(load_pixels(fh, size_px))
             rows.append(i)
         except (BadImage, ShardError) as exc:
             errors[i] = str(exc)

@@ -94,6 +94,10 @@ def verify_file(path: str, expected_sha256: str, what: str) -> None:
             f"{what} {path} is not readable on this worker ({exc.strerror}); "
             "put it on storage every worker sees at the same path"
         ) from None
+    check_digest(path, digest, expected_sha256, what)
+
+
+def check_digest(path: str, digest: str, expected_sha256: str, what: str) -> None:
     if digest != expected_sha256:  # the file's own digest stays out of the message: it may not be the user's
         raise WeightsMismatch(
             f"{what} {path} does not have the sha256 the job recorded ({expected_sha256[:12]}…); "
@@ -118,9 +122,14 @@ def verify_weights(model: ModelConfig) -> ModelConfig:
         verify_file(local, model.weights_sha256, "weights file")
         hdf5.check_for_keras(local, "weights file")
         return replace(model, weights_path=local)
-    verify_file(model.weights_path, model.weights_sha256, "weights file")
-    hdf5.check_for_keras(model.weights_path, "weights file")  # the hash proves sameness, not safety
-    return model
+    try:  # Keras loads a private copy of the file opened beneath its root, hashed as copied
+        local, digest = paths.opened_copy(model.weights_path, settings, "weights file", also=(settings.keras_home,))
+    except OSError as exc:
+        raise WeightsMismatch(f"weights file {model.weights_path} is not readable on this worker ({exc.strerror}); "
+                              "put it on storage every worker sees at the same path") from None
+    check_digest(model.weights_path, digest, model.weights_sha256, "weights file")
+    hdf5.check_for_keras(local, "weights file")  # the hash proves sameness, not safety
+    return replace(model, weights_path=str(local))
 
 
 @after_setup_logger.connect

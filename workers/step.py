@@ -29,7 +29,7 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from shared import faults
+from shared import faults, storage
 from shared.backbones import get as get_backbone
 from shared.celery_app import send_step
 from shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError
@@ -167,8 +167,11 @@ class ConvoyStep(Task):
     def ended(self, job_id: str, status: JobStatus) -> None:
         """Called once, by the step whose transition ended the job (extraction records it in OUT)."""
 
-    def preflight(self, job_id: str) -> None:
-        """Checks before the body runs (confinement): raising fails the step, nothing written."""
+    def preflight(self, job_id: str) -> str | None:
+        """Checks before the body runs (confinement): raising fails the step, nothing written.
+        Returns the job's OUT, whose subfolders every write of the body is confined to
+        (:func:`shared.storage.writes_confined_to`)."""
+        return None
 
     def describe(self, step: str) -> str:
         return self.label
@@ -191,8 +194,7 @@ class ConvoyStep(Task):
         guard = StepGuard(runtime().settings.max_memory_bytes, lambda reason: self._fail_quietly(job_id, step, reason))
         with ctx:
             try:
-                self.preflight(job_id)
-                with guard:
+                with storage.writes_confined_to(self.preflight(job_id)), guard:
                     outcome = self.run(job_id, step)
             except OutOfMemoryBudget as exc:
                 guard.__exit__(None, None, None)  # in case it landed before the guard let go
@@ -328,11 +330,12 @@ class ChainStep(ConvoyStep):
     """A step of an extraction job (shard, merge, train, fine-tune): DATA and OUT must lie inside
     the worker's roots, and the job's end goes into OUT too."""
 
-    def preflight(self, job_id: str) -> None:
+    def preflight(self, job_id: str) -> str:
         rt = runtime()
         spec = rt.store.spec(job_id)
         check_job_paths(spec, rt.settings)
         get_backbone(spec.model.model).check_size(spec.model.input_size_px)  # a forged job's too
+        return spec.out_dir
 
     def ended(self, job_id: str, status: JobStatus) -> None:
         store = runtime().store
