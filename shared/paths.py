@@ -271,6 +271,8 @@ def open_file(path: str | Path, roots: tuple[Location, ...], below: str) -> int:
 def open_image(path: str | Path, settings: Settings) -> Iterator[IO[bytes]]:
     """An image to read, open: a file beneath its data root (see :func:`open_file`), or an object
     fetched whole; :class:`BadImage` with the reason (it is skipped, the shard goes on)."""
+    if "\0" in str(path):  # no file has one; the OS refuses the name outright
+        raise BadImage(NUL_IN_PATH)
     if storage.is_url(path):
         url = image(path, settings)
         try:

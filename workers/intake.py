@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -276,8 +278,12 @@ def _record(task_name: str, message, reason: str, celery_app) -> None:
     if job_id(job) is not None or not store.exists(job):
         return
     if isinstance(step, str) and len(step) <= 512 and store.step(job, step).get("state"):
-        store.finish_step(job, step, StepState.FAILED, error=reason, fail_job=True,
-                          job_error=f"step {step} failed: {reason}")
+        # Fenced like any outcome: the step is claimed first, so a refused message naming a step
+        # that another worker runs (its lease alive) or that ended changes nothing.
+        token = f"intake:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if store.claim(job, step, token, "intake", os.getpid(), 45).outcome in ("claimed", "capped"):
+            store.finish_step(job, step, StepState.FAILED, token=token, error=reason, fail_job=True,
+                              job_error=f"step {step} failed: {reason}")
     else:
         store.end_job(job, JobStatus.FAILED, error=f"a message naming this job failed: {reason}")
 
