@@ -123,19 +123,24 @@ def _read(path: str | Path | IO[bytes], use: Callable[[Image.Image], T]) -> T:
             raise BadImage("empty file (0 bytes)")
         return _decode(path, use)
     if storage.is_url(path):
-        try:
-            data = storage.read_bytes(path)
-        except storage.StoreError as exc:
-            raise BadImage(str(exc)) from None
-        if not data:
-            raise BadImage("empty object (0 bytes)")
-        return _decode(io.BytesIO(data), use)
+        return _decode(fetch_object(path), use)
     try:
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
         raise BadImage(file_error(exc)) from None
     return _decode(path, use)
+
+
+def fetch_object(url: str) -> io.BytesIO:
+    """An image object on a store, fetched whole, or :class:`BadImage` with the reason."""
+    try:
+        data = storage.read_bytes(url)
+    except storage.StoreError as exc:
+        raise BadImage(str(exc)) from None
+    if not data:
+        raise BadImage("empty object (0 bytes)")
+    return io.BytesIO(data)
 
 
 def file_error(exc: OSError) -> str:

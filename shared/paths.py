@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import io
 import os
 import stat
 import tempfile
@@ -36,7 +35,7 @@ from typing import IO
 
 from shared import storage
 from shared.errors import OutsideRoots, ShardError
-from shared.images import BadImage, file_error
+from shared.images import BadImage, fetch_object, file_error
 from shared.settings import Settings
 from shared.storage import Location
 
@@ -274,14 +273,7 @@ def open_image(path: str | Path, settings: Settings) -> Iterator[IO[bytes]]:
     if "\0" in str(path):  # no file has one; the OS refuses the name outright
         raise BadImage(NUL_IN_PATH)
     if storage.is_url(path):
-        url = image(path, settings)
-        try:
-            data = storage.read_bytes(url)
-        except storage.StoreError as exc:
-            raise BadImage(str(exc)) from None
-        if not data:
-            raise BadImage("empty object (0 bytes)")
-        yield io.BytesIO(data)
+        yield fetch_object(image(path, settings))
         return
     try:
         fd = open_file(path, settings.data_roots, "data root")

@@ -123,15 +123,21 @@ def _own_broker(tmp_path: Path, name: str):
     return server, worker, log_dir
 
 
+def _long_job_running(server: OwnRedis, tmp_path: Path) -> tuple[JobStore, Path, Path, str, str]:
+    """(store, DATA, OUT, job, a shard caught running with work left) on ``server``."""
+    store = JobStore(connect(server.url))
+    data, out = _data(tmp_path, per_split=30), tmp_path / "out"
+    job = convoy("submit", "extract", str(data), "--out", str(out), *LONG_ARGS, "--broker", server.url,
+                 check=True).stdout.strip()
+    shard, _ = _wait_running(store, job)
+    return store, data, out, job, shard
+
+
 @pytest.mark.slow
 def test_a_redis_outage_longer_than_a_lease_costs_no_delivery(tmp_path):
     server, worker, log_dir = _own_broker(tmp_path, "out1")
     try:
-        store = JobStore(connect(server.url))
-        data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-        job = convoy("submit", "extract", str(data), "--out", str(out), *LONG_ARGS, "--broker", server.url,
-                     check=True).stdout.strip()
-        shard, _ = _wait_running(store, job)
+        store, data, out, job, shard = _long_job_running(server, tmp_path)
         server.stop()
         time.sleep(50)  # the fault itself: Redis stays down for longer than a lease (45 s)
         server.start()
@@ -162,11 +168,7 @@ def _cut_before_claim(aof_dir: Path, step_key: str) -> None:
 def test_a_step_whose_claim_redis_lost_is_repaired_under_its_live_holder(tmp_path):
     server, worker, log_dir = _own_broker(tmp_path, "cut1")
     try:
-        store = JobStore(connect(server.url))
-        data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-        job = convoy("submit", "extract", str(data), "--out", str(out), *LONG_ARGS, "--broker", server.url,
-                     check=True).stdout.strip()
-        shard, _ = _wait_running(store, job)
+        store, data, out, job, shard = _long_job_running(server, tmp_path)
         server.stop(signal.SIGKILL)
         _cut_before_claim(tmp_path / "redis" / "appendonlydir", keys.job_step(job, shard))
         server.start()
