@@ -103,6 +103,44 @@ def convoy(*args: str, env: dict | None = None, timeout: float = 300, check: boo
     return proc
 
 
+def submit_watched(url: str, *args: str, timeout: float = 120) -> str:
+    """``convoy submit extract *args`` in the background; its job id as soon as the job is in the
+    store, before its shards run: a small shard can end before the command itself returns, and a
+    test that acts on a running shard must start watching at once. The command is checked when it
+    ends (an AssertionError at the next call, or at the end of the session)."""
+    from shared.jobstore import JobStore, connect
+
+    store = JobStore(connect(url))
+    before = set(store.job_ids())
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "submit", "extract", *args, "--broker", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = set(store.job_ids()) - before
+        if new:
+            _SUBMITS.append(proc)
+            return new.pop()
+        if proc.poll() is not None:
+            raise AssertionError(f"convoy submit exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise TimeoutError(f"no job in the store within {timeout:.0f} s of convoy submit")
+
+
+_SUBMITS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _submits_succeeded():
+    """Every command :func:`submit_watched` started in a test exited 0."""
+    yield
+    while _SUBMITS:
+        proc = _SUBMITS.pop()
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"convoy submit exited {proc.returncode}:\n{err[-3000:]}"
+
+
 @dataclass
 class Cluster:
     url: str

@@ -20,6 +20,7 @@ from tests.conftest import (
     skip_or_fail,
     start_worker,
     stop_worker,
+    submit_watched,
     wait_final,
     wait_ready,
     wait_until,
@@ -38,9 +39,7 @@ def _data(tmp_path: Path, per_split: int = 20) -> Path:
 
 
 def _submit(private, data: Path, out: Path, *extra: str) -> str:
-    proc = convoy("submit", "extract", str(data), "--out", str(out), *ARGS, *extra, "--broker", private.url,
-                  check=True)
-    return proc.stdout.strip()
+    return submit_watched(private.url, str(data), "--out", str(out), *ARGS, *extra)
 
 
 def _wait_running(store: JobStore, job: str, min_done: int = 2, min_left: int = 8,
@@ -133,8 +132,8 @@ def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     private.start("d2", queues="train")
     data = make_tree(tmp_path / "data", {"all": 15}, splits=("all",), size_px=48)
     app = make_app(Settings(broker_url=private.url))
-    job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), *ARGS, "--batch-size", "1",
-                 "--input-size", "96", "--broker", private.url, check=True).stdout.strip()
+    job = submit_watched(private.url, str(data), "--out", str(tmp_path / "out"), *ARGS, "--batch-size", "1",
+                         "--input-size", "96")
     shard, running = _wait_running(private.store, job, min_done=1, min_left=15)
     assert len(private.store.spec(job).shard_ids) == 1
     duplicate = app.send_task(keys.EXTRACT_TASK, args=[job, shard], queue=keys.TRAIN_QUEUE)
@@ -220,8 +219,7 @@ def test_broker_restart_with_persistence(tmp_path):
         wait_ready(server.url, ["aof1"], procs=[worker], log_dir=log_dir)
         store = JobStore(connect(server.url))
         data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-        job = convoy("submit", "extract", str(data), "--out", str(out), *ARGS, "--broker", server.url,
-                     check=True).stdout.strip()
+        job = submit_watched(server.url, str(data), "--out", str(out), *ARGS)
         _wait_running(store, job)
         server.stop()
         time.sleep(2)  # the fault itself: the broker stays down for 2 s

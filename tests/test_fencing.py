@@ -20,7 +20,16 @@ import pytest
 
 from shared import keys
 from shared.jobstore import JobStore, connect
-from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_final, wait_ready, wait_until
+from tests.conftest import (
+    OwnRedis,
+    convoy,
+    start_worker,
+    stop_worker,
+    submit_watched,
+    wait_final,
+    wait_ready,
+    wait_until,
+)
 from tests.imagegen import make_flat
 from tests.procs import _stat
 from tests.test_faults import ARGS as LONG_ARGS
@@ -127,8 +136,7 @@ def _long_job_running(server: OwnRedis, tmp_path: Path) -> tuple[JobStore, Path,
     """(store, DATA, OUT, job, a shard caught running with work left) on ``server``."""
     store = JobStore(connect(server.url))
     data, out = _data(tmp_path, per_split=30), tmp_path / "out"
-    job = convoy("submit", "extract", str(data), "--out", str(out), *LONG_ARGS, "--broker", server.url,
-                 check=True).stdout.strip()
+    job = submit_watched(server.url, str(data), "--out", str(out), *LONG_ARGS)
     shard, _ = _wait_running(store, job)
     return store, data, out, job, shard
 
