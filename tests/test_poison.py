@@ -72,6 +72,7 @@ def test_poison_messages_are_refused_with_their_reason_and_the_worker_goes_on(pr
     assert private.procs["w1"].poll() is None
 
 
+@pytest.mark.slow
 def test_a_message_that_took_down_two_workers_is_dead_lettered(private, tmp_path):
     job = _submit(private, tmp_path, "crashing")
     (step,) = private.store.steps(job)
