@@ -74,6 +74,9 @@ def _check_manifest(manifest) -> None:
     _check_object(manifest, _FIELDS, _OPTIONAL, "")
     if manifest["spec"]["job_id"] != manifest["job_id"]:
         raise ValueError("job_id differs from spec.job_id")
+    for name in ("images_done", "images_total"):  # the job hash's fields, strings as Redis keeps them
+        if not str(manifest.get("end", {}).get(name, "0")).isdigit():
+            raise ValueError(f"end.{name} is not a whole number")
     for i, shard in enumerate(manifest["shards"]):
         where = f"shards[{i}]"
         _check_object(shard, _SHARD_FIELDS, _SHARD_OPTIONAL, where + ".")
