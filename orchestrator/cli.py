@@ -428,9 +428,10 @@ def cmd_report(args, settings: Settings) -> int:
 
 
 def cmd_sample(args, settings: Settings) -> int:
+    from orchestrator.jobs import check_output
     from orchestrator.sample import make_sample
 
-    make_sample(args.out, args.images, args.seed)
+    make_sample(check_output(args.out, "OUT"), args.images, args.seed)
     print(printable(f"wrote {args.images} images to {args.out}"))
     return 0
 

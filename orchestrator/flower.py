@@ -63,6 +63,22 @@ def flower_argv(opts: FlowerOptions) -> list[str]:
     return argv
 
 
+def check_listen(address: str, port: int) -> None:
+    """Bind ``address:port`` and let it go, as Flower will bind it (SO_REUSEADDR): a port in use
+    or an address not on this machine is one line here, not a traceback from inside Flower."""
+    import socket
+
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {address}:{port} ({exc.strerror or exc}); "
+                         "choose another --port or --address") from None
+
+
 def run_flower(settings: Settings, opts: FlowerOptions) -> int:
     """Serve Flower in this process until it is stopped (TERM or Ctrl-C)."""
     from shared.celery_app import configure
@@ -72,6 +88,7 @@ def run_flower(settings: Settings, opts: FlowerOptions) -> int:
     if not settings.broker_url:
         raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
     connect(settings.broker_url)  # one clear line when the broker does not answer
+    check_listen(opts.address, opts.port)
     if opts.db_path:
         opts.db_path.parent.mkdir(parents=True, exist_ok=True)
     guard_metrics()

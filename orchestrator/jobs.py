@@ -76,19 +76,20 @@ def validate(req: ExtractRequest) -> None:
             raise UsageError(f"{name} must be a positive whole number; got {value}")
 
 
-def check_output(out_dir: Path | str) -> Location:
+def check_output(out_dir: Path | str, name: str = "--out") -> Location:
     """Create OUT if needed and prove it writable, or say why not (on a store: write and remove a
-    probe object, so a refused bucket fails here with the store's message)."""
+    probe object, so a refused bucket fails here with the store's message); ``name``: the
+    option or argument that gave it, for the message."""
     out = storage.location(str(out_dir))
     if storage.is_url(out):
         try:
             storage.check_writable(out)
         except StoreError as exc:
-            raise OutputError(f"cannot write to --out {out}: {exc}") from None
+            raise OutputError(f"cannot write to {name} {out}: {exc}") from None
         return out
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"--out {out_dir} is a file, not a directory; choose a directory (it is created if missing)")
+        raise OutputError(f"{name} {out_dir} is a file, not a directory; choose a directory (it is created if missing)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".convoy-write-test-"):
@@ -96,7 +97,7 @@ def check_output(out_dir: Path | str) -> Location:
     except OSError as exc:
         raise OutputError(
             f"cannot write to output directory {out_dir} ({exc.strerror or exc}); "
-            "choose another --out or fix its permissions"
+            f"choose another {name} or fix its permissions"
         ) from None
     return out_dir.resolve()
 

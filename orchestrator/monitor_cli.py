@@ -10,13 +10,14 @@ from pathlib import Path
 
 from shared.errors import UsageError
 from shared.settings import BROKER_ENV, Settings
+from shared.values import address, port, positive_float
 
 
 def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``flower``, ``workers`` and ``metrics`` to the CLI's subcommands."""
     flower = sub.add_parser("flower", help="the Flower dashboard on the cluster, with a login")
-    flower.add_argument("--port", type=int, default=5555, help="HTTP port")
-    flower.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    flower.add_argument("--port", type=port, default=5555, help="HTTP port")
+    flower.add_argument("--address", type=address, default="127.0.0.1", help="address to listen on")
     flower.add_argument("--db", type=Path, metavar="PATH", help="keep tasks and workers across restarts in PATH")
     flower.add_argument("--insecure-no-auth", action="store_true",
                         help="serve without FLOWER_BASIC_AUTH (anyone who can reach it can stop workers)")
@@ -25,12 +26,12 @@ def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -
     workers = sub.add_parser("workers", help="list workers: host, queues, concurrency, device, current shard")
     workers.add_argument("--json", action="store_true", help="print JSON")
     workers.add_argument("--ping", metavar="NAME", help="exit 0 if worker NAME (e.g. extract@host) answers, else 1")
-    workers.add_argument("--timeout", type=float, default=1.5, help="seconds to wait for replies")
+    workers.add_argument("--timeout", type=positive_float, default=1.5, help="seconds to wait for replies")
     broker_option(workers)
 
     metrics = sub.add_parser("metrics", help="serve the cluster's Prometheus metrics (queues, jobs, workers)")
-    metrics.add_argument("--port", type=int, default=9808, help="HTTP port (default 9808)")
-    metrics.add_argument("--address", default="127.0.0.1",
+    metrics.add_argument("--port", type=port, default=9808, help="HTTP port (default 9808)")
+    metrics.add_argument("--address", type=address, default="127.0.0.1",
                          help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
     broker_option(metrics)
 
@@ -64,8 +65,6 @@ def cmd_metrics(args, settings: Settings) -> int:
 
     if not settings.broker_url:
         raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be between 1 and 65535; got {args.port}")
     serve(JobStore(connect(settings.broker_url)), args.port, args.address)
     return 0
 

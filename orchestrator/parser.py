@@ -11,6 +11,7 @@ from orchestrator.train_options import add_train_options, memory_size
 from shared import backbones
 from shared.images import DECODE_MODES
 from shared.settings import BROKER_ENV
+from shared.values import broker_url, count, positive_int, seed
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,35 +43,25 @@ def _version() -> str:
         return "unknown (not installed; run `make install`)"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def _broker_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", metavar="URL", help=f"Redis URL of the cluster (env {BROKER_ENV})")
+    p.add_argument("--broker", type=broker_url, metavar="URL", help=f"Redis URL of the cluster (env {BROKER_ENV})")
 
 
 def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat; a folder, "
                                 "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split)")
     p.add_argument("--out", required=True, help="output directory or store URL (features, manifest, model)")
-    p.add_argument("--shard-size", type=_positive, default=256,
+    p.add_argument("--shard-size", type=positive_int, default=256,
                    help="most images per shard; tail shards shrink so no worker idles at the end")
     p.add_argument("--model", choices=list(backbones.BACKBONES), default=backbones.DEFAULT_MODEL, metavar="NAME",
                    help=f"keras.applications base: {', '.join(backbones.BACKBONES)}")
-    p.add_argument("--input-size", type=_positive, help="resize side, pixels (default: the model's own; vgg16: 150)")
+    p.add_argument("--input-size", type=positive_int, help="resize side, pixels (default: the model's own; vgg16: 150)")
     p.add_argument("--layer", help=f"layer of the base to extract (default: its last feature layer; "
                                    f"{backbones.BASE_OUTPUT!r}: the base's output)")
     p.add_argument("--pooling", choices=backbones.POOLINGS, default="none",
                    help="global pooling of the layer's map, as Keras's pooling= (none: the 4-D map)")
     p.add_argument("--preprocess", help="rescale (x1/255) or a model name: its preprocess_input (default: the model's)")
-    p.add_argument("--batch-size", type=_positive, default=20, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=20, help="images per forward pass")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature type")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="compute type; bfloat16 is several times faster on GPUs and AMX CPUs")
@@ -79,9 +70,9 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-pixels", action="store_true",
                    help="keep resized pixels under OUT/pixels so a later run at another layer skips decoding")
     p.add_argument("--weights", default="imagenet", help="imagenet, none (random, seeded) or a weights file")
-    p.add_argument("--seed", type=int, default=0, help="seed for --weights none")
+    p.add_argument("--seed", type=seed, default=0, help="seed for --weights none")
     p.add_argument("--allow-failed-shards", action="store_true", help="finish the job even if shards fail for good")
-    p.add_argument("--max-deliveries", type=_positive, default=3, help="deliveries of a step before it is given up")
+    p.add_argument("--max-deliveries", type=positive_int, default=3, help="deliveries of a step before it is given up")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     _broker_option(p)
 
@@ -92,13 +83,13 @@ def _cam_parser(sub) -> None:
     cam.add_argument("images", nargs="+", help="image files or a folder of images; or objects or a prefix on a store")
     cam.add_argument("--out", required=True, help="CAMDIR (a folder or store URL): heatmaps.h5, overlays/, index.html")
     which = cam.add_mutually_exclusive_group()
-    which.add_argument("--class", dest="class_index", type=int, help="class index K (default: the predicted one)")
-    which.add_argument("--top-k", type=_positive, default=1, help="maps for the N most probable classes")
+    which.add_argument("--class", dest="class_index", type=count, help="class index K (default: the predicted one)")
+    which.add_argument("--top-k", type=positive_int, default=1, help="maps for the N most probable classes")
     cam.add_argument("--layer", help="conv layer (default: the last one, also inside a nested base)")
-    cam.add_argument("--batch-size", type=_positive, default=16, help="images per task and forward pass")
+    cam.add_argument("--batch-size", type=positive_int, default=16, help="images per task and forward pass")
     cam.add_argument("--preprocess", help="none, rescale or a model name (its preprocess_input), applied before the "
                                           "model (default: vgg16 for vgg16-imagenet, else none)")
-    cam.add_argument("--workers", type=_positive, default=1, help="local worker processes without --broker")
+    cam.add_argument("--workers", type=positive_int, default=1, help="local worker processes without --broker")
     cam.add_argument("--detach", action="store_true", help="print the job id and return (needs --broker)")
     cam.add_argument("--no-progress", action="store_true", help="no live progress bar")
     cam.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -112,13 +103,13 @@ def build_parser() -> Parser:
 
     run = sub.add_parser("run", help="run a whole job here: embedded broker and workers unless --broker")
     _extract_options(run)
-    run.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
+    run.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
                      help="local worker processes (one per 2 cores here)")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run.add_argument("--no-train", action="store_true", help="extract only (default: train when DATA has labels)")
     run.add_argument("--finetune", action="store_true", help="after training, fine-tune the base's top block")
     add_train_options(run, "--train-batch-size")
-    run.add_argument("--cam", type=int, default=8, metavar="N",
+    run.add_argument("--cam", type=count, default=8, metavar="N",
                      help="Grad-CAM maps of N test images after training (0: none)")
 
     submit = sub.add_parser("submit", help="submit a job to a running cluster and return its id")
@@ -132,7 +123,7 @@ def build_parser() -> Parser:
                        ("finetune", "fine-tune a job whose classifier is trained")):
         again = kinds.add_parser(kind, help=text)
         again.add_argument("job", help="job id")
-        again.add_argument("--seed", type=int, default=None, help="training seed (default: the job's --seed)")
+        again.add_argument("--seed", type=seed, default=None, help="training seed (default: the job's --seed)")
         again.add_argument("--wait", action="store_true", help="wait for the job to end and print its summary")
         again.add_argument("--json", action="store_true", help="print JSON")
         if kind == "train":
@@ -154,7 +145,7 @@ def build_parser() -> Parser:
 
     worker = sub.add_parser("worker", help="start a worker on the configured broker")
     worker.add_argument("--queues", default="extract,train,cam", help="comma-separated: extract, train, cam")
-    worker.add_argument("--concurrency", type=_positive, default=1, help="pool processes, one model each")
+    worker.add_argument("--concurrency", type=positive_int, default=1, help="pool processes, one model each")
     worker.add_argument("--hostname", default="convoy@%h", help="worker name (Celery's %%h is the host)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
@@ -171,7 +162,7 @@ def build_parser() -> Parser:
     resume = sub.add_parser("resume", help="rebuild a job from OUT/manifest.json and run only what is missing")
     resume.add_argument("target", help="the job's OUT directory, or its job id")
     resume.add_argument("--out", help="OUT (a folder or store URL), when the broker no longer knows the job id")
-    resume.add_argument("--workers", type=_positive, default=max(1, (os.cpu_count() or 2) // 2),
+    resume.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="local worker processes when no broker is configured")
     resume.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     _broker_option(resume)
@@ -186,8 +177,8 @@ def build_parser() -> Parser:
 
     sample = sub.add_parser("sample", help="write a small two-class, three-split folder of real photographs")
     sample.add_argument("out", type=Path)
-    sample.add_argument("--images", type=_positive, default=400)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--images", type=positive_int, default=400)
+    sample.add_argument("--seed", type=seed, default=0)
     _cam_parser(sub)
     monitor_cli.add_parsers(sub, _broker_option)  # flower, workers
     return parser

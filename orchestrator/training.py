@@ -26,18 +26,7 @@ from shared.trainset import check_trainable, plan_splits, scan_sizes
 
 
 def train_config(args: argparse.Namespace, seed: int) -> dict:
-    """The training configuration from the command line, after checking its values."""
-    checks = (("--epochs", args.epochs, 1), ("--dense-units", args.dense_units, 1),
-              ("batch size", args.train_batch_size, 1), ("--finetune-epochs", args.finetune_epochs, 1))
-    for name, value, least in checks:
-        if value < least:
-            raise UsageError(f"{name} must be at least {least}; got {value}")
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1); got {args.dropout}")
-    for name, rate in (("--learning-rate", args.learning_rate), ("--finetune-learning-rate",
-                                                                 args.finetune_learning_rate)):
-        if rate <= 0:
-            raise UsageError(f"{name} must be positive; got {rate}")
+    """The training configuration from the command line (its values checked by the parser's types)."""
     return TrainConfig(
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.train_batch_size,
         dense_units=args.dense_units, dropout=args.dropout, seed=seed, max_memory_bytes=args.max_memory,

@@ -1,5 +1,7 @@
 """Every error Convoy raises on purpose. Messages say what is wrong and how to fix it."""
 
+import argparse
+
 
 class ConvoyError(Exception):
     """Base class of Convoy's own errors."""
@@ -39,6 +41,16 @@ class BrokerError(UsageError):
 
 class JobNotFound(UsageError):
     """No job with this id is known to the broker or on disk."""
+
+
+class ManifestError(UsageError):
+    """``OUT/manifest.json`` is not one Convoy wrote: not JSON, or a field missing or mistyped."""
+
+
+class BadValue(argparse.ArgumentTypeError, ValueError):
+    """A value typed by the user (an option's, an environment variable's) that is not what it
+    takes; the message says what it takes. argparse reports it as a usage error, and
+    ``Settings.from_env`` as a :class:`UsageError` naming the variable (shared/values.py)."""
 
 
 class WeightsMismatch(ConvoyError):

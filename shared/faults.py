@@ -13,6 +13,9 @@ import os
 import random
 import signal
 
+from shared import values
+from shared.errors import BadValue
+
 #: Where the points are: after a worker claims a step or a repair, before any message is sent,
 #: in a worker's main process right after it received a message (it dies holding it), in the
 #: middle of uploading an object to a store (shared.storage: after each part is handed to the store),
@@ -34,13 +37,27 @@ def configure(spec: str, seed: str = "", log_path: str = "") -> None:
     """Arm the points named in ``spec`` (``name=probability,...``); an empty spec disarms all."""
     global _log_path
     _rates.clear()
+    _rates.update(parse(spec))
+    _rng.seed(f"{seed}:{os.getpid()}" if seed else None)
+    _log_path = log_path
+
+
+def parse(spec: str) -> dict[str, float]:
+    """``name=probability,...`` as point -> probability (a bare name: 1), or :class:`BadValue`."""
+    rates = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, rate = item.partition("=")
         if name not in POINTS:
-            raise ValueError(f"unknown fault point {name!r}; known: {', '.join(POINTS)}")
-        _rates[name] = -1.0 if rate == STOP else float(rate or 1)
-    _rng.seed(f"{seed}:{os.getpid()}" if seed else None)
-    _log_path = log_path
+            raise BadValue(f"unknown fault point {name!r}; expected name=probability (or name=stop),... with "
+                           f"names from {', '.join(POINTS)}")
+        rates[name] = -1.0 if rate == STOP else values.real(rate or "1", least=0, most=1)
+    return rates
+
+
+def check(spec: str) -> str:
+    """``spec`` once :func:`parse` took it: the CLI and a worker refuse a bad one before they start."""
+    parse(spec)
+    return spec
 
 
 class InjectedFault(RuntimeError):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 from shared import storage
-from shared.errors import JobNotFound
+from shared.errors import JobNotFound, ManifestError
 from shared.job import JobSpec
 from shared.storage import Location
 
@@ -40,13 +42,92 @@ def write_manifest(spec: JobSpec, shards: dict[str, list[list]], extra: dict | N
 
 
 def read_manifest(out_dir: str | Path) -> dict:
+    """The manifest, once its shape is checked: a missing, corrupt or hand-made one is a one-line
+    error here, not a KeyError in whichever command reads it."""
     path = manifest_path(out_dir)
     try:
-        return json.loads(storage.read_text(path))
+        text = storage.read_text(path)
     except FileNotFoundError:
         raise JobNotFound(f"no manifest at {path}; is this a Convoy output directory?") from None
     except storage.StoreError as exc:
         raise JobNotFound(f"no readable manifest at {path} ({exc}); is this a Convoy output directory?") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = getattr(exc, "strerror", None) or "it is not UTF-8 text"
+        raise ManifestError(f"cannot read {path} ({problem}); pass a job's OUT (the folder given to --out)") from None
+    try:
+        manifest = json.loads(text)
+        _check_manifest(manifest)
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep to decode
+        raise ManifestError(f"{path} is not a manifest Convoy wrote ({exc}); pass a job's OUT, or run the job "
+                            "again into a new --out") from None
+    return manifest
+
+
+#: The manifest's own fields (the spec's are JobSpec's): required, and optional when given.
+_FIELDS = {"job_id": str, "spec": JobSpec, "shards": list}
+_OPTIONAL = {"end": dict, "run": dict, "summary": dict}
+_SHARD_FIELDS, _SHARD_OPTIONAL = {"id": str, "entries": list}, {"file": str, "images": int, "state": str}
+
+
+def _check_manifest(manifest) -> None:
+    """ValueError naming the first field that is missing or of the wrong type."""
+    _check_object(manifest, _FIELDS, _OPTIONAL, "")
+    if manifest["spec"]["job_id"] != manifest["job_id"]:
+        raise ValueError("job_id differs from spec.job_id")
+    for name in ("images_done", "images_total"):  # the job hash's fields, strings as Redis keeps them
+        if not str(manifest.get("end", {}).get(name, "0")).isdigit():
+            raise ValueError(f"end.{name} is not a whole number")
+    for i, shard in enumerate(manifest["shards"]):
+        where = f"shards[{i}]"
+        _check_object(shard, _SHARD_FIELDS, _SHARD_OPTIONAL, where + ".")
+        if shard["id"] not in manifest["spec"]["shard_ids"]:
+            raise ValueError(f"{where}.id {shard['id']!r:.60} is not one of spec.shard_ids")
+        for entry in shard["entries"]:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                    and type(entry[1]) is int):
+                raise ValueError(f"{where}.entries holds {entry!r:.60}, not [path, label]")
+
+
+def _check_object(raw, required: dict, optional: dict, where: str, closed: bool = False) -> None:
+    """``raw`` a JSON object with the ``required`` fields, and the ``optional`` ones it has, of
+    their types; ``closed``: no others (a dataclass's, which takes no unknown field)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where.rstrip('.') or 'the file'} is not a JSON object")
+    unknown = sorted(set(raw) - set(required) - set(optional))
+    if closed and unknown:
+        raise ValueError(f"{where}{unknown[0]:.60} is not a field Convoy writes")
+    for name, hint in (*required.items(), *((n, h) for n, h in optional.items() if n in raw)):
+        if name not in raw:
+            raise ValueError(f"{where}{name} is missing")
+        if dataclasses.is_dataclass(hint):
+            _check_object(raw[name], *_dataclass_fields(hint), f"{where}{name}.", closed=True)
+        elif not _is(raw[name], hint):
+            raise ValueError(f"{where}{name} is not {_WORDS[hint]}")
+
+
+def _dataclass_fields(cls) -> tuple[dict, dict]:
+    """A dataclass's fields by type: those without a default, then the others."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING
+                or f.default_factory is not dataclasses.MISSING}
+    return ({f.name: hints[f.name] for f in fields if f.name not in optional},
+            {name: hints[name] for name in optional})
+
+
+_WORDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", dict: "an object",
+          list: "a list", list[str]: "a list of strings"}
+
+
+def _is(value, kind) -> bool:
+    """isinstance as JSON means it: a bool is not a number, a whole number is a float."""
+    if kind is float:
+        return type(value) in (int, float)
+    if kind is int:
+        return type(value) is int
+    if kind == list[str]:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
 
 
 def spec_and_shards(manifest: dict) -> tuple[JobSpec, dict[str, list[list]]]:

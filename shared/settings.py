@@ -11,6 +11,10 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from shared import values
+from shared.errors import BadValue, UsageError
+from shared.faults import check as check_faults
+
 #: Redis URL of the broker (and result backend). Unset: ``convoy run`` starts its own.
 BROKER_ENV = "CONVOY_BROKER_URL"
 #: ``:``-separated directories workers may read images from (empty: anywhere).
@@ -36,34 +40,22 @@ MAX_MEMORY_ENV = "CONVOY_MAX_MEMORY"
 #: Where this machine remembers the jobs it ran (job id -> OUT), for `convoy status JOB` later.
 STATE_DIR_ENV = "CONVOY_STATE_DIR"
 
-_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+def _checked(name: str, check, value: str):
+    """``check(value)``, or a UsageError naming the variable and what it takes."""
+    try:
+        return check(value)
+    except BadValue as exc:
+        raise UsageError(f"{name}: {exc}; fix or unset it") from None
 
 
 def _seconds(name: str, value: str) -> int:
     """``3600``, ``90m``, ``7d``: a positive duration in seconds, or a UsageError naming the variable."""
-    text = value.strip().lower()
-    unit = _UNITS_S.get(text[-1:], 0)
-    try:
-        seconds = int(float(text[:-1] if unit else text) * (unit or 1))
-    except ValueError:
-        seconds = 0
-    if seconds < 1:
-        from shared.errors import UsageError
-
-        raise UsageError(f"{name} must be a positive duration (seconds, or like 90m, 6h, 7d); got {value!r}")
-    return seconds
+    return _checked(name, values.duration, value)
 
 
 def _count(name: str, value: str, least: int = 0) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = least - 1
-    if number < least:
-        from shared.errors import UsageError
-
-        raise UsageError(f"{name} must be a whole number of at least {least}; got {value!r}")
-    return number
+    return _checked(name, lambda text: values.whole(text, least=least), value)
 
 
 def _size(name: str, value: str) -> int:
@@ -127,7 +119,7 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         return cls(
-            broker_url=env.get(BROKER_ENV) or None,
+            broker_url=_checked(BROKER_ENV, values.broker_url, env[BROKER_ENV]) if env.get(BROKER_ENV) else None,
             data_roots=_paths(env.get(DATA_ROOTS_ENV, "")),
             output_roots=_paths(env.get(OUTPUT_ROOTS_ENV, "")),
             tf_threads=_count(TF_THREADS_ENV, env.get(TF_THREADS_ENV) or "0"),
@@ -136,7 +128,7 @@ class Settings:
             train_time_limit_s=_seconds(TRAIN_TIME_LIMIT_ENV, env.get(TRAIN_TIME_LIMIT_ENV) or "21600"),
             job_ttl_s=_seconds(JOB_TTL_ENV, env.get(JOB_TTL_ENV) or "7d"),
             max_memory_bytes=_size(MAX_MEMORY_ENV, env.get(MAX_MEMORY_ENV) or "0"),
-            faults=env.get(FAULTS_ENV, ""),
+            faults=_checked(FAULTS_ENV, check_faults, env.get(FAULTS_ENV, "")),
             faults_seed=env.get(FAULTS_SEED_ENV, ""),
             faults_log=env.get(FAULTS_LOG_ENV, ""),
             keras_home=Path(env.get("KERAS_HOME") or Path.home() / ".keras"),

@@ -157,7 +157,7 @@ def test_metrics_usage_errors_are_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "choose another --port" in proc.stderr, proc.stderr
     proc = convoy("metrics", "--port", "0", "--broker", "redis://127.0.0.1:6379/0", timeout=60)
-    assert proc.returncode == 2 and "--port must be" in proc.stderr
+    assert proc.returncode == 2 and "argument --port: expected a port from 1 to 65535" in proc.stderr
 
 
 # --- a real Prometheus ---------------------------------------------------------------------------
