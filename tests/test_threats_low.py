@@ -17,7 +17,7 @@ import pytest
 
 from shared.camjob import CamSpec
 from shared.gradcam import VGG16_IMAGENET
-from shared.job import new_job_id
+from shared.job import JobSpec, ModelConfig, new_job_id
 from shared.settings import Settings
 from tests.conftest import convoy, wait_final
 from tests.imagegen import make_flat
@@ -155,7 +155,12 @@ def test_file_names_are_escaped_for_the_terminal(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     skipped = [{"path": name, "reason": "cannot identify image file [bold]"} for name in names]
-    manifest = {"job_id": "j-1", "spec": {}, "shards": [{"id": "all/00000", "images": 5, "state": "failed"}],
+    model = ModelConfig(layer="block5_pool", input_size_px=32, preprocess="vgg16", weights="none",
+                        weights_path="/w", weights_sha256="0" * 64, batch_size=2, dtype="float32")
+    spec = JobSpec(job_id="j-1", data_dir="/d", out_dir=str(out), model=model, class_names=[],
+                   shard_ids=["all/00000"])
+    manifest = {"job_id": "j-1", "spec": json.loads(spec.to_json()),
+                "shards": [{"id": "all/00000", "entries": [], "images": 5, "state": "failed"}],
                 "end": {"status": "failed", "error": "shard all/00000: \x1b[2J[/red] gone", "images_done": 0},
                 "summary": {"skipped": skipped}}
     (out / "manifest.json").write_text(json.dumps(manifest))
