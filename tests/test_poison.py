@@ -15,7 +15,7 @@ from tests.conftest import convoy, wait_final, wait_until
 from tests.imagegen import make_flat
 from workers import intake
 
-ARGS = ["--input-size", "32", "--weights", "none", "--seed", "5", "--batch-size", "2"]
+ARGS = ["--input-size", "32", "--weights", "none", "--seed", "5", "--batch-size", "2", "--shard-size", "100"]
 STAGING = "poison-staging"  # a queue no worker serves: messages are moved from it to the front of extract
 
 
