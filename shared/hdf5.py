@@ -38,13 +38,33 @@ def open_read(source: Source, what: str = "HDF5 file", virtual: bool = False) ->
     the very file that was opened (never a name looked up again), and virtual datasets resolve
     beside it (h5py's Python-file driver cannot read them at all).
     """
-    f = h5py.File(_by_descriptor(source) or source, "r")
+    opened = _beneath_out(source, what)
+    f = h5py.File(_by_descriptor(opened or source) or source, "r")
+    if opened is not None:  # kept open as long as the file: HDF5 may look its name up again
+        f._convoy_opened = opened
     try:
         check(f, _name(source, what), virtual)
     except BaseException:
         f.close()
         raise
     return f
+
+
+def _beneath_out(source: Source, what: str) -> BinaryIO | None:
+    """A file below the running step's OUT, opened beneath OUT without following a symlink (as
+    every other file a step reads is: :func:`shared.paths.open_file`), or None for anything else."""
+    from shared import paths, storage
+    from shared.errors import OutsideRoots
+
+    out = storage.confined_out()
+    if out is None or not isinstance(source, (str, os.PathLike)) or storage.is_url(source):
+        return None
+    if out not in Path(os.path.abspath(source)).parents:
+        return None
+    try:
+        return os.fdopen(paths.open_file(os.path.abspath(source), (out,), "output directory"), "rb")
+    except OutsideRoots as exc:
+        raise HDF5Refused(f"{_name(source, what)}: {exc}") from None
 
 
 def check_for_keras(path: str | os.PathLike, what: str) -> None:

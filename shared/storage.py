@@ -243,6 +243,11 @@ def writes_confined_to(out: Location | None) -> Iterator[None]:
         _CONFINED.reset(token)
 
 
+def confined_out() -> Path | None:
+    """The local OUT of the step running in this thread (:func:`writes_confined_to`), if any."""
+    return _CONFINED.get()
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """A temporary path beside ``final`` to write to; on a clean exit it replaces ``final``.

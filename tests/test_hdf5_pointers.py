@@ -295,3 +295,25 @@ def test_a_forged_job_with_weights_that_point_elsewhere_fails_with_the_reason(cl
     assert state["status"] == "failed", state
     assert "stored in an external file" in state.get("error", ""), state
     assert not out.exists() or SECRET not in _everything_under(out)
+
+
+def test_a_step_opens_hdf5_below_its_out_without_following_a_symlink(tmp_path):
+    """A file under OUT that is a symlink to plain HDF5 data elsewhere is refused, not read: the
+    step's reads below OUT go through the same no-symlink open as its writes."""
+    from shared import storage
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "pixels").mkdir(parents=True)
+    elsewhere.mkdir()
+    with h5py.File(elsewhere / "data.h5", "w") as f:
+        f["pixels"] = np.arange(4)
+    (out / "pixels" / "k.h5").symlink_to(elsewhere / "data.h5")
+    with h5py.File(out / "pixels" / "real.h5", "w") as f:
+        f["pixels"] = np.arange(3)
+    with storage.writes_confined_to(out):
+        with pytest.raises(HDF5Refused, match="symlink"):
+            hdf5.open_read(out / "pixels" / "k.h5", "pixel cache")
+        with hdf5.open_read(out / "pixels" / "real.h5", "pixel cache") as f:
+            assert f["pixels"][()].tolist() == [0, 1, 2]
+    with hdf5.open_read(out / "pixels" / "k.h5", "pixel cache") as f:  # outside a step: as before
+        assert len(f["pixels"]) == 4
