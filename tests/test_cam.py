@@ -273,12 +273,17 @@ def test_cam_for_run_uses_the_trained_model_and_test_images(cluster, models, ima
     import shutil
 
     from orchestrator.cam import cam_for_run
+    from shared.job import JobSpec, ModelConfig
     from shared.settings import Settings
 
     (tmp_path / "model").mkdir()
     shutil.copy(models["trained"], tmp_path / "model" / "full_model.keras")
     entries = [[f"img-{i}.png", i % 2] for i in range(4)]
-    manifest = {"spec": {"data_dir": str(images)}, "shards": [
+    model = ModelConfig(layer="block5_pool", input_size_px=32, preprocess="vgg16", weights="none",
+                        weights_path="/w", weights_sha256="0" * 64, batch_size=2, dtype="float32")
+    spec = JobSpec(job_id="j-1", data_dir=str(images), out_dir=str(tmp_path), model=model, class_names=[],
+                   shard_ids=["train/00000", "test/00000"])
+    manifest = {"job_id": "j-1", "spec": json.loads(spec.to_json()), "shards": [
         {"id": "train/00000", "entries": entries[:2]}, {"id": "test/00000", "entries": entries[2:]}]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     cam = cam_for_run(tmp_path, Settings(broker_url=cluster.url), n=8)
