@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 from orchestrator import monitor_cli
-from orchestrator.train_options import add_train_options, memory_size
+from orchestrator.train_options import add_train_options
 from shared import backbones
 from shared.images import DECODE_MODES
 from shared.settings import BROKER_ENV
-from shared.values import broker_url, count, positive_int, seed
+from shared.values import broker_url, count, positive_int, seed, size
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -148,7 +148,7 @@ def build_parser() -> Parser:
     worker.add_argument("--concurrency", type=positive_int, default=1, help="pool processes, one model each")
     worker.add_argument("--hostname", default="convoy@%h", help="worker name (Celery's %%h is the host)")
     worker.add_argument("--loglevel", default="INFO")
-    worker.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+    worker.add_argument("--max-memory", type=size, default=None, metavar="SIZE",
                         help="memory this worker may use, all its processes together; a step that goes over "
                              "fails with \"out of memory budget\" (env CONVOY_MAX_MEMORY; default: 80%% of this "
                              "machine's or container's)")

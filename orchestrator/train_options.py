@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shared.classifier import TrainConfig
-from shared.memory import parse_size
-from shared.values import fraction, positive_float, positive_int
-
-
-def memory_size(text: str) -> int:
-    """``--max-memory``: bytes from ``512M``, ``2G``, ``1.5GiB`` or a plain number of bytes."""
-    size = parse_size(text)
-    if size is None:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
-    return size
+from shared.values import fraction, positive_float, positive_int, size
 
 
 def add_train_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
@@ -27,7 +18,7 @@ def add_train_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-siz
                    help="training batch size")
     g.add_argument("--dense-units", type=positive_int, default=d.dense_units, help="units of the Dense layer")
     g.add_argument("--dropout", type=fraction, default=d.dropout, help="dropout rate")
-    g.add_argument("--max-memory", type=memory_size, default=0,
+    g.add_argument("--max-memory", type=size, default=0,
                    help="features larger than this stream from disk (default: a quarter of the worker's RAM)")
     g.add_argument("--finetune-epochs", type=positive_int, default=d.finetune_epochs,
                    help="fine-tuning epochs")

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 from shared.errors import HDF5Refused, ModelError
+from shared.memory import mb
 
 #: Uncompressed size of every member together. VGG16 with its ImageNet top is ~530 MB; every
 #: backbone Convoy builds, with a classifier on top, is well under this.
@@ -24,10 +25,6 @@ MAX_JSON_BYTES = 64 * 2**20
 #: than this (Keras's own threshold for its 4 GiB guard) is a bomb, not a recompressed model.
 MAX_RATIO = 100
 MIN_RATIO_BYTES = 2**20
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.0f} MB"
 
 
 def check_keras_archive(path: str | Path, what: str = "model file") -> None:
@@ -55,11 +52,11 @@ def _refusal(path: Path) -> str | None:
         return f"it holds {len(members)} members, more than the {MAX_ENTRIES} a Keras model may have"
     total = sum(m.file_size for m in members)
     if total > MAX_TOTAL_BYTES:
-        return f"it unpacks to {_mb(total)}, more than the {_mb(MAX_TOTAL_BYTES)} a model may take"
+        return f"it unpacks to {mb(total)}, more than the {mb(MAX_TOTAL_BYTES)} a model may take"
     for m in members:
         if m.filename.endswith(".json") and m.file_size > MAX_JSON_BYTES:
-            return f"its {m.filename} unpacks to {_mb(m.file_size)}, more than {_mb(MAX_JSON_BYTES)}"
+            return f"its {m.filename} unpacks to {mb(m.file_size)}, more than {mb(MAX_JSON_BYTES)}"
         if m.file_size > MIN_RATIO_BYTES and m.file_size > MAX_RATIO * max(m.compress_size, 1):
-            return (f"its {m.filename} unpacks to {_mb(m.file_size)} from {m.compress_size} bytes "
+            return (f"its {m.filename} unpacks to {mb(m.file_size)} from {m.compress_size} bytes "
                     f"(over {MAX_RATIO}:1, a decompression bomb)")
     return None

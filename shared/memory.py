@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -38,18 +37,6 @@ POLL_S = 0.1
 GRACE_S = 3.0
 #: Pillow keeps every multi-band image at 4 bytes a pixel (RGB too); 16-bit greyscale is widened to 32.
 BYTES_PER_PIXEL = 4
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int | None:
-    """Bytes from ``512M``, ``2G``, ``1.5GiB`` or a plain number of bytes; None when it is not one."""
-    match = _SIZE.match(text)
-    if not match:
-        return None
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** "bkmgt".index(unit or "b"))
-
 
 def mb(n: int) -> str:
     return f"{n / 2**20:.0f} MB"

@@ -58,18 +58,6 @@ def _count(name: str, value: str, least: int = 0) -> int:
     return _checked(name, lambda text: values.whole(text, least=least), value)
 
 
-def _size(name: str, value: str) -> int:
-    from shared.memory import parse_size
-
-    size = parse_size(value)
-    if size is None:
-        from shared.errors import UsageError
-
-        raise UsageError(f"{name} must be a size such as 512M or 8G (0: a share of this machine's memory); "
-                         f"got {value!r}")
-    return size
-
-
 def _paths(value: str) -> tuple[Path | str, ...]:
     """Roots separated by ``:`` (a URL's own ``://`` does not separate): folders resolved, store
     URLs normalised."""
@@ -127,7 +115,7 @@ class Settings:
             max_deliveries=_count(MAX_DELIVERIES_ENV, env.get(MAX_DELIVERIES_ENV) or "3", least=1),
             train_time_limit_s=_seconds(TRAIN_TIME_LIMIT_ENV, env.get(TRAIN_TIME_LIMIT_ENV) or "21600"),
             job_ttl_s=_seconds(JOB_TTL_ENV, env.get(JOB_TTL_ENV) or "7d"),
-            max_memory_bytes=_size(MAX_MEMORY_ENV, env.get(MAX_MEMORY_ENV) or "0"),
+            max_memory_bytes=_checked(MAX_MEMORY_ENV, values.size, env.get(MAX_MEMORY_ENV) or "0"),
             faults=_checked(FAULTS_ENV, check_faults, env.get(FAULTS_ENV, "")),
             faults_seed=env.get(FAULTS_SEED_ENV, ""),
             faults_log=env.get(FAULTS_LOG_ENV, ""),

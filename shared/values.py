@@ -27,6 +27,7 @@ _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: Broker URL schemes: redis-py's, and Celery's own for Redis on a Unix socket.
 BROKER_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 _SOCKET_SCHEMES = ("unix", "redis+socket")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -109,6 +110,15 @@ def duration(text: str) -> int:
     if not (math.isfinite(seconds) and 1 <= seconds <= DURATION_MAX_S):
         raise BadValue(f"expected a duration from 1 s to 365d (seconds, or like 90m, 6h, 7d), got {text!r}")
     return int(seconds)
+
+
+def size(text: str) -> int:
+    """Bytes from ``512M``, ``2G``, ``1.5GiB`` or a plain number of bytes (0: the default)."""
+    match = _SIZE.match(text)
+    number = float(match.group(1)) if match else math.nan
+    if not math.isfinite(number):
+        raise BadValue(f"expected a size such as 512M or 8G (0: the default), got {text!r}")
+    return int(number * 1024 ** "bkmgt".index((match.group(2) or "b").lower()))
 
 
 def address(text: str) -> str:
