@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
@@ -336,13 +337,7 @@ class JobStore:
     def messages_in_hand(self) -> set[str]:
         """The ids of the messages workers took and have not acknowledged (kombu's ``unacked``):
         as many as the cluster has task slots, whatever the queues' lengths."""
-        ids = set()
-        for raw in self.r.hvals(keys.KOMBU_UNACKED):
-            try:
-                ids.add(json.loads(raw)[0]["headers"]["id"])
-            except (ValueError, KeyError, TypeError, IndexError):
-                continue
-        return ids
+        return {_message_id(message) for message, _queue in self._unacked()} - {None}
 
     def drain(self, job: str) -> int:
         """Take a job's waiting messages off its queues (after it ended): they would only be
@@ -351,14 +346,9 @@ class JobStore:
         msgs = {s.get("msg") for s in steps.values()}
         removed = 0
         for queue in {s.get("queue") for s in steps.values() if s.get("queue")}:
-            for name in keys.queue_lists(queue):
-                for raw in self.r.lrange(name, 0, -1):
-                    try:
-                        msg = json.loads(raw)["headers"]["id"]
-                    except (ValueError, KeyError, TypeError):
-                        continue
-                    if msg in msgs:
-                        removed += self.r.lrem(name, 1, raw)
+            for name, raw in self._waiting(queue):
+                if _message_id(raw) in msgs:
+                    removed += self.r.lrem(name, 1, raw)
         return removed
 
     def repair(self, member: str, kind: str, reason: str, old_msg: str = "", held_s: float = 0) -> NewStep | None:
@@ -381,14 +371,24 @@ class JobStore:
 
     def queued_message_ids(self, queue: str) -> set[str]:
         """The task ids of the messages waiting on ``queue`` (read only when something is missing)."""
-        ids = set()
+        return {_message_id(raw) for _name, raw in self._waiting(queue)} - {None}
+
+    def _waiting(self, queue: str) -> Iterator[tuple[str, str]]:
+        """(list, raw message) of every message waiting on ``queue``, every priority list."""
         for name in keys.queue_lists(queue):
             for raw in self.r.lrange(name, 0, -1):
-                try:
-                    ids.add(json.loads(raw)["headers"]["id"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-        return ids
+                yield name, raw
+
+    def _unacked(self) -> Iterator[tuple[object, str]]:
+        """(message, queue) of every message a worker took and has not acknowledged. Kombu moves a
+        message from its queue's list into one ``unacked`` hash when a worker takes it; each entry
+        is ``[message, exchange, routing key]``, the routing key being, in Convoy, the queue's name."""
+        for raw in self.r.hvals(keys.KOMBU_UNACKED):
+            try:
+                message, exchange, routing_key = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            yield message, routing_key or exchange
 
     def heartbeat(self, worker: str, queues: list[str], ttl_s: float) -> None:
         self._run("HEARTBEAT", [worker, ttl_s, *queues])
@@ -408,18 +408,9 @@ class JobStore:
 
     # --- what the metrics exporter reads ---------------------------------------------------
     def unacked_by_queue(self) -> dict[str, int]:
-        """Messages a worker took and has not acknowledged yet (running, or prefetched), by queue.
-
-        Kombu moves a message from its queue's list into one ``unacked`` hash when a worker takes
-        it; each entry names the routing key it came by (in Convoy, the queue's own name).
-        """
+        """Messages a worker took and has not acknowledged yet (running, or prefetched), by queue."""
         counts: dict[str, int] = {}
-        for raw in self.r.hvals(keys.KOMBU_UNACKED):
-            try:
-                _message, exchange, routing_key = json.loads(raw)
-            except (ValueError, TypeError):
-                continue
-            queue = routing_key or exchange
+        for _message, queue in self._unacked():
             counts[queue] = counts.get(queue, 0) + 1
         return counts
 
@@ -511,3 +502,11 @@ def _decode_step(raw: dict) -> dict:
 
 
 __all__ = ["JobStore", "NewStep", "Claim", "connect", "is_final", "JobStatus", "StepState"]
+
+
+def _message_id(message) -> str | None:
+    """A kombu message's task id (raw JSON, or decoded), None when it has none."""
+    try:
+        return (json.loads(message) if isinstance(message, (str, bytes)) else message)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
