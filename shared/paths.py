@@ -87,9 +87,14 @@ def readable(path: str | Path, settings: Settings, what: str, also: tuple[Path, 
     """A file to read that is not an image (a model, weights): inside the data or the output roots
     (or ``also``, such as the Keras cache for downloaded weights). Either kind of root set is
     enough to confine: only when neither is set may it be anywhere."""
+    return confine(path, _readable_roots(settings, also), what, "CONVOY_DATA_ROOTS and CONVOY_OUTPUT_ROOTS")
+
+
+def _readable_roots(settings: Settings, also: tuple[Path, ...]) -> tuple[Location, ...]:
+    """Where models and weights may be read: the data and output roots and ``also``, or anywhere
+    (``()``) when neither kind of root is set."""
     roots = settings.data_roots + settings.output_roots
-    return confine(path, roots + tuple(p.resolve() for p in also) if roots else (), what,
-                   "CONVOY_DATA_ROOTS and CONVOY_OUTPUT_ROOTS")
+    return roots + tuple(p.resolve() for p in also) if roots else ()
 
 
 def output(path: str | Path, settings: Settings) -> Location:
@@ -288,10 +293,8 @@ def open_image(path: str | Path, settings: Settings) -> Iterator[IO[bytes]]:
 def open_readable(path: str | Path, settings: Settings, what: str, also: tuple[Path, ...] = ()) -> IO[bytes]:
     """A file that is not an image (a model, weights), open, beneath the data or output roots (or
     ``also``) as :func:`readable` says; :class:`OutsideRoots` with the reason, OSError else."""
-    roots = settings.data_roots + settings.output_roots if settings.data_roots and settings.output_roots else ()
-    roots = roots + tuple(p.resolve() for p in also) if roots else ()
     try:
-        return os.fdopen(open_file(path, roots, "data or output root"), "rb")
+        return os.fdopen(open_file(path, _readable_roots(settings, also), "data or output root"), "rb")
     except OutsideRoots as exc:
         raise OutsideRoots(f"{what} {path}: {exc}") from None
 
@@ -316,21 +319,32 @@ def opened_copy(path: str | Path, settings: Settings, what: str, also: tuple[Pat
     user's own: (the copy, its sha256). Keras takes the format from the name's suffix, which
     ``/proc/self/fd/N`` lacks, and a model read into memory would be held twice; the copy has the
     file's own name, and holds exactly the bytes that were opened and hashed, which nobody else
-    can change before Keras reads them."""
-    folder = storage.cache_dir().parent / "opened"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-    digest = hashlib.sha256()
-    with open_readable(path, settings, what, also) as src, \
-            tempfile.NamedTemporaryFile(dir=folder, prefix=".copy-", delete=False) as dst:
-        try:
-            while chunk := src.read(2**20):
-                digest.update(chunk)
-                dst.write(chunk)
-        except BaseException:
-            os.unlink(dst.name)
-            raise
+    can change before Keras reads them. The same file opened again (same inode, size, times) is
+    not copied again: a task that loads a model per call pays for the copy once per process."""
+    with open_readable(path, settings, what, also) as src:
+        st = os.fstat(src.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, Path(path).name)
+        known = _COPIES.get(key)
+        if known is not None and known[0].is_file():
+            return known
+        folder = storage.cache_dir().parent / "opened"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(folder, 0o700)
+        digest = hashlib.sha256()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".copy-", delete=False) as dst:
+            try:
+                while chunk := src.read(2**20):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            except BaseException:
+                os.unlink(dst.name)
+                raise
     final = folder / digest.hexdigest() / Path(path).name
     final.parent.mkdir(exist_ok=True, mode=0o700)
     os.replace(dst.name, final)
-    return final, digest.hexdigest()
+    _COPIES[key] = (final, digest.hexdigest())
+    return _COPIES[key]
+
+
+#: The private copies this process made, by the opened file's identity (ctime changes with any write).
+_COPIES: dict[tuple, tuple[Path, str]] = {}
