@@ -384,37 +384,15 @@ def cmd_resume(args, settings: Settings) -> int:
 
 
 def cmd_cancel(args, settings: Settings) -> int:
-    from shared.states import JobStatus
+    from orchestrator.control import cancel_job
 
     store = _store(settings)
-    store.kind_of(args.job)  # an unknown job is a usage error; any kind of job can be cancelled
-    if store.end_job(args.job, JobStatus.CANCELLED, error="cancelled by the user"):
-        store.drain(args.job)  # its waiting messages leave the queues now, not when a worker refuses them
-        _record_cancel(store, args.job)
+    if cancel_job(store, args.job):
         print(f"job {args.job} cancelled")
         return 0
     status = store.job_status(args.job)
     print(f"job {args.job} already ended ({status})")
     return 0 if status and status.is_final else 1
-
-
-def _record_cancel(store, job_id: str) -> None:
-    """The cancel in OUT too, when this machine sees OUT (workers record other ends): in
-    manifest.json for an extraction, as index.html for a Grad-CAM job."""
-    from shared.camjob import INDEX_NAME
-    from shared.gallery import cancelled_page
-    from shared.manifest import record_end
-
-    try:
-        if store.kind(job_id) == "cam":
-            spec = store.cam_spec(job_id)
-            done = len(store.finished_shards(job_id))
-            page = cancelled_page(job_id, done, spec.n_batches).encode()
-            storage.write_bytes(storage.join(storage.at(spec.out_dir), INDEX_NAME), page)
-        else:
-            record_end(store.spec(job_id).out_dir, store.status(job_id), {})
-    except (OSError, ConvoyError):
-        pass
 
 
 def cmd_report(args, settings: Settings) -> int:

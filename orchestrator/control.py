@@ -1,0 +1,39 @@
+"""What a user changes on a job that runs: cancel it, or its priority, weight and step cap. One
+place for the CLI and the Jobs page in Flower, so both do the same thing."""
+
+from __future__ import annotations
+
+from shared import storage
+from shared.errors import ConvoyError
+from shared.jobstore import JobStore
+from shared.states import JobStatus
+
+
+def cancel_job(store: JobStore, job_id: str) -> bool:
+    """End the job as cancelled; True if this call did (False: it had ended already).
+    :class:`shared.errors.JobNotFound` for a job this broker does not know."""
+    store.kind_of(job_id)
+    if not store.end_job(job_id, JobStatus.CANCELLED, error="cancelled by the user"):
+        return False
+    store.drain(job_id)  # its waiting messages leave the queues now, not when a worker refuses them
+    _record_cancel(store, job_id)
+    return True
+
+
+def _record_cancel(store: JobStore, job_id: str) -> None:
+    """The cancel in OUT too, when this machine sees OUT (workers record other ends): in
+    manifest.json for an extraction, as index.html for a Grad-CAM job."""
+    from shared.camjob import INDEX_NAME
+    from shared.gallery import cancelled_page
+    from shared.manifest import record_end
+
+    try:
+        if store.kind(job_id) == "cam":
+            spec = store.cam_spec(job_id)
+            done = len(store.finished_shards(job_id))
+            page = cancelled_page(job_id, done, spec.n_batches).encode()
+            storage.write_bytes(storage.join(storage.at(spec.out_dir), INDEX_NAME), page)
+        else:
+            record_end(store.spec(job_id).out_dir, store.status(job_id), {})
+    except (OSError, ConvoyError):
+        pass
