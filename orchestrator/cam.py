@@ -12,15 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.jobs import check_apart, check_output, send_steps
+from orchestrator.jobs import check_apart, check_output
 from orchestrator.progress import Stages
 from shared import storage
 from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
+from shared.celery_app import send_steps
 from shared.errors import DataError, JobFailed, LayerError, ModelFileError, UsageError
 from shared.gradcam import VGG16_IMAGENET
 from shared.images import is_image_name
 from shared.job import new_job_id, sha256_file
-from shared.jobstore import JobStore
+from shared.jobstore import DEFAULT_SHARE, JobStore, Share
 from shared.settings import Settings
 from shared.states import JobStatus, is_final
 from shared.storage import Location
@@ -48,6 +49,7 @@ class CamRequest:
     class_names: list[str] | None = None  # default: model.json beside a Convoy model
     labels: dict[str, int] | None = None  # true classes by path; default: from class-named folders
     keras_home: Path = field(default_factory=lambda: Path.home() / ".keras")
+    share: Share = DEFAULT_SHARE  # priority, weight and cap on the cam queue
 
 
 # --- validating at the edge ---------------------------------------------------------------
@@ -198,10 +200,12 @@ def _labels_from_folders(rels: list[str], class_names: list[str]) -> dict[str, i
 
 # --- submitting and waiting ---------------------------------------------------------------
 
-def submit_cam(store: JobStore, spec: CamSpec, batches: list[list[str]], ttl_s: int) -> str:
-    """Record the job in the store, then send one small message (job id, batch step) per batch."""
+def submit_cam(store: JobStore, spec: CamSpec, batches: list[list[str]], ttl_s: int,
+               share: Share = DEFAULT_SHARE) -> str:
+    """Record the job in the store, then send the batches the cam queue's window has room for
+    (one small message, job id and batch step, each)."""
     storage.write_text(storage.join(storage.at(spec.out_dir), "cam-job.json"), spec.to_json())
-    send_steps(spec.job_id, store.create_cam(spec, {batch_id(i): batch for i, batch in enumerate(batches)}, ttl_s))
+    send_steps(store.create_cam(spec, {batch_id(i): batch for i, batch in enumerate(batches)}, ttl_s, share))
     return spec.job_id
 
 
@@ -226,9 +230,10 @@ def wait_cam(store: JobStore, job_id: str, stages: Stages | None = None,
     return summary
 
 
-def _submit_and_wait(settings: Settings, spec: CamSpec, batches, stages: Stages | None, alive=None) -> dict:
+def _submit_and_wait(settings: Settings, spec: CamSpec, batches, stages: Stages | None, alive=None,
+                     share: Share = DEFAULT_SHARE) -> dict:
     store = _cam_store(settings)
-    submit_cam(store, spec, batches, settings.job_ttl_s)
+    submit_cam(store, spec, batches, settings.job_ttl_s, share)
     return wait_cam(store, spec.job_id, stages, alive)
 
 
@@ -248,10 +253,10 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, stages: Stage
     t0 = time.monotonic()
     spec, batches = prepare_cam(req)
     if detach:
-        submit_cam(_cam_store(settings), spec, batches, settings.job_ttl_s)
+        submit_cam(_cam_store(settings), spec, batches, settings.job_ttl_s, req.share)
         return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images}
     if settings.broker_url:
-        summary = _submit_and_wait(settings, spec, batches, stages)
+        summary = _submit_and_wait(settings, spec, batches, stages, share=req.share)
     else:
         from orchestrator.cluster import local_cluster
 
@@ -259,7 +264,7 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, stages: Stage
         data, outputs = (storage.at(spec.root), storage.parent(storage.at(spec.model_path))), (out,)
         logs = storage.join(out, "logs") if not storage.is_url(out) else settings.state_dir / "logs" / str(os.getpid())
         with local_cluster(settings, workers, logs, data, outputs) as (local, pool):
-            summary = _submit_and_wait(local, spec, batches, stages, alive=pool.alive)
+            summary = _submit_and_wait(local, spec, batches, stages, alive=pool.alive, share=req.share)
     seconds = time.monotonic() - t0
     return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images, **summary,
             "seconds": round(seconds, 3), "images_per_s": round(spec.n_images / max(seconds, 1e-9), 2)}

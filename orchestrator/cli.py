@@ -47,6 +47,12 @@ def _request(args, settings: Settings, workers: int = 1):
     )
 
 
+def _share(args):
+    from shared.jobstore import Share
+
+    return Share(priority=args.priority, weight=args.weight, max_running=args.max_running)
+
+
 def _extract_workers(store) -> int:
     """Workers serving the extract queue now (at least one): how many the shards are balanced for."""
     from shared import keys
@@ -98,7 +104,7 @@ def cmd_run(args, settings: Settings) -> int:
         since = store.now()
         request = replace(request, workers=_extract_workers(store))
         spec, shards = job()
-        submit(store, spec, shards, settings.job_ttl_s)
+        submit(store, spec, shards, settings.job_ttl_s, _share(args))
         state = wait_for_job(store, spec.job_id, stages)
         cam = _cam_after_training(args, spec, settings, stages)
     else:
@@ -110,7 +116,7 @@ def cmd_run(args, settings: Settings) -> int:
             store = _store(local)
             since = store.now()
             spec, shards = job()
-            submit(store, spec, shards, local.job_ttl_s)
+            submit(store, spec, shards, local.job_ttl_s, _share(args))
             state = wait_for_job(store, spec.job_id, stages, alive=pool.alive)
             cam = _cam_after_training(args, spec, local, stages)
     summary = _result(spec, state, time.monotonic() - t0, stages.times, since, cam)
@@ -226,7 +232,7 @@ def cmd_submit(args, settings: Settings) -> int:
     store = _store(settings)
     spec, shards, scan = prepare(_request(args, settings, workers=_extract_workers(store)))
     spec.options.update(_chain_options(args, spec, scan, train=args.then_train, explicit=True))
-    submit(store, spec, shards, settings.job_ttl_s)
+    submit(store, spec, shards, settings.job_ttl_s, _share(args))
     print(json.dumps({"job_id": spec.job_id, "shards": len(shards), "out": spec.out_dir}) if args.json else spec.job_id)
     return 0
 
@@ -395,6 +401,15 @@ def cmd_cancel(args, settings: Settings) -> int:
     return 0 if status and status.is_final else 1
 
 
+def cmd_set(args, settings: Settings) -> int:
+    from orchestrator.control import set_options
+
+    set_options(_store(settings), args.job, priority=args.priority, weight=args.weight, max_running=args.max_running)
+    print(f"job {args.job}: " + ", ".join(f"{name} {value}" for name, value in (
+        ("priority", args.priority), ("weight", args.weight), ("max running", args.max_running)) if value is not None))
+    return 0
+
+
 def cmd_report(args, settings: Settings) -> int:
     from orchestrator.report import write_report
 
@@ -420,7 +435,7 @@ def cmd_cam(args, settings: Settings) -> int:
 
     req = CamRequest(model=args.model, inputs=args.images, out_dir=args.out, layer=args.layer,
                      class_index=args.class_index, top_k=args.top_k, batch_size=args.batch_size,
-                     preprocess=args.preprocess, keras_home=keras_home_from_env())
+                     preprocess=args.preprocess, keras_home=keras_home_from_env(), share=_share(args))
     stages = _stages(args, quiet=args.json)
     print_cam_summary(run_cam(req, settings, args.workers, stages, args.detach), args.json)
     return 0
@@ -434,6 +449,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "merge": cmd_merge,
     "cancel": cmd_cancel,
+    "set": cmd_set,
     "resume": cmd_resume,
     "sample": cmd_sample,
     "report": cmd_report,

@@ -3,8 +3,9 @@ place for the CLI and the Jobs page in Flower, so both do the same thing."""
 
 from __future__ import annotations
 
-from shared import storage
-from shared.errors import ConvoyError
+from shared import storage, values
+from shared.celery_app import send_steps
+from shared.errors import BadValue, ConvoyError, UsageError
 from shared.jobstore import JobStore
 from shared.states import JobStatus
 
@@ -16,8 +17,29 @@ def cancel_job(store: JobStore, job_id: str) -> bool:
     if not store.end_job(job_id, JobStatus.CANCELLED, error="cancelled by the user"):
         return False
     store.drain(job_id)  # its waiting messages leave the queues now, not when a worker refuses them
+    send_steps(store.dispatch_all())  # other jobs' steps take the room it left
     _record_cancel(store, job_id)
     return True
+
+
+def set_options(store: JobStore, job_id: str, *, priority: int | str | None = None, weight: int | str | None = None,
+                max_running: int | str | None = None) -> None:
+    """Change a live job's priority, weight or cap (None keeps one): it takes effect at the next
+    step its queues send. :class:`UsageError` for a bad value, an unknown job or one that ended."""
+    checked = {}
+    for name, value, check in (("priority", priority, values.priority), ("weight", weight, values.weight),
+                               ("max-running", max_running, values.max_running)):
+        try:
+            checked[name] = None if value is None or value == "" else check(str(value).strip())
+        except BadValue as exc:
+            raise UsageError(f"--{name}: {exc}") from None
+    if all(v is None for v in checked.values()):
+        raise UsageError("nothing to change: give --priority, --weight or --max-running")
+    store.kind_of(job_id)
+    sends = store.set_share(job_id, checked["priority"], checked["weight"], checked["max-running"])
+    if sends is None:
+        raise UsageError(f"job {job_id} has ended ({store.job_status(job_id)}); there is nothing to change")
+    send_steps(sends)
 
 
 def _record_cancel(store: JobStore, job_id: str) -> None:

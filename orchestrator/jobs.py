@@ -11,11 +11,11 @@ from pathlib import Path
 from orchestrator.scan import Scan, scan_data
 from orchestrator.weights import resolve_weights
 from shared import backbones, storage
-from shared.celery_app import send_step
+from shared.celery_app import send_steps
 from shared.errors import OutputError, UsageError
 from shared.images import DECODE_MODES
 from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
-from shared.jobstore import JobStore, NewStep
+from shared.jobstore import DEFAULT_SHARE, JobStore, Share
 from shared.manifest import write_manifest
 from shared.models import check_layer, check_preprocess
 from shared.storage import Location, StoreError
@@ -205,11 +205,13 @@ def prepare(
     return spec, shards, scan
 
 
-def submit(store: JobStore, spec: JobSpec, shards: dict[str, list[list]], ttl_s: int) -> str:
-    """Take OUT for the job, record the job in Redis and on disk, then send one message per shard."""
+def submit(store: JobStore, spec: JobSpec, shards: dict[str, list[list]], ttl_s: int,
+           share: Share = DEFAULT_SHARE) -> str:
+    """Take OUT for the job, record the job in Redis and on disk, then send the shards its queue's
+    window has room for (the store sends the rest as steps finish, job by job in turn)."""
     own_output(store, spec.out_dir, spec.job_id)
     write_manifest(spec, shards)
-    send_steps(spec.job_id, store.create(spec, shards, ttl_s))
+    send_steps(store.create(spec, shards, ttl_s, share))
     return spec.job_id
 
 
@@ -221,12 +223,6 @@ def own_output(store: JobStore, out_dir: str, job_id: str) -> None:
             f"output directory {out_dir} belongs to job {owner}, which has not ended; wait for it "
             f"(`convoy status {owner} --watch`), cancel it (`convoy cancel {owner}`) or choose another --out"
         )
-
-
-def send_steps(job_id: str, steps: list[NewStep]) -> None:
-    # A message that fails to go out here is lost, not fatal: the reconciler sends it again.
-    for step in steps:
-        send_step(job_id, step)
 
 
 def keras_home_from_env() -> Path:

@@ -11,7 +11,7 @@ from orchestrator.train_options import add_train_options
 from shared import backbones
 from shared.images import DECODE_MODES
 from shared.settings import BROKER_ENV
-from shared.values import broker_url, count, positive_int, seed, size
+from shared.values import broker_url, count, max_running, positive_int, priority, seed, size, weight
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,6 +47,16 @@ def _broker_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", type=broker_url, metavar="URL", help=f"Redis URL of the cluster (env {BROKER_ENV})")
 
 
+def _share_options(p: argparse.ArgumentParser) -> None:
+    """How a job shares the cluster's queues with the others (``convoy set`` changes them later)."""
+    p.add_argument("--priority", type=priority, default=0, metavar="N",
+                   help="priority tier, -9 to 9: a higher tier's steps go first")
+    p.add_argument("--weight", type=weight, default=1, metavar="W",
+                   help="share within the tier, 1 to 1000: steps per turn against the tier's other jobs")
+    p.add_argument("--max-running", type=max_running, default=0, metavar="K",
+                   help="most of this job's steps out at once (default 0: no cap)")
+
+
 def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat; a folder, "
                                 "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split)")
@@ -74,6 +84,7 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-failed-shards", action="store_true", help="finish the job even if shards fail for good")
     p.add_argument("--max-deliveries", type=positive_int, default=3, help="deliveries of a step before it is given up")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    _share_options(p)
     _broker_option(p)
 
 
@@ -93,6 +104,7 @@ def _cam_parser(sub) -> None:
     cam.add_argument("--detach", action="store_true", help="print the job id and return (needs --broker)")
     cam.add_argument("--no-progress", action="store_true", help="no live progress bar")
     cam.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _share_options(cam)
     _broker_option(cam)
 
 
@@ -174,6 +186,13 @@ def build_parser() -> Parser:
     cancel = sub.add_parser("cancel", help="cancel a job: running shards stop, queued ones are dropped")
     cancel.add_argument("job")
     _broker_option(cancel)
+
+    change = sub.add_parser("set", help="change a running job's priority, weight or cap on running steps")
+    change.add_argument("job")
+    change.add_argument("--priority", type=priority, metavar="N", help="priority tier, -9 to 9 (higher goes first)")
+    change.add_argument("--weight", type=weight, metavar="W", help="share within the tier, 1 to 1000")
+    change.add_argument("--max-running", type=max_running, metavar="K", help="most steps out at once (0: no cap)")
+    _broker_option(change)
 
     sample = sub.add_parser("sample", help="write a small two-class, three-split folder of real photographs")
     sample.add_argument("out", type=Path)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.jobs import own_output, send_steps
+from orchestrator.jobs import own_output
 from shared import storage
+from shared.celery_app import send_steps
 from shared.errors import UsageError
 from shared.features import shard_fingerprint
 from shared.job import JobSpec, fingerprint
@@ -35,5 +36,5 @@ def resume(store: JobStore, out_dir: Location, ttl_s: int) -> tuple[JobSpec, lis
     own_output(store, spec.out_dir, spec.job_id)
     missing = [sid for sid, entries in shards.items()
                if shard_fingerprint(spec.shard_file(sid)) != fingerprint(spec.model, entries)]
-    send_steps(spec.job_id, store.create(spec, shards, ttl_s))
+    send_steps(store.create(spec, shards, ttl_s))
     return spec, missing

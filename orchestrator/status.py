@@ -80,7 +80,24 @@ def brief(store: JobStore, job_id: str) -> dict:
         "images_total": int(state.get("images_total", 0)),
         "waiting_for": waiting_for(store, state),
         "summary": json.loads(state["summary"]) if state.get("summary") else None,
+        **share(store, job_id, state),
     }
+
+
+def share(store: JobStore, job_id: str, state: dict) -> dict:
+    """How the job shares the cluster: its priority, weight and cap, the steps it runs now, and
+    how long it waited from submission to its first step running (so far, while it still waits)."""
+    submitted = float(state.get("submitted_at") or 0)
+    started = float(state.get("first_running_at") or 0)
+    if started:
+        wait = started - submitted
+    elif not is_final(state.get("status")) and submitted:
+        wait = store.now() - submitted
+    else:
+        wait = None
+    return {"priority": int(state.get("priority") or 0), "weight": int(state.get("weight") or 1),
+            "max_running": int(state.get("max_running") or 0), "running": store.running_by_job().get(job_id, 0),
+            "queue_wait_s": round(max(wait, 0.0), 3) if wait is not None else None}
 
 
 def job_report(store: JobStore, job_id: str) -> dict:
@@ -116,7 +133,13 @@ def manifest_report(out_dir: Path) -> dict:
 def _title(report: dict) -> str:
     done = f"{report['images_done']}/{report['images_total']} images"
     title = f"job {report['job_id']}: {report['status']}  {done}  {report.get('images_per_s', 0)} img/s"
-    return title + (f"  ETA {report['eta_s']} s" if report.get("eta_s") else "")
+    title += f"  ETA {report['eta_s']} s" if report.get("eta_s") else ""
+    if "priority" in report:  # read from the broker (a manifest knows no share)
+        cap = report["max_running"] or "no cap"
+        title += (f"\npriority {report['priority']}  weight {report['weight']}  max running {cap}  "
+                  f"running {report['running']}")
+        title += f"  queue wait {report['queue_wait_s']} s" if report["queue_wait_s"] is not None else ""
+    return title
 
 
 def _table(report: dict) -> Table:
@@ -170,8 +193,9 @@ def print_jobs(store: JobStore, as_json: bool) -> None:
         print(json.dumps(rows))
         return
     table = Table(title="jobs", title_justify="left")
-    for col in ("job", "kind", "status", "error"):
+    for col in ("job", "kind", "status", "priority", "weight", "error"):
         table.add_column(col)
     for row in rows:
-        table.add_row(*map(markup, (row["job_id"], row.get("kind", ""), row.get("status", ""), row.get("error", ""))))
+        table.add_row(*map(markup, (row["job_id"], row.get("kind", ""), row.get("status", ""),
+                                    row.get("priority", "0"), row.get("weight", "1"), row.get("error", ""))))
     Console().print(table)

@@ -14,7 +14,7 @@ from orchestrator.scan import Scan
 from shared import keys, storage
 from shared.backbones import BASE_OUTPUT
 from shared.backbones import get as backbone
-from shared.celery_app import app, send_step
+from shared.celery_app import app, send_steps
 from shared.classifier import TrainConfig
 from shared.errors import DataError, JobNotFound, ModelFileError, UsageError
 from shared.images import is_image_name
@@ -102,9 +102,10 @@ def submit_finetune(store: JobStore, job_id: str, config: dict) -> None:
 
 
 def _reopen(store: JobStore, job_id: str, step: NewStep, forget: tuple[str, ...]) -> None:
-    if not store.reopen(job_id, step, forget):
+    sends = store.reopen(job_id, step, forget)
+    if sends is None:
         raise UsageError(f"job {job_id} is running again already; watch it with `convoy status {job_id} --watch`")
-    send_step(job_id, step)
+    send_steps(sends)
 
 
 # --- predict ------------------------------------------------------------------------------

@@ -102,3 +102,10 @@ def send_step(job_id: str, step) -> None:
 
     faults.point("before-enqueue")
     app.send_task(step.task, args=[job_id, step.step], queue=step.queue, task_id=step.msg)
+
+
+def send_steps(sends) -> None:
+    """Send the steps the store dispatched (``(job, NewStep)`` pairs), in the store's order. A
+    message that fails to go out is lost, not fatal: the reconcilers send it again."""
+    for job_id, step in sends:
+        send_step(job_id, step)

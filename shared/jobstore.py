@@ -97,6 +97,32 @@ class NewStep:
     msg: str = field(default_factory=new_message_id)
 
 
+#: A step to send: its job and the step (what :func:`shared.celery_app.send_step` takes).
+Send = tuple[str, NewStep]
+
+
+@dataclass(frozen=True)
+class Share:
+    """How a job shares its queues: its priority tier (higher first), its weight within the tier
+    (steps per turn), and the most of its steps out at once (0: no cap)."""
+
+    priority: int = 0
+    weight: int = 1
+    max_running: int = 0
+
+
+#: Priority 0, weight 1, no cap: a job's share unless it asks for another.
+DEFAULT_SHARE = Share()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a step's end decided, and the steps it sent into the room it left."""
+
+    answer: str  # dup | stale | late | failed | wait | next | done | unknown
+    sends: list[Send] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Claim:
     """What a worker got when it asked to run a step."""
@@ -114,51 +140,85 @@ class JobStore:
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
             "CLAIM", "RENEW", "PROGRESS", "NOTE", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
             "LAPSED", "OLD_PENDING", "OVERTAKEN", "OLD_HELD", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE",
-            "OBSERVE_STEP", "RATES", "FORGET_RATE")}
+            "OBSERVE_STEP", "RATES", "FORGET_RATE", "DISPATCH", "SET_OPTIONS")}
 
     def _run(self, name: str, args: list, script_keys: list | None = None):
         return self._scripts[name](keys=script_keys or [], args=[str(a) for a in args])
 
-    # --- creating -----------------------------------------------------------------------
-    def create(self, spec, shards: dict[str, list[list]], ttl_s: int) -> list[NewStep]:
-        """Record an extraction job (a :class:`shared.job.JobSpec`); its steps, to enqueue."""
+    # --- creating ---------------------------------------------------------------------
+    def create(self, spec, shards: dict[str, list[list]], ttl_s: int, share: Share = DEFAULT_SHARE) -> list[Send]:
+        """Record an extraction job (a :class:`shared.job.JobSpec`); the steps its queue's window
+        has room for now, to send (the others are sent as steps finish)."""
         steps = [NewStep(s, keys.EXTRACT_QUEUE, keys.EXTRACT_TASK) for s in shards]
         self._create(spec.job_id, "extract", spec.to_json(), shards, steps, spec.max_deliveries, ttl_s,
-                     spec.out_dir, spec.created_at)
-        return steps
+                     spec.out_dir, spec.created_at, share)
+        return self.dispatch(keys.EXTRACT_QUEUE, spec.job_id)
 
-    def create_cam(self, spec, batches: dict[str, list[str]], ttl_s: int) -> list[NewStep]:
-        """Record a Grad-CAM job (a :class:`shared.camjob.CamSpec`); its steps, to enqueue."""
+    def create_cam(self, spec, batches: dict[str, list[str]], ttl_s: int, share: Share = DEFAULT_SHARE) -> list[Send]:
+        """Record a Grad-CAM job (a :class:`shared.camjob.CamSpec`); the steps to send now."""
         steps = [NewStep(s, keys.CAM_QUEUE, keys.CAM_TASK) for s in batches]
         self._create(spec.job_id, "cam", spec.to_json(), batches, steps, spec.max_deliveries, ttl_s,
-                     spec.out_dir, spec.created_at)
-        return steps
+                     spec.out_dir, spec.created_at, share)
+        return self.dispatch(keys.CAM_QUEUE, spec.job_id)
 
     def _create(self, job: str, kind: str, spec_json: str, inputs: dict[str, list], steps: list[NewStep],
-                max_deliveries: int, ttl_s: int, out_dir: str, created_at: float) -> None:
+                max_deliveries: int, ttl_s: int, out_dir: str, created_at: float, share: Share) -> None:
         pipe = self.r.pipeline(transaction=True)
         for step in self.r.hkeys(keys.job_steps(job)):  # a resumed job starts afresh
             pipe.delete(keys.job_step(job, step))
         pipe.delete(*keys.job_keys(job))
         pipe.set(keys.job_spec(job), spec_json)
-        pipe.hset(keys.job_state(job), mapping={
-            "kind": kind, "status": JobStatus.QUEUED.value, "created_at": created_at, "images_done": 0,
-            "images_total": sum(len(v) for v in inputs.values()), "max_deliveries": max_deliveries,
-            "ttl": ttl_s, "out_key": keys.out_owner(_path_hash(out_dir))})
-        pipe.hset(keys.job_inputs(job), mapping={s: json.dumps(v) for s, v in inputs.items()})
         seconds, micros = self.r.time()  # the scripts' clock, not this machine's
-        queued_at = seconds + micros / 1e6
-        for step in steps:
+        now = seconds + micros / 1e6
+        pipe.hset(keys.job_state(job), mapping={
+            "kind": kind, "status": JobStatus.QUEUED.value, "created_at": created_at, "submitted_at": now,
+            "images_done": 0, "images_total": sum(len(v) for v in inputs.values()), "max_deliveries": max_deliveries,
+            "ttl": ttl_s, "out_key": keys.out_owner(_path_hash(out_dir)), "priority": share.priority,
+            "weight": share.weight, "max_running": share.max_running})
+        pipe.hset(keys.job_inputs(job), mapping={s: json.dumps(v) for s, v in inputs.items()})
+        for order, step in enumerate(steps):
             pipe.hset(keys.job_step(job, step.step), mapping={
-                "state": StepState.QUEUED.value, "queue": step.queue, "task": step.task, "msg": step.msg,
-                "deliveries": 0, "done": 0, "total": len(inputs[step.step]), "params": "{}", "queued_at": queued_at})
+                "state": StepState.READY.value, "queue": step.queue, "task": step.task, "msg": step.msg,
+                "deliveries": 0, "done": 0, "total": len(inputs[step.step]), "params": "{}", "ready_at": now})
             pipe.hset(keys.job_steps(job), step.step, step.queue)
-        for step in steps:
-            pipe.zadd(keys.pending(step.queue), {keys.member(job, step.step): queued_at})
+            pipe.zadd(keys.job_ready(job, step.queue), {step.step: order})
         pipe.zadd(keys.jobs_index(), {job: created_at})
         pipe.zrem(keys.ended_jobs(), job)
         pipe.sadd(keys.active_jobs(), job)
         pipe.execute()
+
+    # --- dispatch -----------------------------------------------------------------------
+    def dispatch(self, queue: str, *jobs: str) -> list[Send]:
+        """Fill ``queue``'s window (after placing ``jobs`` in its rings): the steps to send now."""
+        return _sends(self._run("DISPATCH", [queue, *jobs]))
+
+    def dispatch_all(self) -> list[Send]:
+        """Fill every queue's window: what the reconcilers do each tick, and a cancel right away."""
+        return [send for queue in keys.ALL_QUEUES for send in self.dispatch(queue)]
+
+    def set_share(self, job: str, priority: int | None = None, weight: int | None = None,
+                  max_running: int | None = None) -> list[Send] | None:
+        """Change a live job's priority, weight or cap (None keeps one); the steps that go out
+        now because of it, or None if the job has ended."""
+        values = ["" if v is None else str(v) for v in (priority, weight, max_running)]
+        answer, *rest = self._run("SET_OPTIONS", [job, *values])
+        return None if answer == "ended" else _sends(rest)
+
+    def outstanding(self, queue: str) -> set[str]:
+        """``job|step`` of every step sent on ``queue`` and not finished (what its window counts)."""
+        return set(self.r.zrange(keys.outstanding(queue), 0, -1))
+
+    def window(self, queue: str) -> int:
+        """How many steps may be out on ``queue`` at once, from its live workers' slots."""
+        return int(self.r.get(keys.window(queue)) or 1)
+
+    def running_by_job(self) -> dict[str, int]:
+        """How many steps of each job are running (hold a lease): one read of the leases."""
+        counts: dict[str, int] = {}
+        for member in self.r.zrange(keys.leases(), 0, -1):
+            job = keys.split_member(member)[0]
+            counts[job] = counts.get(job, 0) + 1
+        return counts
 
     def claim_out(self, out_dir: str, job: str) -> str | None:
         """Make ``job`` the owner of ``out_dir``; the owner's id if another unfinished job holds it."""
@@ -273,13 +333,16 @@ class JobStore:
 
     def finish_step(self, job: str, step: str, outcome: StepState, *, token: str, done: int | None = None,
                     error: str = "", fields: dict | None = None, job_fields: dict | None = None,
-                    fail_job: bool = True, job_error: str = "", barrier: int = 0, then: NewStep | None = None) -> str:
-        """A step ends done or failed: one transition that also trips the barrier or queues ``then``.
+                    fail_job: bool = True, job_error: str = "", barrier: int = 0,
+                    then: NewStep | None = None) -> Finished:
+        """A step ends done or failed: one transition that also trips the barrier or readies
+        ``then``, and sends the next steps into the room the step leaves in its queue's window.
 
         ``token`` is the caller's claim: only the current holder of a running step is heard.
-        Returns dup (it had ended already: nothing changes), stale (the caller no longer holds the
-        step: nothing changes), late (the job had ended), failed (this failure ended the job), wait
-        (other steps are still out), next (``then`` was queued: send it) or done (the job is done).
+        The answer is dup (it had ended already: nothing changes), stale (the caller no longer
+        holds the step: nothing changes), late (the job had ended), failed (this failure ended the
+        job), wait (other steps are still out), next (``then`` was recorded) or done (the job is
+        done); the sends are for the caller to send, whatever the answer.
         """
         payload = {"job": job, "step": step, "token": token, "outcome": outcome.value, "error": error,
                    "fields": {k: _field(v) for k, v in (fields or {}).items()},
@@ -290,7 +353,8 @@ class JobStore:
         if then is not None:
             payload["next"] = {"step": then.step, "queue": then.queue, "task": then.task, "msg": then.msg,
                                "status": (then.status or JobStatus.QUEUED).value, "params": json.dumps(then.params)}
-        return self._run("FINISH", [json.dumps(payload)])
+        answer, *rest = self._run("FINISH", [json.dumps(payload)])
+        return Finished(answer, _sends(rest))
 
     def release(self, job: str, step: str, token: str, handback: bool, reason: str) -> bool:
         """The holder lets go: ``stopped`` (the job ended), or back to the queue (a warm shutdown)."""
@@ -302,11 +366,13 @@ class JobStore:
         args = [job, status.value] + [str(x) for kv in fields.items() for x in kv]
         return bool(self._run("END", args))
 
-    def reopen(self, job: str, then: NewStep, forget: tuple[str, ...]) -> bool:
-        """Queue a new step (train, fine-tune) for a job that ended, forgetting the steps ``forget``
-        of an earlier chain; False if the job has not ended."""
-        return bool(self._run("REOPEN", [job, then.step, then.queue, then.task, then.msg, json.dumps(then.params),
-                                         (then.status or JobStatus.QUEUED).value, *forget]))
+    def reopen(self, job: str, then: NewStep, forget: tuple[str, ...]) -> list[Send] | None:
+        """A new step (train, fine-tune) for a job that ended, forgetting the steps ``forget`` of an
+        earlier chain; the steps to send now, or None if the job has not ended."""
+        if not self._run("REOPEN", [job, then.step, then.queue, then.task, then.msg, json.dumps(then.params),
+                                    (then.status or JobStatus.QUEUED).value, *forget]):
+            return None
+        return self.dispatch(then.queue)
 
     def params(self, job: str, step: str) -> dict:
         return json.loads(self.r.hget(keys.job_step(job, step), "params") or "{}")
@@ -351,6 +417,20 @@ class JobStore:
                     removed += self.r.lrem(name, 1, raw)
         return removed
 
+    def drain_ended(self, queue: str) -> int:
+        """Take off ``queue`` the waiting messages of jobs that ended (what a cancel sent as it
+        ended, or left behind): how many. One read of the queue, which holds at most its window
+        besides them."""
+        found = [(name, raw, job) for name, raw in self._waiting(queue) if (job := _message_job(raw))]
+        if not found:
+            return 0
+        jobs = sorted({job for _, _, job in found})
+        pipe = self.r.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hget(keys.job_state(job), "status")
+        ended = {job for job, status in zip(jobs, pipe.execute(), strict=True) if is_final(status)}
+        return sum(self.r.lrem(name, 1, raw) for name, raw, job in found if job in ended)
+
     def repair(self, member: str, kind: str, reason: str, old_msg: str = "", held_s: float = 0) -> NewStep | None:
         """Claim one repair of a lost edge; the step to enqueue again, or None if another did it."""
         msg = new_message_id()
@@ -390,8 +470,9 @@ class JobStore:
                 continue
             yield message, routing_key or exchange
 
-    def heartbeat(self, worker: str, queues: list[str], ttl_s: float) -> None:
-        self._run("HEARTBEAT", [worker, ttl_s, *queues])
+    def heartbeat(self, worker: str, queues: list[str], ttl_s: float, share: int = 1) -> None:
+        """The worker lives, for ``ttl_s``; ``share``: what it adds to each queue's window."""
+        self._run("HEARTBEAT", [worker, ttl_s, share, *queues])
 
     def forget_worker(self, worker: str, queues: list[str]) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -475,6 +556,12 @@ class JobStore:
         return json.loads(text) if text else {}
 
 
+def _sends(flat: list[str]) -> list[Send]:
+    """The steps a script sent, from its flat answer: job, step, task, queue, msg of each."""
+    return [(flat[i], NewStep(flat[i + 1], flat[i + 3], flat[i + 2], msg=flat[i + 4]))
+            for i in range(0, len(flat) - 4, 5)]
+
+
 def _path_hash(path: str) -> str:
     return hashlib.sha256(str(path).encode()).hexdigest()[:24]
 
@@ -501,7 +588,23 @@ def _decode_step(raw: dict) -> dict:
     return out
 
 
-__all__ = ["JobStore", "NewStep", "Claim", "connect", "is_final", "JobStatus", "StepState"]
+__all__ = ["JobStore", "NewStep", "Claim", "Finished", "Send", "Share", "connect", "is_final", "JobStatus",
+           "StepState"]
+
+
+def _message_job(raw: str) -> str | None:
+    """The job a waiting step message names (its first argument), None for any other message."""
+    import base64
+
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return args[0] if isinstance(args[0], str) and len(args) == 2 else None
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def _message_id(message) -> str | None:

@@ -67,10 +67,21 @@ def job_failed(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:failed"
 
 
+def job_ready(job_id: str, queue: str) -> str:
+    """Sorted set: the job's steps recorded and not yet sent on ``queue``, in the order they go."""
+    return f"{PREFIX}:job:{job_id}:ready:{queue}"
+
+
+def job_sent(job_id: str) -> str:
+    """Set of the job's steps sent and not yet finished: what ``--max-running`` caps."""
+    return f"{PREFIX}:job:{job_id}:sent"
+
+
 def job_keys(job_id: str) -> list[str]:
     """Every fixed key of one job (the per-step hashes are listed in :func:`job_steps`)."""
     return [job_spec(job_id), job_state(job_id), job_inputs(job_id), job_steps(job_id),
-            job_finished(job_id), job_failed(job_id)]
+            job_finished(job_id), job_failed(job_id), job_sent(job_id),
+            *(job_ready(job_id, q) for q in ALL_QUEUES)]
 
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -93,6 +104,41 @@ def ended_jobs() -> str:
 def leases() -> str:
     """Sorted set ``job|step`` -> lease deadline (Redis time) of every running step."""
     return f"{PREFIX}:leases"
+
+
+# --- dispatch: which job's step goes next on a queue (see the README's "Sharing the cluster") ---
+
+def outstanding(queue: str) -> str:
+    """Sorted set ``job|step`` -> time sent, of every step sent on ``queue`` and not yet finished:
+    what the queue's dispatch window counts."""
+    return f"{PREFIX}:outstanding:{queue}"
+
+
+def window(queue: str) -> str:
+    """Integer: how many steps may be outstanding on ``queue`` (its live workers' slots times the
+    messages each slot may have sent ahead), written at each heartbeat."""
+    return f"{PREFIX}:window:{queue}"
+
+
+def window_shares(queue: str) -> str:
+    """Hash worker -> what that worker adds to ``queue``'s window (its slots x messages per slot)."""
+    return f"{PREFIX}:window_shares:{queue}"
+
+
+def ring(queue: str, priority: str) -> str:
+    """Sorted set job -> turn: the jobs of one priority tier that may send a step on ``queue``
+    now (a step ready, under their cap), in round-robin order (lowest turn first)."""
+    return f"{PREFIX}:ring:{queue}:{priority}"
+
+
+def tiers(queue: str) -> str:
+    """Sorted set priority -> priority: the tiers of ``queue`` whose ring is not empty."""
+    return f"{PREFIX}:tiers:{queue}"
+
+
+def turns(queue: str) -> str:
+    """Integer: the last turn handed out in ``queue``'s rings (a job goes to the back with the next)."""
+    return f"{PREFIX}:turns:{queue}"
 
 
 def pending(queue: str) -> str:
@@ -169,6 +215,13 @@ def step_seconds() -> str:
     return f"{PREFIX}:metrics:step_seconds"
 
 
+def queue_wait() -> str:
+    """Hash: the convoy_job_queue_wait_seconds histogram, ``priority|le`` (cumulative counts),
+    ``priority|sum``, ``priority|count``: seconds from a job's submission to its first step
+    running, by priority."""
+    return f"{PREFIX}:metrics:queue_wait"
+
+
 def member(job_id: str, step: str) -> str:
     """How a step is named in the cluster-wide sorted sets."""
     return f"{job_id}|{step}"
@@ -197,6 +250,15 @@ LUA = "".join([
     _lua_function("k_step", job_step, "j", "s"),
     _lua_function("k_finished", job_finished, "j"),
     _lua_function("k_failed", job_failed, "j"),
+    _lua_function("k_ready", job_ready, "j", "q"),
+    _lua_function("k_sent", job_sent, "j"),
+    _lua_function("k_outstanding", outstanding, "q"),
+    _lua_function("k_window", window, "q"),
+    _lua_function("k_window_shares", window_shares, "q"),
+    _lua_function("k_ring", ring, "q", "p"),
+    _lua_function("k_tiers", tiers, "q"),
+    _lua_function("k_turns", turns, "q"),
+    _lua_function("k_queue_wait", queue_wait),
     _lua_function("k_active", active_jobs),
     _lua_function("k_index", jobs_index),
     _lua_function("k_ended", ended_jobs),
@@ -210,4 +272,5 @@ LUA = "".join([
     _lua_function("k_rates_seen", step_rates_seen),
     _lua_function("k_step_seconds", step_seconds),
     _lua_function("member", member, "j", "s"),
+    "local QUEUES = {" + ", ".join(f"'{q}'" for q in ALL_QUEUES) + "}\n",
 ])

@@ -8,38 +8,16 @@ of the job its time to live.
 
 from shared.keys import LUA as _KEYS
 
-_PRELUDE = _KEYS + """
+#: Upper bounds of the queue-wait histogram's buckets, seconds (submission to first step running).
+QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+_PRELUDE = _KEYS + "local QUEUE_WAIT_BUCKETS = {" + ", ".join(map(str, QUEUE_WAIT_BUCKETS)) + "}\n" + """
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function final(s) return s == 'done' or s == 'failed' or s == 'cancelled' end
 local function job_status(j) return redis.call('HGET', k_state(j), 'status') end
-local function end_job(j, status, fields, t)
-  local st = k_state(j)
-  local cur = redis.call('HGET', st, 'status')
-  if not cur or final(cur) then return 0 end
-  local ttl = tonumber(redis.call('HGET', st, 'ttl') or '604800')
-  local f = {'status', status, status .. '_at', t, 'ended_at', t}
-  for k, v in pairs(fields) do f[#f + 1] = k; f[#f + 1] = tostring(v) end
-  redis.call('HSET', st, unpack(f))
-  redis.call('SREM', k_active(), j)
-  redis.call('ZADD', k_ended(), t + ttl, j)
-  local steps = redis.call('HGETALL', k_steps(j))
-  for i = 1, #steps, 2 do
-    local m = member(j, steps[i])
-    redis.call('ZREM', k_pending(steps[i + 1]), m)
-    redis.call('ZREM', k_leases(), m)
-    redis.call('ZREM', k_held(), m)
-    redis.call('EXPIRE', k_step(j, steps[i]), ttl)
-  end
-  for _, k in ipairs({k_spec(j), st, k_inputs(j), k_steps(j), k_finished(j), k_failed(j)}) do
-    redis.call('EXPIRE', k, ttl)
-  end
-  local out = redis.call('HGET', st, 'out_key')
-  if out and out ~= '' and redis.call('GET', out) == j then redis.call('DEL', out) end
-  return 1
-end
 local function prune_rates(before)
   local stale = redis.call('ZRANGEBYSCORE', k_rates_seen(), '-inf', '(' .. before, 'LIMIT', 0, 100)
   if #stale > 0 then
@@ -47,11 +25,143 @@ local function prune_rates(before)
     redis.call('ZREM', k_rates_seen(), unpack(stale))
   end
 end
+-- Dispatch. A job's steps wait in its ready set until the store sends them; a queue has a window
+-- (how many of its steps may be sent and not finished), and each time it has room the next step
+-- comes from the highest priority tier with a job ready, and within the tier from the job whose
+-- turn it is: deficit round-robin, a job's quantum being its weight (whole steps).
+
+-- Put job j in queue q's ring of its tier, or take it out, as its state says: it takes turns
+-- while it has a step ready on q and fewer steps out than its cap.
+local function schedule(j, q)
+  local st = k_state(j)
+  local p = redis.call('HGET', st, 'priority') or '0'
+  local ring = k_ring(q, p)
+  local cap = tonumber(redis.call('HGET', st, 'max_running') or '0')
+  local js = job_status(j)
+  local ok = js and not final(js) and redis.call('ZCARD', k_ready(j, q)) > 0
+             and (cap == 0 or redis.call('SCARD', k_sent(j)) < cap)
+  if ok then
+    if not redis.call('ZSCORE', ring, j) then
+      redis.call('ZADD', ring, redis.call('INCR', k_turns(q)), j)
+      redis.call('ZADD', k_tiers(q), tonumber(p), p)
+    end
+  elseif redis.call('ZREM', ring, j) == 1 then
+    redis.call('HDEL', st, 'deficit:' .. q)  -- a job that stops taking turns keeps no credit
+    if redis.call('ZCARD', ring) == 0 then redis.call('ZREM', k_tiers(q), p) end
+  end
+end
+-- Out of every ring (its priority is about to change, or it ended).
+local function unschedule(j)
+  local p = redis.call('HGET', k_state(j), 'priority') or '0'
+  for _, q in ipairs(QUEUES) do
+    if redis.call('ZREM', k_ring(q, p), j) == 1 and redis.call('ZCARD', k_ring(q, p)) == 0 then
+      redis.call('ZREM', k_tiers(q), p)
+    end
+    redis.call('HDEL', k_state(j), 'deficit:' .. q)
+  end
+end
+-- Record step s of job j as sent on q at time t (its message goes out right after the script).
+local function mark_sent(j, s, q, t)
+  local m = member(j, s)
+  redis.call('ZREM', k_ready(j, q), s)
+  redis.call('HSET', k_step(j, s), 'state', 'queued', 'queued_at', t, 'sent_at', t)
+  redis.call('ZADD', k_pending(q), t, m)
+  redis.call('ZADD', k_outstanding(q), t, m)
+  redis.call('SADD', k_sent(j), s)
+end
+-- The step a finish or a hand-back no longer keeps out: room in the window and under the cap.
+local function unsend(j, s, q)
+  redis.call('ZREM', k_outstanding(q), member(j, s))
+  redis.call('SREM', k_sent(j), s)
+end
+-- Whose turn it is in a ring: the job at its head spends one step of credit, taking its weight
+-- in credit when it has less than a step; out of credit, it goes to the back.
+local function take_turn(ring, q)
+  local j = redis.call('ZRANGE', ring, 0, 0)[1]
+  if not j then return nil end
+  local st, field = k_state(j), 'deficit:' .. q
+  local d = tonumber(redis.call('HGET', st, field) or '0')
+  if d < 1 then d = d + tonumber(redis.call('HGET', st, 'weight') or '1') end
+  d = d - 1
+  redis.call('HSET', st, field, d)
+  if d < 1 then redis.call('ZADD', ring, redis.call('INCR', k_turns(q)), j) end
+  return j
+end
+-- Fill q's window: sends steps while it has room, appending {job, step, task, queue, msg} to out.
+local function dispatch(q, t, out)
+  local window = tonumber(redis.call('GET', k_window(q)) or '1')
+  local free = window - redis.call('ZCARD', k_outstanding(q))
+  local guard = 2 * math.min(free, 10000) + 100  -- a bound on the loop whatever the keys say
+  while free > 0 and guard > 0 do
+    guard = guard - 1
+    local top = redis.call('ZREVRANGE', k_tiers(q), 0, 0)[1]
+    if not top then break end
+    local ring = k_ring(q, top)
+    local j = take_turn(ring, q)
+    if not j then
+      redis.call('ZREM', k_tiers(q), top)
+    else
+      local s = redis.call('ZRANGE', k_ready(j, q), 0, 0)[1]
+      if s then
+        mark_sent(j, s, q, t)
+        local sk = k_step(j, s)
+        out[#out + 1] = j; out[#out + 1] = s; out[#out + 1] = redis.call('HGET', sk, 'task')
+        out[#out + 1] = q; out[#out + 1] = redis.call('HGET', sk, 'msg')
+        free = free - 1
+      end
+      schedule(j, q)
+    end
+  end
+  return out
+end
+local function end_job(j, status, fields, t)
+  local st = k_state(j)
+  local cur = redis.call('HGET', st, 'status')
+  if not cur or final(cur) then return 0 end
+  local ttl = tonumber(redis.call('HGET', st, 'ttl') or '604800')
+  local f = {'status', status, status .. '_at', t, 'ended_at', t}
+  for k, v in pairs(fields) do f[#f + 1] = k; f[#f + 1] = tostring(v) end
+  unschedule(j)
+  redis.call('HSET', st, unpack(f))
+  redis.call('SREM', k_active(), j)
+  redis.call('ZADD', k_ended(), t + ttl, j)
+  local steps = redis.call('HGETALL', k_steps(j))
+  for i = 1, #steps, 2 do
+    local m = member(j, steps[i])
+    redis.call('ZREM', k_pending(steps[i + 1]), m)
+    redis.call('ZREM', k_outstanding(steps[i + 1]), m)
+    redis.call('ZREM', k_leases(), m)
+    redis.call('ZREM', k_held(), m)
+    redis.call('EXPIRE', k_step(j, steps[i]), ttl)
+  end
+  redis.call('DEL', k_sent(j))
+  for _, q in ipairs(QUEUES) do redis.call('DEL', k_ready(j, q)) end
+  for _, k in ipairs({k_spec(j), st, k_inputs(j), k_steps(j), k_finished(j), k_failed(j)}) do
+    redis.call('EXPIRE', k, ttl)
+  end
+  local out = redis.call('HGET', st, 'out_key')
+  if out and out ~= '' and redis.call('GET', out) == j then redis.call('DEL', out) end
+  return 1
+end
+-- A job's first step runs: its wait since submission, into the histogram of its priority.
+local function observe_queue_wait(j, t)
+  local st = k_state(j)
+  local since = tonumber(redis.call('HGET', st, 'submitted_at') or '')
+  if not since then return end
+  local v, p, h = math.max(0, t - since), redis.call('HGET', st, 'priority') or '0', k_queue_wait()
+  for _, le in ipairs(QUEUE_WAIT_BUCKETS) do
+    if v <= le then redis.call('HINCRBY', h, p .. '|' .. string.format('%g', le), 1) end
+  end
+  redis.call('HINCRBY', h, p .. '|+Inf', 1)
+  redis.call('HINCRBY', h, p .. '|count', 1)
+  redis.call('HINCRBYFLOAT', h, p .. '|sum', v)
+end
 local function add_step(j, s, queue, task, msg, params, t)
-  redis.call('HSET', k_step(j, s), 'state', 'queued', 'queue', queue, 'task', task, 'msg', msg,
-             'params', params, 'queued_at', t, 'deliveries', 0, 'done', 0, 'total', 0)
+  redis.call('HSET', k_step(j, s), 'state', 'ready', 'queue', queue, 'task', task, 'msg', msg,
+             'params', params, 'ready_at', t, 'deliveries', 0, 'done', 0, 'total', 0)
   redis.call('HSET', k_steps(j), s, queue)
-  redis.call('ZADD', k_pending(queue), t, member(j, s))
+  redis.call('ZADD', k_ready(j, queue), 0, s)
+  schedule(j, queue)
 end
 """
 
@@ -69,6 +179,7 @@ local sk = k_step(j, s)
 local state = redis.call('HGET', sk, 'state')
 if not state then return {'unknown', '0'} end
 if state == 'done' or state == 'failed' then return {'already', '0'} end
+if state == 'ready' then return {'early', '0'} end  -- never sent: a forged or replayed message
 local m, t = member(j, s), now()
 if state == 'running' then
   local deadline = redis.call('ZSCORE', k_leases(), m)
@@ -90,6 +201,9 @@ if n > tonumber(redis.call('HGET', k_state(j), 'max_deliveries') or '3') then
 end
 if ARGV[8] ~= '' and js == ARGV[7] then
   redis.call('HSET', k_state(j), 'status', ARGV[8], ARGV[8] .. '_at', t)
+end
+if redis.call('HSETNX', k_state(j), 'first_running_at', t) == 1 then
+  observe_queue_wait(j, t)
 end
 return {'claimed', tostring(n), tostring(attempt)}
 """
@@ -134,23 +248,28 @@ return 'ok'
 #: ARGV[1]: JSON {job, step, token, outcome, done?, error, fields, job_fields, fail_job, job_error,
 #: barrier, next?: {step, queue, task, msg, status, params}}. Only the current holder of a running
 #: step decides its outcome: any other caller (a holder whose lease lapsed and was taken over,
-#: repaired, or released) is answered ``stale`` and changes nothing.
-#: -> dup | stale | late | failed | wait | next | done | unknown.
+#: repaired, or released) is answered ``stale`` and changes nothing. A step that ends leaves its
+#: queue's window, so the same script sends the next steps there (and on the next step's queue).
+#: -> {answer, then job, step, task, queue, msg of each step to send}; answer: dup | stale | late |
+#: failed | wait | next | done | unknown.
 FINISH = _PRELUDE + """
 local a = cjson.decode(ARGV[1])
 local j, s = a.job, a.step
 local sk = k_step(j, s)
 local state = redis.call('HGET', sk, 'state')
-if not state then return 'unknown' end
-if state == 'done' or state == 'failed' then return 'dup' end
-if state ~= 'running' or redis.call('HGET', sk, 'token') ~= a.token then return 'stale' end
-local m, t = member(j, s), now()
+if not state then return {'unknown'} end
+if state == 'done' or state == 'failed' then return {'dup'} end
+if state ~= 'running' or redis.call('HGET', sk, 'token') ~= a.token then return {'stale'} end
+local m, t, q = member(j, s), now(), redis.call('HGET', sk, 'queue')
 local f = {'state', a.outcome, 'finished_at', t, 'error', a.error, 'token', ''}
 for k, v in pairs(a.fields) do f[#f + 1] = k; f[#f + 1] = tostring(v) end
 local js = job_status(j)
+local out = {}
 if final(js) then
   redis.call('HSET', sk, unpack(f))
-  return 'late'
+  unsend(j, s, q)
+  out[1] = 'late'
+  return dispatch(q, t, out)
 end
 if a.done then
   local old = tonumber(redis.call('HGET', sk, 'done') or '0')
@@ -159,29 +278,35 @@ if a.done then
 end
 redis.call('HSET', sk, unpack(f))
 redis.call('ZREM', k_leases(), m)
-redis.call('ZREM', k_pending(redis.call('HGET', sk, 'queue')), m)
+redis.call('ZREM', k_pending(q), m)
 redis.call('ZREM', k_held(), m)
+unsend(j, s, q)
+schedule(j, q)  -- under its cap again
 if a.barrier > 0 then
   redis.call('SADD', a.outcome == 'done' and k_finished(j) or k_failed(j), s)
 end
 if a.outcome == 'failed' and a.fail_job then
   end_job(j, 'failed', {error = a.job_error, failed_step = s}, t)
-  return 'failed'
+  out[1] = 'failed'
+elseif a.barrier > 0 and redis.call('SCARD', k_finished(j)) + redis.call('SCARD', k_failed(j)) < a.barrier then
+  out[1] = 'wait'
+else
+  local jf = {}
+  for k, v in pairs(a.job_fields) do jf[#jf + 1] = k; jf[#jf + 1] = tostring(v) end
+  if #jf > 0 then redis.call('HSET', k_state(j), unpack(jf)) end
+  if not a.next then
+    end_job(j, 'done', {}, t)
+    out[1] = 'done'
+  elseif redis.call('HEXISTS', k_steps(j), a.next.step) == 1 then
+    out[1] = 'wait'
+  else
+    add_step(j, a.next.step, a.next.queue, a.next.task, a.next.msg, a.next.params, t)
+    redis.call('HSET', k_state(j), 'status', a.next.status, a.next.status .. '_at', t)
+    out[1] = 'next'
+    if a.next.queue ~= q then dispatch(a.next.queue, t, out) end
+  end
 end
-if a.barrier > 0 and redis.call('SCARD', k_finished(j)) + redis.call('SCARD', k_failed(j)) < a.barrier then
-  return 'wait'
-end
-local jf = {}
-for k, v in pairs(a.job_fields) do jf[#jf + 1] = k; jf[#jf + 1] = tostring(v) end
-if #jf > 0 then redis.call('HSET', k_state(j), unpack(jf)) end
-if a.next then
-  if redis.call('HEXISTS', k_steps(j), a.next.step) == 1 then return 'wait' end
-  add_step(j, a.next.step, a.next.queue, a.next.task, a.next.msg, a.next.params, t)
-  redis.call('HSET', k_state(j), 'status', a.next.status, a.next.status .. '_at', t)
-  return 'next'
-end
-end_job(j, 'done', {}, t)
-return 'done'
+return dispatch(q, t, out)
 """
 
 #: ARGV: job, step, token, mode (stopped | handback), error. -> 1 if this holder released it.
@@ -200,20 +325,46 @@ if ARGV[4] == 'handback' then
   if not final(job_status(j)) then redis.call('ZADD', k_pending(redis.call('HGET', sk, 'queue')), since, m) end
 else
   redis.call('HSET', sk, 'state', 'stopped', 'token', '', 'error', ARGV[5])
+  unsend(j, s, redis.call('HGET', sk, 'queue'))
 end
 return 1
 """
 
-#: ARGV: job, status, then field/value pairs. -> 1 if this call ended the job.
+#: ARGV: job, status, then field/value pairs. -> 1 if this call ended the job. The room it leaves
+#: in the windows is filled by the caller's :data:`DISPATCH`, or the reconcilers' next tick.
 END = _PRELUDE + """
 local f = {}
 for i = 3, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
 return end_job(ARGV[1], ARGV[2], f, now())
 """
 
+#: ARGV: queue, then jobs to (re)place in the queue's rings first (new, or their options changed).
+#: -> {job, step, task, queue, msg, ...} of the steps to send: the window filled.
+DISPATCH = _PRELUDE + """
+for i = 2, #ARGV do schedule(ARGV[i], ARGV[1]) end
+return dispatch(ARGV[1], now(), {})
+"""
+
+#: ARGV: job, priority, weight, max_running ('' keeps a value). -> {'ended'} for a job that ended,
+#: else {'ok', then job, step, task, queue, msg of each step to send}.
+SET_OPTIONS = _PRELUDE + """
+local j = ARGV[1]
+local js = job_status(j)
+if not js or final(js) then return {'ended'} end
+unschedule(j)
+local names = {'priority', 'weight', 'max_running'}
+for i = 2, 4 do
+  if ARGV[i] ~= '' then redis.call('HSET', k_state(j), names[i - 1], ARGV[i]) end
+end
+local t, out = now(), {'ok'}
+for _, q in ipairs(QUEUES) do schedule(j, q) end
+for _, q in ipairs(QUEUES) do dispatch(q, t, out) end
+return out
+"""
+
 #: A new step for an ended job (``convoy submit train JOB``): the job lives again.
 #: ARGV: job, step, queue, task, msg, params, status, steps to forget (the earlier chain's)...
-#: -> 1, or 0 if the job has not ended.
+#: -> 1, or 0 if the job has not ended. The step is ready: the caller's :data:`DISPATCH` sends it.
 REOPEN = _PRELUDE + """
 local j = ARGV[1]
 local js = job_status(j)
@@ -232,6 +383,8 @@ redis.call('HDEL', k_state(j), 'error', 'ended_at', 'done_at', 'failed_at', 'can
 redis.call('HSET', k_state(j), 'status', ARGV[7], ARGV[7] .. '_at', t)
 redis.call('SADD', k_active(), j)
 redis.call('ZREM', k_ended(), j)
+redis.call('HSET', k_state(j), 'submitted_at', t)
+redis.call('HDEL', k_state(j), 'first_running_at')
 add_step(j, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], t)
 return 1
 """
@@ -328,13 +481,25 @@ end
 return out
 """
 
-#: ARGV: worker, ttl_s, queues... Heartbeat of a worker for each queue it consumes.
+#: ARGV: worker, ttl_s, window share, queues... Heartbeat of a worker for each queue it consumes;
+#: each queue's window becomes the sum of its live workers' shares (at least 1).
 HEARTBEAT = _PRELUDE + """
 local t = now()
-for i = 3, #ARGV do
-  redis.call('ZADD', k_workers(ARGV[i]), t + tonumber(ARGV[2]), ARGV[1])
+for i = 4, #ARGV do
+  local q = ARGV[i]
+  redis.call('ZADD', k_workers(q), t + tonumber(ARGV[2]), ARGV[1])
+  redis.call('HSET', k_window_shares(q), ARGV[1], ARGV[3])
   -- every restart is a new member: drop the dead ones an hour on, so the set stays small
-  redis.call('ZREMRANGEBYSCORE', k_workers(ARGV[i]), '-inf', t - 3600)
+  local dead = redis.call('ZRANGEBYSCORE', k_workers(q), '-inf', t - 3600, 'LIMIT', 0, 100)
+  if #dead > 0 then
+    redis.call('HDEL', k_window_shares(q), unpack(dead))
+    redis.call('ZREM', k_workers(q), unpack(dead))
+  end
+  local window = 0
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', k_workers(q), '(' .. t, '+inf')) do
+    window = window + tonumber(redis.call('HGET', k_window_shares(q), w) or '1')
+  end
+  redis.call('SET', k_window(q), math.max(window, 1))
 end
 return 1
 """

@@ -37,6 +37,11 @@ FAULTS_ENV, FAULTS_SEED_ENV, FAULTS_LOG_ENV = "CONVOY_FAULTS", "CONVOY_FAULTS_SE
 #: Memory one ``convoy worker`` may use, all its processes together (``8G``; default: a share of the machine's).
 MAX_MEMORY_ENV = "CONVOY_MAX_MEMORY"
 
+#: Messages each of a worker's pool slots may have sent ahead on a queue (the dispatch window).
+WINDOW_ENV = "CONVOY_WINDOW_PER_SLOT"
+#: The most a window may be per slot: more would send whole jobs at submit, first in first out.
+WINDOW_MAX = 100_000
+
 #: Where this machine remembers the jobs it ran (job id -> OUT), for `convoy status JOB` later.
 STATE_DIR_ENV = "CONVOY_STATE_DIR"
 
@@ -83,6 +88,7 @@ class Settings:
     train_time_limit_s: int = 6 * 3600
     job_ttl_s: int = 7 * 86400
     max_memory_bytes: int = 0  # one worker's budget; 0: a share of the machine's (shared/memory.py)
+    window_per_slot: int = 1  # steps sent ahead per pool slot: 1 decides each step when a slot frees
     faults: str = ""
     faults_seed: str = ""
     faults_log: str = ""
@@ -116,6 +122,8 @@ class Settings:
             train_time_limit_s=_seconds(TRAIN_TIME_LIMIT_ENV, env.get(TRAIN_TIME_LIMIT_ENV) or "21600"),
             job_ttl_s=_seconds(JOB_TTL_ENV, env.get(JOB_TTL_ENV) or "7d"),
             max_memory_bytes=_checked(MAX_MEMORY_ENV, values.size, env.get(MAX_MEMORY_ENV) or "0"),
+            window_per_slot=_checked(WINDOW_ENV, lambda v: values.whole(v, least=1, most=WINDOW_MAX),
+                                     env.get(WINDOW_ENV) or "1"),
             faults=_checked(FAULTS_ENV, check_faults, env.get(FAULTS_ENV, "")),
             faults_seed=env.get(FAULTS_SEED_ENV, ""),
             faults_log=env.get(FAULTS_LOG_ENV, ""),
@@ -142,6 +150,7 @@ class Settings:
             MAX_DELIVERIES_ENV: str(self.max_deliveries),
             TRAIN_TIME_LIMIT_ENV: str(self.train_time_limit_s),
             JOB_TTL_ENV: str(self.job_ttl_s),
+            WINDOW_ENV: str(self.window_per_slot),
         }
         if self.max_memory_bytes:
             env[MAX_MEMORY_ENV] = str(self.max_memory_bytes)

@@ -36,6 +36,7 @@ class JobStatus(str, Enum):
 class StepState(str, Enum):
     """Where one step (a shard, merge, train, fine-tune, CAM batch, assemble) is."""
 
+    READY = "ready"  # recorded, not yet sent: it waits for room in its queue's dispatch window
     QUEUED = "queued"  # its message waits on a queue (or is held by a worker that has not started it)
     RUNNING = "running"  # a worker holds its lease
     DONE = "done"

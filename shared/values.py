@@ -63,6 +63,36 @@ def seed(text: str) -> int:
         raise BadValue(f"expected a seed, a whole number from 0 to {SEED_MAX}, got {text!r}") from None
 
 
+#: Priority tiers a job may take (higher first), and the most a weight may be.
+PRIORITY_MIN, PRIORITY_MAX, WEIGHT_MAX = -9, 9, 1000
+
+
+def priority(text: str) -> int:
+    """A job's priority tier: a whole number from -9 to 9, higher first (0: the default)."""
+    try:
+        return whole(text, least=PRIORITY_MIN, most=PRIORITY_MAX)
+    except BadValue:
+        raise BadValue(f"expected a priority, a whole number from {PRIORITY_MIN} to {PRIORITY_MAX} "
+                       f"(higher goes first), got {text!r}") from None
+
+
+def weight(text: str) -> int:
+    """A job's share within its tier: steps per turn, a whole number from 1 to 1000."""
+    try:
+        return whole(text, least=1, most=WEIGHT_MAX)
+    except BadValue:
+        raise BadValue(f"expected a weight, a whole number from 1 to {WEIGHT_MAX} (steps per turn), "
+                       f"got {text!r}") from None
+
+
+def max_running(text: str) -> int:
+    """The most steps of a job out at once: a whole number, 0 for no cap."""
+    try:
+        return whole(text, least=0)
+    except BadValue:
+        raise BadValue(f"expected the most steps at once, a whole number (0: no cap), got {text!r}") from None
+
+
 def port(text: str) -> int:
     """A TCP port to listen on, 1 to 65535."""
     try:

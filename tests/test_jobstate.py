@@ -15,7 +15,7 @@ import pytest
 from shared import keys
 from shared.celery_app import make_app
 from shared.job import JobSpec, ModelConfig, new_job_id
-from shared.jobstore import JobStore, NewStep, connect
+from shared.jobstore import JobStore, NewStep, Share, connect
 from shared.settings import Settings
 from shared.states import JobStatus, StepState
 from tests.conftest import own_database, wait_until
@@ -33,7 +33,15 @@ def db():
 
 @pytest.fixture()
 def store(db) -> JobStore:
-    return JobStore(connect(db))
+    return wide_open(JobStore(connect(db)))
+
+
+def wide_open(store: JobStore, window: int = 1000) -> JobStore:
+    """Windows wide enough to send every step at submission: these tests drive steps in any order
+    (the dispatcher's own tests, in test_dispatch.py, keep them narrow)."""
+    for queue in keys.ALL_QUEUES:
+        store.r.set(keys.window(queue), window)
+    return store
 
 
 def sender(url: str):
@@ -43,14 +51,15 @@ def sender(url: str):
 
 
 def make_job(store: JobStore, n_shards: int = 3, per_shard: int = 4, max_deliveries: int = 3,
-             allow_failed: bool = False, then_train: bool = False, ttl_s: int = TTL_S, out: str = "/tmp/o") -> JobSpec:
+             allow_failed: bool = False, then_train: bool = False, ttl_s: int = TTL_S, out: str = "/tmp/o",
+             max_running: int = 0) -> JobSpec:
     model = ModelConfig(layer="block5_pool", input_size_px=32, preprocess="vgg16", weights="none",
                         weights_path="/w", weights_sha256="0" * 64, batch_size=2, dtype="float32")
     shards = {f"train/{i:05d}": [[f"c/{i}-{k}.png", 0] for k in range(per_shard)] for i in range(n_shards)}
     spec = JobSpec(job_id=new_job_id() + f"-{time.monotonic_ns() % 10**6}", data_dir="/d", out_dir=out, model=model,
                    class_names=["c"], shard_ids=list(shards), allow_failed_shards=allow_failed,
                    max_deliveries=max_deliveries, options={"then_train": then_train})
-    store.create(spec, shards, ttl_s)
+    store.create(spec, shards, ttl_s, Share(max_running=max_running))
     return spec
 
 
@@ -60,7 +69,7 @@ def claim(store: JobStore, job: str, step: str, token: str = "t1", lease_s: floa
 
 def finish(store: JobStore, spec: JobSpec, step: str, outcome=StepState.DONE, token: str = "t1", **kw) -> str:
     return store.finish_step(spec.job_id, step, outcome, token=token, done=4, barrier=len(spec.shard_ids), then=MERGE,
-                             fail_job=not spec.allow_failed_shards, job_error=f"shard {step} failed", **kw)
+                             fail_job=not spec.allow_failed_shards, job_error=f"shard {step} failed", **kw).answer
 
 
 def lapse(store: JobStore, job: str, step: str) -> None:
@@ -170,12 +179,13 @@ def test_a_cancel_during_training_stays_cancelled(store):
     assert finish(store, spec, s0) == "next"
     assert claim(store, job, keys.MERGE_STEP).outcome == "claimed"
     train = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)
-    assert store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train) == "next"
+    assert store.finish_step(job, keys.MERGE_STEP, StepState.DONE, token="t1", then=train).answer == "next"
     assert claim(store, job, keys.TRAIN_STEP).outcome == "claimed"
     assert store.job_status(job) == JobStatus.TRAINING
     assert store.end_job(job, JobStatus.CANCELLED, error="cancelled by the user")
     assert store.renew(job, keys.TRAIN_STEP, "t1", 45, "w1@test") == "ended"  # training stops
-    assert store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, token="t1", job_fields={"summary": {}}) == "late"
+    late = store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, token="t1", job_fields={"summary": {}})
+    assert late.answer == "late"
     assert not store.end_job(job, JobStatus.DONE)
     assert claim(store, job, keys.TRAIN_STEP, "t9").outcome == "stopped"
     assert store.job_status(job) == JobStatus.CANCELLED
@@ -325,7 +335,7 @@ def test_job_states_follow_the_chain(store):
     store.finish_step(job, keys.TRAIN_STEP, StepState.DONE, token="t1", then=fine)
     seen.append(store.job_status(job))
     claim(store, job, keys.FINETUNE_STEP)
-    assert store.finish_step(job, keys.FINETUNE_STEP, StepState.DONE, token="t1") == "done"
+    assert store.finish_step(job, keys.FINETUNE_STEP, StepState.DONE, token="t1").answer == "done"
     seen.append(store.job_status(job))
     assert [s.value for s in dict.fromkeys(seen)] == ["queued", "extracting", "merging", "training",
                                                       "finetuning", "done"]

@@ -1,6 +1,7 @@
 """A Hypothesis state machine drives the store's transitions in random orders against a real Redis
 (claims, duplicate deliveries, progress and finishes from stale holders, lapsed leases, repairs,
-failures, cancels) and checks the job-state invariants after every step."""
+failures, cancels, changes of share) through narrow dispatch windows, and checks the job-state
+invariants after every step: windows never leak, caps hold."""
 
 from __future__ import annotations
 
@@ -35,11 +36,17 @@ class JobMachine(RuleBasedStateMachine):
         self.cancelled = False
         self.sent: list[str] = []
 
-    @rule(allow_failed=st.booleans(), cap=st.integers(1, 3))
+    @rule(allow_failed=st.booleans(), cap=st.integers(1, 3), window=st.integers(1, 3),
+          max_running=st.integers(0, 2))
     @precondition(lambda self: self.spec is None)
-    def create(self, allow_failed: bool, cap: int) -> None:
+    def create(self, allow_failed: bool, cap: int, window: int, max_running: int) -> None:
+        for key in self.store.r.scan_iter("convoy:*"):  # the database is this test's own: each example starts empty
+            self.store.r.delete(key)
+        for queue in keys.ALL_QUEUES:
+            self.store.r.set(keys.window(queue), window)
+        self.window, self.max_running = window, max_running
         self.spec = make_job(self.store, n_shards=N_SHARDS, per_shard=2, max_deliveries=cap,
-                             allow_failed=allow_failed, then_train=True, ttl_s=600)
+                             allow_failed=allow_failed, then_train=True, ttl_s=600, max_running=max_running)
         self.job = self.spec.job_id
         self.reconciler = Reconciler(self.store, "hyp@test", list(keys.ALL_QUEUES),
                                      send=lambda j, s: self.sent.append(s.step), lost_after_s=0)
@@ -88,7 +95,7 @@ class JobMachine(RuleBasedStateMachine):
         done = 2 if step.startswith("train/") else None
         answer = self.store.finish_step(self.job, step, outcome, token=token, done=done,
                                         error="" if ok else "broken", job_error=f"{step} failed",
-                                        fields={"rows": 2} if ok else {}, **self._route(step))
+                                        fields={"rows": 2} if ok else {}, **self._route(step)).answer
         if not current:
             assert answer in ("stale", "dup"), answer
             assert self.store.step(self.job, step) == before and self.store.status(self.job) == job_before
@@ -114,6 +121,31 @@ class JobMachine(RuleBasedStateMachine):
     def cancel(self) -> None:
         if self.store.end_job(self.job, JobStatus.CANCELLED, error="cancelled"):
             self.cancelled = True
+
+    @rule(weight=st.integers(1, 3))
+    @precondition(lambda self: self.spec is not None)
+    def reweigh(self, weight: int) -> None:
+        self.store.set_share(self.job, weight=weight)
+
+    @invariant()
+    def windows_never_leak(self) -> None:
+        """What a queue's window counts is exactly the steps sent and not finished, never more
+        than the window, and never more of the job than its cap."""
+        if self.spec is None:
+            return
+        active = not is_final(self.store.status(self.job)["status"])
+        steps = self.store.steps(self.job)
+        for queue in keys.ALL_QUEUES:
+            out = {m for m in self.store.outstanding(queue) if m.startswith(self.job + "|")}
+            sent = {keys.member(self.job, name) for name, s in steps.items() if s.get("queue") == queue
+                    and s["state"] in (StepState.QUEUED, StepState.RUNNING) and active}
+            assert out == sent, (queue, out, sent)
+            assert len(out) <= self.window
+        if self.max_running:
+            assert self.store.r.scard(keys.job_sent(self.job)) <= self.max_running
+        for name, s in steps.items():
+            ready = self.store.r.zscore(keys.job_ready(self.job, s["queue"]), name) is not None
+            assert ready == (s["state"] == StepState.READY and active), (name, s["state"])
 
     @invariant()
     def finished_or_failed_never_both(self) -> None:

@@ -32,7 +32,7 @@ from celery import bootsteps
 from celery.signals import task_prerun, worker_shutting_down
 
 from shared import faults, keys
-from shared.celery_app import app
+from shared.celery_app import app, send_steps
 from shared.errors import MessageRefused
 from shared.states import JobStatus, StepState
 
@@ -282,8 +282,8 @@ def _record(task_name: str, message, reason: str, celery_app) -> None:
         # that another worker runs (its lease alive) or that ended changes nothing.
         token = f"intake:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         if store.claim(job, step, token, "intake", os.getpid(), 45).outcome in ("claimed", "capped"):
-            store.finish_step(job, step, StepState.FAILED, token=token, error=reason, fail_job=True,
-                              job_error=f"step {step} failed: {reason}")
+            send_steps(store.finish_step(job, step, StepState.FAILED, token=token, error=reason, fail_job=True,
+                                         job_error=f"step {step} failed: {reason}").sends)
     else:
         store.end_job(job, JobStatus.FAILED, error=f"a message naming this job failed: {reason}")
 

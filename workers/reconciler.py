@@ -64,16 +64,16 @@ class Reconciler:
     """One worker's repairs; ``tick()`` once, or ``start()`` a thread that ticks for ever."""
 
     def __init__(self, store: JobStore, worker: str, queues: list[str], send: Callable = send_step,
-                 lost_after_s: float = LOST_AFTER_S, held_max_s: float = HELD_MAX_S) -> None:
+                 lost_after_s: float = LOST_AFTER_S, held_max_s: float = HELD_MAX_S, share: int = 1) -> None:
         self.store, self.worker, self.queues, self.send = store, worker, queues, send
-        self.lost_after_s, self.held_max_s = lost_after_s, held_max_s
+        self.lost_after_s, self.held_max_s, self.share = lost_after_s, held_max_s, share
         self._grace_until = 0.0
         self._suspects: dict[str, dict[str, str]] = {}  # queue -> {member: message id} seen missing
 
     def tick(self) -> dict[str, int]:
-        """Heartbeat, then every kind of repair; how many of each this tick made."""
-        self.store.heartbeat(self.worker, self.queues, HEARTBEAT_TTL_S)
-        made = {"lease": 0, "held": 0, "lost": 0}
+        """Heartbeat, then every kind of repair, then the windows topped up; how many of each."""
+        self.store.heartbeat(self.worker, self.queues, HEARTBEAT_TTL_S, self.share)
+        made = {"lease": 0, "held": 0, "lost": 0, "sent": 0, "drained": 0}
         if not self._after_outage():
             for member in self.store.lapsed_leases():
                 made["lease"] += self._repair(member, "lease", "its worker stopped renewing the lease")
@@ -81,7 +81,11 @@ class Reconciler:
             made["held"] += self._repair(member, "held", "its message was held by a worker that died")
         made["held"] += self._orphans()
         for queue in keys.ALL_QUEUES:
+            made["drained"] += self.store.drain_ended(queue)
             made["lost"] += self._overtaken(queue) or self._lost(queue)
+        for job_id, step in self.store.dispatch_all():  # a window a crash or a cancel left with room
+            self.send(job_id, step)
+            made["sent"] += 1
         self.store.prune_index()
         return made
 
@@ -127,11 +131,12 @@ class Reconciler:
         return made
 
     def _lost(self, queue: str) -> int:
-        count, _ = self.store.old_pending(queue, self.lost_after_s, 0)
-        if count == 0 or count <= self.store.queue_length(queue):
+        # Sent steps are at most the queue's window, and so are the messages read here: whatever
+        # else waits on the queue (an ended job's, drained above) hides nothing.
+        count, members = self.store.old_pending(queue, self.lost_after_s, LOST_SCAN_LIMIT)
+        if count == 0:
             self._suspects[queue] = {}
             return 0
-        _, members = self.store.old_pending(queue, self.lost_after_s, LOST_SCAN_LIMIT)
         waiting = self.store.queued_message_ids(queue)
         seen, suspects, made = self._suspects.get(queue, {}), {}, 0
         for member in members:
@@ -195,7 +200,10 @@ def _start(sender=None, **_kwargs) -> None:
     queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else list(keys.ALL_QUEUES)
     store.set_draining(worker, False)  # restarted: take work again
     _MAIN["queues"] = queues
-    Reconciler(store, incarnation(worker), queues).start()
+    from workers.runtime import installed_settings
+
+    slots = int(getattr(sender, "concurrency", 1) or 1)
+    Reconciler(store, incarnation(worker), queues, share=slots * installed_settings().window_per_slot).start()
 
 
 @task_received.connect

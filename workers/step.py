@@ -9,8 +9,9 @@ message ``(job_id, step_id)``. :class:`ConvoyStep` wraps each task's body in the
 2. **lease**: a thread renews the lease every 10 s; when the job ended, another holder took the
    step, or the worker is draining, the body stops at its next check;
 3. **finish**: one atomic script records the outcome and, in the same step, trips the barrier
-   or queues the next step; the message for that step is sent after it (a crash in between is
-   what the reconciler repairs).
+   or readies the next step, and picks the steps that go into the room the step leaves in its
+   queue's dispatch window (any job's, by priority and turn); their messages are sent after it
+   (a crash in between is what the reconciler repairs).
 
 Time limits are Celery's, per task (training's come from ``CONVOY_TRAIN_TIME_LIMIT_S``).
 """
@@ -31,9 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import faults, storage
 from shared.backbones import get as get_backbone
-from shared.celery_app import send_step
+from shared.celery_app import send_steps
 from shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError
-from shared.jobstore import Claim, JobStore, NewStep
+from shared.jobstore import Claim, Finished, JobStore, NewStep
 from shared.manifest import record_end
 from shared.memory import StepGuard
 from shared.paths import check_job_paths, output
@@ -232,15 +233,15 @@ class ConvoyStep(Task):
         if ctx.answer == "lost":  # another holder has the step: its outcome, not this one's, counts
             return {"job": job_id, "step": step, "state": "stopped", "why": "lost"}
         route = self.route(job_id, step)
-        answer = answered(lambda: store.finish_step(
+        finished = answered(lambda: store.finish_step(
             job_id, step, StepState.DONE, token=ctx.token, done=outcome.done, fields=outcome.fields,
             job_fields=outcome.job_fields, barrier=route.barrier, then=route.then))
-        if answer == "stale":
+        if finished.answer == "stale":
             return {"job": job_id, "step": step, "state": "stopped", "why": "stale"}
-        self._follow(job_id, answer, route.then)
-        if answer != "dup":
+        self._follow(job_id, finished)
+        if finished.answer != "dup":
             self._observe(store, time.monotonic() - ctx.started)
-        return {"job": job_id, "step": step, "state": "done", "transition": answer, **outcome.result}
+        return {"job": job_id, "step": step, "state": "done", "transition": finished.answer, **outcome.result}
 
     def _observe(self, store: JobStore, seconds: float) -> None:
         """The step's time into ``convoy_step_seconds``, labelled by task (a small, fixed set)."""
@@ -255,12 +256,12 @@ class ConvoyStep(Task):
             return {"job": job_id, "step": step, "state": "stopped", "why": "lost"}
         route = self.route(job_id, step)
         what = self.describe(step)
-        answer = answered(lambda: store.finish_step(
+        finished = answered(lambda: store.finish_step(
             job_id, step, StepState.FAILED, token=ctx.token, error=reason, fail_job=route.fail_job,
             job_error=f"{what} failed: {reason}", barrier=route.barrier, then=route.then))
-        self._follow(job_id, answer, route.then)
-        if answer in ("dup", "late", "stale"):
-            return {"job": job_id, "step": step, "state": answer}
+        self._follow(job_id, finished)
+        if finished.answer in ("dup", "late", "stale"):
+            return {"job": job_id, "step": step, "state": finished.answer}
         # Raised so that Celery and Flower show the task failed; the job state already says why.
         raise ShardError(f"{what} of job {job_id} failed: {reason}")
 
@@ -271,11 +272,12 @@ class ConvoyStep(Task):
         except ShardError:
             pass  # raised for Celery's sake; the job's state says why
 
-    def _follow(self, job_id: str, answer: str, then: NewStep | None) -> None:
-        if answer == "next" and then is not None:
-            send_step(job_id, then)
-        elif answer in ("done", "failed"):
-            self.ended(job_id, JobStatus(answer))
+    def _follow(self, job_id: str, finished: Finished) -> None:
+        """Send what the store dispatched into the room this step left (its own next step, or
+        another job's), then record the job's end if this step ended it."""
+        send_steps(finished.sends)
+        if finished.answer in ("done", "failed"):
+            self.ended(job_id, JobStatus(finished.answer))
 
     def _handback(self, ctx: StepContext, reason: str):
         """Back to the queue without counting this delivery (a warm shutdown, a Redis outage)."""
