@@ -28,7 +28,11 @@ end
 -- Dispatch. A job's steps wait in its ready set until the store sends them; a queue has a window
 -- (how many of its steps may be sent and not finished), and each time it has room the next step
 -- comes from the highest priority tier with a job ready, and within the tier from the job whose
--- turn it is: deficit round-robin, a job's quantum being its weight (whole steps).
+-- turn it is: deficit round-robin, a job's quantum being its weight (whole steps). A job that
+-- joins a ring goes before every job already round it (in the order they joined): a new job's
+-- first turn is the next one, which is what bounds a small job's wait behind a big one.
+-- Ring scores: a turn number for a job on its first turn, BACK + a turn number once it went round.
+local BACK = 2 ^ 40
 
 -- Put job j in queue q's ring of its tier, or take it out, as its state says: it takes turns
 -- while it has a step ready on q and fewer steps out than its cap.
@@ -84,7 +88,7 @@ local function take_turn(ring, q)
   if d < 1 then d = d + tonumber(redis.call('HGET', st, 'weight') or '1') end
   d = d - 1
   redis.call('HSET', st, field, d)
-  if d < 1 then redis.call('ZADD', ring, redis.call('INCR', k_turns(q)), j) end
+  if d < 1 then redis.call('ZADD', ring, BACK + redis.call('INCR', k_turns(q)), j) end
   return j
 end
 -- Fill q's window: sends steps while it has room, appending {job, step, task, queue, msg} to out.

@@ -15,7 +15,7 @@ import pytest
 from shared import keys
 from shared.celery_app import make_app
 from shared.job import JobSpec, ModelConfig, new_job_id
-from shared.jobstore import JobStore, NewStep, Share, connect
+from shared.jobstore import DEFAULT_SHARE, JobStore, NewStep, Share, connect
 from shared.settings import Settings
 from shared.states import JobStatus, StepState
 from tests.conftest import own_database, wait_until
@@ -52,14 +52,14 @@ def sender(url: str):
 
 def make_job(store: JobStore, n_shards: int = 3, per_shard: int = 4, max_deliveries: int = 3,
              allow_failed: bool = False, then_train: bool = False, ttl_s: int = TTL_S, out: str = "/tmp/o",
-             max_running: int = 0) -> JobSpec:
+             share: Share = DEFAULT_SHARE) -> JobSpec:
     model = ModelConfig(layer="block5_pool", input_size_px=32, preprocess="vgg16", weights="none",
                         weights_path="/w", weights_sha256="0" * 64, batch_size=2, dtype="float32")
     shards = {f"train/{i:05d}": [[f"c/{i}-{k}.png", 0] for k in range(per_shard)] for i in range(n_shards)}
     spec = JobSpec(job_id=new_job_id() + f"-{time.monotonic_ns() % 10**6}", data_dir="/d", out_dir=out, model=model,
                    class_names=["c"], shard_ids=list(shards), allow_failed_shards=allow_failed,
                    max_deliveries=max_deliveries, options={"then_train": then_train})
-    store.create(spec, shards, ttl_s, Share(max_running=max_running))
+    store.create(spec, shards, ttl_s, share)
     return spec
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from shared import keys
-from shared.jobstore import JobStore, NewStep, connect
+from shared.jobstore import JobStore, NewStep, Share, connect
 from shared.states import JobStatus, StepState, is_final
 from tests.conftest import own_database
 from tests.test_jobstate import MERGE, make_job
@@ -46,7 +46,8 @@ class JobMachine(RuleBasedStateMachine):
             self.store.r.set(keys.window(queue), window)
         self.window, self.max_running = window, max_running
         self.spec = make_job(self.store, n_shards=N_SHARDS, per_shard=2, max_deliveries=cap,
-                             allow_failed=allow_failed, then_train=True, ttl_s=600, max_running=max_running)
+                             allow_failed=allow_failed, then_train=True, ttl_s=600,
+                             share=Share(max_running=max_running))
         self.job = self.spec.job_id
         self.reconciler = Reconciler(self.store, "hyp@test", list(keys.ALL_QUEUES),
                                      send=lambda j, s: self.sent.append(s.step), lost_after_s=0)
