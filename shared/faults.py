@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
 from shared import values
 from shared.errors import BadValue
@@ -27,8 +28,12 @@ POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload", "mid-d
 #: A rate of ``stop`` freezes the process (SIGSTOP) instead of killing it: a holder that a test
 #: thaws later (SIGCONT), after its job was cancelled or its lease was taken over.
 STOP = "stop"
+#: A rate of ``delay:S`` makes the point sleep S seconds (up to a minute), every time: steps of
+#: a known length, for the tests and benchmarks of who goes first.
+DELAY = "delay:"
 
 _rates: dict[str, float] = {}
+_delays: dict[str, float] = {}
 _rng = random.Random()
 _log_path = ""
 
@@ -37,20 +42,30 @@ def configure(spec: str, seed: str = "", log_path: str = "") -> None:
     """Arm the points named in ``spec`` (``name=probability,...``); an empty spec disarms all."""
     global _log_path
     _rates.clear()
-    _rates.update(parse(spec))
+    _delays.clear()
+    for name, rate in parse(spec).items():
+        (_delays if isinstance(rate, Delay) else _rates)[name] = float(rate)
     _rng.seed(f"{seed}:{os.getpid()}" if seed else None)
     _log_path = log_path
 
 
+class Delay(float):
+    """Seconds a point sleeps (``name=delay:S``), told apart from a probability by its type."""
+
+
 def parse(spec: str) -> dict[str, float]:
-    """``name=probability,...`` as point -> probability (a bare name: 1), or :class:`BadValue`."""
+    """``name=probability,...`` as point -> probability (a bare name: 1; ``stop``: -1; ``delay:S``:
+    a :class:`Delay`), or :class:`BadValue`."""
     rates = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, rate = item.partition("=")
         if name not in POINTS:
-            raise BadValue(f"unknown fault point {name!r}; expected name=probability (or name=stop),... with "
-                           f"names from {', '.join(POINTS)}")
-        rates[name] = -1.0 if rate == STOP else values.real(rate or "1", least=0, most=1)
+            raise BadValue(f"unknown fault point {name!r}; expected name=probability (or name=stop, "
+                           f"name=delay:SECONDS),... with names from {', '.join(POINTS)}")
+        if rate.startswith(DELAY):
+            rates[name] = Delay(values.real(rate.removeprefix(DELAY), least=0, most=60))
+        else:
+            rates[name] = -1.0 if rate == STOP else values.real(rate or "1", least=0, most=1)
     return rates
 
 
@@ -66,7 +81,10 @@ class InjectedFault(RuntimeError):
 
 def point(name: str) -> None:
     """Crash this process here, with the configured probability, or freeze it every time when the
-    point's rate is ``stop`` (never when unarmed)."""
+    point's rate is ``stop``, or sleep when it is ``delay:S`` (never when unarmed)."""
+    if name in _delays:
+        time.sleep(_delays[name])
+        return
     if _drawn(name):
         os.kill(os.getpid(), signal.SIGSTOP if _rates[name] < 0 else signal.SIGKILL)
 
