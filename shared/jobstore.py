@@ -26,6 +26,9 @@ CLIENT_RETRY_WINDOW_S = 25
 RATE_TTL_S = 60
 #: Upper bounds of the step-time histogram's buckets, seconds: a CPU batch to a long GPU shard.
 STEP_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+#: Upper bounds of the queue-wait histogram's buckets, seconds: a job taken at once to one that
+#: waited an hour behind others on a shared cluster.
+QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 #: Celery's (kombu's) scheme for Redis on a Unix socket; redis-py calls it ``unix``.
@@ -431,6 +434,19 @@ class JobStore:
     def step_seconds(self) -> dict[str, str]:
         """The step-time histogram's fields (see :func:`shared.keys.step_seconds`)."""
         return self.r.hgetall(keys.step_seconds())
+
+    def queue_wait(self) -> dict[str, str]:
+        """The queue-wait histogram's fields, by job priority (see :func:`shared.keys.queue_wait`)."""
+        return self.r.hgetall(keys.queue_wait())
+
+    def running_by_job(self) -> dict[str, int]:
+        """How many steps of each job hold a lease now, from one read of the cluster-wide leases
+        (a lapsed lease counts until the reconciler repairs its step). Jobs with none are absent."""
+        counts: dict[str, int] = {}
+        for name in self.r.zrange(keys.leases(), 0, -1):
+            job, _step = keys.split_member(name)
+            counts[job] = counts.get(job, 0) + 1
+        return counts
 
     def worker_rates(self) -> dict[str, float]:
         """Images per second of each worker: the sum over the steps it runs that reported lately."""

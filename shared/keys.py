@@ -169,6 +169,13 @@ def step_seconds() -> str:
     return f"{PREFIX}:metrics:step_seconds"
 
 
+def queue_wait() -> str:
+    """Hash: the convoy_job_queue_wait_seconds histogram, ``priority|le`` (cumulative counts),
+    ``priority|sum``, ``priority|count``: seconds from a job's submission to its first step running,
+    by priority"""
+    return f"{PREFIX}:metrics:queue_wait"
+
+
 def member(job_id: str, step: str) -> str:
     """How a step is named in the cluster-wide sorted sets."""
     return f"{job_id}|{step}"
