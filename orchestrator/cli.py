@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- commands ---------------------------------------------------------------------------
 
-def _request(args, settings: Settings, workers: int = 1):
+def _request(args, settings: Settings):
     from orchestrator.jobs import ExtractRequest, keras_home_from_env
 
     return ExtractRequest(
         data_dir=args.data, out_dir=args.out, shard_size=args.shard_size, input_size_px=args.input_size,
         layer=args.layer, preprocess=args.preprocess, batch_size=args.batch_size, dtype=args.dtype,
-        precision=args.precision, decode=args.decode, cache_pixels=args.cache_pixels, workers=workers,
+        precision=args.precision, decode=args.decode, cache_pixels=args.cache_pixels,
         weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
         max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(), model=args.model, pooling=args.pooling,
         checked_weights=settings.state_dir / "weights-checked",
@@ -51,13 +51,6 @@ def _share(args):
     from shared.jobstore import Share
 
     return Share(priority=args.priority, weight=args.weight, max_running=args.max_running)
-
-
-def _extract_workers(store) -> int:
-    """Workers serving the extract queue now (at least one): how many the shards are balanced for."""
-    from shared import keys
-
-    return max(1, store.live_workers(keys.EXTRACT_QUEUE))
 
 
 def _store(settings: Settings):
@@ -85,7 +78,7 @@ def cmd_run(args, settings: Settings) -> int:
 
     t0 = time.monotonic()
     stages = _stages(args)
-    request = _request(args, settings, workers=args.workers)
+    request = _request(args, settings)
     stages.begin("scanning", unit="images")
     checked = check_request(request)
     weights = weights_first(request)  # an offline ImageNet or a bad file fails here, before anything starts
@@ -102,7 +95,6 @@ def cmd_run(args, settings: Settings) -> int:
     if settings.broker_url:
         store = _store(settings)
         since = store.now()
-        request = replace(request, workers=_extract_workers(store))
         spec, shards = job()
         submit(store, spec, shards, settings.job_ttl_s, _share(args))
         state = wait_for_job(store, spec.job_id, stages)
@@ -230,7 +222,7 @@ def cmd_submit(args, settings: Settings) -> int:
     if args.kind in ("train", "finetune"):
         return cmd_submit_training(args, settings)
     store = _store(settings)
-    spec, shards, scan = prepare(_request(args, settings, workers=_extract_workers(store)))
+    spec, shards, scan = prepare(_request(args, settings))
     spec.options.update(_chain_options(args, spec, scan, train=args.then_train, explicit=True))
     submit(store, spec, shards, settings.job_ttl_s, _share(args))
     print(json.dumps({"job_id": spec.job_id, "shards": len(shards), "out": spec.out_dir}) if args.json else spec.job_id)

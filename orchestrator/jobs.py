@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -41,7 +40,6 @@ class ExtractRequest:
     precision: str = "float32"
     decode: str = "exact"
     cache_pixels: bool = False
-    workers: int = 1  # extract workers expected to share the job: sizes the tail shards
     weights: str = "imagenet"
     seed: int = 0
     allow_failed_shards: bool = False
@@ -127,29 +125,16 @@ def weights_first(req: ExtractRequest) -> tuple[Location, str] | None:
                            req.checked_weights)
 
 
-def make_shards(scan: Scan, shard_size: int, workers: int = 1, batch_size: int = 1) -> dict[str, list[list]]:
-    """Shards of at most ``shard_size`` images, in split and path order.
-
-    With several workers, shards shrink towards the end of the job (factoring: each takes
-    1/(2 x workers) of the images left, never fewer than a batch), so when one worker runs out
-    of shards the others have at most about one batch left: nobody idles through a long tail.
-    """
-    left = scan.images
+def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
+    """Fixed blocks of ``shard_size`` images per split, in split and path order (each split's last
+    shard holds the rest). The plan depends on the inputs and ``shard_size`` only, never on how many
+    workers run the job: a rerun on the same OUT with any number of workers cuts the same shards
+    and reuses every finished one. A shorter tail comes from a smaller ``--shard-size``."""
     shards = {}
     for split, entries in scan.splits.items():
-        start = index = 0
-        while start < len(entries):
-            size = min(next_shard_size(left, shard_size, workers, batch_size), len(entries) - start)
-            shards[shard_id(split, index)] = entries[start : start + size]
-            start, index, left = start + size, index + 1, left - size
+        for index, start in enumerate(range(0, len(entries), shard_size)):
+            shards[shard_id(split, index)] = entries[start : start + shard_size]
     return shards
-
-
-def next_shard_size(left: int, shard_size: int, workers: int, batch_size: int) -> int:
-    """The next shard's size when ``left`` images of the job are not yet in a shard."""
-    if workers <= 1:
-        return shard_size
-    return min(shard_size, max(batch_size, math.ceil(left / (2 * workers))))
 
 
 def check_request(req: ExtractRequest) -> tuple[Scan, Location]:
@@ -175,7 +160,7 @@ def prepare(
     scan, out = checked or check_request(req)
     weights_path, sha = weights or resolve_weights(req.model, req.weights, req.seed, out, req.keras_home,
                                                    req.checked_weights)
-    shards = make_shards(scan, req.shard_size, req.workers, req.batch_size)
+    shards = make_shards(scan, req.shard_size)
     model = ModelConfig(
         layer=req.layer,
         input_size_px=req.input_size_px,

@@ -2,8 +2,9 @@
 
 One exporter, not an endpoint in every worker: queue depth and unacknowledged messages live in
 Redis, not in any worker, and an autoscaler must see them when no worker runs at all (a GPU pool
-scaled to zero). Workers write what only they know (images/s, step times) into bounded Redis keys
-through the job store; each scrape reads everything once, so two exporters agree.
+scaled to zero). Workers write what only they know (images/s, step times, how long a job waited
+for its first step) into bounded Redis keys through the job store; each scrape reads everything
+once, so two exporters agree.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client.registry import Collector
 from shared import keys
 from shared.errors import UsageError
 from shared.jobstore import STEP_SECONDS_BUCKETS, JobStore
+from shared.lua import QUEUE_WAIT_BUCKETS
 from shared.states import JobStatus
 
 #: A job's progress series stay on the page this long after it ended, so a dashboard shows it finish.
@@ -35,6 +37,8 @@ class ConvoyCollector(Collector):
         yield from self._queues()
         yield from self._jobs()
         yield self._step_seconds()
+        yield self._queue_wait()
+        yield self._running_steps()
         yield from self._workers()
 
     def _queues(self):
@@ -71,11 +75,19 @@ class ConvoyCollector(Collector):
     def _step_seconds(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily("convoy_step_seconds", "Seconds a step took, from its claim to its end, "
                                        "by step task", labels=["step"])
-        fields = self.store.step_seconds()
-        tasks = sorted({name.rpartition("|")[0] for name in fields})
-        for task in tasks:
-            buckets = [(_bound(le), float(fields.get(f"{task}|{le}", 0))) for le in (*STEP_SECONDS_BUCKETS, "+Inf")]
-            family.add_metric([task], buckets, sum_value=float(fields.get(f"{task}|sum", 0)))
+        return _histogram(family, self.store.step_seconds(), STEP_SECONDS_BUCKETS)
+
+    def _queue_wait(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily("convoy_job_queue_wait_seconds", "Seconds from a job's submission to its "
+                                       "first step running, by the job's priority", labels=["priority"])
+        return _histogram(family, self.store.queue_wait(), QUEUE_WAIT_BUCKETS, key=_as_number)
+
+    def _running_steps(self) -> GaugeMetricFamily:
+        family = GaugeMetricFamily("convoy_job_running_steps", "Steps of an active job running now (holding a "
+                                   "lease), 0 while none is", labels=["job"])
+        running = self.store.running_by_job()
+        for job in sorted(self.store.active_job_ids()):
+            family.add_metric([job], running.get(job, 0))
         return family
 
     def _workers(self):
@@ -88,6 +100,24 @@ class ConvoyCollector(Collector):
         for worker, value in sorted(self.store.worker_rates().items()):
             rate.add_metric([worker], value)
         return live, rate
+
+
+def _histogram(family: HistogramMetricFamily, fields: dict[str, str], bounds: tuple, key=str):
+    """``family`` with one series per label value of a histogram hash (``label|le`` cumulative
+    counts and ``label|sum``, as the store's scripts write them), label values sorted by ``key``."""
+    labels = sorted({name.rpartition("|")[0] for name in fields}, key=key)
+    for label in labels:
+        buckets = [(_bound(le), float(fields.get(f"{label}|{le}", 0))) for le in (*bounds, "+Inf")]
+        family.add_metric([label], buckets, sum_value=float(fields.get(f"{label}|sum", 0)))
+    return family
+
+
+def _as_number(label: str) -> tuple:
+    """Sorts priorities as numbers (-9 before 10), anything else after them."""
+    try:
+        return 0, int(label), ""
+    except ValueError:
+        return 1, 0, label
 
 
 def _bound(le) -> str:

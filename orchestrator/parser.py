@@ -62,7 +62,8 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
                                 "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split)")
     p.add_argument("--out", required=True, help="output directory or store URL (features, manifest, model)")
     p.add_argument("--shard-size", type=positive_int, default=256,
-                   help="most images per shard; tail shards shrink so no worker idles at the end")
+                   help="images per shard (a split's last shard holds the rest): fixed blocks, so a rerun "
+                        "with any number of workers reuses every finished shard")
     p.add_argument("--model", choices=list(backbones.BACKBONES), default=backbones.DEFAULT_MODEL, metavar="NAME",
                    help=f"keras.applications base: {', '.join(backbones.BACKBONES)}")
     p.add_argument("--input-size", type=positive_int, help="resize side, pixels (default: the model's own; vgg16: 150)")

@@ -212,14 +212,6 @@ class JobStore:
         """How many steps may be out on ``queue`` at once, from its live workers' slots."""
         return int(self.r.get(keys.window(queue)) or 1)
 
-    def running_by_job(self) -> dict[str, int]:
-        """How many steps of each job are running (hold a lease): one read of the leases."""
-        counts: dict[str, int] = {}
-        for member in self.r.zrange(keys.leases(), 0, -1):
-            job = keys.split_member(member)[0]
-            counts[job] = counts.get(job, 0) + 1
-        return counts
-
     def claim_out(self, out_dir: str, job: str) -> str | None:
         """Make ``job`` the owner of ``out_dir``; the owner's id if another unfinished job holds it."""
         owner = self._run("CLAIM_OUT", [job], [keys.out_owner(_path_hash(out_dir))])
@@ -512,6 +504,19 @@ class JobStore:
     def step_seconds(self) -> dict[str, str]:
         """The step-time histogram's fields (see :func:`shared.keys.step_seconds`)."""
         return self.r.hgetall(keys.step_seconds())
+
+    def queue_wait(self) -> dict[str, str]:
+        """The queue-wait histogram's fields, by job priority (see :func:`shared.keys.queue_wait`)."""
+        return self.r.hgetall(keys.queue_wait())
+
+    def running_by_job(self) -> dict[str, int]:
+        """How many steps of each job hold a lease now, from one read of the cluster-wide leases
+        (a lapsed lease counts until the reconciler repairs its step). Jobs with none are absent."""
+        counts: dict[str, int] = {}
+        for name in self.r.zrange(keys.leases(), 0, -1):
+            job, _step = keys.split_member(name)
+            counts[job] = counts.get(job, 0) + 1
+        return counts
 
     def worker_rates(self) -> dict[str, float]:
         """Images per second of each worker: the sum over the steps it runs that reported lately."""

@@ -8,7 +8,8 @@ of the job its time to live.
 
 from shared.keys import LUA as _KEYS
 
-#: Upper bounds of the queue-wait histogram's buckets, seconds (submission to first step running).
+#: Upper bounds of the queue-wait histogram's buckets, seconds: a job taken at once to one that
+#: waited an hour behind others on a shared cluster (submission to first step running).
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 _PRELUDE = _KEYS + "local QUEUE_WAIT_BUCKETS = {" + ", ".join(map(str, QUEUE_WAIT_BUCKETS)) + "}\n" + """

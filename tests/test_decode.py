@@ -1,9 +1,8 @@
 """The decode path: `exact` is Keras's pixels, `fast` stays close to them on real photographs,
-shards are balanced across workers, and `--cache-pixels` lets a second extraction skip decoding."""
+and `--cache-pixels` lets a second extraction skip decoding."""
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 from dataclasses import replace
@@ -13,9 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from orchestrator.jobs import make_shards
 from orchestrator.sample import make_sample
-from orchestrator.scan import Scan
 from shared.images import load_pixels
 from shared.job import ModelConfig, fingerprint
 from tests import procs
@@ -66,40 +63,6 @@ def test_decode_mode_is_part_of_the_fingerprint():
                         weights_path="w", weights_sha256="0" * 64, batch_size=20, dtype="float32")
     entries = [["a.jpg", 0]]
     assert fingerprint(model, entries) != fingerprint(replace(model, decode="fast"), entries)
-
-
-def _scan(n: int, splits: tuple[str, ...] = ("all",)) -> Scan:
-    scan = Scan(Path("/data"), "flat", [])
-    for s, split in enumerate(splits):
-        scan.splits[split] = [[f"{split}/{i:05d}.jpg", -1] for i in range(n // len(splits) + (s < n % len(splits)))]
-    return scan
-
-
-def _idle_at_end(sizes: list[int], workers: int) -> int:
-    """Images' worth of time the first worker to finish waits for the last, when equal workers
-    take shards in order as each becomes free (what the queue does)."""
-    free = [0] * workers
-    for size in sizes:
-        heapq.heappush(free, heapq.heappop(free) + size)
-    return max(free) - min(free)
-
-
-@pytest.mark.parametrize(("images", "workers", "splits"), [
-    (400, 2, ("all",)), (400, 2, ("train", "validation", "test")), (1000, 3, ("all",)), (10_000, 16, ("all",)),
-    (37, 4, ("all",)),
-])
-def test_shards_leave_no_worker_idle_for_more_than_a_batch(images, workers, splits):
-    batch = 20
-    shards = make_shards(_scan(images, splits), 256, workers, batch)
-    sizes = [len(e) for e in shards.values()]
-    assert sum(sizes) == images and max(sizes) <= 256
-    assert _idle_at_end(sizes, workers) <= batch, sizes
-    assert len(shards) <= images / 256 + 8 * workers + 2 * len(splits)  # not needlessly many
-
-
-def test_one_worker_keeps_fixed_shards_and_the_cap_holds():
-    assert [len(e) for e in make_shards(_scan(400), 256, 1, 20).values()] == [256, 144]
-    assert max(len(e) for e in make_shards(_scan(400), 50, 2, 20).values()) == 50
 
 
 def _run(cluster, data: Path, out: Path, *extra: str) -> dict:

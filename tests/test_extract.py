@@ -174,3 +174,27 @@ def test_bfloat16_precision_stays_close_to_float32(cluster, tmp_path):
     assert 0 < moved < 0.05, moved  # recomputed, not reused, and close
     status = json.loads(convoy("status", bf16["job_id"], "--json", env=cluster.env, check=True).stdout)
     assert not any(s.get("reused") for s in status["shards"].values())
+
+
+def test_a_rerun_with_more_workers_reuses_every_shard(tmp_path):
+    """The shard plan depends on the inputs and --shard-size only: `convoy run` with one worker,
+    then two on the same OUT, cuts the same shards, so the second run extracts nothing."""
+    data = make_flat(tmp_path / "data", 24, size_px=32)
+    out = tmp_path / "out"
+    # No broker: each run starts its own Redis and --workers workers; the job index is the test's.
+    env = {"CONVOY_BROKER_URL": "", "CONVOY_STATE_DIR": str(tmp_path / "state"), "CONVOY_TF_THREADS": "1"}
+    args = ("run", str(data), "--out", str(out), "--json", "--no-train", *FAST, "--shard-size", "4",
+            "--batch-size", "2")
+    runs = []
+    for workers in ("1", "2"):
+        proc = convoy(*args, "--workers", workers, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if workers == "1":
+            stamps = {p: p.stat().st_mtime_ns for p in (out / "features").glob("all/shard-*.h5")}
+    first, second = runs
+    assert first["shards"] == second["shards"] == 6 and first["reused_shards"] == 0
+    assert second["reused_shards"] == 6 and second["reused_images"] == 24 and second["extracted_images"] == 0, second
+    assert {p: p.stat().st_mtime_ns for p in (out / "features").glob("all/shard-*.h5")} == stamps
+    shards = json.loads((out / "manifest.json").read_text())["shards"]
+    assert [s["images"] for s in shards] == [4] * 6

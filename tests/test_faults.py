@@ -125,9 +125,9 @@ def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     from shared.celery_app import make_app
     from shared.settings import Settings
 
-    # One extraction worker, so the job is one shard (shards are balanced over the live extraction
-    # workers); the duplicate goes to a worker of its own, on a queue only it serves, which is
-    # idle and takes it while the shard runs.
+    # The job is one shard (30 images, --shard-size 30), run by the one extraction worker; the
+    # duplicate goes to a worker of its own, on a queue only it serves, which is idle and takes it
+    # while the shard runs.
     private.start("d1", queues="extract")
     private.start("d2", queues="train")
     data = make_tree(tmp_path / "data", {"all": 15}, splits=("all",), size_px=48)

@@ -2,6 +2,8 @@
 
 The store-level tests put real messages on real queues through Celery and take one with kombu
 (so it lands in kombu's own ``unacked`` hash), and drive the step protocol's scripts directly.
+The queue-wait histogram is written by the dispatcher at a job's first claim; here
+:func:`observe_queue_wait` writes its hash in the same layout.
 The end-to-end test starts Debian's ``prometheus`` server, the exporter and a worker, and asks
 PromQL for a job's progress while it runs.
 """
@@ -9,6 +11,7 @@ PromQL for a job's progress while it runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -30,10 +33,12 @@ from orchestrator.metrics import ConvoyCollector
 from shared import keys
 from shared.celery_app import make_app
 from shared.jobstore import STEP_SECONDS_BUCKETS, JobStore, connect
+from shared.lua import QUEUE_WAIT_BUCKETS
 from shared.settings import Settings
+from shared.states import JobStatus
 from tests.conftest import ROOT, convoy, own_database, skip_or_fail, wait_final, wait_until
 from tests.imagegen import make_tree
-from tests.test_jobstate import claim, make_job
+from tests.test_jobstate import claim, finish, make_job
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "convoy-dashboard.json"
 _METRIC = re.compile(r"\b(convoy_[a-z_]+)")
@@ -43,17 +48,36 @@ def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL) for every query of the Grafana dashboard, its variables filled in as
     Grafana would: every queue, a one-minute rate window."""
     panels = json.loads(DASHBOARD.read_text())["panels"]
+    panels += [inner for panel in panels for inner in panel.get("panels", [])]  # a collapsed row's own
     return [(panel["title"], target["expr"].replace("$queue", ".*").replace("$__rate_interval", "1m"))
-            for panel in panels for target in panel["targets"]]
+            for panel in panels for target in panel.get("targets", [])]  # a row has none
 
 
-def scrape(store: JobStore) -> dict[tuple[str, tuple], float]:
-    """The exporter's page, rendered and parsed by prometheus_client: (sample name, labels) -> value."""
+def observe_queue_wait(client, priority: int, seconds: float) -> None:
+    """One job of ``priority`` waited ``seconds`` for its first step: the dispatcher's write, field
+    for field (``priority|le`` cumulative, ``priority|+Inf``, ``priority|count``, ``priority|sum``)."""
+    pipe = client.pipeline(transaction=True)
+    for le in QUEUE_WAIT_BUCKETS:
+        if seconds <= le:
+            pipe.hincrby(keys.queue_wait(), f"{priority}|{le}", 1)
+    pipe.hincrby(keys.queue_wait(), f"{priority}|+Inf", 1)
+    pipe.hincrby(keys.queue_wait(), f"{priority}|count", 1)
+    pipe.hincrbyfloat(keys.queue_wait(), f"{priority}|sum", seconds)
+    pipe.execute()
+
+
+def _families(store: JobStore) -> dict:
+    """The exporter's page, rendered and parsed by prometheus_client: its metric families by name."""
     registry = CollectorRegistry()
     registry.register(ConvoyCollector(store))
     page = generate_latest(registry).decode()
+    return {family.name: family for family in text_string_to_metric_families(page)}
+
+
+def scrape(store: JobStore) -> dict[tuple[str, tuple], float]:
+    """The exporter's page: (sample name, labels) -> value."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(page) for s in family.samples}
+            for family in _families(store).values() for s in family.samples}
 
 
 @pytest.fixture()
@@ -125,6 +149,45 @@ def test_step_seconds_is_a_histogram_with_fixed_buckets(store):
     assert store.r.hlen(keys.step_seconds()) == len(STEP_SECONDS_BUCKETS) + 3, "one field per bucket, sum, count"
 
 
+def test_queue_wait_is_a_histogram_by_priority(store):
+    for priority, seconds in ((0, 0.05), (0, 3.0), (0, 4000.0), (-3, 0.7), (9, 42.0)):
+        observe_queue_wait(store.r, priority, seconds)
+    fields = store.queue_wait()
+    assert len([f for f in fields if f.startswith("0|")]) == len(QUEUE_WAIT_BUCKETS) + 3, "buckets, +Inf, sum, count"
+    assert "-3|0.5" not in fields, "a bucket no observation reached has no field yet: the exporter reads 0"
+    page = scrape(store)
+
+    def bucket(priority: str, le: str) -> float:
+        return page[("convoy_job_queue_wait_seconds_bucket", (("le", le), ("priority", priority)))]
+
+    assert [bucket("0", le) for le in ("0.1", "2.5", "5.0", "3600.0", "+Inf")] == [1, 1, 2, 2, 3]
+    assert page[("convoy_job_queue_wait_seconds_count", (("priority", "0"),))] == 3
+    assert page[("convoy_job_queue_wait_seconds_sum", (("priority", "0"),))] == pytest.approx(4003.05)
+    assert (bucket("-3", "0.5"), bucket("-3", "1.0"), bucket("-3", "+Inf")) == (0, 1, 1)
+    assert (bucket("9", "30.0"), bucket("9", "60.0")) == (0, 1)
+    assert page[("convoy_job_queue_wait_seconds_sum", (("priority", "9"),))] == 42
+    order = [s.labels["priority"] for s in _families(store)["convoy_job_queue_wait_seconds"].samples
+             if s.name.endswith("_count")]
+    assert order == ["-3", "0", "9"], "priorities in numeric order"
+
+
+def test_running_steps_count_each_active_jobs_leases(store):
+    busy, idle = make_job(store, n_shards=3), make_job(store, n_shards=2)
+    for step, token in (("train/00000", "a"), ("train/00001", "b")):
+        assert claim(store, busy.job_id, step, token).outcome == "claimed"
+    assert store.running_by_job() == {busy.job_id: 2}
+    page = scrape(store)
+    assert page[("convoy_job_running_steps", (("job", busy.job_id),))] == 2
+    assert page[("convoy_job_running_steps", (("job", idle.job_id),))] == 0, "an active job with none running: 0"
+
+    assert finish(store, busy, "train/00000", token="a") == "wait"
+    assert scrape(store)[("convoy_job_running_steps", (("job", busy.job_id),))] == 1
+    assert store.end_job(busy.job_id, JobStatus.CANCELLED)
+    page = scrape(store)
+    assert ("convoy_job_running_steps", (("job", busy.job_id),)) not in page, "an ended job has no series"
+    assert page[("convoy_job_running_steps", (("job", idle.job_id),))] == 0
+
+
 def test_heartbeats_of_dead_incarnations_leave_the_set(store):
     store.r.zadd(keys.live_workers("extract"), {"old#1": 10.0})  # died long ago
     store.heartbeat("new#2", ["extract"], 30)
@@ -134,15 +197,17 @@ def test_heartbeats_of_dead_incarnations_leave_the_set(store):
 
 def test_dashboard_shows_queues_rates_jobs_and_workers_from_served_metrics(store):
     store.observe_step("extract_shard", 1.0)
+    observe_queue_wait(store.r, 0, 1.0)
     make_job(store)
     served = {name for name, _labels in scrape(store)} | {"convoy_images_per_second"}  # absent while idle
     queries = dashboard_queries()
     used = {m for _title, expr in queries for m in _METRIC.findall(expr)}
     assert used and used <= served, used - served
     assert {"convoy_queue_messages", "convoy_queue_unacked", "convoy_images_per_second", "convoy_jobs",
-            "convoy_workers"} <= used
+            "convoy_workers", "convoy_job_queue_wait_seconds_bucket", "convoy_job_running_steps"} <= used
     titles = " ".join(title.lower() for title, _ in queries)
-    for what in ("queue depth", "images per second", "jobs by state", "workers per queue"):
+    for what in ("queue depth", "images per second", "jobs by state", "workers per queue", "queue wait",
+                 "running steps"):
         assert what in titles
 
 
@@ -192,6 +257,11 @@ def _value(port: int, query: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
+def _finite(value: float | None) -> float | None:
+    """``value`` if it is a number (histogram_quantile gives NaN while its buckets did not grow)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _series(port: int, query: str, since: float) -> list[float]:
     """The query's values, one a second from about ``since`` up to now (a range query, as Grafana asks)."""
     end = time.time()
@@ -233,6 +303,10 @@ def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_pat
     ]
     try:
         wait_until(lambda: _value(prom_port, 'up{job="convoy"}') == 1, 60, "Prometheus scraping the exporter")
+        # Other jobs of the shared cluster: one taken at once now, one that waited 12 s later (the
+        # dispatcher's writes, made by hand), at a priority of their own so that the wait of the job
+        # below (priority 0, wherever the dispatcher records it) never mixes in.
+        observe_queue_wait(private.store.r, -5, 0.05)
         data = make_tree(tmp_path / "data", {"train": 12, "validation": 2, "test": 2}, size_px=32)
         submitted = time.time()
         job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--weights", "none",
@@ -241,10 +315,12 @@ def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_pat
         shards = len(private.store.spec(job).shard_ids)
         progress = f'convoy_job_images_done{{job="{job}"}} / convoy_job_images{{job="{job}"}}'
         depth = 'sum(convoy_queue_messages{queue="extract"}) + sum(convoy_queue_unacked{queue="extract"})'
+        running = f'convoy_job_running_steps{{job="{job}"}}'
 
         # No worker yet: the job waits, all of it on the queue (what KEDA scales a pool up from zero on).
         assert wait_until(lambda: _value(prom_port, progress) == 0, 30, "the job's progress at 0") is True
         assert wait_until(lambda: _value(prom_port, depth) == shards, 30, "the queue depth") is True
+        assert _value(prom_port, running) == 0, "an active job with nothing running"
 
         private.start("m1", queues="extract")
         assert wait_until(lambda: _value(prom_port, 'convoy_workers{queue="extract"}') == 1, 60, "a live worker")
@@ -257,6 +333,18 @@ def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_pat
                            "the shards' step times")
         assert steps == shards
         assert _value(prom_port, 'convoy_jobs{state="done"}') == 1
+        observe_queue_wait(private.store.r, -5, 12.0)
+        count = 'convoy_job_queue_wait_seconds_count{priority="-5"}'
+        assert wait_until(lambda: _value(prom_port, count) == 2, 30, "the second queue wait") is True
+        assert _value(prom_port, 'convoy_job_queue_wait_seconds_sum{priority="-5"}') == pytest.approx(12.05)
+        p95 = [expr for title, expr in dashboard_queries() if "queue wait" in title.lower() and "0.95" in expr]
+        assert len(p95) == 1
+        # The panel's query, for this priority: the wait that grew its buckets lately lies in (10, 30].
+        quantile = wait_until(lambda: _finite(_value(prom_port, f'{p95[0]} and on (priority) '
+                                                                f'{count}')), 30, "the queue wait's p95")
+        assert 10 < quantile <= 30, quantile
+        # An ended job is no longer active: its running-steps series goes stale.
+        assert wait_until(lambda: not _promql(prom_port, running), 30, "the ended job's series gone") is True
         for title, expr in dashboard_queries():  # every panel of the Grafana dashboard has something to draw
             if expr != "convoy_images_per_second":  # per worker: there only while a step runs
                 # A rate() needs two samples of a series in its window: a fast job's histogram may

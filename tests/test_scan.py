@@ -80,3 +80,12 @@ def test_shards_cover_every_image_once_in_order(tmp_path):
     for split, entries in scan.splits.items():
         joined = [e for sid, es in shards.items() if sid.startswith(split + "/") for e in es]
         assert joined == entries
+
+
+def test_shards_are_fixed_blocks_of_each_split_whatever_the_workers(tmp_path):
+    """The plan is the inputs and --shard-size only: no worker count, no shrinking tail."""
+    make_tree(tmp_path, {"train": 7, "validation": 2, "test": 3})
+    shards = make_shards(scan_data(tmp_path), 4)
+    assert {sid: len(entries) for sid, entries in shards.items()} == {
+        "train/00000": 4, "train/00001": 4, "train/00002": 4, "train/00003": 2,
+        "validation/00000": 4, "test/00000": 4, "test/00001": 2}

@@ -51,7 +51,7 @@ def test_workers_ping_is_a_health_check(cluster):
 def test_workers_shows_the_shard_each_one_is_running(cluster, tmp_path):
     data = make_flat(tmp_path / "data", 200)
     # Batch size 1 at 128 px keeps the job busy for about 10 s on two CPU workers, long enough for
-    # several polls (shards shrink towards the end of a job, so the job's length is what counts).
+    # several polls.
     proc = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), "--input-size", "128",
                   "--weights", "none", "--shard-size", "24", "--batch-size", "1", "--broker", cluster.url, check=True)
     job_id = proc.stdout.strip().splitlines()[-1]
