@@ -48,12 +48,17 @@ class ConvoyCollector(Collector):
             "convoy_queue_unacked",
             "Messages a worker took from a queue and has not acknowledged yet (running or prefetched)",
             labels=["queue"])
-        taken = self.store.unacked_by_queue()
+        ready = GaugeMetricFamily(
+            "convoy_queue_ready",
+            "Steps of running jobs not yet sent to a queue: the backlog behind its dispatch window", labels=["queue"])
+        taken, backlog = self.store.unacked_by_queue(), self.store.ready_by_queue()
         for queue in keys.ALL_QUEUES:
             queued.add_metric([queue], self.store.queue_length(queue))
             unacked.add_metric([queue], taken.get(queue, 0))
+            ready.add_metric([queue], backlog.get(queue, 0))
         yield queued
         yield unacked
+        yield ready
 
     def _jobs(self):
         by_state = GaugeMetricFamily("convoy_jobs", "Jobs the broker knows, by state", labels=["state"])

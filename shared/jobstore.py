@@ -204,6 +204,17 @@ class JobStore:
         answer, *rest = self._run("SET_OPTIONS", [job, *values])
         return None if answer == "ended" else _sends(rest)
 
+    def ready_by_queue(self) -> dict[str, int]:
+        """Steps recorded and not yet sent, by queue: the backlog behind each queue's window (what
+        an autoscaler adds to the messages it sees). One pipelined read per active job."""
+        jobs = sorted(self.active_job_ids())
+        pipe = self.r.pipeline(transaction=False)
+        for job in jobs:
+            for queue in keys.ALL_QUEUES:
+                pipe.zcard(keys.job_ready(job, queue))
+        counts = pipe.execute()
+        return {queue: sum(counts[i::len(keys.ALL_QUEUES)]) for i, queue in enumerate(keys.ALL_QUEUES)}
+
     def outstanding(self, queue: str) -> set[str]:
         """``job|step`` of every step sent on ``queue`` and not finished (what its window counts)."""
         return set(self.r.zrange(keys.outstanding(queue), 0, -1))

@@ -300,6 +300,20 @@ def private(tmp_path):
             stop_worker(p, signal.SIGKILL)
 
 
+def send_all(url: str, sends) -> None:
+    """What a worker's ``send_steps`` does, on the broker at ``url``: the messages of the steps the
+    store sent (``(job, NewStep)`` pairs), for tests that record a job in the store by hand."""
+    from shared.celery_app import make_app
+    from shared.settings import Settings
+
+    app = _APPS.setdefault(url, make_app(Settings(broker_url=url)))
+    for job, step in sends:
+        app.send_task(step.task, args=[job, step.step], queue=step.queue, task_id=step.msg)
+
+
+_APPS: dict = {}
+
+
 def wait_until(predicate, timeout: float, what: str, poll_s: float = 0.2):
     """Poll ``predicate`` until it returns something true; its value, or TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout

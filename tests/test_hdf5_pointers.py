@@ -17,7 +17,7 @@ from shared.errors import HDF5Refused, ModelError, WeightsError
 from shared.features import ShardResult, merge_split, open_features, read_shard_summary, shard_fingerprint, write_shard
 from shared.heatmaps import CamRows, read_rows, write_rows
 from shared.job import sha256_file
-from tests.conftest import convoy, wait_final
+from tests.conftest import convoy, send_all, wait_final
 from tests.imagegen import make_flat
 
 SECRET = b"AWS_SECRET_ACCESS_KEY=planted-secret-0123456789"
@@ -269,10 +269,8 @@ def test_a_forged_job_with_weights_that_point_elsewhere_fails_with_the_reason(cl
     """Real weights with one variable stored in a secret file, under the very hash the job records:
     the worker refuses them before Keras opens them (Keras would load the secret as weights); the
     job fails with the reason and nothing reaches OUT."""
-    from shared.celery_app import make_app
     from shared.job import JobSpec, ModelConfig, new_job_id
     from shared.jobstore import JobStore, connect
-    from shared.settings import Settings
 
     secret, _ = outside
     data, clean_out = clean
@@ -288,9 +286,8 @@ def test_a_forged_job_with_weights_that_point_elsewhere_fails_with_the_reason(cl
     out = tmp_path / "out"
     spec = JobSpec(job_id=new_job_id(), data_dir=str(data), out_dir=str(out), model=model, class_names=[],
                    shard_ids=["all/00000"])
-    store, app = JobStore(connect(cluster.url)), make_app(Settings(broker_url=cluster.url))
-    for step in store.create(spec, {"all/00000": [["img-000.jpg", -1], ["img-001.jpg", -1]]}, ttl_s=3600):
-        app.send_task(step.task, args=[spec.job_id, step.step], queue=step.queue, task_id=step.msg)
+    store = JobStore(connect(cluster.url))
+    send_all(cluster.url, store.create(spec, {"all/00000": [["img-000.jpg", -1], ["img-001.jpg", -1]]}, ttl_s=3600))
     state = wait_final(store, spec.job_id)
     assert state["status"] == "failed", state
     assert "stored in an external file" in state.get("error", ""), state

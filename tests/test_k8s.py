@@ -25,7 +25,8 @@ KUBE_VERSION = "1.27"
 KEDA_PROMETHEUS_KEYS = {"serverAddress", "query", "queryParameters", "threshold", "activationThreshold", "namespace",
                         "customHeaders", "ignoreNullValues", "unsafeSsl", "awsRegion", "timeout", "identityOwner"}
 QUEUE_SUM = re.compile(r'^sum\(convoy_queue_messages\{queue="(\w+)"\}\) '
-                       r'\+ sum\(convoy_queue_unacked\{queue="(\w+)"\}\)$')
+                       r'\+ sum\(convoy_queue_unacked\{queue="(\w+)"\}\) '
+                       r'\+ sum\(convoy_queue_ready\{queue="(\w+)"\}\)$')
 
 
 def _docs() -> list[tuple[str, dict]]:
@@ -123,7 +124,7 @@ def test_every_queue_scales_on_queued_plus_unacked_and_gpu_workers_to_zero(docs)
         assert set(trigger["metadata"]) <= KEDA_PROMETHEUS_KEYS, set(trigger["metadata"]) - KEDA_PROMETHEUS_KEYS
         assert trigger["metadata"]["serverAddress"] == "http://convoy-prometheus.convoy.svc:9090"
         match = QUEUE_SUM.match(trigger["metadata"]["query"])
-        assert match and match.groups() == (queue, queue), trigger["metadata"]["query"]
+        assert match and match.groups() == (queue, queue, queue), trigger["metadata"]["query"]
         assert "replicas" not in deployments[f"convoy-worker-{queue}"]["spec"], "KEDA owns the replica count"
     gpu = [name for name, d in deployments.items()
            if "nvidia.com/gpu" in d["spec"]["template"]["spec"]["containers"][0]["resources"].get("requests", {})]

@@ -17,14 +17,12 @@ from PIL import Image
 
 from shared import memory
 from shared.camjob import CamSpec
-from shared.celery_app import make_app
 from shared.errors import ModelError, OutOfMemoryBudget
 from shared.images import BadImage, load_pixels, load_views
 from shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
 from shared.keras_archive import check_keras_archive
-from shared.settings import Settings
 from tests import procs
-from tests.conftest import ROOT, convoy, wait_final, wait_ready
+from tests.conftest import ROOT, convoy, send_all, wait_final, wait_ready
 from tests.imagegen import make_flat
 
 
@@ -154,20 +152,15 @@ def workers(private, tmp_path):
     private.start("cam", queues="cam", extra_env=roots, wait=False)
     private.start("tiny", queues="extract", extra_env={**roots, "CONVOY_MAX_MEMORY": "1M"}, wait=False)
     wait_ready(private.url, ["cam", "tiny"], procs=list(private.procs.values()), log_dir=private.log_dir)
-    private.app = make_app(Settings(broker_url=private.url))
     return private, allowed, outs
 
-
-def _send(private, steps, job_id: str) -> None:
-    for step in steps:
-        private.app.send_task(step.task, args=[job_id, step.step], queue=step.queue, task_id=step.msg)
 
 
 def _forge_cam(private, model: Path, root: Path, out: Path, rels: list[str]) -> str:
     spec = CamSpec(job_id=new_job_id(), model=str(model), model_path=str(model), model_sha256=sha256_file(model),
                    out_dir=str(out), root=str(root), n_batches=1, n_images=len(rels), batch_size=len(rels))
     out.mkdir(parents=True, exist_ok=True)
-    _send(private, private.store.create_cam(spec, {"cam/00000": rels}, ttl_s=3600), spec.job_id)
+    send_all(private.url, private.store.create_cam(spec, {"cam/00000": rels}, ttl_s=3600))
     return spec.job_id
 
 
@@ -211,7 +204,7 @@ def test_workers_stay_within_their_bounds(workers, tmp_path):
                             dtype="float32")
     spec = JobSpec(job_id=new_job_id(), data_dir=str(data), out_dir=str(outs / "huge"), model=model_cfg,
                    class_names=[], shard_ids=["all/00000"])
-    _send(private, private.store.create(spec, {"all/00000": [["img-000.jpg", -1]]}, ttl_s=3600), spec.job_id)
+    send_all(private.url, private.store.create(spec, {"all/00000": [["img-000.jpg", -1]]}, ttl_s=3600))
     final = wait_final(private.store, spec.job_id)
     assert final["status"] == "failed" and "at most 896" in final["error"], final
 

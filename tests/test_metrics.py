@@ -38,7 +38,7 @@ from shared.settings import Settings
 from shared.states import JobStatus
 from tests.conftest import ROOT, convoy, own_database, skip_or_fail, wait_final, wait_until
 from tests.imagegen import make_tree
-from tests.test_jobstate import claim, finish, make_job
+from tests.test_jobstate import claim, finish, make_job, wide_open
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "convoy-dashboard.json"
 _METRIC = re.compile(r"\b(convoy_[a-z_]+)")
@@ -88,7 +88,7 @@ def db():
 
 @pytest.fixture()
 def store(db):
-    return JobStore(connect(db))
+    return wide_open(JobStore(connect(db)))
 
 
 def test_queued_sums_every_priority_list_and_unacked_counts_what_a_worker_took(db, store):
@@ -314,7 +314,8 @@ def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_pat
                      check=True).stdout.strip()
         shards = len(private.store.spec(job).shard_ids)
         progress = f'convoy_job_images_done{{job="{job}"}} / convoy_job_images{{job="{job}"}}'
-        depth = 'sum(convoy_queue_messages{queue="extract"}) + sum(convoy_queue_unacked{queue="extract"})'
+        depth = ('sum(convoy_queue_messages{queue="extract"}) + sum(convoy_queue_unacked{queue="extract"}) '
+                 '+ sum(convoy_queue_ready{queue="extract"})')
         running = f'convoy_job_running_steps{{job="{job}"}}'
 
         # No worker yet: the job waits, all of it on the queue (what KEDA scales a pool up from zero on).

@@ -13,11 +13,9 @@ import h5py
 import pytest
 
 from shared.camjob import CamSpec
-from shared.celery_app import make_app
 from shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
-from shared.settings import Settings
 from tests import procs
-from tests.conftest import ROOT, convoy, wait_final, wait_until
+from tests.conftest import ROOT, convoy, send_all, wait_final, wait_until
 from tests.imagegen import make_flat, make_tree
 
 
@@ -28,7 +26,6 @@ def confined(private, tmp_path):
     for folder in (allowed, outs, elsewhere):
         folder.mkdir()
     private.start("sec", extra_env={"CONVOY_DATA_ROOTS": str(allowed), "CONVOY_OUTPUT_ROOTS": str(outs)})
-    private.app = make_app(Settings(broker_url=private.url))
     return private, allowed, outs, elsewhere
 
 
@@ -48,8 +45,7 @@ def _forge_extraction(private, data: Path, out: Path, entries: list[list], weigh
                         weights_path=weights[0], weights_sha256=weights[1], batch_size=2, dtype="float32")
     spec = JobSpec(job_id=new_job_id(), data_dir=str(data), out_dir=str(out), model=model, class_names=[],
                    shard_ids=["all/00000"], options=options or {})
-    for step in private.store.create(spec, {"all/00000": entries}, ttl_s=3600):
-        private.app.send_task(step.task, args=[spec.job_id, step.step], queue=step.queue, task_id=step.msg)
+    send_all(private.url, private.store.create(spec, {"all/00000": entries}, ttl_s=3600))
     return spec.job_id
 
 
@@ -118,8 +114,7 @@ def test_models_that_can_carry_code_are_refused_at_the_edge_and_on_the_worker(co
     spec = CamSpec(job_id=new_job_id(), model=str(model), model_path=str(model), model_sha256=sha256_file(model),
                    out_dir=str(outs / "cam-forged"), root=str(images), n_batches=1, n_images=2, batch_size=2)
     (outs / "cam-forged").mkdir()
-    for step in private.store.create_cam(spec, {"cam/00000": ["img-000.jpg", "img-001.jpg"]}, ttl_s=3600):
-        private.app.send_task(step.task, args=[spec.job_id, step.step], queue=step.queue, task_id=step.msg)
+    send_all(private.url, private.store.create_cam(spec, {"cam/00000": ["img-000.jpg", "img-001.jpg"]}, ttl_s=3600))
     final = wait_final(private.store, spec.job_id)
     assert final["status"] == "failed", final
     assert ("Lambda" in final["error"]) if kind == "lambda" else ("not a .keras file" in final["error"]), final

@@ -19,7 +19,7 @@ from shared.camjob import CamSpec
 from shared.gradcam import VGG16_IMAGENET
 from shared.job import JobSpec, ModelConfig, new_job_id
 from shared.settings import Settings
-from tests.conftest import convoy, wait_final
+from tests.conftest import convoy, send_all, wait_final
 from tests.imagegen import make_flat
 from tests.test_threats import _forge_extraction, _weights
 from tests.test_threats import confined as confined  # a fixture: pytest finds it by name
@@ -30,8 +30,7 @@ def _forge_cam(private, model_path: str, images: Path, out: Path) -> dict:
     spec = CamSpec(job_id=new_job_id(), model=VGG16_IMAGENET, model_path=model_path, model_sha256="0" * 64,
                    out_dir=str(out), root=str(images), n_batches=1, n_images=1, batch_size=1, preprocess="vgg16")
     out.mkdir()
-    for step in private.store.create_cam(spec, {"cam/00000": ["img-000.jpg"]}, ttl_s=3600):
-        private.app.send_task(step.task, args=[spec.job_id, step.step], queue=step.queue, task_id=step.msg)
+    send_all(private.url, private.store.create_cam(spec, {"cam/00000": ["img-000.jpg"]}, ttl_s=3600))
     return wait_final(private.store, spec.job_id)
 
 
