@@ -9,7 +9,12 @@ Invariants at the end (Jepsen-style):
 - every accepted image is exactly once in a done job's merged output;
 - no step is both finished and failed;
 - the cancelled job stayed cancelled;
-- every ended job's keys have a TTL.
+- every ended job's keys have a TTL;
+- the dispatcher's windows never leak: once every job ended, no queue counts a step as sent, no
+  job is left in a ring, and the capped job never had more steps out than its cap.
+
+The jobs share the queues with different priorities, weights and a cap, so the kills, the lost
+writes and the cancel all meet the dispatcher.
 
 ``CONVOY_CHAOS_SEED`` replays the driver's schedule (which fault, when, on whom); CI uses a
 fixed one, other runs a random one.
@@ -30,6 +35,7 @@ import h5py
 import pytest
 from redis.exceptions import RedisError
 
+from shared import keys
 from shared.jobstore import JobStore, connect
 from tests import procs
 from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_ready, wait_until
@@ -219,8 +225,15 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
         """One step's holder frozen past its lease, as soon as a step runs (small jobs end fast)."""
         return chaos.freeze_holder(watched)
 
+    most_out: dict[str, int] = {}  # job -> the most steps it had sent and not finished, seen
+
+    def watch_caps() -> bool:
+        for job in watched.active_job_ids():
+            most_out[job] = max(most_out.get(job, 0), watched.r.scard(keys.job_sent(job)))
+        return False
+
     watchers = [Watcher("trainer-hunter", hunt_trainers), Watcher("canceller", cancel_mid_run),
-                Watcher("freezer", freeze_once)]
+                Watcher("freezer", freeze_once), Watcher("caps", watch_caps)]
     try:
         for name in WORKERS:
             chaos.start(name)
@@ -235,16 +248,18 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
             proc = convoy("submit", "extract", str(data), "--out", str(out), *SIZE, *extra, *broker, check=True)
             jobs[proc.stdout.strip()] = {"label": label, "data": data, "out": out}
 
-        submit("extract", make_flat(tmp_path / "flat", 60, size_px=32), "--shard-size", "6", "--batch-size", "2")
+        submit("extract", make_flat(tmp_path / "flat", 60, size_px=32), "--shard-size", "6", "--batch-size", "2",
+               "--priority", "1", "--weight", "2")
         submit("train+finetune", make_tree(tmp_path / "tree", {"train": 6, "validation": 2, "test": 2}, size_px=32),
                "--shard-size", "5", "--then-train", "--finetune", "--epochs", "4", "--finetune-epochs", "3",
                "--train-batch-size", "1")  # batches of one: training lasts long enough to be killed
-        submit("cancelled", make_flat(tmp_path / "long", 400, size_px=32), "--shard-size", "20", "--batch-size", "1")
+        submit("cancelled", make_flat(tmp_path / "long", 400, size_px=32), "--shard-size", "20", "--batch-size", "1",
+               "--max-running", "1")
         cancelled = next(j for j, v in jobs.items() if v["label"] == "cancelled")
         to_cancel[cancelled] = ""
         cam_images = make_flat(tmp_path / "cam-images", 12, size_px=32)
         cam = convoy("cam", str(model), str(cam_images), "--out", str(tmp_path / "cam"), "--batch-size", "3",
-                     "--detach", "--json", *broker, check=True)
+                     "--detach", "--json", "--priority", "2", *broker, check=True)
         jobs[json.loads(cam.stdout)["job_id"]] = {"label": "grad-cam", "out": tmp_path / "cam", "images": 12}
 
         t0 = time.monotonic()
@@ -290,6 +305,8 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
             }
             print("chaos report:", json.dumps(report, indent=1))
         _check_invariants(store, jobs, cancelled, chaos)
+        _windows_never_leak(store)
+        assert most_out.get(cancelled, 0) <= 1, most_out  # its --max-running 1, through every fault
         assert trainers_killed, "training never ran during the chaos: nothing killed it"
         assert any("freeze" in what for _, what in chaos.events), "no step ran while the freezer watched"
     finally:
@@ -299,6 +316,15 @@ def test_chaos_no_job_hangs_and_nothing_is_lost(tmp_path):
         for proc in chaos.procs.values():
             stop_worker(proc, signal.SIGKILL)
         server.stop()
+
+
+def _windows_never_leak(store: JobStore) -> None:
+    """Every job ended: nothing is counted as sent on any queue, no job waits for a turn."""
+    for queue in keys.ALL_QUEUES:
+        assert store.outstanding(queue) == set(), (queue, store.outstanding(queue))
+        assert store.r.zcard(keys.tiers(queue)) == 0, queue
+        assert not list(store.r.scan_iter(f"{keys.PREFIX}:ring:{queue}:*")), queue
+    assert not list(store.r.scan_iter(f"{keys.PREFIX}:job:*:sent"))
 
 
 def _check_invariants(store: JobStore, jobs: dict, cancelled: str, chaos: Chaos) -> None:
