@@ -10,16 +10,18 @@ atomic script that only one reconciler can win):
 - a message **held by a worker that no longer has it** (received, then acknowledged or lost
   without the step starting: a Redis that lost its last second of writes): held for longer than
   ``HELD_MAX_S`` and in no worker's hands (kombu's ``unacked``), the step is queued again;
-- a step **queued with no message waiting** (a crash between a transition and its enqueue, an
-  enqueue that raised, a broker that lost the message): queues are first in, first out, so a
-  step queued ``LOST_AFTER_S`` before one whose message a worker already took has lost its
-  message, however long the queue is; on a queue that nothing overtakes (idle), the step's
-  message id is looked for on the queue and, missing on two ticks in a row, it is queued again.
-  This covers a complete barrier with no merge, a merge with no training, ...
+- a step **sent with no message waiting** (a crash between a finish and its sends, an enqueue
+  that raised, a broker that lost the message): queues are first in, first out, so a step sent
+  ``LOST_AFTER_S`` before one whose message a worker already took has lost its message; on a
+  queue that nothing overtakes (idle), the step's message id is looked for on the queue and,
+  missing on two ticks in a row, it is sent again;
+- **messages of jobs that ended** (a cancel that raced a send) are taken off the queues;
+- a **window with room** and steps ready (a cancel, a crash before a finish's sends, a worker
+  added): every tick ends with a dispatch on every queue.
 
-A tick costs O(running + held steps + repairs): lapsed leases come from a sorted set of
-deadlines, overtaken steps from the queue's received mark, and a queue's messages are read only
-when it holds fewer messages than steps waiting on it.
+A tick costs O(running + held + sent steps + repairs): lapsed leases come from a sorted set of
+deadlines, overtaken steps from the queue's received mark, and a queue holds at most its window
+(the steps sent, one per live slot) besides what ended jobs left, which the tick drains.
 The main process never imports TensorFlow, so the thread starts at ``worker_ready``.
 """
 
