@@ -1,9 +1,10 @@
 """How Convoy shares one queue between jobs, on real workers, first in first out against the
 dispatcher:
 
-    .venv/bin/python bench/fairness.py [--big-shards 40] [--shares-steps 100] [--jobs 1000]
+    .venv/bin/python bench/fairness.py [--big-shards 40] [--shares-steps 100] [--jobs 1000] [--step-s 0.3]
 
 Each scenario runs twice on a fresh embedded broker and one worker (one slot): with
+every step made to last at least ``--step-s`` (the ``after-claim=delay:S`` fault point), with
 ``CONVOY_WINDOW_PER_SLOT=100000`` (every step of a job sent at submission: the queue is first in,
 first out, as Convoy was without a dispatcher) and with the default window (one step per slot,
 chosen when the slot frees). It prints a Markdown table:
@@ -39,20 +40,24 @@ from tests.imagegen import make_flat  # noqa: E402
 
 ARGS = ["--input-size", "32", "--weights", "none", "--shard-size", "2", "--batch-size", "2"]
 FIFO = 100_000
+#: Every step lasts at least this long (a fault point that sleeps), so that the scenarios are
+#: measured in steps, not in how fast the CLI starts: ``--step-s``.
+STEP_S = 0.3
 
 
 class Cluster:
     """An embedded broker and one worker (one slot) with the given window per slot."""
 
-    def __init__(self, tmp: Path, window: int) -> None:
-        self.tmp, self.window = tmp, window
+    def __init__(self, tmp: Path, window: int, step_s: float = STEP_S) -> None:
+        self.tmp, self.window, self.step_s = tmp, window, step_s
 
     def __enter__(self) -> Cluster:
         (self.tmp / "logs").mkdir(parents=True, exist_ok=True)
         self.broker = EmbeddedBroker(self.tmp / "logs")
         self.url = self.broker.start()
         self.store = JobStore(connect(self.url))
-        env = {"CONVOY_WINDOW_PER_SLOT": str(self.window), "CONVOY_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env = {"CONVOY_WINDOW_PER_SLOT": str(self.window), "CONVOY_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+               "CONVOY_FAULTS": f"after-claim=delay:{self.step_s}"}
         import os
 
         self.worker = subprocess.Popen([sys.executable, "-m", "orchestrator", "worker", "--queues", "extract",
@@ -171,15 +176,16 @@ def main() -> None:
     parser.add_argument("--big-shards", type=int, default=40)
     parser.add_argument("--shares-steps", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--step-s", type=float, default=STEP_S, help="the least time a step takes")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="convoy-fair-"))
     results = {}
     for label, window in (("FIFO (whole job sent at submit)", FIFO), ("dispatcher (window 1 per slot)", 1)):
-        with Cluster(tmp / f"w{window}-a", window) as cluster:
+        with Cluster(tmp / f"w{window}-a", window, args.step_s) as cluster:
             row = small_behind_big(cluster, args.big_shards)
-        with Cluster(tmp / f"w{window}-b", window) as cluster:
+        with Cluster(tmp / f"w{window}-b", window, args.step_s) as cluster:
             row |= shares(cluster, args.shares_steps)
-        with Cluster(tmp / f"w{window}-c", window) as cluster:
+        with Cluster(tmp / f"w{window}-c", window, args.step_s) as cluster:
             row |= priority(cluster, args.big_shards)
         results[label] = row
         print(label, row, file=sys.stderr, flush=True)
