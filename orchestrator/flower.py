@@ -1,4 +1,5 @@
-"""``convoy flower``: Flower on the cluster's broker, with the project's Celery app and a login.
+"""``convoy flower``: Flower on the cluster's broker, with the project's Celery app, a login, and
+the Jobs page (:mod:`orchestrator.jobs_page`).
 
 Flower reads its login from its own ``FLOWER_BASIC_AUTH`` variable (``user:password``); we only
 check it is there, so a dashboard that can revoke tasks and shut workers down is never opened
@@ -81,16 +82,18 @@ def check_listen(address: str, port: int) -> None:
 
 def run_flower(settings: Settings, opts: FlowerOptions) -> int:
     """Serve Flower in this process until it is stopped (TERM or Ctrl-C)."""
+    from orchestrator import jobs_page
     from shared.celery_app import configure
-    from shared.jobstore import connect
+    from shared.jobstore import JobStore, connect
 
     check_auth(dict(os.environ), opts.insecure_no_auth)
     if not settings.broker_url:
         raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
-    connect(settings.broker_url)  # one clear line when the broker does not answer
+    store = JobStore(connect(settings.broker_url))  # one clear line when the broker does not answer
     check_listen(opts.address, opts.port)
     if opts.db_path:
         opts.db_path.parent.mkdir(parents=True, exist_ok=True)
     guard_metrics()
+    jobs_page.install(store)  # /jobs: every job from the store, behind the same login
     app = configure(settings)
     return app.start(flower_argv(opts)) or 0

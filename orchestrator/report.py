@@ -14,7 +14,7 @@ from orchestrator.progress import fmt_seconds
 from orchestrator.watch import stage_detail
 from shared import storage
 from shared.camjob import HEATMAPS_NAME
-from shared.gallery import gallery_section, page, skipped_section, write_page
+from shared.gallery import ON_MISSING, gallery_section, page, skipped_section, write_page
 from shared.manifest import read_manifest
 from shared.storage import Location
 from shared.words import plural
@@ -76,7 +76,7 @@ def _metrics(model_dir: Path, label: str, suffix: str) -> str:
     curves = model_dir / f"curves{suffix}.png"
     if curves.is_file():
         out.append(f'<h3>Training curves</h3><img src="model/{curves.name}" alt="training curves" '
-                   'onerror="missing(this)" style="max-width:100%">')
+                   f'onerror="{ON_MISSING}" style="max-width:100%">')
     return "".join(out)
 
 

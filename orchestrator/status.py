@@ -28,13 +28,15 @@ _QUEUE_OF = {
 }
 
 
-def waiting_for(store: JobStore, state: dict) -> dict | None:
-    """``{"queue": q, "workers": 0}`` while the job's next step waits on a queue no live worker consumes."""
+def waiting_for(store: JobStore, state: dict, live: dict[str, int] | None = None) -> dict | None:
+    """``{"queue": q, "workers": 0}`` while the job's next step waits on a queue no live worker consumes.
+    ``live``: live workers by queue, read once for many jobs (:meth:`JobStore.live_workers_by_queue`)."""
     status = JobStatus.parse(state.get("status"))
     if status is None or status.is_final:
         return None
     queue = keys.CAM_QUEUE if state.get("kind") == "cam" else _QUEUE_OF[status]
-    return None if store.live_workers(queue) else {"queue": queue, "workers": 0}
+    workers = live[queue] if live is not None else store.live_workers(queue)
+    return None if workers else {"queue": queue, "workers": 0}
 
 
 #: The stages a job passes through on the workers, and the state field that marks each start.

@@ -29,6 +29,9 @@ background:#eee;display:block}.pair figcaption{font-size:11px;color:#666;text-al
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 """
 
+#: The ``onerror`` of every image of a page: counts it as missing (see GUARD).
+ON_MISSING = "missing(this)"
+
 # Records what a reader would see as broken (missing images, script errors) on <body>.
 GUARD = """
 window.addEventListener('error', function (e) {
@@ -82,7 +85,7 @@ def _card(row: dict, class_names: list[str], prefix: str) -> str:
     state = {"1": "right", "0": "wrong"}.get(right, "")
     mark = {"1": "&#10003; right", "0": "&#10007; wrong"}.get(right, "")
     img = lambda src, alt: (f'<img src="{html.escape(prefix + src)}" alt="{html.escape(alt)}" '  # noqa: E731
-                            'loading="lazy" onerror="missing(this)">')
+                            f'loading="lazy" onerror="{ON_MISSING}">')
     flags = f'<div class="flags">{html.escape(row["flags"])}</div>' if row["flags"] else ""
     return (
         f'<div class="card {state}" data-truth="{html.escape(_name(class_names, truth))}" '
@@ -137,7 +140,8 @@ def skipped_section(skipped: list[tuple[str, str]]) -> str:
 
 
 def page(title: str, body: str) -> str:
-    """A whole self-contained page around ``body``."""
+    """A whole self-contained page around ``body``. Its only scripts are GUARD, SCRIPT and
+    ON_MISSING (the Jobs page in Flower serves it with a policy that lets those alone run)."""
     return (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style><script>{GUARD}</script></head><body><h1>{html.escape(title)}</h1>"

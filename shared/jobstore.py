@@ -571,6 +571,56 @@ class JobStore:
         text = self.r.get(keys.worker_info(worker))
         return json.loads(text) if text else {}
 
+    # --- what the Jobs page in Flower reads ------------------------------------------------------
+    def jobs_table(self, job_ids: list[str] | None = None) -> list[dict]:
+        """Every indexed job newest first (or the jobs ``job_ids``), in two round trips whatever
+        their number: ``{"job_id", "state": its state hash, "shards": how many barrier steps
+        (shards, Grad-CAM batches) it has, "shards_done" and "shards_failed": how many of them
+        finished and failed for good, "running": {step: {images_per_s, epoch, epochs}} of its
+        steps that hold a lease}``. Jobs whose keys expired (the index not yet pruned) are left out."""
+        pipe = self.r.pipeline(transaction=False)
+        if job_ids is None:
+            pipe.zrevrange(keys.jobs_index(), 0, -1)
+        pipe.zrange(keys.leases(), 0, -1)
+        *listed, leased = pipe.execute()
+        ids = listed[0] if job_ids is None else list(job_ids)
+        running = [keys.split_member(m) for m in leased]
+        pipe = self.r.pipeline(transaction=False)
+        for job in ids:
+            pipe.hgetall(keys.job_state(job))
+            pipe.hlen(keys.job_inputs(job))
+            pipe.scard(keys.job_finished(job))
+            pipe.scard(keys.job_failed(job))
+        for job, step in running:
+            pipe.hmget(keys.job_step(job, step), _RUNNING_FIELDS)
+        values = pipe.execute()
+        steps: dict[str, dict[str, dict]] = {}
+        for (job, step), fields in zip(running, values[4 * len(ids):], strict=True):
+            steps.setdefault(job, {})[step] = {k: v for k, v in zip(_RUNNING_FIELDS, fields, strict=True) if v}
+        rows = []
+        for i, job in enumerate(ids):
+            state, shards, done, failed = values[4 * i: 4 * i + 4]
+            if state:
+                rows.append({"job_id": job, "state": state, "shards": int(shards), "shards_done": int(done),
+                             "shards_failed": int(failed), "running": steps.get(job, {})})
+        return rows
+
+    def out_dirs(self, job_ids: list[str]) -> dict[str, str]:
+        """Each job's OUT (a folder or a store URL) from its spec, in one round trip; a job whose
+        spec expired is left out."""
+        pipe = self.r.pipeline(transaction=False)
+        for job in job_ids:
+            pipe.get(keys.job_spec(job))
+        return {job: json.loads(text)["out_dir"] for job, text in zip(job_ids, pipe.execute(), strict=True) if text}
+
+    def live_workers_by_queue(self, queues) -> dict[str, int]:
+        """:meth:`live_workers` of each queue, in one round trip."""
+        queues = list(queues)
+        pipe = self.r.pipeline(transaction=False)
+        for queue in queues:
+            self._scripts["LIVE_WORKERS"](keys=[], args=[queue], client=pipe)
+        return {q: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
+
 
 def _sends(flat: list[str]) -> list[Send]:
     """The steps a script sent, from its flat answer: job, step, task, queue, msg of each."""
@@ -588,6 +638,8 @@ def _field(value) -> str | int | float:
 
 _JSON_FIELDS = ("skipped", "timings", "params")
 _INT_FIELDS = ("done", "total", "rows", "deliveries", "repairs", "epoch", "epochs")
+#: What the Jobs page reads of a running step: its rate, and a training's epoch.
+_RUNNING_FIELDS = ("images_per_s", "epoch", "epochs")
 
 
 def _decode_step(raw: dict) -> dict:
