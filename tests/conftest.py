@@ -323,3 +323,65 @@ def wait_until(predicate, timeout: float, what: str, poll_s: float = 0.2):
             return value
         time.sleep(poll_s)
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+# --- `convoy flower` and a headless browser (tests/test_flower.py, tests/test_jobs_page.py) -------------
+
+#: The login every FlowerServer asks for (Flower's FLOWER_BASIC_AUTH).
+LOGIN = ("convoy", "flower-test-pass")
+
+
+def _wait_for_events(base: str, timeout_s: float = 60) -> None:
+    """Until Flower has seen a worker heartbeat: it is receiving the cluster's events."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if 'flower_worker_online{worker="w1@' in requests.get(f"{base}/metrics", auth=LOGIN, timeout=2).text:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"Flower at {base} saw no worker heartbeat within {timeout_s}s")
+
+
+class FlowerServer:
+    """``convoy flower`` as a real process, with persistent state so it can be restarted."""
+
+    def __init__(self, broker_url: str, state_dir) -> None:
+        from orchestrator.cluster import free_port
+
+        self.port, self.log, self.db = free_port(), state_dir / "flower.log", state_dir / "flower.db"
+        self.broker_url, self.proc = broker_url, None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
+        cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(self.port),
+               "--broker", self.broker_url, "--db", str(self.db)]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        _wait_for_events(self.base)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # Flower saves its state on the way out
+            self.proc.wait(timeout=30)
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium with ``args`` (a page to --dump-dom or --screenshot); skipped where it is
+    not installed, failed in CI."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        skip_or_fail("headless Chromium is not installed (apt-get install -y chromium)")
+    # --virtual-time-budget lets the page's own requests (a task table, a poll) finish first.
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--window-size=1600,900", "--virtual-time-budget=8000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

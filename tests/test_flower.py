@@ -4,11 +4,7 @@ credentials, and a job's tasks read back through its HTTP API name job and shard
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,10 +12,9 @@ import pytest
 import requests
 
 from orchestrator.cluster import free_port
-from tests.conftest import ROOT, convoy
+from tests.conftest import LOGIN, FlowerServer, chromium, convoy
 from tests.imagegen import make_tree
 
-LOGIN = ("convoy", "flower-test-pass")
 #: Redis's default user without a password accepts any password, so the job can be submitted
 #: with a URL that carries a secret against the test server, and we look for that secret.
 BROKER_SECRET = "broker-s3cret-never-shown"
@@ -29,44 +24,6 @@ def _with_password(url: str) -> str:
     parts = urlsplit(url)
     netloc = f"default:{BROKER_SECRET}@{parts.hostname}:{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _wait_for_events(base: str, timeout_s: float = 60) -> None:
-    """Until Flower has seen a worker heartbeat: it is receiving the cluster's events."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if 'flower_worker_online{worker="w1@' in requests.get(f"{base}/metrics", auth=LOGIN, timeout=2).text:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"Flower at {base} saw no worker heartbeat within {timeout_s}s")
-
-
-class FlowerServer:
-    """``convoy flower`` as a real process, with persistent state so it can be restarted."""
-
-    def __init__(self, broker_url: str, state_dir) -> None:
-        self.port, self.log, self.db = free_port(), state_dir / "flower.log", state_dir / "flower.db"
-        self.broker_url, self.proc = broker_url, None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
-        cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(self.port),
-               "--broker", self.broker_url, "--db", str(self.db)]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        _wait_for_events(self.base)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # Flower saves its state on the way out
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -149,28 +106,16 @@ def test_job_tasks_read_back_through_flower(flower, job):
     assert 'type="task-succeeded"' in metrics and "flower_task_runtime_seconds_bucket" in metrics
 
 
-def _chromium(*args: str) -> subprocess.CompletedProcess:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not browser:
-        if os.environ.get("CI"):
-            pytest.fail("CI needs Debian's chromium package for the dashboard test; .ci/run installs it")
-        pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
-    # --virtual-time-budget lets the page's own requests for the task table finish first.
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           "--window-size=1600,900", "--virtual-time-budget=8000", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
 def test_dashboard_in_headless_chromium_shows_the_job(flower, job, tmp_path):
     base = flower.base
     summary, _proc = job
     tasks = _job_tasks(base, summary["job_id"], summary["shards"])
     page = base.replace("http://", f"http://{LOGIN[0]}:{LOGIN[1]}@") + "/tasks"
-    dom = _chromium("--dump-dom", page).stdout
+    dom = chromium("--dump-dom", page).stdout
     assert "Tasks · Flower" in dom
     assert all(task_id in dom for task_id in tasks), "the task table lacks the job's tasks"
     shot = tmp_path / "flower-tasks.png"
-    _chromium(f"--screenshot={shot}", page)
+    chromium(f"--screenshot={shot}", page)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     print(f"\nFlower screenshot: {shot}")
 
