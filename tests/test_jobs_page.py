@@ -37,7 +37,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.imagegen import make_tree
-from tests.test_jobstate import claim, finish, make_job
+from tests.test_jobstate import claim, finish, make_job, wide_open
 
 #: A file name that is markup: the pages show it as text.
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -283,7 +283,7 @@ def test_the_list_is_whole_after_flower_restarts_with_no_memory(flower, store, d
 @pytest.fixture()
 def own_store():
     with own_database() as url:
-        yield JobStore(connect(url))
+        yield wide_open(JobStore(connect(url)))
 
 
 def test_a_row_says_what_a_job_does_from_the_store(own_store):
