@@ -31,10 +31,10 @@ import time
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-import redis
 import tornado.template
 import tornado.web
 from flower.views import BaseHandler
+from redis.exceptions import RedisError
 from tornado.ioloop import IOLoop
 
 from orchestrator import control
@@ -322,7 +322,7 @@ class _Handler(BaseHandler):
             return await IOLoop.current().run_in_executor(None, functools.partial(fn, *args))
         except JobNotFound as exc:
             raise _PageError(404, str(exc)) from None
-        except redis.RedisError as exc:
+        except RedisError as exc:
             raise _PageError(503, f"the broker does not answer ({type(exc).__name__}); "
                                   "the Jobs page reads every job from it") from None
 
