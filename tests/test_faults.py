@@ -92,6 +92,7 @@ def test_pool_process_killed_mid_shard(private, tmp_path):
     _exactly_once(data, out)
 
 
+@pytest.mark.slow  # waits out a lease or a restart: about a minute
 def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
     data, out, job, shard, victim = _long_shard_running(private, tmp_path, "m1", "m2")
     killed_at = time.monotonic()
@@ -107,6 +108,7 @@ def test_whole_worker_killed_shard_runs_elsewhere_within_90s(private, tmp_path):
     _exactly_once(data, out)
 
 
+@pytest.mark.slow  # waits out a lease or a restart: about a minute
 def test_sigterm_hands_the_shard_back(private, tmp_path):
     data, out, job, shard, victim = _long_shard_running(private, tmp_path, "t1", "t2")
     os.killpg(private.procs[victim].pid, signal.SIGTERM)
@@ -209,6 +211,7 @@ def test_resume_after_the_broker_forgot_everything(private, tmp_path):
     _exactly_once(data, out)
 
 
+@pytest.mark.slow  # waits out a lease or a restart: about a minute
 def test_broker_restart_with_persistence(tmp_path):
     from tests.conftest import OwnRedis
 

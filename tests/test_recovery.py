@@ -77,6 +77,7 @@ def test_worker_killed_holding_a_reserved_message_is_repaired(private, tmp_path)
     assert private.store.step(job, "train/00000")["repaired"] == "its message was held by a worker that died"
 
 
+@pytest.mark.slow  # half a minute of cluster time
 def test_extract_only_cluster_finishes_extraction_and_says_what_training_waits_for(private, tmp_path):
     """Defect 6: states a user can read; the merge runs on the extract queue; a missing train worker
     is named, with the command that fixes it."""
