@@ -50,6 +50,8 @@ class CamRequest:
     labels: dict[str, int] | None = None  # true classes by path; default: from class-named folders
     keras_home: Path = field(default_factory=lambda: Path.home() / ".keras")
     share: Share = DEFAULT_SHARE  # priority, weight and cap on the cam queue
+    run_job: str = ""  # the extraction job of `convoy run` that asks for these heatmaps
+    notes: list[str] | None = None  # default: the weights note in model.json beside a Convoy model
 
 
 # --- validating at the edge ---------------------------------------------------------------
@@ -165,13 +167,15 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
     out = check_output(req.out_dir)
     path, sha = resolve_model(req)
     batches = [rels[i : i + req.batch_size] for i in range(0, len(rels), req.batch_size)]
-    names = req.class_names if req.class_names is not None else _class_names_beside(path)
+    info = _info_beside(path)
+    names = req.class_names if req.class_names is not None else list(info.get("class_names") or [])
     labels = req.labels if req.labels is not None else _labels_from_folders(rels, names)
+    notes = req.notes if req.notes is not None else [n for n in (info.get("weights_note"),) if n]
     spec = CamSpec(
         job_id=new_job_id(), model=req.model, model_path=str(path), model_sha256=sha, out_dir=str(out),
         root=str(root), n_batches=len(batches), n_images=len(rels), batch_size=req.batch_size,
         layer=req.layer, class_index=req.class_index, top_k=req.top_k, preprocess=preprocess,
-        class_names=names, labels=labels,
+        class_names=names, labels=labels, run_job=req.run_job, notes=[str(n) for n in notes],
     )
     return spec, batches
 
@@ -183,13 +187,13 @@ def _folders(inputs: list) -> list[Location]:
     return [Path(i) for i in inputs if Path(i).is_dir()]
 
 
-def _class_names_beside(model: Location) -> list[str]:
-    """The class names a Convoy model was trained with (OUT/model/model.json), else none."""
+def _info_beside(model: Location) -> dict:
+    """What a Convoy model's OUT/model/model.json says of it (its class names, its weights), else {}."""
     try:
-        beside = storage.join(storage.parent(model), "model.json")
-        return list(json.loads(storage.read_text(beside)).get("class_names") or [])
+        info = json.loads(storage.read_text(storage.join(storage.parent(model), "model.json")))
     except (OSError, ValueError, storage.StoreError):
-        return []
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _labels_from_folders(rels: list[str], class_names: list[str]) -> dict[str, int]:
@@ -266,7 +270,7 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, stages: Stage
         with local_cluster(settings, workers, logs, data, outputs) as (local, pool):
             summary = _submit_and_wait(local, spec, batches, stages, alive=pool.alive, share=req.share)
     seconds = time.monotonic() - t0
-    return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images, **summary,
+    return {"job_id": spec.job_id, "out": spec.out_dir, "images": spec.n_images, **summary, "notes": spec.notes,
             "seconds": round(seconds, 3), "images_per_s": round(spec.n_images / max(seconds, 1e-9), 2)}
 
 
@@ -279,6 +283,7 @@ def print_cam_summary(summary: dict, as_json: bool) -> None:
         return
     lines = [f"cam {summary['job_id']}: {plural(summary['rows'], 'heatmap')} of {plural(summary['images'], 'image')} "
              f"(layer {summary['layer']}), {summary['seconds']:.1f} s",
+             *(f"  note: {note}" for note in summary.get("notes", [])),
              f"  heatmaps -> {summary['heatmaps']}", f"  index    -> {summary['index']}",
              *(f"  skipped {item['path']}: {item['reason']}" for item in summary.get("skipped", []))]
     for line in lines:
@@ -374,7 +379,13 @@ def cam_for_run(out_dir: Location, settings: Settings, n: int, workers: int = 1,
     data, images, labels = run_images(out_dir, n, model)
     if not images:
         return None
-    req = CamRequest(model=str(model), inputs=images, out_dir=storage.join(out_dir, "cam"), root=data, labels=labels)
+    from shared.manifest import read_manifest
+    from shared.words import job_weights
+
+    manifest = read_manifest(out_dir)
+    note = job_weights(manifest["spec"])[1]
+    req = CamRequest(model=str(model), inputs=images, out_dir=storage.join(out_dir, "cam"), root=data, labels=labels,
+                     run_job=manifest["job_id"], notes=[note] if note else [])
     summary = run_cam(req, settings, workers=workers, stages=stages)
     return {"dir": summary["out"], "heatmaps": summary["heatmaps"], "index": summary["index"],
             "overlays": summary["overlays"], "rows": summary["rows"]}

@@ -153,7 +153,9 @@ def _cam_after_training(args, spec, settings: Settings, stages) -> dict | None:
 
 def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, cam: dict | None = None) -> dict:
     """The run's summary: the job's own (from the merge and training) with this command's times."""
+    from orchestrator.sample import sample_note
     from orchestrator.status import stage_times as job_stage_times
+    from shared.words import job_weights
 
     summary = json.loads(state.get("summary", "{}"))
     images = summary.get("images", 0)
@@ -163,13 +165,16 @@ def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, 
     stage_times = {**stage_times, **job_stage_times(state, since)}
     stage_times = {name: stage_times[name] for name in STAGE_ORDER if name in stage_times}
     extract_s = stage_times.get("extracting", 0.0)
+    weights, weights_note = job_weights(spec)
     result = {
         "job_id": spec.job_id,
         "out": spec.out_dir,
         "status": state.get("status", ""),
+        "weights": weights,
+        "notes": [note for note in (weights_note, sample_note(spec.data_dir)) if note],
         "images": images,
         "shards": len(spec.shard_ids),
-        "extracted_images": max(images - reused, 0) if summary else 0,
+        "extracted_images": summary.get("extracted_images", max(images - reused, 0)) if summary else 0,
         "reused_shards": summary.get("reused_shards", 0),
         "reused_images": reused,
         "skipped": summary.get("skipped", []),
@@ -414,10 +419,10 @@ def cmd_report(args, settings: Settings) -> int:
 
 def cmd_sample(args, settings: Settings) -> int:
     from orchestrator.jobs import check_output
-    from orchestrator.sample import make_sample
+    from orchestrator.sample import make_sample, read_record, sample_words
 
-    make_sample(check_output(args.out, "OUT"), args.images, args.seed)
-    print(printable(f"wrote {args.images} images to {args.out}"))
+    record = read_record(make_sample(check_output(args.out, "OUT"), args.images, args.seed))
+    print(printable(f"wrote {plural(record['images'], 'image')} to {args.out}, {sample_words(record)}"))
     return 0
 
 

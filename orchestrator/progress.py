@@ -77,11 +77,12 @@ class Stages:
         elif not self.quiet and time.monotonic() - self._last_line >= PLAIN_EVERY_S:
             self._line(self._words())
 
-    def end(self, detail: str | None = None) -> None:
-        """The current stage is over: its time is kept and its last line printed."""
+    def end(self, detail: str | None = None, seconds: float | None = None) -> None:
+        """The current stage is over: its time is kept and its last line printed. ``seconds``:
+        its time as the job measured it (else as this command saw it)."""
         if self._name is None:
             return
-        seconds = time.monotonic() - self._t0
+        seconds = time.monotonic() - self._t0 if seconds is None else seconds
         self.times[self._name] = self.times.get(self._name, 0.0) + seconds
         if detail is not None:
             self._detail = detail

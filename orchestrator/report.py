@@ -11,13 +11,14 @@ import json
 from pathlib import Path
 
 from orchestrator.progress import fmt_seconds
+from orchestrator.sample import sample_note
 from orchestrator.watch import stage_detail
 from shared import storage
 from shared.camjob import HEATMAPS_NAME
-from shared.gallery import ON_MISSING, gallery_section, page, skipped_section, write_page
+from shared.gallery import ON_MISSING, gallery_section, notes_section, page, skipped_section, write_page
 from shared.manifest import read_manifest
 from shared.storage import Location
-from shared.words import plural
+from shared.words import job_weights, plural
 
 REPORT_NAME = "report.html"
 
@@ -42,12 +43,18 @@ def _summary(manifest: dict) -> str:
             ("data", spec["data_dir"]), ("images", run.get("images", end.get("images_done", ""))),
             ("shards", len(manifest["shards"])), ("classes", ", ".join(spec.get("class_names") or []) or "none"),
             ("layer", model["layer"]), ("input size", f"{model['input_size_px']} px"),
-            ("weights", model["weights"])]
+            ("weights", job_weights(spec)[0])]
     if run.get("seconds"):
         rows.append(("wall time", fmt_seconds(run["seconds"])))
     if end.get("error"):
         rows.append(("error", end["error"]))
     return "<h2>Job</h2>" + _table(rows)
+
+
+def _notes(manifest: dict) -> str:
+    """What a reader must know before the numbers: random weights, sample data."""
+    spec = manifest["spec"]
+    return notes_section([n for n in (job_weights(spec)[1], sample_note(spec["data_dir"])) if n])
 
 
 def _stages(run: dict) -> str:
@@ -111,7 +118,7 @@ def write_report(out_dir: Location) -> Location:
     manifest = read_manifest(out_dir)
     model_dir = out_dir / "model"
     body = "".join((
-        _summary(manifest), _stages(manifest.get("run", {})),
+        _notes(manifest), _summary(manifest), _stages(manifest.get("run", {})),
         _metrics(model_dir, "Classifier", ""), _metrics(model_dir, "Fine-tuned model", "_finetune"),
         _gallery(out_dir), _skipped(manifest),
     ))

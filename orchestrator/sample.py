@@ -1,15 +1,22 @@
 """A small sample of real photographs in the seed's layout, cut from scikit-image's data.
 
 Class ``cat`` is crops of scikit-image's ``chelsea`` photo; class ``other`` is crops of its
-other colour photographs (coffee, rocket, astronaut, motorcycle, Hubble deep field).
+other colour photographs (coffee, rocket, astronaut, motorcycle, Hubble deep field). Every split
+holds crops of the same six photographs: a demo that runs end to end, not a benchmark. What was
+made is kept in ``DATA/.convoy-sample.json`` (hidden: a scan passes it by), so a run's summary
+and report can say so.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+from shared import storage
+from shared.words import plural
 
 SPLIT_SHARES = (("train", 0.5), ("validation", 0.25), ("test", 0.25))
 CLASS_SOURCES = {
@@ -17,6 +24,8 @@ CLASS_SOURCES = {
     "other": ["coffee.png", "rocket.jpg", "astronaut.png", "motorcycle_left.png", "hubble_deep_field.jpg"],
 }
 SIZE_PX = (500, 375)
+#: What ``convoy sample`` made, in DATA.
+RECORD_NAME = ".convoy-sample.json"
 
 
 def _sources() -> dict[str, list[Image.Image]]:
@@ -38,7 +47,8 @@ def _variant(src: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def make_sample(out_dir: Path, images: int = 400, seed: int = 0) -> Path:
-    """Write ``images`` JPEGs of 500x375 into out_dir/{train,validation,test}/{cat,other}/."""
+    """Write ``images`` JPEGs of 500x375 into out_dir/{train,validation,test}/{cat,other}/ (an
+    even share per class: one fewer for an odd count), and what was made in its RECORD_NAME."""
     rng = np.random.default_rng(seed)
     sources = _sources()
     per_class = images // len(sources)
@@ -53,4 +63,31 @@ def make_sample(out_dir: Path, images: int = 400, seed: int = 0) -> Path:
                 photo = photos[n % len(photos)]
                 _variant(photo, rng).save(folder / f"{cls}.{n:04d}.jpg", quality=90)
                 n += 1
+    used = {c: min(len(names), per_class) for c, names in CLASS_SOURCES.items()}  # photos[n % len(photos)]
+    record = {"images": per_class * len(sources), "photographs": used, "seed": seed}
+    (out_dir / RECORD_NAME).write_text(json.dumps(record))
     return out_dir
+
+
+def sample_words(record: dict) -> str:
+    """``cropped from 6 source photographs (cat: 1, other: 5); every split holds crops of the same
+    photographs``: what a sample's images are, from its record."""
+    photos = record.get("photographs") or {}
+    per_class = ", ".join(f"{c}: {n}" for c, n in photos.items())
+    return (f"cropped from {plural(sum(photos.values()), 'source photograph')} ({per_class}); every split "
+            "holds crops of the same photographs")
+
+
+def read_record(data_dir: Path) -> dict:
+    return json.loads((Path(data_dir) / RECORD_NAME).read_text())
+
+
+def sample_note(data_dir: str | Path) -> str:
+    """``sample data: ...`` when DATA (a local folder) was made by ``convoy sample``, else ""."""
+    if storage.is_url(str(data_dir)):
+        return ""  # a store's DATA is not one convoy sample wrote
+    try:
+        record = read_record(Path(data_dir))
+        return f"sample data: {plural(int(record['images']), 'image')} {sample_words(record)}"
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):  # none, or not one this wrote
+        return ""

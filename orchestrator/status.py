@@ -13,9 +13,10 @@ from rich.table import Table
 
 from shared import keys
 from shared.jobstore import JobStore
-from shared.manifest import read_manifest
+from shared.manifest import extraction_counts, read_manifest
 from shared.states import JobStatus, is_final
 from shared.terminal import markup
+from shared.words import job_weights
 
 WATCH_POLL_S = 0.5
 
@@ -107,35 +108,59 @@ def job_report(store: JobStore, job_id: str) -> dict:
     spec = store.spec(job_id)
     report = brief(store, job_id)
     shards = store.shard_states(job_id)
-    rate = sum(float(s.get("images_per_s", 0)) for s in shards.values() if s.get("state") == "running")
     skipped = list(spec.options.get("scan_skipped", []))
     for s in shards.values():
         skipped += s.get("skipped") or []
-    left = report["images_total"] - report["images_done"]
-    return {**report, "out": spec.out_dir, "images_per_s": round(rate, 2),
-            "eta_s": round(left / rate, 1) if rate > 0 else None, "shards": shards, "skipped": skipped}
+    counts = extraction_counts(shards)
+    if JobStatus.parse(report["status"]) in (JobStatus.QUEUED, JobStatus.EXTRACTING):
+        rate = sum(float(s.get("images_per_s", 0)) for s in shards.values() if s.get("state") == "running")
+        left = report["images_total"] - report["images_done"]
+        eta = round(left / rate, 1) if rate > 0 else None
+    else:  # extraction is over: the rate it had, not the none of a job that runs no shard now
+        rate, eta = extraction_rate(counts["extracted_images"], store.status(job_id)), None
+    weights, note = job_weights(spec)
+    return {**report, "out": spec.out_dir, "images_per_s": round(rate, 2), "eta_s": eta, "shards": shards,
+            "skipped": skipped, **counts, "weights": weights, "notes": [note] if note else []}
+
+
+def extraction_rate(extracted: int, state: dict) -> float:
+    """Images extracted per second of the job's extraction stage (its own stage marks); 0 when unknown."""
+    seconds = stage_times(state).get("extracting")
+    return extracted / seconds if extracted and seconds else 0.0
 
 
 def manifest_report(out_dir: Path) -> dict:
     """A job's report from its OUT: how it ended (or that it never recorded an end)."""
     manifest = read_manifest(out_dir)
     end = manifest.get("end", {})
-    shards = {s["id"]: {"state": s.get("state", ""), "total": s.get("images", 0),
-                        "done": s.get("images", 0) if s.get("state") == "done" else 0} for s in manifest["shards"]}
+    shards = {}
+    for s in manifest["shards"]:
+        row = {k: s[k] for k in ("worker", "rows", "skipped", "reused", "images_per_s") if k in s}
+        shards[s["id"]] = {"state": s.get("state", ""), "total": s.get("images", 0),
+                           "done": s.get("images", 0) if s.get("state") == "done" else 0, **row}
     summary = manifest.get("summary")
+    counts = extraction_counts(shards)
+    rate = extraction_rate(counts["extracted_images"], end) or float(manifest.get("run", {}).get(
+        "extract_images_per_s", 0.0))
+    weights, note = job_weights(manifest["spec"])
     return {
         "job_id": manifest["job_id"], "kind": "extract", "source": "manifest",
         "status": end.get("status", "unknown"), "error": end.get("error", ""), "out": str(out_dir),
         "images_done": int(end.get("images_done", 0)), "images_total": sum(s["total"] for s in shards.values()),
-        "images_per_s": 0.0, "eta_s": None, "shards": shards, "waiting_for": None,
-        "skipped": (summary or {}).get("skipped", []), "summary": summary,
+        "images_per_s": round(rate, 2), "eta_s": None, "shards": shards, "waiting_for": None,
+        "skipped": (summary or {}).get("skipped", []), "summary": summary, **counts,
+        "weights": weights, "notes": [note] if note else [],
     }
 
 
 def _title(report: dict) -> str:
     done = f"{report['images_done']}/{report['images_total']} images"
-    title = f"job {report['job_id']}: {report['status']}  {done}  {report.get('images_per_s', 0)} img/s"
+    skipped = f", {len(report['skipped'])} skipped" if report.get("skipped") else ""
+    if report.get("reused_shards"):  # what the rate counts: images extracted, not those reused
+        done += f" ({report['extracted_images']} extracted, {report['reused_images']} reused)"
+    title = f"job {report['job_id']}: {report['status']}  {done}{skipped}  {report.get('images_per_s', 0)} img/s"
     title += f"  ETA {report['eta_s']} s" if report.get("eta_s") else ""
+    title += f"\nweights {report['weights']}" if report.get("weights") else ""
     if "priority" in report:  # read from the broker (a manifest knows no share)
         cap = report["max_running"] or "no cap"
         title += (f"\npriority {report['priority']}  weight {report['weight']}  max running {cap}  "
@@ -144,14 +169,29 @@ def _title(report: dict) -> str:
     return title
 
 
+def _count(skipped) -> int:
+    """A shard's skipped images: a list of them (the broker's step) or their number (the manifest's)."""
+    return len(skipped) if isinstance(skipped, list) else int(skipped or 0)
+
+
+def shard_cells(s: dict, ended: bool) -> tuple[str, ...]:
+    """A shard's state, images (extracted of its total, once it is done), rate, worker and skipped:
+    the worker that ran it, or "ended" for a shard no worker ran (or none recorded) of an ended job."""
+    state = s.get("state", "") + (" (reused)" if s.get("reused") else "")
+    images = f"{s['rows'] if 'rows' in s and s.get('state') == 'done' else s.get('done', 0)}/{s.get('total', 0)}"
+    rate = s.get("images_per_s")
+    rate = f"{float(rate):.1f}" if rate not in (None, "") else ""
+    worker = s.get("worker") or ("ended" if ended else "")
+    return state, images, rate, worker, str(_count(s.get("skipped")))
+
+
 def _table(report: dict) -> Table:
-    table = Table(title=markup(_title(report)), title_justify="left")
+    table = Table(title="\n".join(markup(line) for line in _title(report).split("\n")), title_justify="left")
     for col in ("shard", "state", "images", "img/s", "worker", "skipped", "error"):
         table.add_column(col)
+    ended = is_final(report["status"]) or report.get("source") == "manifest"
     for sid, s in report["shards"].items():
-        cells = (sid, s.get("state", ""), f"{s.get('done', 0)}/{s.get('total', 0)}", str(s.get("images_per_s", "")),
-                 s.get("worker", ""), str(len(s.get("skipped") or [])), s.get("error", ""))
-        table.add_row(*map(markup, cells))
+        table.add_row(*map(markup, (sid, *shard_cells(s, ended), s.get("error", ""))))
     return table
 
 
@@ -161,6 +201,8 @@ def print_report(report: dict, as_json: bool) -> None:
         return
     console = Console()
     console.print(_table(report))
+    for note in report.get("notes", []):
+        console.print(markup(f"note: {note}"), soft_wrap=True, highlight=False)
     if report["waiting_for"]:
         console.print(markup(waiting_words(report["waiting_for"])), soft_wrap=True)
     if report["error"]:

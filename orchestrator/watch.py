@@ -39,8 +39,9 @@ def wait_for_job(
         report = brief(store, job_id)
         status = JobStatus.parse(report["status"])
         if status is not None and status in STAGE_OF:
-            _show(stages, STAGE_OF[status], report)
+            _show(store, stages, STAGE_OF[status], report)
         if is_final(report["status"]):
+            end_extracting(store, stages, report)
             break
         if report["waiting_for"]:
             waiting_since = waiting_since or time.monotonic()
@@ -57,11 +58,10 @@ def wait_for_job(
     return finish_state(store.status(job_id))
 
 
-def _show(stages: Stages, stage: str, report: dict) -> None:
+def _show(store: JobStore, stages: Stages, stage: str, report: dict) -> None:
     done, total = report["images_done"], report["images_total"]
-    if stages.current == "extracting" and stage != "extracting":  # its last line: the final count
-        stages.update(done, report["images_total"])
-        stages.end(f"{plural(done, 'image')}, {rate_words(done, stages.elapsed(), done)}")
+    if stage != "extracting":
+        end_extracting(store, stages, report)
     if stage in ("training", "fine-tuning"):
         stages.begin(stage, unit="epochs")
         epoch = report.get("epoch") or {}
@@ -73,6 +73,28 @@ def _show(stages: Stages, stage: str, report: dict) -> None:
         stages.update(done, total, rate_words(done, stages.elapsed(), total))
     else:
         stages.begin(stage)
+
+
+def end_extracting(store: JobStore, stages: Stages, report: dict) -> None:
+    """Extraction's last line, once it is over: its time and counts as the job's summary gives
+    them (the job's own stage marks; images extracted and reused, from the shards' steps)."""
+    if stages.current != "extracting":
+        return
+    from orchestrator.status import stage_times
+    from shared.manifest import extraction_counts
+
+    stages.update(report["images_done"], report["images_total"])
+    seconds = stage_times(store.status(report["job_id"])).get("extracting")
+    counts = extraction_counts(store.shard_states(report["job_id"]))
+    rate = counts["extracted_images"] / seconds if seconds else 0.0
+    stages.end(extract_words(counts["extracted_images"], rate, counts["reused_images"], counts["reused_shards"]),
+               seconds=seconds)
+
+
+def extract_words(extracted: int, rate: float, reused_images: int, reused_shards: int) -> str:
+    """``400 images extracted, 88.7 img/s`` or ``0 images extracted, 400 reused from 3 shards``."""
+    words = f"{plural(extracted, 'image')} extracted" + (f", {rate:.1f} img/s" if extracted and rate else "")
+    return words + (f", {reused_images} reused from {plural(reused_shards, 'shard')}" if reused_shards else "")
 
 
 def finish_state(state: dict) -> dict:
@@ -98,7 +120,9 @@ def print_summary(summary: dict, as_json: bool, out=None) -> None:
 def summary_lines(summary: dict) -> list[str]:
     """The run's summary: each stage with its time, where the outputs are, what was left out."""
     lines = [f"job {summary['job_id']}: {summary.get('status') or 'done'} in {fmt_seconds(summary['seconds'])}, "
-             f"{plural(summary['images'], 'image')} in {plural(summary['shards'], 'shard')}"]
+             f"{plural(summary['images'], 'image')} in {plural(summary['shards'], 'shard')}"
+             + (f", weights {summary['weights']}" if summary.get("weights") else "")]
+    lines += [f"  note: {note}" for note in summary.get("notes", [])]
     for name, seconds in summary.get("stages", {}).items():
         lines.append(f"  {name:<12} {fmt_seconds(seconds):>10}  {stage_detail(name, summary)}".rstrip())
     for split, path in summary["features"].items():
@@ -121,11 +145,8 @@ def summary_lines(summary: dict) -> list[str]:
 
 def stage_detail(name: str, summary: dict) -> str:
     if name == "extracting":
-        extracted, reused = summary.get("extracted_images", 0), summary.get("reused_shards", 0)
-        rate = f", {summary['extract_images_per_s']:.1f} img/s" if extracted else ""
-        again = f"; {plural(reused, 'shard')} reused ({plural(summary.get('reused_images', 0), 'image')})" \
-            if reused else ""
-        return f"{plural(extracted, 'image')} extracted{rate}{again}"
+        return extract_words(summary.get("extracted_images", 0), summary.get("extract_images_per_s", 0.0),
+                             summary.get("reused_images", 0), summary.get("reused_shards", 0))
     if name == "training":
         epochs = summary.get("training", {}).get("epochs")
         accuracy = summary.get("metrics", {}).get("test_accuracy")

@@ -46,6 +46,8 @@ class CamSpec:
     labels: dict[str, int] = field(default_factory=dict)  # true class of an image (path), when known
     max_deliveries: int = 3
     created_at: float = field(default_factory=time.time)
+    run_job: str = ""  # the extraction job whose `convoy run` made this one (its gallery is titled by it)
+    notes: list[str] = field(default_factory=list)  # what the gallery says first (random weights)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

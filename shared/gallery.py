@@ -1,5 +1,6 @@
-"""The Grad-CAM gallery: each image beside its heatmap overlay, with the true and predicted class,
-the probability and the logit, and a mark for right or wrong; misclassified images first.
+"""The Grad-CAM gallery: each image beside its heatmap overlay (each opens at full size), with the
+true and predicted class, the probability of the predicted class and its logit, and a mark for
+right or wrong; misclassified images first. Notes a reader must see (random weights) come first.
 
 Plain HTML and a few lines of JavaScript (sorting and filtering by class), nothing fetched from
 elsewhere, so the page works from a folder, an archive or a mail attachment. The page notes on
@@ -26,6 +27,8 @@ background:#eee;display:block}.pair figcaption{font-size:11px;color:#666;text-al
 .meta{font-size:13px;margin-top:4px}.path{font-size:11px;color:#555;word-break:break-all}
 .mark{font-weight:bold;font-size:16px}.right .mark{color:#2e7d32}.wrong .mark{color:#c62828}
 .flags{color:#b26a00;font-size:11px}
+.note{border-left:4px solid #b26a00;background:#fff8e1;padding:6px 10px;margin:.6em 0}
+.pair a{display:block}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 """
 
@@ -84,9 +87,14 @@ def _card(row: dict, class_names: list[str], prefix: str) -> str:
     right = "" if truth < 0 else ("1" if truth == pred else "0")
     state = {"1": "right", "0": "wrong"}.get(right, "")
     mark = {"1": "&#10003; right", "0": "&#10007; wrong"}.get(right, "")
-    img = lambda src, alt: (f'<img src="{html.escape(prefix + src)}" alt="{html.escape(alt)}" '  # noqa: E731
-                            f'loading="lazy" onerror="{ON_MISSING}">')
+    # Each thumbnail opens its picture at full size (as drawn: DISPLAY_PX at most) in a new tab.
+    img = lambda src, alt: (f'<a href="{html.escape(prefix + src)}" target="_blank" rel="noopener" '  # noqa: E731
+                            f'title="open the {alt} at full size"><img src="{html.escape(prefix + src)}" '
+                            f'alt="{html.escape(alt)}" loading="lazy" onerror="{ON_MISSING}"></a>')
     flags = f'<div class="flags">{html.escape(row["flags"])}</div>' if row["flags"] else ""
+    # The class the row explains: the predicted one, or (--top-k) the one ranked 2nd, 3rd, ...
+    which, of = ("predicted", "the predicted class") if row["rank"] == 0 else \
+        (f"ranked {row['rank'] + 1}", f"the class ranked {row['rank'] + 1}")
     return (
         f'<div class="card {state}" data-truth="{html.escape(_name(class_names, truth))}" '
         f'data-pred="{html.escape(_name(class_names, pred))}" data-right="{right or 1}" '
@@ -94,20 +102,22 @@ def _card(row: dict, class_names: list[str], prefix: str) -> str:
         f'<div class="pair"><figure>{img(row["original"], "original")}<figcaption>image</figcaption></figure>'
         f'<figure>{img(row["overlay"], "heatmap")}<figcaption>Grad-CAM</figcaption></figure></div>'
         f'<div class="meta"><span class="mark">{mark}</span> '
-        f'true <b>{html.escape(_name(class_names, truth))}</b> &middot; predicted '
-        f'<b>{html.escape(_name(class_names, pred))}</b><br>probability {row["probability"]:.3f} &middot; '
-        f'logit {row["score"]:.3f}</div><div class="path">{html.escape(row["path"])}</div>{flags}</div>'
+        f'true <b>{html.escape(_name(class_names, truth))}</b> &middot; {which} '
+        f'<b>{html.escape(_name(class_names, pred))}</b><br>probability of {of} {row["probability"]:.3f} '
+        f'&middot; logit {row["score"]:.3f}</div><div class="path">{html.escape(row["path"])}</div>{flags}</div>'
     )
 
 
 def _rows(rows) -> list[dict]:
     out = []
+    ranks = getattr(rows, "rank", None)
+    ranks = [0] * len(rows.paths) if ranks is None else ranks
     for pos, values in enumerate(zip(rows.paths, rows.class_index, rows.score, rows.probability, rows.label,
-                                     rows.flags, rows.overlay, rows.original, strict=True)):
-        path, cls, score, prob, label, flags, overlay, original = values
+                                     rows.flags, rows.overlay, rows.original, ranks, strict=True)):
+        path, cls, score, prob, label, flags, overlay, original, rank = values
         out.append({"pos": pos, "path": path, "class_index": int(cls), "score": float(score),
                     "probability": float(prob), "label": int(label), "flags": flags, "overlay": overlay,
-                    "original": original})
+                    "original": original, "rank": int(rank)})
     return out
 
 
@@ -130,6 +140,11 @@ def gallery_section(rows, class_names: list[str], prefix: str = "") -> str:
     )
     cards = "".join(_card(r, class_names, prefix) for r in items)
     return f'{controls}<div class="cards" id="cards">{cards}</div>'
+
+
+def notes_section(notes: list[str]) -> str:
+    """Each note a reader must see before the results (random weights, sample data), or ""."""
+    return "".join(f'<p class="note"><strong>Note:</strong> {html.escape(n)}</p>' for n in notes)
 
 
 def skipped_section(skipped: list[tuple[str, str]]) -> str:
@@ -156,9 +171,10 @@ def write_page(path: Path, text: str) -> Path:
     return path
 
 
-def write_gallery(path: Path, rows, class_names: list[str], title: str) -> Path:
-    """CAMDIR/index.html."""
-    return write_page(path, page(title, gallery_section(rows, class_names) + skipped_section(rows.skipped)))
+def write_gallery(path: Path, rows, class_names: list[str], title: str, notes: list[str] | None = None) -> Path:
+    """CAMDIR/index.html, ``notes`` above the cards."""
+    body = notes_section(notes or []) + gallery_section(rows, class_names) + skipped_section(rows.skipped)
+    return write_page(path, page(title, body))
 
 
 def cancelled_page(job_id: str, batches_done: int, batches: int) -> str:

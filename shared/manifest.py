@@ -66,7 +66,9 @@ def read_manifest(out_dir: str | Path) -> dict:
 #: The manifest's own fields (the spec's are JobSpec's): required, and optional when given.
 _FIELDS = {"job_id": str, "spec": JobSpec, "shards": list}
 _OPTIONAL = {"end": dict, "run": dict, "summary": dict}
-_SHARD_FIELDS, _SHARD_OPTIONAL = {"id": str, "entries": list}, {"file": str, "images": int, "state": str}
+_SHARD_FIELDS = {"id": str, "entries": list}
+_SHARD_OPTIONAL = {"file": str, "images": int, "state": str, "worker": str, "rows": int, "skipped": int,
+                   "reused": bool, "images_per_s": float}
 
 
 def _check_manifest(manifest) -> None:
@@ -135,23 +137,55 @@ def spec_and_shards(manifest: dict) -> tuple[JobSpec, dict[str, list[list]]]:
     return spec, {s["id"]: s["entries"] for s in manifest["shards"]}
 
 
-def update_states(out_dir: str | Path, states: dict[str, str], extra: dict | None = None) -> None:
-    """Record final shard states (and summary fields) in the manifest, when the job has one (a job
-    written into Redis by other means has none, and its features are merged all the same)."""
+def shard_record(step: dict) -> dict:
+    """What the manifest keeps of a shard's step once it ended (``convoy status OUT`` shows it):
+    its state, the worker that ran it, the images it extracted (rows), skipped or reused, its rate."""
+    record = {"state": step["state"]} if step.get("state") else {}
+    if step.get("worker"):
+        record["worker"] = str(step["worker"])
+    if "rows" in step:
+        record["rows"] = int(step["rows"])
+        record["skipped"] = len(step.get("skipped") or [])
+        record["reused"] = bool(step.get("reused"))
+    if step.get("images_per_s") not in (None, "") and not record.get("reused"):
+        record["images_per_s"] = float(step["images_per_s"])
+    return record
+
+
+def extraction_counts(shards: dict[str, dict]) -> dict:
+    """Images extracted this time and reused from current shard files (features either way: rows,
+    skipped images not counted), from the finished shards' steps or records: the one count the
+    progress line, the summary and ``convoy status`` all show."""
+    done = [s for s in shards.values() if s.get("state") == "done" and "rows" in s]
+    reused = [s for s in done if s.get("reused")]
+    return {"extracted_images": sum(int(s["rows"]) for s in done if not s.get("reused")),
+            "reused_images": sum(int(s["rows"]) for s in reused), "reused_shards": len(reused)}
+
+
+def update_states(out_dir: str | Path, states: dict[str, str | dict], extra: dict | None = None) -> None:
+    """Record final shard states (a state, or a :func:`shard_record`) and summary fields in the
+    manifest, when the job has one (a job written into Redis by other means has none, and its
+    features are merged all the same)."""
     if not storage.exists(manifest_path(out_dir)):
         return
     manifest = read_manifest(out_dir)
     for shard in manifest["shards"]:
-        shard["state"] = states.get(shard["id"], shard["state"])
+        record = states.get(shard["id"])
+        if isinstance(record, dict):
+            shard.update(record)
+        elif record:
+            shard["state"] = record
     manifest.update(extra or {})
     storage.write_text(manifest_path(out_dir), json.dumps(manifest, indent=1))
 
 
-#: The job-state fields the manifest keeps once a job ended (``convoy status OUT`` reads them).
-END_FIELDS = ("status", "error", "failed_step", "created_at", "ended_at", "images_done", "images_total")
+#: The job-state fields the manifest keeps once a job ended (``convoy status OUT`` reads them; the
+#: stage marks give its extraction time).
+END_FIELDS = ("status", "error", "failed_step", "created_at", "ended_at", "images_done", "images_total",
+              "extracting_at", "merging_at", "training_at", "finetuning_at")
 
 
-def record_end(out_dir: str | Path, state: dict, states: dict[str, str]) -> None:
+def record_end(out_dir: str | Path, state: dict, states: dict[str, str | dict]) -> None:
     """The job's final status, error and summary, for when Redis no longer has its keys."""
     end = {k: state[k] for k in END_FIELDS if k in state}
     extra = {"end": end}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -122,6 +123,22 @@ def test_bad_images_are_skipped_and_reported(cluster, tmp_path):
     assert sorted(p.split("/")[-1] for p in merged["paths"] if p.startswith("odd/")) == sorted(good)
     status = json.loads(convoy("status", summary["job_id"], "--json", env=cluster.env, check=True).stdout)
     assert {s["path"].split("/")[-1] for s in status["skipped"]} == set(bad)
+    # Once it ended: the rate it had (not the 0.0 of no shard running), and per shard what the
+    # manifest keeps for `convoy status OUT` when the broker is gone: its skipped images, its worker.
+    assert status["images_per_s"] > 0 and status["extracted_images"] == summary["images"]
+    assert status["weights"] == "random (seed 3)" and "features carry no ImageNet knowledge" in status["notes"][0]
+    kept = json.loads(convoy("status", str(tmp_path / "out"), "--json", env={"CONVOY_BROKER_URL": ""},
+                             check=True).stdout)
+    assert kept["source"] == "manifest" and kept["images_per_s"] == pytest.approx(status["images_per_s"], rel=0.01)
+    for sid, live in status["shards"].items():
+        shard = kept["shards"][sid]
+        assert shard["skipped"] == len(live["skipped"]) and shard["rows"] == live["rows"], (sid, shard, live)
+        assert shard["rows"] + shard["skipped"] == shard["total"] and shard["worker"] == live["worker"] != ""
+    in_shards = sum(len(s["skipped"]) for s in status["shards"].values())
+    assert sum(s["skipped"] for s in kept["shards"].values()) == in_shards > 0
+    text = convoy("status", str(tmp_path / "out"), env={"CONVOY_BROKER_URL": "", "COLUMNS": "200"}, check=True).stdout
+    partly = next(s for s in kept["shards"].values() if 0 < s["skipped"] < s["total"])
+    assert re.search(rf"│ done +│ {partly['rows']}/{partly['total']} +│.*│ {partly['skipped']} +│", text), text
 
 
 def test_merge_materialize(cluster, images_tree, tmp_path):

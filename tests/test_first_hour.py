@@ -36,9 +36,13 @@ def demo(tmp_path_factory):
     args = ("run", str(data), "--out", str(out), "--weights", "none", "--input-size", "32", "--workers", "1",
             "--epochs", "2", "--cam", "4", "--shard-size", "10", "--json")
     first = convoy(*args, env=env, check=True)
+    status = json.loads(convoy("status", str(out), "--json", env=env, check=True).stdout)  # before OUT is reused
     second = convoy(*args, env=env, check=True)
-    return {"out": out, "env": env, "first": first, "second": second,
+    return {"out": out, "env": env, "first": first, "second": second, "first_status": status,
             "summary": json.loads(first.stdout.splitlines()[-1]), "again": json.loads(second.stdout.splitlines()[-1])}
+
+
+RANDOM = "random weights (seed 0): features carry no ImageNet knowledge"
 
 
 def test_each_stage_gets_a_plain_line_with_its_time_off_a_terminal(demo):
@@ -49,6 +53,11 @@ def test_each_stage_gets_a_plain_line_with_its_time_off_a_terminal(demo):
     assert re.search(r"^convoy: scanning done in .*: 26 images in 2 classes$", err, re.M), err
     assert re.search(r"^convoy: training done in .*val_accuracy [0-9.]+$", err, re.M), err
     assert re.search(r"^convoy: Grad-CAM done in .*: 4 heatmaps$", err, re.M), err
+    # The extracting line and the summary give one time, count and rate.
+    summary = demo["summary"]
+    line = (f"convoy: extracting done in {progress.fmt_seconds(summary['stages']['extracting'])}: 26 images "
+            f"extracted, {summary['extract_images_per_s']:.1f} img/s")
+    assert line in err.splitlines(), err
 
 
 def test_the_summary_gives_the_extraction_rate_and_every_stage(demo):
@@ -61,9 +70,25 @@ def test_the_summary_gives_the_extraction_rate_and_every_stage(demo):
 
 
 def test_a_rerun_says_its_shards_were_reused_and_extracted_nothing(demo):
+    from orchestrator.watch import summary_lines
+
     again = demo["again"]
     assert again["reused_shards"] == again["shards"] and again["reused_images"] == 26
     assert again["extracted_images"] == 0 and again["extract_images_per_s"] == 0.0
+    # The progress line says what the summary says, in the same words.
+    words = f"0 images extracted, 26 reused from {plural(again['shards'], 'shard')}"
+    line = f"convoy: extracting done in {progress.fmt_seconds(again['stages']['extracting'])}: {words}"
+    assert line in demo["second"].stderr.splitlines(), demo["second"].stderr
+    assert any(s.startswith("  extracting ") and s.endswith(f"  {words}") for s in summary_lines(again))
+
+
+def test_the_summary_says_the_weights_are_random(demo):
+    from orchestrator.watch import summary_lines
+
+    for summary in (demo["summary"], demo["again"]):
+        assert summary["weights"] == "random (seed 0)" and summary["notes"] == [RANDOM], summary
+    lines = summary_lines(demo["summary"])
+    assert lines[0].endswith(", weights random (seed 0)") and lines[1] == f"  note: {RANDOM}", lines
 
 
 def test_convoy_report_writes_the_page_again(demo):
@@ -77,17 +102,74 @@ def test_human_summary_lines_say_reused(demo):
     from orchestrator.watch import summary_lines
 
     lines = "\n".join(summary_lines(demo["again"]))
-    assert f"0 images extracted; {plural(demo['again']['shards'], 'shard')} reused (26 images)" in lines
+    assert f"0 images extracted, 26 reused from {plural(demo['again']['shards'], 'shard')}" in lines
 
 
 def test_status_of_the_job_id_after_an_embedded_run(demo):
     job = demo["again"]["job_id"]
     report = json.loads(convoy("status", job, "--json", env=demo["env"], check=True).stdout)
     assert report["status"] == "done" and report["source"] == "manifest" and report["job_id"] == job
-    assert "done" in convoy("status", job, env=demo["env"], check=True).stdout
+    assert report["weights"] == "random (seed 0)" and report["notes"] == [RANDOM], report
+    assert report["extracted_images"] == 0 and report["reused_images"] == 26 and report["images_per_s"] == 0.0
+    text = convoy("status", job, env={**demo["env"], "COLUMNS": "200"}, check=True).stdout
+    assert "done" in text and f"note: {RANDOM}" in text and "weights random (seed 0)" in text, text
     # The first run's record in OUT was replaced by the second's: said, not passed off as the other job.
     old = convoy("status", demo["summary"]["job_id"], env=demo["env"])
     assert old.returncode == 2 and f"which now holds job {job}" in old.stderr, old.stderr
+
+
+def test_status_after_a_run_gives_its_rate_workers_and_counts_per_shard(demo):
+    """`convoy status OUT` once the embedded broker is gone: the job's rate, not 0.0; each shard's
+    worker, images extracted of its total and skipped images, as the manifest recorded them."""
+    report, summary = demo["first_status"], demo["summary"]
+    assert report["source"] == "manifest" and report["job_id"] == summary["job_id"]
+    assert report["images_per_s"] == pytest.approx(summary["extract_images_per_s"], rel=0.01)
+    assert report["images_per_s"] > 0 and report["extracted_images"] == 26
+    shards = report["shards"].values()
+    assert all(s["worker"].startswith("local1@") for s in shards), report["shards"]
+    assert all(s["rows"] + s["skipped"] == s["total"] and not s["reused"] for s in shards), report["shards"]
+    assert sum(s["rows"] for s in shards) == 26
+
+
+def test_status_table_shows_a_shards_skipped_images_and_ended_workers():
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.status import _table, _title
+
+    report = {"job_id": "j-1", "status": "done", "source": "manifest", "images_done": 40, "images_total": 40,
+              "extracted_images": 36, "reused_images": 3, "reused_shards": 1,
+              "images_per_s": 12.5, "eta_s": None, "skipped": [{"path": "bad.jpg", "reason": "truncated"}],
+              "weights": "imagenet", "shards": {
+                  "all/00000": {"state": "done", "total": 37, "done": 37, "rows": 36, "skipped": 1, "worker": "w1@h",
+                                "reused": False, "images_per_s": 40.25},
+                  "all/00001": {"state": "done", "total": 3, "done": 3, "rows": 3, "skipped": 0, "reused": True},
+                  "all/00002": {"state": "queued", "total": 2, "done": 0}}}
+    out = io.StringIO()
+    Console(file=out, width=200).print(_table(report))
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.getvalue().splitlines() if "all/0000" in line]
+    assert cells == [["all/00000", "done", "36/37", "40.2", "w1@h", "1", ""],  # one image skipped: 36 of 37
+                     ["all/00001", "done (reused)", "3/3", "", "ended", "0", ""],  # no worker recorded
+                     ["all/00002", "queued", "0/2", "", "ended", "0", ""]], cells
+    assert _title(report) == ("job j-1: done  40/40 images (36 extracted, 3 reused), 1 skipped  12.5 img/s\n"
+                              "weights imagenet")
+    assert "\\n" not in out.getvalue()  # the title's second line is a line, not a spelled-out \n
+
+
+def test_pages_say_random_weights_name_the_run_and_link_full_size_images(demo):
+    gallery = (demo["out"] / "cam" / "index.html").read_text()
+    job = demo["again"]["job_id"]  # the run whose `convoy run` made the CAM job, not the CAM job
+    assert f"<title>Grad-CAM of job {job}: full_model.keras, layer " in gallery, gallery[:400]
+    assert f"<strong>Note:</strong> {RANDOM}" in gallery
+    assert gallery.count("probability of the predicted class ") == 4
+    for kind in ("originals", "overlays"):
+        links = re.findall(rf'<a href="({kind}/[^"]+)" target="_blank"[^>]*><img src="\1"', gallery)
+        assert len(links) == 4 and all((demo["out"] / "cam" / link).is_file() for link in links), kind
+    report = (demo["out"] / "report.html").read_text()
+    assert f"<strong>Note:</strong> {RANDOM}" in report and "<td>weights</td><td>random (seed 0)</td>" in report
+    assert "sample data" not in report  # DATA is not one `convoy sample` made
+    assert report.count("probability of the predicted class ") == 4 and 'href="cam/overlays/' in report
 
 
 def test_heatmaps_keep_the_logit_the_probability_and_the_true_label(demo):
@@ -169,6 +251,46 @@ def test_plain_stage_lines_come_every_interval(monkeypatch):
     lines = out.getvalue().splitlines()
     assert sum("extracting 50/100 images, 12.0 img/s" in line for line in lines) == 5, lines
     assert lines[-1].startswith("convoy: extracting done in ") and lines[-1].endswith(": 100 images")
+
+
+def test_weights_read_the_same_everywhere():
+    from shared.words import job_weights, weights_note, weights_words
+
+    assert [weights_words(w, 3) for w in ("imagenet", "none", "/data/w/vgg.weights.h5", "s3://b/w/x.h5")] == [
+        "imagenet", "random (seed 3)", "vgg.weights.h5", "x.h5"]
+    assert weights_note("none", 3) == "random weights (seed 3): features carry no ImageNet knowledge"
+    assert weights_note("imagenet") == weights_note("/w.h5", 1) == ""
+    assert job_weights({"model": {"weights": "none"}, "options": {"seed": 0}}) == ("random (seed 0)", RANDOM)
+
+
+def test_sample_data_says_what_it_is_cut_from(tmp_path, capsys):
+    from orchestrator.cli import _result, main
+    from orchestrator.sample import sample_note
+    from shared.job import JobSpec, ModelConfig
+
+    assert main(["sample", str(tmp_path / "data"), "--images", "12"]) == 0
+    words = "cropped from 6 source photographs (cat: 1, other: 5); every split holds crops of the same photographs"
+    assert capsys.readouterr().out.strip() == f"wrote 12 images to {tmp_path / 'data'}, {words}"
+    assert sample_note(tmp_path / "data") == f"sample data: 12 images {words}"
+    assert sample_note(tmp_path) == "" and sample_note("s3://bucket/data") == ""
+    model = ModelConfig(layer="block5_pool", input_size_px=32, preprocess="vgg16", weights="none",
+                        weights_path="w.h5", weights_sha256="0", batch_size=8, dtype="float32")
+    spec = JobSpec(job_id="j-1", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), model=model,
+                   class_names=["cat", "other"], shard_ids=["train/00000"], options={"seed": 0})
+    summary = _result(spec, {"status": "done", "summary": json.dumps({"images": 12})}, 1.0, {}, 0.0)
+    assert summary["weights"] == "random (seed 0)" and summary["notes"] == [RANDOM, f"sample data: 12 images {words}"]
+
+
+def test_a_cam_spec_written_before_run_job_and_notes_still_loads():
+    from dataclasses import asdict
+
+    from shared.camjob import CamSpec
+
+    spec = CamSpec(job_id="c-1", model="m.keras", model_path="/m.keras", model_sha256="0", out_dir="/o", root="/r",
+                   n_batches=1, n_images=1, batch_size=1)
+    old = {k: v for k, v in asdict(spec).items() if k not in ("run_job", "notes")}
+    loaded = CamSpec.from_json(json.dumps(old))
+    assert loaded.run_job == "" and loaded.notes == [] and loaded == spec
 
 
 def test_plural():

@@ -185,11 +185,13 @@ def _assemble(spec: CamSpec, out: Path, cam, confirm: Callable[[], None]) -> dic
         "root": spec.root,
         "job_id": spec.job_id,
         "class_names": spec.class_names,
+        **({"run_job": spec.run_job} if spec.run_job else {}),
     }
     confirm()
     write_rows(out / HEATMAPS_NAME, rows, attrs)
-    write_gallery(out / INDEX_NAME, rows, spec.class_names,
-                  f"Grad-CAM {spec.job_id}: {storage.name(spec.model)}, layer {cam.layer}")
+    named = f"Grad-CAM of job {spec.run_job}" if spec.run_job else f"Grad-CAM {spec.job_id}"
+    write_gallery(out / INDEX_NAME, rows, spec.class_names, f"{named}: {storage.name(spec.model)}, layer {cam.layer}",
+                  spec.notes)
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     summary = {
         "heatmaps": str(out / HEATMAPS_NAME),

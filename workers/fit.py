@@ -25,6 +25,7 @@ from shared.classifier import (
 from shared.errors import ModelFileError
 from shared.job import JobSpec, sha256_file
 from shared.keras_archive import check_keras_archive
+from shared.words import job_weights
 from workers.reports import evaluation_metrics, plot_curves, write_json
 from workers.runtime import verify_weights
 
@@ -73,9 +74,11 @@ def _evaluate(model, data, split: trainset.SplitRows, class_names: list[str]) ->
 
 def _write_info(folder: Path, spec: JobSpec) -> None:
     m = spec.model
+    weights, note = job_weights(spec)
     write_json(folder / MODEL_INFO, {
         "job_id": spec.job_id, "class_names": spec.class_names, "input_size": m.input_size_px, "model": m.model,
         "layer": m.layer, "pooling": m.pooling, "preprocess": m.preprocess, "weights_sha256": m.weights_sha256,
+        "weights": weights, **({"weights_note": note} if note else {}),
         "input": "RGB pixels 0-255, shape (input_size, input_size, 3), for full_model/finetuned",
     })
 

@@ -15,7 +15,7 @@ from shared.errors import ShardError
 from shared.features import merge_job_files, shard_fingerprint
 from shared.job import JobSpec, fingerprint
 from shared.jobstore import JobStore, NewStep
-from shared.manifest import update_states
+from shared.manifest import extraction_counts, shard_record, update_states
 from shared.states import JobStatus
 from workers.runtime import runtime
 from workers.step import ChainStep, Outcome, Route
@@ -64,12 +64,12 @@ def merge_all(store: JobStore, spec: JobSpec, confirm: Callable[[], None] = lamb
         skipped += states[sid].get("skipped") or []
     failed = [{"shard": s, "reason": states.get(s, {}).get("error", "")}
               for s in sorted(store.failed_shards(spec.job_id))]
-    reused = [sid for sid in finished if states[sid].get("reused")]
+    counts = extraction_counts({sid: states[sid] for sid in finished})
     summary = {"images": images, "skipped": skipped, "features": features, "failed_shards": failed,
-               "reused_shards": len(reused), "reused_images": sum(int(states[s].get("total", 0)) for s in reused),
-               "extract_timings": extract_timings(states)}
+               "reused_shards": counts["reused_shards"], "reused_images": counts["reused_images"],
+               "extracted_images": counts["extracted_images"], "extract_timings": extract_timings(states)}
     confirm()
-    update_states(spec.out_dir, {s: st.get("state", "queued") for s, st in states.items()}, {"summary": summary})
+    update_states(spec.out_dir, {s: shard_record(st) for s, st in states.items()}, {"summary": summary})
     return summary
 
 

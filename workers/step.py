@@ -35,7 +35,7 @@ from shared.backbones import get as get_backbone
 from shared.celery_app import send_steps
 from shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError
 from shared.jobstore import Claim, Finished, JobStore, NewStep
-from shared.manifest import record_end
+from shared.manifest import record_end, shard_record
 from shared.memory import StepGuard
 from shared.paths import check_job_paths, output
 from shared.states import JobStatus, StepState
@@ -342,7 +342,7 @@ class ChainStep(ConvoyStep):
     def ended(self, job_id: str, status: JobStatus) -> None:
         store = runtime().store
         spec = store.spec(job_id)
-        states = {step: s.get("state", "") for step, s in store.shard_states(job_id).items()}
+        states = {step: shard_record(s) for step, s in store.shard_states(job_id).items()}
         try:
             output(spec.out_dir, runtime().settings)  # a job refused for its OUT writes nothing there
             record_end(spec.out_dir, store.status(job_id), states)
