@@ -106,6 +106,15 @@ def send_step(job_id: str, step) -> None:
 
 def send_steps(sends) -> None:
     """Send the steps the store dispatched (``(job, NewStep)`` pairs), in the store's order. A
-    message that fails to go out is lost, not fatal: the reconcilers send it again."""
+    message that fails to go out is lost, not fatal: the reconcilers send it again, and the
+    others still go."""
+    import logging
+
+    from kombu.exceptions import OperationalError
+
     for job_id, step in sends:
-        send_step(job_id, step)
+        try:
+            send_step(job_id, step)
+        except OperationalError as exc:
+            logging.getLogger("convoy.send").warning("could not send %s of job %s (the reconcilers will): %s",
+                                                     step.step, job_id, exc)

@@ -24,6 +24,9 @@ from shared.states import JobStatus, StepState, is_final
 CLIENT_RETRY_WINDOW_S = 25
 #: A step holder's images/s counts for the exporter while it reported within this many seconds.
 RATE_TTL_S = 60
+#: Messages of a queue's list read per tick for ended jobs' leftovers (a queue holds its window,
+#: one per live slot; a window set huge on purpose is not read through every tick).
+DRAIN_SCAN_LIMIT = 5000
 #: Upper bounds of the step-time histogram's buckets, seconds: a CPU batch to a long GPU shard.
 STEP_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
@@ -424,7 +427,8 @@ class JobStore:
         """Take off ``queue`` the waiting messages of jobs that ended (what a cancel sent as it
         ended, or left behind): how many. One read of the queue, which holds at most its window
         besides them."""
-        found = [(name, raw, job) for name, raw in self._waiting(queue) if (job := _message_job(raw))]
+        found = [(name, raw, job) for name, raw in self._waiting(queue, DRAIN_SCAN_LIMIT)
+                 if (job := _message_job(raw))]
         if not found:
             return 0
         jobs = sorted({job for _, _, job in found})
@@ -456,10 +460,11 @@ class JobStore:
         """The task ids of the messages waiting on ``queue`` (read only when something is missing)."""
         return {_message_id(raw) for _name, raw in self._waiting(queue)} - {None}
 
-    def _waiting(self, queue: str) -> Iterator[tuple[str, str]]:
-        """(list, raw message) of every message waiting on ``queue``, every priority list."""
+    def _waiting(self, queue: str, limit: int = -1) -> Iterator[tuple[str, str]]:
+        """(list, raw message) of the messages waiting on ``queue`` (the first ``limit`` of each
+        priority list; -1: all)."""
         for name in keys.queue_lists(queue):
-            for raw in self.r.lrange(name, 0, -1):
+            for raw in self.r.lrange(name, 0, limit if limit < 0 else limit - 1):
                 yield name, raw
 
     def _unacked(self) -> Iterator[tuple[object, str]]:
