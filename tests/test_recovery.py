@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import convoy, wait_final, wait_until
-from tests.imagegen import make_tree
+from tests.imagegen import make_flat, make_tree
 from tests.test_faults import ARGS, _exactly_once
 
 
@@ -34,12 +34,12 @@ def _injected(log: Path, point: str) -> int:
     return log.read_text().count(point) if log.exists() else 0
 
 
-def _crash_then_recover(private, tmp_path: Path, point: str, inspect) -> float:
+def _crash_then_recover(private, tmp_path: Path, point: str, inspect, data: Path | None = None) -> float:
     """A worker with the fault point ``point`` armed crashes at it; ``inspect(job)`` looks at the
     state it left; another worker must finish the job. Seconds from the crash to the job's end."""
     env, log = _faults(tmp_path, f"{point}=1")
     private.start("victim", extra_env=env, queues="extract")
-    data, out = _data(tmp_path), tmp_path / "out"
+    data, out = data or _data(tmp_path), tmp_path / "out"
     job = _submit(private, data, out, "--shard-size", "100")
     wait_until(lambda: _injected(log, point), 120, f"the injected crash at {point}")
     crashed_at = time.monotonic()
@@ -61,7 +61,10 @@ def test_merge_never_sent_is_sent_by_another_worker_within_60s(private, tmp_path
     def merging(job: str) -> None:
         assert private.store.job_status(job).value == "merging"
 
-    job = _crash_then_recover(private, tmp_path, "before-enqueue", merging)
+    # One shard: the first message a worker sends is the merge's (the shards of a bigger job are
+    # sent by the workers too, one as each ends, and the first of those would take the crash).
+    job = _crash_then_recover(private, tmp_path, "before-enqueue", merging, data=make_flat(tmp_path / "flat", 6,
+                                                                                            size_px=48))
     assert private.store.step(job, "merge")["repaired"] == "its message was lost"
 
 
