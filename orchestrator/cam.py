@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.jobs import check_apart, check_output
+from orchestrator.jobs import check_apart, check_output, undone_on_error
 from orchestrator.progress import Stages
 from shared import storage
 from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
@@ -164,8 +164,9 @@ def prepare_cam(req: CamRequest) -> tuple[CamSpec, list[list[str]]]:
     root, rels = collect_images(req.inputs, req.root)
     for folder in _folders(req.inputs):
         check_apart(req.out_dir, folder, "the images' folder")
-    out = check_output(req.out_dir)
-    path, sha = resolve_model(req)
+    with undone_on_error(req.out_dir):  # a model that does not fit leaves no empty CAMDIR
+        out = check_output(req.out_dir)
+        path, sha = resolve_model(req)
     batches = [rels[i : i + req.batch_size] for i in range(0, len(rels), req.batch_size)]
     info = _info_beside(path)
     names = req.class_names if req.class_names is not None else list(info.get("class_names") or [])

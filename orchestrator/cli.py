@@ -72,7 +72,7 @@ def _stages(args, quiet: bool = False):
 def cmd_run(args, settings: Settings) -> int:
     from orchestrator import jobs_here
     from orchestrator.cluster import local_cluster
-    from orchestrator.jobs import check_request, prepare, submit, weights_first
+    from orchestrator.jobs import check_inputs, check_output, prepare, submit, undone_on_error, weights_first
     from orchestrator.lists import data_roots
     from orchestrator.watch import wait_for_job
 
@@ -80,20 +80,23 @@ def cmd_run(args, settings: Settings) -> int:
     stages = _stages(args)
     request = _request(args, settings)
     stages.begin("scanning", unit="images")
-    checked = check_request(request)
-    weights = weights_first(request)  # an offline ImageNet or a bad file fails here, before anything starts
+    # Every check that writes nothing comes first: the options against each other, DATA, training's.
+    scan = check_inputs(request)
+    options = _chain_options(args, request, scan, train=not args.no_train, explicit=args.finetune)
+    store = _store(settings) if settings.broker_url else None  # an unreachable broker: before OUT is made
+    with undone_on_error(request.out_dir):  # what OUT's check made goes again if the weights fail
+        checked = scan, check_output(request.out_dir)
+        weights = weights_first(request)  # an offline ImageNet or a bad file fails here, before anything starts
 
     def job():
-        spec, shards, scan = prepare(request, checked, weights=weights)
-        spec.options.update(_chain_options(args, spec, scan, train=not args.no_train, explicit=args.finetune))
+        spec, shards, _scan = prepare(request, checked, options=options, weights=weights)
         if not storage.is_url(spec.out_dir):
             jobs_here.record(settings.state_dir, spec.job_id, Path(spec.out_dir))
         # Scanning ends once the job is known good: a usage error stays the only line printed.
         stages.end(_scan_words(scan))
         return spec, shards
 
-    if settings.broker_url:
-        store = _store(settings)
+    if store is not None:
         since = store.now()
         spec, shards = job()
         submit(store, spec, shards, settings.job_ttl_s, _share(args))
@@ -214,21 +217,28 @@ def _print_result(summary: dict, as_json: bool) -> None:
     print_summary(summary, as_json)
 
 
-def _chain_options(args, spec, scan, train: bool, explicit: bool) -> dict:
+def _chain_options(args, request, scan, train: bool, explicit: bool) -> dict:
+    """The job's training options, checked against DATA and the model before the job exists."""
+    from orchestrator.jobs import with_model_defaults
     from orchestrator.training import chain_options, train_config
 
+    request = with_model_defaults(request)
     config = train_config(args, args.seed)
-    return chain_options(spec, scan, config, train or args.finetune, args.finetune, explicit)
+    return chain_options(request.model, request.layer, scan, config, train or args.finetune, args.finetune,
+                         explicit)
 
 
 def cmd_submit(args, settings: Settings) -> int:
-    from orchestrator.jobs import prepare, submit
+    from orchestrator.jobs import check_inputs, check_output, prepare, submit, undone_on_error
 
     if args.kind in ("train", "finetune"):
         return cmd_submit_training(args, settings)
+    request = _request(args, settings)
+    scan = check_inputs(request)  # the options, DATA and training's checks: nothing made, no broker asked
+    options = _chain_options(args, request, scan, train=args.then_train, explicit=True)
     store = _store(settings)
-    spec, shards, scan = prepare(_request(args, settings))
-    spec.options.update(_chain_options(args, spec, scan, train=args.then_train, explicit=True))
+    with undone_on_error(request.out_dir):
+        spec, shards, _scan = prepare(request, (scan, check_output(request.out_dir)), options=options)
     submit(store, spec, shards, settings.job_ttl_s, _share(args))
     print(json.dumps({"job_id": spec.job_id, "shards": len(shards), "out": spec.out_dir}) if args.json else spec.job_id)
     return 0

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from orchestrator.scan import Scan, scan_data
 from orchestrator.weights import resolve_weights
-from shared import backbones, storage
+from shared import backbones, storage, values
 from shared.celery_app import send_steps
-from shared.errors import OutputError, UsageError
+from shared.errors import BadValue, OutputError, UsageError
 from shared.images import DECODE_MODES
 from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
 from shared.jobstore import DEFAULT_SHARE, JobStore, Share
@@ -68,10 +70,15 @@ def validate(req: ExtractRequest) -> None:
         raise UsageError(f"--decode must be one of {', '.join(DECODE_MODES)}; got {req.decode!r}")
     if req.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}; got {req.dtype!r}")
-    for name, value in (("--shard-size", req.shard_size), ("--batch-size", req.batch_size),
-                        ("--max-deliveries", req.max_deliveries)):
-        if value < 1:
-            raise UsageError(f"{name} must be a positive whole number; got {value}")
+    # The parser's own checks again, for a request not made from the command line.
+    for name, check, value in (("--shard-size", values.shard_size, req.shard_size),
+                               ("--batch-size", values.image_batch, req.batch_size),
+                               ("--max-deliveries", values.deliveries, req.max_deliveries),
+                               ("--seed", values.seed, req.seed)):
+        try:
+            check(str(value))
+        except BadValue as exc:
+            raise UsageError(f"{name}: {exc}") from None
 
 
 def check_output(out_dir: Path | str, name: str = "--out") -> Location:
@@ -137,17 +144,45 @@ def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
     return shards
 
 
-def check_request(req: ExtractRequest) -> tuple[Scan, Location]:
-    """The quick checks (options, DATA, OUT): a usage error surfaces before anything starts.
-    The model's defaults fill what the request leaves open (:func:`with_model_defaults`)."""
+def check_inputs(req: ExtractRequest) -> Scan:
+    """Every check of the options against each other and DATA that writes nothing: OUT is not
+    made yet, so a usage error here leaves no trace. The model's defaults fill what the request
+    leaves open (:func:`with_model_defaults`)."""
     validate(with_model_defaults(req))
     scan = scan_data(req.data_dir)
     if scan.layout != "list":  # a list names its images: nothing new in its folder joins the job
         check_apart(req.out_dir, scan.data_dir)
-    out = check_output(req.out_dir)
-    if req.cache_pixels and (storage.is_url(out) or storage.is_url(scan.data_dir)):
+    if req.cache_pixels and (storage.is_url(storage.location(str(req.out_dir))) or storage.is_url(scan.data_dir)):
         raise UsageError("--cache-pixels needs DATA and OUT in folders; drop it for a store URL")
-    return scan, out
+    return scan
+
+
+def check_request(req: ExtractRequest) -> tuple[Scan, Location]:
+    """The quick checks (options, DATA, then OUT): a usage error surfaces before anything starts,
+    and before OUT is made unless OUT itself is the error."""
+    scan = check_inputs(req)
+    return scan, check_output(req.out_dir)
+
+
+@contextmanager
+def undone_on_error(out_dir: Path | str) -> Iterator[None]:
+    """Remove the folders made inside the block (OUT, the folders above it, OUT/weights, OUT/logs)
+    when it fails: a usage error found once OUT exists (weights that cannot be had) leaves
+    nothing behind. Only empty folders go, and only those that did not exist before."""
+    if storage.is_url(storage.location(str(out_dir))):
+        yield
+        return
+    out = Path(os.path.abspath(out_dir))
+    made = [p for p in (out / "weights", out / "logs", out, *out.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # holds something, or was never made
+        raise
 
 
 def prepare(

@@ -11,7 +11,24 @@ from orchestrator.train_options import add_train_options
 from shared import backbones
 from shared.images import DECODE_MODES
 from shared.settings import BROKER_ENV
-from shared.values import broker_url, count, max_running, positive_int, priority, seed, size, weight
+from shared.values import (
+    DELIVERIES_MAX,
+    IMAGE_BATCH_MAX,
+    SHARD_MAX,
+    WORKERS_MAX,
+    broker_url,
+    count,
+    deliveries,
+    image_batch,
+    max_running,
+    positive_int,
+    priority,
+    seed,
+    shard_size,
+    size,
+    weight,
+    workers,
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,6 +60,11 @@ def _version() -> str:
         return "unknown (not installed; run `make install`)"
 
 
+def _default_workers() -> int:
+    """One local worker per 2 cores here."""
+    return min(WORKERS_MAX, max(1, (os.cpu_count() or 2) // 2))
+
+
 def _broker_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", type=broker_url, metavar="URL", help=f"Redis URL of the cluster (env {BROKER_ENV})")
 
@@ -61,9 +83,9 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat; a folder, "
                                 "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split)")
     p.add_argument("--out", required=True, help="output directory or store URL (features, manifest, model)")
-    p.add_argument("--shard-size", type=positive_int, default=256,
-                   help="images per shard (a split's last shard holds the rest): fixed blocks, so a rerun "
-                        "with any number of workers reuses every finished shard")
+    p.add_argument("--shard-size", type=shard_size, default=256,
+                   help=f"images per shard, 1 to {SHARD_MAX} (a split's last shard holds the rest): fixed blocks, "
+                        "so a rerun with any number of workers reuses every finished shard")
     p.add_argument("--model", choices=list(backbones.BACKBONES), default=backbones.DEFAULT_MODEL, metavar="NAME",
                    help=f"keras.applications base: {', '.join(backbones.BACKBONES)}")
     p.add_argument("--input-size", type=positive_int, help="resize side, pixels (default: the model's own; vgg16: 150)")
@@ -72,7 +94,8 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", choices=backbones.POOLINGS, default="none",
                    help="global pooling of the layer's map, as Keras's pooling= (none: the 4-D map)")
     p.add_argument("--preprocess", help="rescale (x1/255) or a model name: its preprocess_input (default: the model's)")
-    p.add_argument("--batch-size", type=positive_int, default=20, help="images per forward pass")
+    p.add_argument("--batch-size", type=image_batch, default=20,
+                   help=f"images per forward pass, 1 to {IMAGE_BATCH_MAX}")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature type")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="compute type; bfloat16 is several times faster on GPUs and AMX CPUs")
@@ -83,7 +106,8 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="imagenet", help="imagenet, none (random, seeded) or a weights file")
     p.add_argument("--seed", type=seed, default=0, help="seed for --weights none")
     p.add_argument("--allow-failed-shards", action="store_true", help="finish the job even if shards fail for good")
-    p.add_argument("--max-deliveries", type=positive_int, default=3, help="deliveries of a step before it is given up")
+    p.add_argument("--max-deliveries", type=deliveries, default=3,
+                   help=f"deliveries of a step before it is given up, 1 to {DELIVERIES_MAX}")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     _share_options(p)
     _broker_option(p)
@@ -98,10 +122,12 @@ def _cam_parser(sub) -> None:
     which.add_argument("--class", dest="class_index", type=count, help="class index K (default: the predicted one)")
     which.add_argument("--top-k", type=positive_int, default=1, help="maps for the N most probable classes")
     cam.add_argument("--layer", help="conv layer (default: the last one, also inside a nested base)")
-    cam.add_argument("--batch-size", type=positive_int, default=16, help="images per task and forward pass")
+    cam.add_argument("--batch-size", type=image_batch, default=16,
+                     help=f"images per task and forward pass, 1 to {IMAGE_BATCH_MAX}")
     cam.add_argument("--preprocess", help="none, rescale or a model name (its preprocess_input), applied before the "
                                           "model (default: vgg16 for vgg16-imagenet, else none)")
-    cam.add_argument("--workers", type=positive_int, default=1, help="local worker processes without --broker")
+    cam.add_argument("--workers", type=workers, default=1,
+                     help=f"local worker processes without --broker, 1 to {WORKERS_MAX}")
     cam.add_argument("--detach", action="store_true", help="print the job id and return (needs --broker)")
     cam.add_argument("--no-progress", action="store_true", help="no live progress bar")
     cam.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -116,8 +142,8 @@ def build_parser() -> Parser:
 
     run = sub.add_parser("run", help="run a whole job here: embedded broker and workers unless --broker")
     _extract_options(run)
-    run.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
-                     help="local worker processes (one per 2 cores here)")
+    run.add_argument("--workers", type=workers, default=_default_workers(),
+                     help=f"local worker processes, 1 to {WORKERS_MAX} (one per 2 cores here)")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run.add_argument("--no-train", action="store_true", help="extract only (default: train when DATA has labels)")
     run.add_argument("--finetune", action="store_true", help="after training, fine-tune the base's top block")
@@ -158,7 +184,8 @@ def build_parser() -> Parser:
 
     worker = sub.add_parser("worker", help="start a worker on the configured broker")
     worker.add_argument("--queues", default="extract,train,cam", help="comma-separated: extract, train, cam")
-    worker.add_argument("--concurrency", type=positive_int, default=1, help="pool processes, one model each")
+    worker.add_argument("--concurrency", type=workers, default=1,
+                        help=f"pool processes, one model each, 1 to {WORKERS_MAX}")
     worker.add_argument("--hostname", default="convoy@%h", help="worker name (Celery's %%h is the host)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--max-memory", type=size, default=None, metavar="SIZE",
@@ -175,8 +202,8 @@ def build_parser() -> Parser:
     resume = sub.add_parser("resume", help="rebuild a job from OUT/manifest.json and run only what is missing")
     resume.add_argument("target", help="the job's OUT directory, or its job id")
     resume.add_argument("--out", help="OUT (a folder or store URL), when the broker no longer knows the job id")
-    resume.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="local worker processes when no broker is configured")
+    resume.add_argument("--workers", type=workers, default=_default_workers(),
+                        help=f"local worker processes when no broker is configured, 1 to {WORKERS_MAX}")
     resume.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     _broker_option(resume)
 

@@ -35,33 +35,35 @@ def train_config(args: argparse.Namespace, seed: int) -> dict:
     ).to_dict()
 
 
-def _check_unfreeze(spec: JobSpec, config: dict) -> None:
+def _check_unfreeze(model: str, job_layer: str, config: dict) -> None:
     """Fill in the backbone's own unfreeze point when none was given, and check it is a layer of
     the base at or below the job's layer."""
     from shared.models import layer_names
 
-    m = spec.model
-    layer = config["unfreeze_from"] = config.get("unfreeze_from") or backbone(m.model).unfreeze_from
-    names = layer_names(m.model)
+    layer = config["unfreeze_from"] = config.get("unfreeze_from") or backbone(model).unfreeze_from
+    names = layer_names(model)
     if layer not in names:
-        raise UsageError(f"unknown --unfreeze-from {layer!r}; {m.model}'s base has: {', '.join(names)}")
-    top = len(names) - 1 if m.layer in (BASE_OUTPUT, names[-1]) else names.index(m.layer)
+        raise UsageError(f"unknown --unfreeze-from {layer!r}; {model}'s base has: {', '.join(names)}")
+    top = len(names) - 1 if job_layer in (BASE_OUTPUT, names[-1]) else names.index(job_layer)
     if names.index(layer) > top:
-        raise UsageError(f"--unfreeze-from {layer} lies above the job's layer {m.layer}; "
+        raise UsageError(f"--unfreeze-from {layer} lies above the job's layer {job_layer}; "
                          "choose a layer at or below it")
 
 
-def chain_options(spec: JobSpec, scan: Scan, config: dict, train: bool, finetune: bool, explicit: bool) -> dict:
-    """Job options that make the merge go on to training (and fine-tuning).
+def chain_options(model: str, layer: str, scan: Scan, config: dict, train: bool, finetune: bool,
+                  explicit: bool) -> dict:
+    """Job options that make the merge go on to training (and fine-tuning), for a job on
+    ``model``'s ``layer`` over the images of ``scan``: checked before the job exists, so a
+    mistake is refused before OUT is made or anything starts.
 
     ``explicit`` is False for ``convoy run``'s default: data without labels then just skips
     training. Data with labels that cannot train (one class, an empty split) is refused.
     """
     if not (train or finetune) or (not scan.class_names and not explicit):
         return {}
-    check_trainable(spec.job_id, scan.class_names, scan_sizes(scan.splits))
+    check_trainable(f"DATA {scan.data_dir}", scan.class_names, scan_sizes(scan.splits))
     if finetune:
-        _check_unfreeze(spec, config)
+        _check_unfreeze(model, layer, config)
     return {"then_train": True, "then_finetune": finetune, "train": config}
 
 
@@ -82,7 +84,7 @@ def submit_training(store: JobStore, job_id: str, config: dict, finetune_after: 
     """Train an existing job's classifier (and then fine-tune it, when asked)."""
     spec = _trainable_job(store, job_id)
     if finetune_after:
-        _check_unfreeze(spec, config)
+        _check_unfreeze(spec.model.model, spec.model.layer, config)
     step = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING,
                    params={"config": config, "then_finetune": finetune_after})
     _reopen(store, job_id, step, (keys.TRAIN_STEP, keys.FINETUNE_STEP))
@@ -91,7 +93,7 @@ def submit_training(store: JobStore, job_id: str, config: dict, finetune_after: 
 def submit_finetune(store: JobStore, job_id: str, config: dict) -> None:
     """Fine-tune a job whose classifier has been trained."""
     spec = _trainable_job(store, job_id)
-    _check_unfreeze(spec, config)
+    _check_unfreeze(spec.model.model, spec.model.layer, config)
     head = Path(spec.out_dir) / "model" / "classifier.keras"
     if not head.exists():
         raise ModelFileError(f"job {job_id} has no trained classifier ({head}); "

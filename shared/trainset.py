@@ -43,22 +43,23 @@ def holdout_sizes(n: int) -> tuple[int, int, int]:
     return n - 2 * held, held, held
 
 
-def check_trainable(job_id: str, class_names: list[str], sizes: dict[str, int]) -> None:
-    """Refuse, with what is missing, data that cannot train and evaluate a classifier."""
+def check_trainable(what: str, class_names: list[str], sizes: dict[str, int]) -> None:
+    """Refuse, with what is missing, data that cannot train and evaluate a classifier; ``what``
+    names it in the message (``job ID``, ``DATA PATH``)."""
     if not class_names:
         raise TrainingDataError(
-            f"job {job_id} has no labels (DATA is a flat folder of images); put each class's images "
+            f"{what} has no labels (DATA is a flat folder of images); put each class's images "
             "in DATA/{class}/ or DATA/{train,validation,test}/{class}/ to train a classifier"
         )
     if len(class_names) < 2:
         raise TrainingDataError(
-            f"job {job_id} has one class only ({class_names[0]!r}); a classifier needs at least two "
+            f"{what} has one class only ({class_names[0]!r}); a classifier needs at least two "
             "class folders"
         )
     empty = [s for s in SEED_SPLITS if not sizes.get(s)]
     if empty:
         raise TrainingDataError(
-            f"job {job_id} has no images in split {', '.join(empty)}; training needs images in "
+            f"{what} has no images in split {', '.join(empty)}; training needs images in "
             f"each of {', '.join(SEED_SPLITS)} (or enough in DATA/{{class}}/* to hold some out)"
         )
 
@@ -100,7 +101,7 @@ def plan_splits(spec: JobSpec, seed: int) -> dict[str, SplitRows]:
             if split in spec.splits:
                 labels, paths = _read_rows(spec.merged_file(split))
                 plan[split] = _subset(spec.merged_file(split), np.arange(len(labels)), labels, paths)
-    check_trainable(spec.job_id, spec.class_names, {s: len(r) for s, r in plan.items()})
+    check_trainable(f"job {spec.job_id}", spec.class_names, {s: len(r) for s, r in plan.items()})
     return plan
 
 

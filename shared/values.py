@@ -93,6 +93,61 @@ def max_running(text: str) -> int:
         raise BadValue(f"expected the most steps at once, a whole number (0: no cap), got {text!r}") from None
 
 
+#: Upper bounds of sizes and counts: past these a value is a typo, and would break something on
+#: the way (a process per worker, an epoch loop that never ends, a batch that cannot fit in memory).
+WORKERS_MAX = 256  # processes on one machine: local workers, or a worker's pool (each loads a model)
+EPOCHS_MAX = 10_000
+SHARD_MAX = 100_000  # images per shard: one worker's step, within the task time limit
+IMAGE_BATCH_MAX = 4096  # images per forward pass (4096 x 150 x 150 x 3 float32: 1 GiB)
+TRAIN_BATCH_MAX = 65_536  # rows of features per training step
+DENSE_UNITS_MAX = 65_536
+DELIVERIES_MAX = 100
+#: RMSprop rates: above 0, at most 1 (past that a classifier only diverges).
+LEARNING_RATE_MAX = 1.0
+
+
+def _bounded(text: str, what: str, least: int, most: int) -> int:
+    try:
+        return whole(text, least=least, most=most)
+    except BadValue:
+        raise BadValue(f"expected {what}, a whole number from {least} to {most}, got {text!r}") from None
+
+
+def workers(text: str) -> int:
+    """Processes on one machine: ``convoy run --workers``, ``convoy worker --concurrency``."""
+    return _bounded(text, "a number of processes", 1, WORKERS_MAX)
+
+
+def epochs(text: str) -> int:
+    """Epochs of training or fine-tuning."""
+    return _bounded(text, "a number of epochs", 1, EPOCHS_MAX)
+
+
+def shard_size(text: str) -> int:
+    """Images per shard."""
+    return _bounded(text, "a number of images per shard", 1, SHARD_MAX)
+
+
+def image_batch(text: str) -> int:
+    """Images per forward pass (extraction, Grad-CAM)."""
+    return _bounded(text, "a batch size", 1, IMAGE_BATCH_MAX)
+
+
+def train_batch(text: str) -> int:
+    """Rows of features per training step."""
+    return _bounded(text, "a batch size", 1, TRAIN_BATCH_MAX)
+
+
+def dense_units(text: str) -> int:
+    """Units of the classifier's Dense layer."""
+    return _bounded(text, "a number of units", 1, DENSE_UNITS_MAX)
+
+
+def deliveries(text: str) -> int:
+    """Deliveries of a step before it is given up."""
+    return _bounded(text, "a number of deliveries", 1, DELIVERIES_MAX)
+
+
 def port(text: str) -> int:
     """A TCP port to listen on, 1 to 65535."""
     try:
@@ -122,6 +177,15 @@ def real(text: str, least: float | None = None, most: float | None = None, above
 def positive_float(text: str) -> float:
     """A finite number above 0: rates, timeouts."""
     return real(text, above=0)
+
+
+def learning_rate(text: str) -> float:
+    """An optimizer's learning rate: a finite number above 0 and at most 1."""
+    try:
+        return real(text, above=0, most=LEARNING_RATE_MAX)
+    except BadValue:
+        raise BadValue(f"expected a learning rate, a finite number above 0 and at most {LEARNING_RATE_MAX:g}, "
+                       f"got {text!r}") from None
 
 
 def fraction(text: str) -> float:
