@@ -223,3 +223,17 @@ def test_an_ended_jobs_leftovers_leave_in_one_tick_and_hide_no_lost_message(stor
     step = store.step(lost.job_id, lost.shard_ids[0])
     assert step["repaired"] and store.queued_message_ids(keys.EXTRACT_QUEUE) == {step["msg"]}
     assert reconciler.tick()["lost"] == 0
+
+
+def test_convoy_set_changes_a_live_job_and_status_shows_it(store):
+    import json
+
+    url = store.r.connection_pool.connection_kwargs
+    broker = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    spec = make_job(store, n_shards=3)
+    proc = convoy("set", spec.job_id, "--priority", "4", "--weight", "3", "--max-running", "2", "--broker", broker)
+    assert proc.returncode == 0, proc.stderr
+    assert "priority 4" in proc.stdout and "weight 3" in proc.stdout
+    status = json.loads(convoy("status", spec.job_id, "--json", "--broker", broker, check=True).stdout)
+    assert (status["priority"], status["weight"], status["max_running"]) == (4, 3, 2)
+    assert status["running"] == 0 and status["queue_wait_s"] >= 0
