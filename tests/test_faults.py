@@ -118,6 +118,7 @@ def test_sigterm_hands_the_shard_back(private, tmp_path):
     _exactly_once(data, out)
 
 
+@pytest.mark.slow  # half a minute of cluster time
 def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     """A second message for a shard that is running right now: the idle worker takes it at once, the
     claim sees the live lease, and nothing is counted or written twice."""
@@ -150,6 +151,7 @@ def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     _exactly_once(data, tmp_path / "out")
 
 
+@pytest.mark.slow  # half a minute of cluster time
 def test_poison_shard_is_given_up_and_named(private, tmp_path):
     private.start("x1")
     data, out = _data(tmp_path, per_split=20), tmp_path / "out"
