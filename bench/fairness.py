@@ -23,6 +23,7 @@ chosen when the slot frees). It prints a Markdown table:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -58,18 +59,17 @@ class Cluster:
         self.store = JobStore(connect(self.url))
         env = {"CONVOY_WINDOW_PER_SLOT": str(self.window), "CONVOY_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                "CONVOY_FAULTS": f"after-claim=delay:{self.step_s}"}
-        import os
-
+        self.log = open(self.tmp / "logs" / "worker.log", "w")  # noqa: SIM115  (closed in __exit__)
         self.worker = subprocess.Popen([sys.executable, "-m", "orchestrator", "worker", "--queues", "extract",
                                         "--hostname", "fair@%h", "--broker", self.url],
-                                       env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                       stderr=open(self.tmp / "logs" / "worker.log", "w"))  # noqa: SIM115
+                                       env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=self.log)
         wait(lambda: self.store.r.get(keys.window(keys.EXTRACT_QUEUE)), 180, "the worker's first heartbeat")
         return self
 
     def __exit__(self, *exc) -> None:
         self.worker.kill()
         self.worker.wait()
+        self.log.close()
         self.broker.stop()
 
     def submit(self, name: str, images: int, *extra: str) -> str:

@@ -69,20 +69,12 @@ PRIORITY_MIN, PRIORITY_MAX, WEIGHT_MAX = -9, 9, 1000
 
 def priority(text: str) -> int:
     """A job's priority tier: a whole number from -9 to 9, higher first (0: the default)."""
-    try:
-        return whole(text, least=PRIORITY_MIN, most=PRIORITY_MAX)
-    except BadValue:
-        raise BadValue(f"expected a priority, a whole number from {PRIORITY_MIN} to {PRIORITY_MAX} "
-                       f"(higher goes first), got {text!r}") from None
+    return _bounded(text, "a priority (higher goes first)", PRIORITY_MIN, PRIORITY_MAX)
 
 
 def weight(text: str) -> int:
     """A job's share within its tier: steps per turn, a whole number from 1 to 1000."""
-    try:
-        return whole(text, least=1, most=WEIGHT_MAX)
-    except BadValue:
-        raise BadValue(f"expected a weight, a whole number from 1 to {WEIGHT_MAX} (steps per turn), "
-                       f"got {text!r}") from None
+    return _bounded(text, "a weight (steps per turn)", 1, WEIGHT_MAX)
 
 
 def max_running(text: str) -> int:
