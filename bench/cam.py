@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def build_model(side: int):
@@ -50,7 +46,7 @@ def overlay_rate(side: int, n: int = 32) -> float:
 
     from PIL import Image
 
-    from shared.overlay import superimpose
+    from convoy.shared.overlay import superimpose
 
     rng = np.random.default_rng(1)
     img, heatmap = rng.integers(0, 255, (side, side, 3), dtype=np.uint8), rng.uniform(size=(9, 9))
@@ -67,8 +63,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64, help="images timed per batch size")
     p.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: TF decides)")
     args = p.parse_args()
-    from shared.gradcam import GradCam
-    from workers.runtime import configure_tensorflow
+    from convoy.shared.gradcam import GradCam
+    from convoy.workers.runtime import configure_tensorflow
 
     configure_tensorflow(args.threads)
     cam = GradCam(build_model(args.input_size))

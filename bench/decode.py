@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,17 +34,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from shared.images import DECODE_MODES, load_pixels  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from workers import decode as worker_decode  # noqa: E402
+from convoy.shared.images import DECODE_MODES, load_pixels  # noqa: E402
+from convoy.shared.settings import Settings  # noqa: E402
+from convoy.workers import decode as worker_decode  # noqa: E402
 
 POOLS = ("processes", "threads")
 
 
 def sample_files(images: int, work: Path) -> list[Path]:
-    from orchestrator.sample import make_sample
+    from convoy.orchestrator.sample import make_sample
 
     data = work / f"sample-{images}"
     if not data.exists():
@@ -134,7 +132,7 @@ def _cpu_seconds(children) -> float:
 
 def feature_shift(files: list[Path], size_px: int, layer: str, work: Path) -> dict:
     """How far ``fast`` moves pixels and features from ``exact`` (features relative to their range)."""
-    from shared.models import build_feature_extractor, preprocess, save_random_weights
+    from convoy.shared.models import build_feature_extractor, preprocess, save_random_weights
 
     exact = np.stack([load_pixels(p, size_px, "exact") for p in files]).astype(np.int16)
     fast = np.stack([load_pixels(p, size_px, "fast") for p in files]).astype(np.int16)

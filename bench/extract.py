@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 SEED_LOOP = r"""
@@ -121,7 +120,7 @@ def run_seed(data: Path, weights: Path, size: int, batch: int, precision: str) -
 def gflop_per_image(model: str, size: int) -> float:
     """Floating-point operations of the base on one image, counted by TensorFlow's profiler on the
     frozen graph (every op with registered statistics: convolutions, matrix products, element-wise)."""
-    from shared.models import build_base, import_tensorflow
+    from convoy.shared.models import build_base, import_tensorflow
 
     tf = import_tensorflow()
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -141,7 +140,7 @@ def run_convoy(data: Path, out: Path, weights: Path | str, size: int, batch: int
                decode: str = "exact") -> dict:
     shutil.rmtree(out, ignore_errors=True)  # finished shards would be reused, not measured
     env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
-    cmd = [sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(out), "--weights", str(weights),
+    cmd = [sys.executable, "-m", "convoy.orchestrator", "run", str(data), "--out", str(out), "--weights", str(weights),
            "--model", model, "--input-size", str(size), "--batch-size", str(batch), "--preprocess", preprocess,
            "--no-train", "--cam", "0", "--workers", str(workers), "--shard-size", str(shard), "--precision",
            precision, "--decode", decode, "--json"]
@@ -160,7 +159,7 @@ def run_convoy(data: Path, out: Path, weights: Path | str, size: int, batch: int
 def make_data(work: Path, images: int, distinct: int = 2000) -> Path:
     """The sample photos; past ``distinct`` images, hard links repeat them under new names (the
     decode work per image is the same, and writing 20,000 JPEGs would take longer than the run)."""
-    from orchestrator.sample import make_sample
+    from convoy.orchestrator.sample import make_sample
 
     data = work / f"sample-{images}"
     if data.exists():
@@ -195,7 +194,7 @@ def main() -> None:
     if args.gpu:
         gpu_defaults(args, parser)
 
-    from shared.models import save_random_weights
+    from convoy.shared.models import save_random_weights
 
     work = args.results / "work"
     data = make_data(work, args.images)
@@ -268,7 +267,7 @@ GPU_TARGET_RATIO = 10
 
 def gpu_defaults(args, parser: argparse.ArgumentParser) -> None:
     """--gpu: the settings of the GPU run, unless given on the command line; refuse without a GPU."""
-    from shared.models import import_tensorflow
+    from convoy.shared.models import import_tensorflow
 
     if not import_tensorflow().config.list_physical_devices("GPU"):
         parser.error("--gpu: TensorFlow sees no GPU (pip install -e '.[gpu]', or docker/Dockerfile.gpu)")
@@ -298,7 +297,7 @@ def bench_backbones(args, data: Path, work: Path) -> None:
     input size, feature shape, GFLOP per image, and images/s end to end and in inference alone."""
     import h5py
 
-    from shared import backbones
+    from convoy.shared import backbones
 
     rows = []
     for name in args.model:

@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.cluster import EmbeddedBroker  # noqa: E402
-from shared import keys  # noqa: E402
-from shared.jobstore import JobStore, Share, connect  # noqa: E402
-from shared.states import StepState, is_final  # noqa: E402
+from convoy.orchestrator.cluster import EmbeddedBroker  # noqa: E402
+from convoy.shared import keys  # noqa: E402
+from convoy.shared.jobstore import JobStore, Share, connect  # noqa: E402
+from convoy.shared.states import StepState, is_final  # noqa: E402
 from tests.imagegen import make_flat  # noqa: E402
 
 ARGS = ["--input-size", "32", "--weights", "none", "--shard-size", "2", "--batch-size", "2"]
@@ -60,7 +60,7 @@ class Cluster:
         env = {"CONVOY_WINDOW_PER_SLOT": str(self.window), "CONVOY_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                "CONVOY_FAULTS": f"after-claim=delay:{self.step_s}"}
         self.log = open(self.tmp / "logs" / "worker.log", "w")  # noqa: SIM115  (closed in __exit__)
-        self.worker = subprocess.Popen([sys.executable, "-m", "orchestrator", "worker", "--queues", "extract",
+        self.worker = subprocess.Popen([sys.executable, "-m", "convoy.orchestrator", "worker", "--queues", "extract",
                                         "--hostname", "fair@%h", "--broker", self.url],
                                        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=self.log)
         wait(lambda: self.store.r.get(keys.window(keys.EXTRACT_QUEUE)), 180, "the worker's first heartbeat")
@@ -74,7 +74,7 @@ class Cluster:
 
     def submit(self, name: str, images: int, *extra: str) -> str:
         data = make_flat(self.tmp / name, images, size_px=32)
-        proc = subprocess.run([sys.executable, "-m", "orchestrator", "submit", "extract", str(data), "--out",
+        proc = subprocess.run([sys.executable, "-m", "convoy.orchestrator", "submit", "extract", str(data), "--out",
                                str(self.tmp / f"{name}-out"), *ARGS, *extra, "--broker", self.url],
                               capture_output=True, text=True, check=True)
         return proc.stdout.strip()
@@ -138,7 +138,7 @@ def priority(cluster: Cluster, big_shards: int) -> dict:
 def dispatch_cost(tmp: Path, jobs: int) -> dict[int, float]:
     """Seconds per finish + the dispatch it does, with 1 and with ``jobs`` active jobs in the tier
     (the store alone, on a broker of its own; window 1, so every finish sends one step)."""
-    from shared.job import JobSpec, ModelConfig
+    from convoy.shared.job import JobSpec, ModelConfig
     from tests.test_jobstate import MERGE
 
     (tmp / "cost-logs").mkdir(parents=True, exist_ok=True)

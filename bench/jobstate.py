@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from orchestrator.cluster import EmbeddedBroker  # noqa: E402
-from shared import keys  # noqa: E402
-from shared.job import JobSpec, ModelConfig, new_job_id  # noqa: E402
-from shared.jobstore import JobStore, NewStep, connect  # noqa: E402
-from shared.states import JobStatus, StepState  # noqa: E402
-from workers.reconciler import Reconciler  # noqa: E402
+from convoy.orchestrator.cluster import EmbeddedBroker  # noqa: E402
+from convoy.shared import keys  # noqa: E402
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id  # noqa: E402
+from convoy.shared.jobstore import JobStore, NewStep, connect  # noqa: E402
+from convoy.shared.states import JobStatus, StepState  # noqa: E402
+from convoy.workers.reconciler import Reconciler  # noqa: E402
 
 MODEL = ModelConfig(layer="block5_pool", input_size_px=150, preprocess="vgg16", weights="imagenet",
                     weights_path="/w.h5", weights_sha256="0" * 64, batch_size=20, dtype="float32")

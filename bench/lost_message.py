@@ -21,17 +21,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.cluster import EmbeddedBroker  # noqa: E402
-from shared import keys  # noqa: E402
-from shared.jobstore import JobStore, connect  # noqa: E402
-from shared.states import JobStatus  # noqa: E402
+from convoy.orchestrator.cluster import EmbeddedBroker  # noqa: E402
+from convoy.shared import keys  # noqa: E402
+from convoy.shared.jobstore import JobStore, connect  # noqa: E402
+from convoy.shared.states import JobStatus  # noqa: E402
 from tests.imagegen import make_flat  # noqa: E402
 
 ARGS = ["--input-size", "32", "--weights", "none", "--shard-size", "2", "--batch-size", "2"]
 
 
 def submit(url: str, data: Path, out: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "submit", "extract", str(data), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "convoy.orchestrator", "submit", "extract", str(data), "--out",
+                           str(out),
                            *ARGS, "--broker", url], capture_output=True, text=True, check=True)
     return proc.stdout.strip()
 
@@ -53,7 +54,7 @@ def main() -> None:
     (tmp / "logs").mkdir()
     broker = EmbeddedBroker(tmp / "logs")
     url = broker.start()
-    workers = [subprocess.Popen([sys.executable, "-m", "orchestrator", "worker", "--queues", "extract",
+    workers = [subprocess.Popen([sys.executable, "-m", "convoy.orchestrator", "worker", "--queues", "extract",
                                  "--hostname", f"b{i}@%h", "--broker", url], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL) for i in range(args.workers)]
     try:

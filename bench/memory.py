@@ -94,7 +94,7 @@ def ru_maxrss_of(cmd: list[str], env: dict) -> dict:
 
 
 def _env(**extra: str) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), **extra}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
     env.pop("CONVOY_BROKER_URL", None)
     return env
 
@@ -124,7 +124,7 @@ def make_jpegs(folder: Path, n: int, side: int) -> Path:
 def case_cam(args, work: Path) -> dict:
     images = make_jpegs(work / "jpegs", args.images, args.side)
     model = _model(work / "model.keras")
-    cmd = [sys.executable, "-m", "orchestrator", "cam", str(model), str(images), "--out", str(work / "cam"),
+    cmd = [sys.executable, "-m", "convoy.orchestrator", "cam", str(model), str(images), "--out", str(work / "cam"),
            "--json", "--no-progress"]
     return {"case": f"convoy cam on {args.images} JPEGs of {args.side}x{args.side}",
             "disk_mb": sum(p.stat().st_size for p in images.iterdir()) / 2**20, **run_measured(cmd, _env())}
@@ -143,8 +143,8 @@ def make_bomb(path: Path, gib: float) -> Path:
 def case_bomb(args, work: Path) -> dict:
     bomb = make_bomb(work / "bomb.keras", args.gib)
     images = make_jpegs(work / "one", 1, 64)
-    cli = [sys.executable, "-m", "orchestrator", "cam", str(bomb), str(images), "--out", str(work / "cam")]
-    worker = [sys.executable, "-c", f"from shared.gradcam import load_model; load_model({str(bomb)!r})"]
+    cli = [sys.executable, "-m", "convoy.orchestrator", "cam", str(bomb), str(images), "--out", str(work / "cam")]
+    worker = [sys.executable, "-c", f"from convoy.shared.gradcam import load_model; load_model({str(bomb)!r})"]
     return {"case": f"a {bomb.stat().st_size / 2**20:.1f} MB .keras holding {args.gib} GiB of zeros",
             "cli": ru_maxrss_of(cli, _env()), "worker_load": ru_maxrss_of(worker, _env())}
 
@@ -153,7 +153,8 @@ def case_input_size(args, work: Path) -> dict:
     from tests.imagegen import make_flat
 
     data = make_flat(work / "data", args.images, size_px=256)
-    cmd = [sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(work / "out"), "--weights", "none",
+    cmd = [sys.executable, "-m", "convoy.orchestrator", "run", str(data), "--out", str(work / "out"), "--weights",
+           "none",
            "--input-size", str(args.size), "--batch-size", str(args.batch_size), "--workers", "1", "--no-train",
            "--no-progress", "--json"]
     extra = {"CONVOY_MAX_MEMORY": args.max_memory} if args.max_memory else {}

@@ -10,20 +10,17 @@ store as the orchestrator writes them; ``--ended`` of them are then cancelled, s
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
-from orchestrator.cluster import EmbeddedBroker  # noqa: E402
-from orchestrator.metrics import ConvoyCollector  # noqa: E402
-from shared.job import JobSpec, ModelConfig, new_job_id  # noqa: E402
-from shared.jobstore import JobStore, connect  # noqa: E402
-from shared.states import JobStatus  # noqa: E402
+from convoy.orchestrator.cluster import EmbeddedBroker  # noqa: E402
+from convoy.orchestrator.metrics import ConvoyCollector  # noqa: E402
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id  # noqa: E402
+from convoy.shared.jobstore import JobStore, connect  # noqa: E402
+from convoy.shared.states import JobStatus  # noqa: E402
 
 MODEL = ModelConfig(layer="block5_pool", input_size_px=150, preprocess="vgg16", weights="imagenet",
                     weights_path="/w.h5", weights_sha256="0" * 64, batch_size=20, dtype="float32")

@@ -5,7 +5,7 @@
 1. Images/s through the worker's read path (``workers.decode.iter_batches``: fetch and decode in
    the decoding threads, batches ahead) from a folder, then from a bucket holding the very same
    files; then ``convoy run --weights none`` end to end both ways (its extraction rate).
-2. Seconds for :func:`shared.storage.list_files` over a prefix of ``--objects`` keys: one
+2. Seconds for :func:`convoy.shared.storage.list_files` over a prefix of ``--objects`` keys: one
    recursive listing, 1000 keys a page.
 
 Without ``--endpoint`` it starts moto's S3 server as a process of its own for the images, and
@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def start_moto_process():
@@ -73,8 +72,8 @@ def upload(client, folder: Path, bucket: str, prefix: str) -> None:
 
 
 def pipeline_rate(files: list[str], size_px: int) -> float:
-    from shared.settings import Settings
-    from workers.decode import iter_batches
+    from convoy.shared.settings import Settings
+    from convoy.workers.decode import iter_batches
 
     t0 = time.perf_counter()
     n = sum(len(b.rows) for b in iter_batches(files, size_px, 20, Settings(), "exact"))
@@ -83,7 +82,7 @@ def pipeline_rate(files: list[str], size_px: int) -> float:
 
 
 def run_rate(data: str, out: str, env: dict) -> float:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", data, "--out", out, "--weights", "none",
+    proc = subprocess.run([sys.executable, "-m", "convoy.orchestrator", "run", data, "--out", out, "--weights", "none",
                            "--input-size", "64", "--no-train", "--workers", "1", "--json"],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
@@ -123,7 +122,7 @@ def main() -> None:
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1")})
     import boto3
 
-    from shared import storage
+    from convoy.shared import storage
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ["AWS_REGION"])
     bucket = f"convoy-bench-{os.getpid()}"

@@ -12,21 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.jobs import check_apart, check_output, undone_on_error
-from orchestrator.progress import Stages
-from shared import storage
-from shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
-from shared.celery_app import send_steps
-from shared.errors import DataError, JobFailed, LayerError, ModelFileError, UsageError
-from shared.gradcam import VGG16_IMAGENET
-from shared.images import is_image_name
-from shared.job import new_job_id, sha256_file
-from shared.jobstore import DEFAULT_SHARE, JobStore, Share
-from shared.settings import Settings
-from shared.states import JobStatus, is_final
-from shared.storage import Location
-from shared.terminal import printable
-from shared.words import plural
+from convoy.orchestrator.jobs import check_apart, check_output, undone_on_error
+from convoy.orchestrator.progress import Stages
+from convoy.shared import storage
+from convoy.shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
+from convoy.shared.celery_app import send_steps
+from convoy.shared.errors import DataError, JobFailed, LayerError, ModelFileError, UsageError
+from convoy.shared.gradcam import VGG16_IMAGENET
+from convoy.shared.images import is_image_name
+from convoy.shared.job import new_job_id, sha256_file
+from convoy.shared.jobstore import DEFAULT_SHARE, JobStore, Share
+from convoy.shared.settings import Settings
+from convoy.shared.states import JobStatus, is_final
+from convoy.shared.storage import Location
+from convoy.shared.terminal import printable
+from convoy.shared.words import plural
 
 POLL_S = 0.5
 #: Classes of VGG16's ImageNet top.
@@ -113,7 +113,7 @@ def _store_images(urls: list[str], root: Location | None) -> tuple[Location, lis
 
 
 def _check_vgg16_imagenet(req: CamRequest) -> None:
-    from shared.backbones import static_layers
+    from convoy.shared.backbones import static_layers
 
     layers = static_layers("vgg16") or ()
     convs = [name for name in layers if "_conv" in name]
@@ -132,12 +132,12 @@ def _check_classes(req: CamRequest, n_classes: int) -> None:
 def resolve_model(req: CamRequest) -> tuple[Path, str]:
     """(file the workers load, its sha256), after proving the model, layer and class fit."""
     if req.model == VGG16_IMAGENET:
-        from orchestrator.weights import fetch_imagenet_top
+        from convoy.orchestrator.weights import fetch_imagenet_top
 
         _check_vgg16_imagenet(req)
         path = fetch_imagenet_top(req.keras_home)
     else:
-        from shared.gradcam import GradCam, load_model
+        from convoy.shared.gradcam import GradCam, load_model
 
         if storage.is_url(req.model):
             try:
@@ -243,8 +243,8 @@ def _submit_and_wait(settings: Settings, spec: CamSpec, batches, stages: Stages 
 
 
 def _cam_store(settings: Settings) -> JobStore:
-    from shared.celery_app import configure
-    from shared.jobstore import connect
+    from convoy.shared.celery_app import configure
+    from convoy.shared.jobstore import connect
 
     configure(settings)
     return JobStore(connect(settings.broker_url or ""))
@@ -263,7 +263,7 @@ def run_cam(req: CamRequest, settings: Settings, workers: int = 1, stages: Stage
     if settings.broker_url:
         summary = _submit_and_wait(settings, spec, batches, stages, share=req.share)
     else:
-        from orchestrator.cluster import local_cluster
+        from convoy.orchestrator.cluster import local_cluster
 
         out = storage.at(spec.out_dir)
         data, outputs = (storage.at(spec.root), storage.parent(storage.at(spec.model_path))), (out,)
@@ -327,7 +327,7 @@ def run_images(out_dir: Location, n: int, model: Location | None = None) -> tupl
     """DATA, ``n`` images of the job's test split (else validation, else any) and their true
     classes: spread over the classes, the ones the model got wrong first (from the test
     predictions training left beside ``model``)."""
-    from shared.manifest import read_manifest
+    from convoy.shared.manifest import read_manifest
 
     manifest = read_manifest(out_dir)
     data = storage.at(manifest["spec"]["data_dir"])
@@ -380,8 +380,8 @@ def cam_for_run(out_dir: Location, settings: Settings, n: int, workers: int = 1,
     data, images, labels = run_images(out_dir, n, model)
     if not images:
         return None
-    from shared.manifest import read_manifest
-    from shared.words import job_weights
+    from convoy.shared.manifest import read_manifest
+    from convoy.shared.words import job_weights
 
     manifest = read_manifest(out_dir)
     note = job_weights(manifest["spec"])[1]

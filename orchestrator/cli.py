@@ -9,14 +9,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from orchestrator import monitor_cli
-from orchestrator.parser import build_parser
-from orchestrator.progress import STAGE_ORDER
-from shared import storage
-from shared.errors import ConvoyError, JobNotFound, UsageError
-from shared.settings import BROKER_ENV, Settings, redact_url
-from shared.terminal import printable
-from shared.words import plural
+from convoy.orchestrator import monitor_cli
+from convoy.orchestrator.parser import build_parser
+from convoy.orchestrator.progress import STAGE_ORDER
+from convoy.shared import storage
+from convoy.shared.errors import ConvoyError, JobNotFound, UsageError
+from convoy.shared.settings import BROKER_ENV, Settings, redact_url
+from convoy.shared.terminal import printable
+from convoy.shared.words import plural
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 # --- commands ---------------------------------------------------------------------------
 
 def _request(args, settings: Settings):
-    from orchestrator.jobs import ExtractRequest, keras_home_from_env
+    from convoy.orchestrator.jobs import ExtractRequest, keras_home_from_env
 
     return ExtractRequest(
         data_dir=args.data, out_dir=args.out, shard_size=args.shard_size, input_size_px=args.input_size,
@@ -48,14 +48,14 @@ def _request(args, settings: Settings):
 
 
 def _share(args):
-    from shared.jobstore import Share
+    from convoy.shared.jobstore import Share
 
     return Share(priority=args.priority, weight=args.weight, max_running=args.max_running)
 
 
 def _store(settings: Settings):
-    from shared.celery_app import configure
-    from shared.jobstore import JobStore, connect
+    from convoy.shared.celery_app import configure
+    from convoy.shared.jobstore import JobStore, connect
 
     if not settings.broker_url:
         raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
@@ -64,17 +64,17 @@ def _store(settings: Settings):
 
 
 def _stages(args, quiet: bool = False):
-    from orchestrator.progress import Stages
+    from convoy.orchestrator.progress import Stages
 
     return Stages(live=sys.stderr.isatty(), quiet=quiet or getattr(args, "no_progress", False))
 
 
 def cmd_run(args, settings: Settings) -> int:
-    from orchestrator import jobs_here
-    from orchestrator.cluster import local_cluster
-    from orchestrator.jobs import check_inputs, check_output, prepare, submit, undone_on_error, weights_first
-    from orchestrator.lists import data_roots
-    from orchestrator.watch import wait_for_job
+    from convoy.orchestrator import jobs_here
+    from convoy.orchestrator.cluster import local_cluster
+    from convoy.orchestrator.jobs import check_inputs, check_output, prepare, submit, undone_on_error, weights_first
+    from convoy.orchestrator.lists import data_roots
+    from convoy.orchestrator.watch import wait_for_job
 
     t0 = time.monotonic()
     stages = _stages(args)
@@ -135,7 +135,7 @@ def _weights_folder(weights: str) -> list:
 
 
 def _scan_words(scan) -> str:
-    from shared.words import plural
+    from convoy.shared.words import plural
 
     images = sum(len(entries) for entries in scan.splits.values())
     classes = f" in {plural(len(scan.class_names), 'class')}" if scan.class_names else ""
@@ -144,8 +144,8 @@ def _scan_words(scan) -> str:
 
 def _cam_after_training(args, spec, settings: Settings, stages) -> dict | None:
     """Heatmaps of --cam test images into OUT/cam when training left a model; None otherwise."""
-    from orchestrator.cam import cam_for_run
-    from shared.errors import JobFailed
+    from convoy.orchestrator.cam import cam_for_run
+    from convoy.shared.errors import JobFailed
 
     try:
         return cam_for_run(storage.at(spec.out_dir), settings, args.cam, stages=stages, since=spec.created_at)
@@ -156,9 +156,9 @@ def _cam_after_training(args, spec, settings: Settings, stages) -> dict | None:
 
 def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, cam: dict | None = None) -> dict:
     """The run's summary: the job's own (from the merge and training) with this command's times."""
-    from orchestrator.sample import sample_note
-    from orchestrator.status import stage_times as job_stage_times
-    from shared.words import job_weights
+    from convoy.orchestrator.sample import sample_note
+    from convoy.orchestrator.status import stage_times as job_stage_times
+    from convoy.shared.words import job_weights
 
     summary = json.loads(state.get("summary", "{}"))
     images = summary.get("images", 0)
@@ -201,8 +201,8 @@ def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, 
 
 def _keep_run(spec, summary: dict) -> None:
     """The run's summary in the manifest, and OUT/report.html from it: both outlive the broker."""
-    from orchestrator.report import write_report
-    from shared.manifest import record_run
+    from convoy.orchestrator.report import write_report
+    from convoy.shared.manifest import record_run
 
     try:
         record_run(spec.out_dir, summary)
@@ -212,15 +212,15 @@ def _keep_run(spec, summary: dict) -> None:
 
 
 def _print_result(summary: dict, as_json: bool) -> None:
-    from orchestrator.watch import print_summary
+    from convoy.orchestrator.watch import print_summary
 
     print_summary(summary, as_json)
 
 
 def _chain_options(args, request, scan, train: bool, explicit: bool) -> dict:
     """The job's training options, checked against DATA and the model before the job exists."""
-    from orchestrator.jobs import with_model_defaults
-    from orchestrator.training import chain_options, train_config
+    from convoy.orchestrator.jobs import with_model_defaults
+    from convoy.orchestrator.training import chain_options, train_config
 
     request = with_model_defaults(request)
     config = train_config(args, args.seed)
@@ -229,7 +229,7 @@ def _chain_options(args, request, scan, train: bool, explicit: bool) -> dict:
 
 
 def cmd_submit(args, settings: Settings) -> int:
-    from orchestrator.jobs import check_inputs, check_output, prepare, submit, undone_on_error
+    from convoy.orchestrator.jobs import check_inputs, check_output, prepare, submit, undone_on_error
 
     if args.kind in ("train", "finetune"):
         return cmd_submit_training(args, settings)
@@ -245,8 +245,8 @@ def cmd_submit(args, settings: Settings) -> int:
 
 
 def cmd_submit_training(args, settings: Settings) -> int:
-    from orchestrator import training
-    from orchestrator.watch import wait_for_job
+    from convoy.orchestrator import training
+    from convoy.orchestrator.watch import wait_for_job
 
     store = _store(settings)
     seed = args.seed if args.seed is not None else int(store.spec(args.job).options.get("seed", 0))
@@ -269,8 +269,8 @@ def cmd_submit_training(args, settings: Settings) -> int:
 def cmd_predict(args, settings: Settings) -> int:
     import tempfile
 
-    from orchestrator import training
-    from orchestrator.cluster import local_cluster
+    from convoy.orchestrator import training
+    from convoy.orchestrator.cluster import local_cluster
 
     model, images = training.model_file(args.model), training.image_paths(args.images)
     if settings.broker_url:
@@ -287,14 +287,14 @@ def cmd_predict(args, settings: Settings) -> int:
 
 
 def cmd_status(args, settings: Settings) -> int:
-    from orchestrator import jobs_here, status
+    from convoy.orchestrator import jobs_here, status
 
     target = args.job
     # OUT, or a job this machine ran: live from the broker while it knows the job, else the manifest.
     given = storage.location(target) if target and (storage.is_url(target) or Path(target).is_dir()) else None
     out = given or (jobs_here.out_of(settings.state_dir, target) if target else None)
     if out is not None:
-        from shared.manifest import read_manifest
+        from convoy.shared.manifest import read_manifest
 
         job_id = read_manifest(out)["job_id"]
         if given is None and job_id != target:
@@ -309,7 +309,7 @@ def cmd_status(args, settings: Settings) -> int:
         status.print_jobs(store, args.json)
         return 0
     if store.kind_of(target) == "cam":
-        from orchestrator.cam import cam_status
+        from convoy.orchestrator.cam import cam_status
 
         return cam_status(store, target, args.watch, args.json)
     if args.watch:
@@ -318,16 +318,16 @@ def cmd_status(args, settings: Settings) -> int:
 
 
 def _print_status(report: dict, as_json: bool) -> int:
-    from orchestrator import status
+    from convoy.orchestrator import status
 
     status.print_report(report, as_json)
     return 1 if report["status"] in ("failed", "cancelled") else 0
 
 
 def cmd_worker(args, settings: Settings) -> int:
-    from shared import keys
-    from shared.celery_app import configure
-    from workers import runtime
+    from convoy.shared import keys
+    from convoy.shared.celery_app import configure
+    from convoy.workers import runtime
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = [q for q in queues if q not in keys.ALL_QUEUES]
@@ -338,7 +338,7 @@ def cmd_worker(args, settings: Settings) -> int:
     _store(settings)  # fail fast, with a clear line, when the broker does not answer
     if not settings.tf_threads:  # N pool processes share the cores instead of each taking all
         settings = replace(settings, tf_threads=max(1, (os.cpu_count() or 1) // args.concurrency))
-    from shared.memory import worker_budget
+    from convoy.shared.memory import worker_budget
 
     budget = worker_budget(args.max_memory or settings.max_memory_bytes)
     settings = replace(settings, max_memory_bytes=budget // args.concurrency)  # each pool process's share
@@ -357,7 +357,7 @@ def cmd_worker(args, settings: Settings) -> int:
 
 
 def cmd_merge(args, settings: Settings) -> int:
-    from orchestrator.merge import merge_target
+    from convoy.orchestrator.merge import merge_target
 
     for split, path in merge_target(args.target, settings, args.materialize).items():
         print(printable(f"features[{split}] -> {path}"))
@@ -365,9 +365,9 @@ def cmd_merge(args, settings: Settings) -> int:
 
 
 def cmd_resume(args, settings: Settings) -> int:
-    from orchestrator.cluster import local_cluster
-    from orchestrator.resume import out_dir_of, resume
-    from orchestrator.watch import wait_for_job
+    from convoy.orchestrator.cluster import local_cluster
+    from convoy.orchestrator.resume import out_dir_of, resume
+    from convoy.orchestrator.watch import wait_for_job
 
     t0 = time.monotonic()
     stages = _stages(args)
@@ -378,7 +378,7 @@ def cmd_resume(args, settings: Settings) -> int:
         stages.say(f"resuming job {spec.job_id}: {plural(len(missing), 'shard')} to run")
         state = wait_for_job(store, spec.job_id, stages)
     else:
-        from shared.manifest import read_manifest
+        from convoy.shared.manifest import read_manifest
 
         out = out_dir_of(args.target, args.out, None)
         spec = read_manifest(out)["spec"]
@@ -397,7 +397,7 @@ def cmd_resume(args, settings: Settings) -> int:
 
 
 def cmd_cancel(args, settings: Settings) -> int:
-    from orchestrator.control import cancel_job
+    from convoy.orchestrator.control import cancel_job
 
     store = _store(settings)
     if cancel_job(store, args.job):
@@ -409,7 +409,7 @@ def cmd_cancel(args, settings: Settings) -> int:
 
 
 def cmd_set(args, settings: Settings) -> int:
-    from orchestrator.control import set_options
+    from convoy.orchestrator.control import set_options
 
     set_options(_store(settings), args.job, priority=args.priority, weight=args.weight, max_running=args.max_running)
     print(f"job {args.job}: " + ", ".join(f"{name} {value}" for name, value in (
@@ -418,7 +418,7 @@ def cmd_set(args, settings: Settings) -> int:
 
 
 def cmd_report(args, settings: Settings) -> int:
-    from orchestrator.report import write_report
+    from convoy.orchestrator.report import write_report
 
     out = storage.location(args.out)
     if not storage.is_url(out) and not out.is_dir():
@@ -428,8 +428,8 @@ def cmd_report(args, settings: Settings) -> int:
 
 
 def cmd_sample(args, settings: Settings) -> int:
-    from orchestrator.jobs import check_output
-    from orchestrator.sample import make_sample, read_record, sample_words
+    from convoy.orchestrator.jobs import check_output
+    from convoy.orchestrator.sample import make_sample, read_record, sample_words
 
     record = read_record(make_sample(check_output(args.out, "OUT"), args.images, args.seed))
     print(printable(f"wrote {plural(record['images'], 'image')} to {args.out}, {sample_words(record)}"))
@@ -437,8 +437,8 @@ def cmd_sample(args, settings: Settings) -> int:
 
 
 def cmd_cam(args, settings: Settings) -> int:
-    from orchestrator.cam import CamRequest, print_cam_summary, run_cam
-    from orchestrator.jobs import keras_home_from_env
+    from convoy.orchestrator.cam import CamRequest, print_cam_summary, run_cam
+    from convoy.orchestrator.jobs import keras_home_from_env
 
     req = CamRequest(model=args.model, inputs=args.images, out_dir=args.out, layer=args.layer,
                      class_index=args.class_index, top_k=args.top_k, batch_size=args.batch_size,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import redis
 
-from shared import keys
-from shared.errors import BrokerError
-from shared.jobstore import client_url, socket_url
-from shared.memory import worker_budget
-from shared.settings import MAX_MEMORY_ENV, Settings
+from convoy.shared import keys
+from convoy.shared.errors import BrokerError
+from convoy.shared.jobstore import client_url, socket_url
+from convoy.shared.memory import worker_budget
+from convoy.shared.settings import MAX_MEMORY_ENV, Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -127,7 +127,7 @@ class LocalWorkers:
                # Unset, the workers share this machine's budget instead of each taking all of it.
                MAX_MEMORY_ENV: str(worker_budget(self.settings.max_memory_bytes, self.n))}
         for i in range(self.n):
-            cmd = [sys.executable, "-m", "orchestrator", "worker", "--queues", ",".join(keys.ALL_QUEUES),
+            cmd = [sys.executable, "-m", "convoy.orchestrator", "worker", "--queues", ",".join(keys.ALL_QUEUES),
                    "--concurrency", "1", "--hostname", f"local{i + 1}@%h"]
             log = open(self.log_dir / f"worker-{i + 1}.log", "ab")
             self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -3,16 +3,16 @@ place for the CLI and the Jobs page in Flower, so both do the same thing."""
 
 from __future__ import annotations
 
-from shared import storage, values
-from shared.celery_app import send_steps
-from shared.errors import BadValue, ConvoyError, UsageError
-from shared.jobstore import JobStore
-from shared.states import JobStatus
+from convoy.shared import storage, values
+from convoy.shared.celery_app import send_steps
+from convoy.shared.errors import BadValue, ConvoyError, UsageError
+from convoy.shared.jobstore import JobStore
+from convoy.shared.states import JobStatus
 
 
 def cancel_job(store: JobStore, job_id: str) -> bool:
     """End the job as cancelled; True if this call did (False: it had ended already).
-    :class:`shared.errors.JobNotFound` for a job this broker does not know."""
+    :class:`convoy.shared.errors.JobNotFound` for a job this broker does not know."""
     store.kind_of(job_id)
     if not store.end_job(job_id, JobStatus.CANCELLED, error="cancelled by the user"):
         return False
@@ -45,9 +45,9 @@ def set_options(store: JobStore, job_id: str, *, priority: int | str | None = No
 def _record_cancel(store: JobStore, job_id: str) -> None:
     """The cancel in OUT too, when this machine sees OUT (workers record other ends): in
     manifest.json for an extraction, as index.html for a Grad-CAM job."""
-    from shared.camjob import INDEX_NAME
-    from shared.gallery import cancelled_page
-    from shared.manifest import record_end
+    from convoy.shared.camjob import INDEX_NAME
+    from convoy.shared.gallery import cancelled_page
+    from convoy.shared.manifest import record_end
 
     try:
         if store.kind(job_id) == "cam":

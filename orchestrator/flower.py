@@ -1,5 +1,5 @@
 """``convoy flower``: Flower on the cluster's broker, with the project's Celery app, a login, and
-the Jobs page (:mod:`orchestrator.jobs_page`).
+the Jobs page (:mod:`convoy.orchestrator.jobs_page`).
 
 Flower reads its login from its own ``FLOWER_BASIC_AUTH`` variable (``user:password``); we only
 check it is there, so a dashboard that can revoke tasks and shut workers down is never opened
@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UsageError
-from shared.settings import BROKER_ENV, Settings
+from convoy.shared.errors import UsageError
+from convoy.shared.settings import BROKER_ENV, Settings
 
 #: Flower's own variable: comma-separated ``user:password`` pairs.
 AUTH_ENV = "FLOWER_BASIC_AUTH"
@@ -82,9 +82,9 @@ def check_listen(address: str, port: int) -> None:
 
 def run_flower(settings: Settings, opts: FlowerOptions) -> int:
     """Serve Flower in this process until it is stopped (TERM or Ctrl-C)."""
-    from orchestrator import jobs_page
-    from shared.celery_app import configure
-    from shared.jobstore import JobStore, connect
+    from convoy.orchestrator import jobs_page
+    from convoy.shared.celery_app import configure
+    from convoy.shared.jobstore import JobStore, connect
 
     check_auth(dict(os.environ), opts.insecure_no_auth)
     if not settings.broker_url:

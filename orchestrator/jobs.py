@@ -9,17 +9,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from orchestrator.scan import Scan, scan_data
-from orchestrator.weights import resolve_weights
-from shared import backbones, storage, values
-from shared.celery_app import send_steps
-from shared.errors import BadValue, OutputError, UsageError
-from shared.images import DECODE_MODES
-from shared.job import JobSpec, ModelConfig, new_job_id, shard_id
-from shared.jobstore import DEFAULT_SHARE, JobStore, Share
-from shared.manifest import write_manifest
-from shared.models import check_layer, check_preprocess
-from shared.storage import Location, StoreError
+from convoy.orchestrator.scan import Scan, scan_data
+from convoy.orchestrator.weights import resolve_weights
+from convoy.shared import backbones, storage, values
+from convoy.shared.celery_app import send_steps
+from convoy.shared.errors import BadValue, OutputError, UsageError
+from convoy.shared.images import DECODE_MODES
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id, shard_id
+from convoy.shared.jobstore import DEFAULT_SHARE, JobStore, Share
+from convoy.shared.manifest import write_manifest
+from convoy.shared.models import check_layer, check_preprocess
+from convoy.shared.storage import Location, StoreError
 
 DTYPES = ("float32", "float16")
 PRECISIONS = ("float32", "bfloat16")

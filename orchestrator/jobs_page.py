@@ -37,15 +37,15 @@ from flower.views import BaseHandler
 from redis.exceptions import RedisError
 from tornado.ioloop import IOLoop
 
-from orchestrator import control
-from orchestrator.progress import STAGE_OF, fmt_seconds
-from orchestrator.status import brief, waiting_for, waiting_words
-from shared import keys, storage
-from shared.errors import BadValue, JobNotFound, UsageError
-from shared.jobstore import JobStore
-from shared.states import JobStatus, StepState, is_final
-from shared.values import whole
-from shared.words import plural
+from convoy.orchestrator import control
+from convoy.orchestrator.progress import STAGE_OF, fmt_seconds
+from convoy.orchestrator.status import brief, waiting_for, waiting_words
+from convoy.shared import keys, storage
+from convoy.shared.errors import BadValue, JobNotFound, UsageError
+from convoy.shared.jobstore import JobStore
+from convoy.shared.states import JobStatus, StepState, is_final
+from convoy.shared.values import whole
+from convoy.shared.words import plural
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: How often the pages ask for fresh rows, milliseconds.
@@ -60,7 +60,7 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 MAX_SERVED_BYTES = 64 * 2**20
 #: Rows of the slowest steps, and of each list of failures, shown on a job's page.
 SLOWEST_SHOWN, FAILURES_SHOWN = 10, 100
-#: The form's fields, as :func:`orchestrator.control.set_options` names them.
+#: The form's fields, as :func:`convoy.orchestrator.control.set_options` names them.
 OPTION_FIELDS = ("priority", "weight", "max_running")
 #: What a redirect after a POST says, by the note it carries (never text from the request).
 NOTES = {"cancelled": "The job was cancelled.", "ended": "The job had ended already: nothing was cancelled.",
@@ -69,10 +69,10 @@ NOTES = {"cancelled": "The job was cancelled.", "ended": "The job had ended alre
 
 def report_policy() -> str:
     """The content security policy of a report page served from OUT: of scripts, only the ones
-    Convoy writes into its pages (:func:`shared.gallery.page`, by their hashes) run, so a page
+    Convoy writes into its pages (:func:`convoy.shared.gallery.page`, by their hashes) run, so a page
     someone else put in OUT can neither read the dashboard's cookies nor post its forms. Images
     come from the same job's OUT through this server; nothing is sent anywhere."""
-    from shared import gallery
+    from convoy.shared import gallery
 
     def digest(text: str) -> str:
         return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
@@ -218,7 +218,7 @@ def _report_file(out_dir: str | None, kind: str) -> str | None:
 def read_out_file(out_dir: str, kind: str, rel: str) -> tuple[bytes, str]:
     """(content, type) of ``OUT/rel`` if it is the job's report page or an image, a plain file
     below OUT reached through no symlink; FileNotFoundError else."""
-    from shared.paths import open_beneath
+    from convoy.shared.paths import open_beneath
 
     if storage.is_url(out_dir):
         raise FileNotFoundError(rel)

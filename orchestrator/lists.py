@@ -13,13 +13,13 @@ import io
 import os
 from pathlib import Path, PurePosixPath
 
-from orchestrator.scan import Scan
-from shared import storage
-from shared.errors import DataError, UsageError
-from shared.images import is_image_name
-from shared.job import SEED_SPLITS, SINGLE_SPLIT
-from shared.paths import NUL_IN_PATH
-from shared.storage import Location
+from convoy.orchestrator.scan import Scan
+from convoy.shared import storage
+from convoy.shared.errors import DataError, UsageError
+from convoy.shared.images import is_image_name
+from convoy.shared.job import SEED_SPLITS, SINGLE_SPLIT
+from convoy.shared.paths import NUL_IN_PATH
+from convoy.shared.storage import Location
 
 LIST_SUFFIXES = (".csv", ".parquet")
 LIST_HELP = "a list needs a column 'path' and may have 'label' (class name) and 'split' (train, validation, test)"

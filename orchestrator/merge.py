@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared import storage
-from shared.features import materialize, merge_job_files, shard_fingerprint
-from shared.job import fingerprint
-from shared.manifest import read_manifest, spec_and_shards
-from shared.settings import Settings
-from shared.storage import Location
+from convoy.shared import storage
+from convoy.shared.features import materialize, merge_job_files, shard_fingerprint
+from convoy.shared.job import fingerprint
+from convoy.shared.manifest import read_manifest, spec_and_shards
+from convoy.shared.settings import Settings
+from convoy.shared.storage import Location
 
 
 def _out_dir(target: str, settings: Settings) -> Location:
@@ -17,7 +17,7 @@ def _out_dir(target: str, settings: Settings) -> Location:
         return storage.location(target)
     if Path(target).is_dir():
         return Path(target)
-    from orchestrator.cli import _store
+    from convoy.orchestrator.cli import _store
 
     return storage.at(_store(settings).spec(target).out_dir)
 

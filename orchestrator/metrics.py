@@ -17,11 +17,11 @@ import time
 from prometheus_client.core import REGISTRY, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from shared import keys
-from shared.errors import UsageError
-from shared.jobstore import STEP_SECONDS_BUCKETS, JobStore
-from shared.lua import QUEUE_WAIT_BUCKETS
-from shared.states import JobStatus
+from convoy.shared import keys
+from convoy.shared.errors import UsageError
+from convoy.shared.jobstore import STEP_SECONDS_BUCKETS, JobStore
+from convoy.shared.lua import QUEUE_WAIT_BUCKETS
+from convoy.shared.states import JobStatus
 
 #: A job's progress series stay on the page this long after it ended, so a dashboard shows it finish.
 ENDED_JOB_WINDOW_S = 3600

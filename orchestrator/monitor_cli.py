@@ -8,9 +8,9 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.errors import UsageError
-from shared.settings import BROKER_ENV, Settings
-from shared.values import address, port, positive_float
+from convoy.shared.errors import UsageError
+from convoy.shared.settings import BROKER_ENV, Settings
+from convoy.shared.values import address, port, positive_float
 
 
 def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -37,7 +37,7 @@ def add_parsers(sub, broker_option: Callable[[argparse.ArgumentParser], None]) -
 
 
 def cmd_flower(args, settings: Settings) -> int:
-    from orchestrator.flower import FlowerOptions, run_flower
+    from convoy.orchestrator.flower import FlowerOptions, run_flower
 
     opts = FlowerOptions(port=args.port, address=args.address, db_path=args.db,
                          insecure_no_auth=args.insecure_no_auth)
@@ -45,9 +45,9 @@ def cmd_flower(args, settings: Settings) -> int:
 
 
 def cmd_workers(args, settings: Settings) -> int:
-    from orchestrator import workers_list
-    from shared.celery_app import configure
-    from shared.jobstore import JobStore, connect
+    from convoy.orchestrator import workers_list
+    from convoy.shared.celery_app import configure
+    from convoy.shared.jobstore import JobStore, connect
 
     if not settings.broker_url:
         raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")
@@ -60,8 +60,8 @@ def cmd_workers(args, settings: Settings) -> int:
 
 
 def cmd_metrics(args, settings: Settings) -> int:
-    from orchestrator.metrics import serve
-    from shared.jobstore import JobStore, connect
+    from convoy.orchestrator.metrics import serve
+    from convoy.shared.jobstore import JobStore, connect
 
     if not settings.broker_url:
         raise UsageError(f"no broker configured: pass --broker URL or set {BROKER_ENV}")

@@ -6,12 +6,12 @@ import argparse
 import os
 from pathlib import Path
 
-from orchestrator import monitor_cli
-from orchestrator.train_options import add_train_options
-from shared import backbones
-from shared.images import DECODE_MODES
-from shared.settings import BROKER_ENV
-from shared.values import (
+from convoy.orchestrator import monitor_cli
+from convoy.orchestrator.train_options import add_train_options
+from convoy.shared import backbones
+from convoy.shared.images import DECODE_MODES
+from convoy.shared.settings import BROKER_ENV
+from convoy.shared.values import (
     DELIVERIES_MAX,
     IMAGE_BATCH_MAX,
     SHARD_MAX,

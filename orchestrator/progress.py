@@ -14,9 +14,9 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.states import JobStatus
-from shared.terminal import markup, printable
-from shared.words import plural
+from convoy.shared.states import JobStatus
+from convoy.shared.terminal import markup, printable
+from convoy.shared.words import plural
 
 #: The stage a job is in, by its status (queued: its shards wait for a worker, extraction has begun).
 STAGE_OF = {

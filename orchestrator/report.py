@@ -10,15 +10,15 @@ import html
 import json
 from pathlib import Path
 
-from orchestrator.progress import fmt_seconds
-from orchestrator.sample import sample_note
-from orchestrator.watch import stage_detail
-from shared import storage
-from shared.camjob import HEATMAPS_NAME
-from shared.gallery import ON_MISSING, gallery_section, notes_section, page, skipped_section, write_page
-from shared.manifest import read_manifest
-from shared.storage import Location
-from shared.words import job_weights, plural
+from convoy.orchestrator.progress import fmt_seconds
+from convoy.orchestrator.sample import sample_note
+from convoy.orchestrator.watch import stage_detail
+from convoy.shared import storage
+from convoy.shared.camjob import HEATMAPS_NAME
+from convoy.shared.gallery import ON_MISSING, gallery_section, notes_section, page, skipped_section, write_page
+from convoy.shared.manifest import read_manifest
+from convoy.shared.storage import Location
+from convoy.shared.words import job_weights, plural
 
 REPORT_NAME = "report.html"
 
@@ -91,7 +91,7 @@ def _gallery(out_dir: Path) -> str:
     heatmaps = out_dir / "cam" / HEATMAPS_NAME
     if not heatmaps.is_file():
         return ""
-    from shared.heatmaps import read_attrs, read_rows
+    from convoy.shared.heatmaps import read_attrs, read_rows
 
     rows, attrs = read_rows(heatmaps), read_attrs(heatmaps)
     names = json.loads(attrs.get("class_names", "[]"))

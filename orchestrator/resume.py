@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.jobs import own_output
-from shared import storage
-from shared.celery_app import send_steps
-from shared.errors import UsageError
-from shared.features import shard_fingerprint
-from shared.job import JobSpec, fingerprint
-from shared.jobstore import JobStore
-from shared.manifest import read_manifest, spec_and_shards
-from shared.storage import Location
+from convoy.orchestrator.jobs import own_output
+from convoy.shared import storage
+from convoy.shared.celery_app import send_steps
+from convoy.shared.errors import UsageError
+from convoy.shared.features import shard_fingerprint
+from convoy.shared.job import JobSpec, fingerprint
+from convoy.shared.jobstore import JobStore
+from convoy.shared.manifest import read_manifest, spec_and_shards
+from convoy.shared.storage import Location
 
 
 def out_dir_of(target: str, out: str | Path | None, store: JobStore | None) -> Location:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from shared import storage
-from shared.words import plural
+from convoy.shared import storage
+from convoy.shared.words import plural
 
 SPLIT_SHARES = (("train", 0.5), ("validation", 0.25), ("test", 0.25))
 CLASS_SOURCES = {

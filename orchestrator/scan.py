@@ -1,7 +1,7 @@
 """Scanning DATA: which layout it has, its classes, and every image in sorted path order.
 
 DATA is a folder, a store prefix (``s3://bucket/cats``: one recursive listing, then the same
-three layouts as a folder), or a list of images (a CSV or Parquet file: :mod:`orchestrator.lists`).
+three layouts as a folder), or a list of images (a CSV or Parquet file: :mod:`convoy.orchestrator.lists`).
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import storage
-from shared.errors import DataError
-from shared.images import IMAGE_EXTENSIONS, is_image_name
-from shared.job import SEED_SPLITS, SINGLE_SPLIT
-from shared.storage import Location, StoreError
+from convoy.shared import storage
+from convoy.shared.errors import DataError
+from convoy.shared.images import IMAGE_EXTENSIONS, is_image_name
+from convoy.shared.job import SEED_SPLITS, SINGLE_SPLIT
+from convoy.shared.storage import Location, StoreError
 
 LAYOUT_HELP = (
     "expected DATA/{train,validation,test}/{class}/*, DATA/{class}/*, or a flat folder of images"
@@ -75,7 +75,7 @@ def _collect(scan: Scan, split: str, folder: Path, label: int, recursive: bool) 
 
 def scan_data(data_dir: str | Path) -> Scan:
     """Scan DATA or raise :class:`DataError` saying what is wrong with it."""
-    from orchestrator.lists import is_list, scan_list
+    from convoy.orchestrator.lists import is_list, scan_list
 
     try:
         loc = storage.location(str(data_dir))

@@ -11,12 +11,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from shared import keys
-from shared.jobstore import JobStore
-from shared.manifest import extraction_counts, read_manifest
-from shared.states import JobStatus, is_final
-from shared.terminal import markup
-from shared.words import job_weights
+from convoy.shared import keys
+from convoy.shared.jobstore import JobStore
+from convoy.shared.manifest import extraction_counts, read_manifest
+from convoy.shared.states import JobStatus, is_final
+from convoy.shared.terminal import markup
+from convoy.shared.words import job_weights
 
 WATCH_POLL_S = 0.5
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from shared.classifier import TrainConfig
-from shared.values import (
+from convoy.shared.classifier import TrainConfig
+from convoy.shared.values import (
     DENSE_UNITS_MAX,
     EPOCHS_MAX,
     TRAIN_BATCH_MAX,

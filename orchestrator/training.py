@@ -10,19 +10,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator.scan import Scan
-from shared import keys, storage
-from shared.backbones import BASE_OUTPUT
-from shared.backbones import get as backbone
-from shared.celery_app import app, send_steps
-from shared.classifier import TrainConfig
-from shared.errors import DataError, JobNotFound, ModelFileError, UsageError
-from shared.images import is_image_name
-from shared.job import JobSpec
-from shared.jobstore import JobStore, NewStep
-from shared.states import JobStatus
-from shared.storage import Location
-from shared.trainset import check_trainable, plan_splits, scan_sizes
+from convoy.orchestrator.scan import Scan
+from convoy.shared import keys, storage
+from convoy.shared.backbones import BASE_OUTPUT
+from convoy.shared.backbones import get as backbone
+from convoy.shared.celery_app import app, send_steps
+from convoy.shared.classifier import TrainConfig
+from convoy.shared.errors import DataError, JobNotFound, ModelFileError, UsageError
+from convoy.shared.images import is_image_name
+from convoy.shared.job import JobSpec
+from convoy.shared.jobstore import JobStore, NewStep
+from convoy.shared.states import JobStatus
+from convoy.shared.storage import Location
+from convoy.shared.trainset import check_trainable, plan_splits, scan_sizes
 
 
 def train_config(args: argparse.Namespace, seed: int) -> dict:
@@ -38,7 +38,7 @@ def train_config(args: argparse.Namespace, seed: int) -> dict:
 def _check_unfreeze(model: str, job_layer: str, config: dict) -> None:
     """Fill in the backbone's own unfreeze point when none was given, and check it is a layer of
     the base at or below the job's layer."""
-    from shared.models import layer_names
+    from convoy.shared.models import layer_names
 
     layer = config["unfreeze_from"] = config.get("unfreeze_from") or backbone(model).unfreeze_from
     names = layer_names(model)
@@ -125,7 +125,7 @@ def model_file(path: str | Path) -> Location:
         raise ModelFileError(f"{loc} is not a .keras model; pass OUT/model/full_model.keras or finetuned.keras")
     if storage.is_url(loc):
         return loc  # checked by the worker that fetches it
-    from shared.keras_archive import check_keras_archive
+    from convoy.shared.keras_archive import check_keras_archive
 
     check_keras_archive(loc)
     return Path(loc).resolve()
@@ -178,7 +178,7 @@ def print_predictions(rows: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows))
         return
-    from shared.terminal import printable
+    from convoy.shared.terminal import printable
 
     for row in rows:  # a tab inside a name is spelled out, so the columns stay apart
         fields = (row["path"], "-", "-", f"({row['error']})") if "error" in row else \

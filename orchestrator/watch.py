@@ -7,13 +7,13 @@ import sys
 import time
 from collections.abc import Callable
 
-from orchestrator.progress import STAGE_OF, Stages, fmt_seconds, rate_words
-from orchestrator.status import brief, waiting_words
-from shared.errors import JobCancelled, JobFailed
-from shared.jobstore import JobStore
-from shared.states import JobStatus, is_final
-from shared.terminal import printable
-from shared.words import plural
+from convoy.orchestrator.progress import STAGE_OF, Stages, fmt_seconds, rate_words
+from convoy.orchestrator.status import brief, waiting_words
+from convoy.shared.errors import JobCancelled, JobFailed
+from convoy.shared.jobstore import JobStore
+from convoy.shared.states import JobStatus, is_final
+from convoy.shared.terminal import printable
+from convoy.shared.words import plural
 
 POLL_S = 0.5
 
@@ -80,8 +80,8 @@ def end_extracting(store: JobStore, stages: Stages, report: dict) -> None:
     them (the job's own stage marks; images extracted and reused, from the shards' steps)."""
     if stages.current != "extracting":
         return
-    from orchestrator.status import stage_times
-    from shared.manifest import extraction_counts
+    from convoy.orchestrator.status import stage_times
+    from convoy.shared.manifest import extraction_counts
 
     stages.update(report["images_done"], report["images_total"])
     seconds = stage_times(store.status(report["job_id"])).get("extracting")

@@ -6,11 +6,11 @@ import socket
 import tempfile
 from pathlib import Path
 
-from shared import backbones, storage
-from shared.errors import HDF5Refused, WeightsError
-from shared.job import sha256_file
-from shared.models import build_base, import_tensorflow, save_random_weights
-from shared.storage import Location
+from convoy.shared import backbones, storage
+from convoy.shared.errors import HDF5Refused, WeightsError
+from convoy.shared.job import sha256_file
+from convoy.shared.models import build_base, import_tensorflow, save_random_weights
+from convoy.shared.storage import Location
 
 #: Keras's own address and MD5 for VGG16 with its ImageNet classifier top (1000 classes, input 224).
 IMAGENET_TOP_URL = (
@@ -147,7 +147,7 @@ def check_loads(model: str, path: Path, sha256: str, checked: Path | None = None
     marker = checked / f"{model}-{sha256}" if checked else None
     if marker and marker.exists():
         return
-    from shared import hdf5  # h5py: only when a file is checked, not at every CLI start
+    from convoy.shared import hdf5  # h5py: only when a file is checked, not at every CLI start
 
     try:
         hdf5.check_for_keras(path, "weights file")

@@ -10,9 +10,9 @@ from celery.utils.nodenames import host_format
 from rich.console import Console
 from rich.table import Table
 
-from shared import keys
-from shared.jobstore import JobStore
-from shared.terminal import markup
+from convoy.shared import keys
+from convoy.shared.jobstore import JobStore
+from convoy.shared.terminal import markup
 
 COLUMNS = ("worker", "host", "queues", "concurrency", "device", "current")
 

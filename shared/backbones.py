@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import UsageError
+from convoy.shared.errors import UsageError
 
 #: ``--layer`` value meaning "the base's own output" (include_top=False), whatever Keras named it.
 BASE_OUTPUT = "output"

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared import backbones, keys
+from convoy.shared import backbones, keys
 
 #: Preprocessing a CAM job may apply before the model: none (the model takes raw 0-255 pixels,
 #: as Convoy's trained models do), rescale (x 1/255), or a backbone's name: that model's

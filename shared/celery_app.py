@@ -5,16 +5,17 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from shared import keys
-from shared.settings import Settings
+from convoy.shared import keys
+from convoy.shared.settings import Settings
 
 #: Task modules the workers import. They import TensorFlow lazily, inside the tasks' helpers,
 #: so the worker's main process (which forks the pool) never initialises it.
-TASK_MODULES = ["workers.extract", "workers.merge", "workers.train", "workers.cam", "workers.reconciler",
+TASK_MODULES = ["convoy.workers.extract", "convoy.workers.merge", "convoy.workers.train", "convoy.workers.cam",
+                "convoy.workers.reconciler",
                 # Checks every message in the main process before the pool sees it (poison messages).
-                "workers.intake",
+                "convoy.workers.intake",
                 # Last: its start-up hook lists devices after workers.runtime configured TensorFlow.
-                "workers.identity"]
+                "convoy.workers.identity"]
 
 app = Celery("convoy", include=TASK_MODULES)
 
@@ -86,19 +87,19 @@ def celery_config(settings: Settings) -> dict:
     )
 
 
-# Celery's own tools (`celery -A shared.celery_app inspect ping`, `events`, `purge`, `flower`)
+# Celery's own tools (`celery -A convoy.shared.celery_app inspect ping`, `events`, `purge`, `flower`)
 # import this module and nothing else: configured here from the environment the CLI reads, they
 # talk to Convoy's broker with Convoy's queues instead of Celery's default amqp://localhost.
 configure(Settings.from_env())
 
 
 def send_step(job_id: str, step) -> None:
-    """Send the message of one step (a :class:`shared.jobstore.NewStep`): the only way work is queued.
+    """Send the message of one step (a :class:`convoy.shared.jobstore.NewStep`): the only way work is queued.
 
     The message id is the step's, recorded with it, so the reconciler can tell whether the
     message still waits on its queue.
     """
-    from shared import faults
+    from convoy.shared import faults
 
     faults.point("before-enqueue")
     app.send_task(step.task, args=[job_id, step.step], queue=step.queue, task_id=step.msg)

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from shared import backbones
-from shared.job import ModelConfig
-from shared.models import RESCALE, build_feature_extractor
+from convoy.shared import backbones
+from convoy.shared.job import ModelConfig
+from convoy.shared.models import RESCALE, build_feature_extractor
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def unfreeze_from(full_model, layer_name: str) -> None:
     base = base_of(full_model)
     names = [layer.name for layer in base.layers]
     if layer_name not in names:
-        from shared.errors import LayerError
+        from convoy.shared.errors import LayerError
 
         raise LayerError(f"--unfreeze-from {layer_name!r} is not in this model's base; it has: {', '.join(names)}")
     base.trainable = True

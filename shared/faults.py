@@ -14,8 +14,8 @@ import random
 import signal
 import time
 
-from shared import values
-from shared.errors import BadValue
+from convoy.shared import values
+from convoy.shared.errors import BadValue
 
 #: Where the points are: after a worker claims a step or a repair, before any message is sent,
 #: in a worker's main process right after it received a message (it dies holding it), in the

@@ -22,9 +22,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from shared import hdf5, storage
-from shared.errors import HDF5Refused
-from shared.storage import Location, StoreError, publish  # noqa: F401 - publish: the one atomic write
+from convoy.shared import hdf5, storage
+from convoy.shared.errors import HDF5Refused
+from convoy.shared.storage import Location, StoreError, publish  # noqa: F401 - publish: the one atomic write
 
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger("convoy.features")
@@ -43,7 +43,7 @@ class ShardResult:
 @contextmanager
 def _h5(loc: Location, virtual: bool = False) -> Iterator[h5py.File]:
     """A features file opened for reading, local or on a store (ranged reads, no download), once
-    :func:`shared.hdf5.open_read` found only data in it (``virtual``: a merged file's own
+    :func:`convoy.shared.hdf5.open_read` found only data in it (``virtual``: a merged file's own
     virtual dataset too)."""
     if not storage.is_url(loc):
         with hdf5.open_read(loc, "features file", virtual) as f:
@@ -58,7 +58,7 @@ def open_features(out_dir: str | Path, split: str) -> h5py.File:
     same datasets and attributes either way (``f["features"][:]``, ``f["labels"]``, ...). On a
     store the merged file is self-contained and read in ranges, without downloading it whole.
     Close it when done (or use it in a ``with``). A file that points outside OUT is refused
-    (:class:`shared.errors.HDF5Refused`)."""
+    (:class:`convoy.shared.errors.HDF5Refused`)."""
     loc = storage.join(storage.location(str(out_dir)), "features", f"{split}.h5")
     if not storage.is_url(loc):
         return hdf5.open_read(loc, "merged features file", virtual=True)
@@ -78,7 +78,7 @@ def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
 
 
 def write_shard(final: Location, result: ShardResult, attrs: dict) -> None:
-    """Write a shard file whole (:func:`shared.storage.write_bytes`): built in memory, then a
+    """Write a shard file whole (:func:`convoy.shared.storage.write_bytes`): built in memory, then a
     temporary file renamed, or one upload the store shows only complete."""
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
@@ -244,7 +244,7 @@ _SHARD_ONLY = ("fingerprint", "shard", "host")
 
 
 def merge_job_files(spec, finished: set[str], confirm=lambda: None) -> dict[str, str]:
-    """Merge every split of a job (a :class:`shared.job.JobSpec`) over its finished shards;
+    """Merge every split of a job (a :class:`convoy.shared.job.JobSpec`) over its finished shards;
     ``confirm()`` runs before each split is published and raises to publish nothing more."""
     merged = {}
     for split in spec.splits:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from shared import storage
-from shared.words import plural
+from convoy.shared import storage
+from convoy.shared.words import plural
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import LayerError, ModelError, UsageError
-from shared.keras_archive import check_keras_archive
-from shared.models import import_tensorflow
+from convoy.shared.errors import LayerError, ModelError, UsageError
+from convoy.shared.keras_archive import check_keras_archive
+from convoy.shared.models import import_tensorflow
 
 #: MODEL value that means VGG16 with its ImageNet top, as in the book.
 VGG16_IMAGENET = "vgg16-imagenet"
@@ -69,7 +69,7 @@ def load_model(path: str | Path):
 
 def build_vgg16_imagenet(weights_path: str | Path):
     """VGG16 with its ImageNet top, from a weights file already in the Keras cache."""
-    from shared import hdf5
+    from convoy.shared import hdf5
 
     hdf5.check_for_keras(weights_path, "weights file")
     import_tensorflow()
@@ -126,7 +126,7 @@ def default_layer(model) -> str:
     """The last of the model's layers that a known backbone names as its Grad-CAM layer
     (VGG16's block5_conv3, ResNet50's conv5_block3_out, ... nested bases included); else its last
     convolutional layer. A base cut below that layer falls back to its own last conv layer."""
-    from shared.backbones import last_conv_names
+    from convoy.shared.backbones import last_conv_names
 
     known = last_conv_names()
     named = [layer.name for layer in walk_layers(model) if layer.name in known and _is_spatial(layer)]

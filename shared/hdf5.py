@@ -21,7 +21,7 @@ from typing import BinaryIO
 import h5py
 from h5py import h5d, h5l, h5o
 
-from shared.errors import HDF5Refused
+from convoy.shared.errors import HDF5Refused
 
 #: The attribute every shard file carries: a virtual dataset may read only files that have it.
 CONVOY_MARK = "fingerprint"
@@ -52,9 +52,9 @@ def open_read(source: Source, what: str = "HDF5 file", virtual: bool = False) ->
 
 def _beneath_out(source: Source, what: str) -> BinaryIO | None:
     """A file below the running step's OUT, opened beneath OUT without following a symlink (as
-    every other file a step reads is: :func:`shared.paths.open_file`), or None for anything else."""
-    from shared import paths, storage
-    from shared.errors import OutsideRoots
+    every other file a step reads is: :func:`convoy.shared.paths.open_file`), or None for anything else."""
+    from convoy.shared import paths, storage
+    from convoy.shared.errors import OutsideRoots
 
     out = storage.confined_out()
     if out is None or not isinstance(source, (str, os.PathLike)) or storage.is_url(source):

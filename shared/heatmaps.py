@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from shared import hdf5, storage
+from convoy.shared import hdf5, storage
 
 _STR = h5py.string_dtype("utf-8")
 _STRINGS = ("paths", "flags", "overlay", "original")

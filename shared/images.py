@@ -23,7 +23,7 @@ from typing import IO, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from shared import memory, storage
+from convoy.shared import memory, storage
 
 #: ``--decode`` values; ``exact`` reproduces Keras ``load_img``.
 DECODE_MODES = ("exact", "fast")
@@ -56,7 +56,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_pixels(path: str | Path | IO[bytes], size_px: int | None, decode: str = "exact") -> np.ndarray:
-    """Pixels of ``path`` (an open file, as workers hand it over from :func:`shared.paths.open_image`;
+    """Pixels of ``path`` (an open file, as workers hand it over from :func:`convoy.shared.paths.open_image`;
     a file's name; or an object's URL: fetched whole first, in the caller's thread) as uint8
     (size_px, size_px, 3) (None: the image's own size), decoded as ``decode`` says (see the
     module's docstring), or :class:`BadImage` with the reason."""

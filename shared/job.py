@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared import storage
-from shared.storage import Location
+from convoy.shared import storage
+from convoy.shared.storage import Location
 
 #: Split name used when DATA has no train/validation/test folders.
 SINGLE_SPLIT = "all"

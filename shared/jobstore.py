@@ -2,7 +2,7 @@
 
 One layout serves every kind of job (an extraction chain shard → merge → train → fine-tune, and
 Grad-CAM batch → assemble). Each job has a spec, a state hash, its steps' inputs, and one hash per
-step; transitions are the atomic scripts of :mod:`shared.lua`; progress is written field by
+step; transitions are the atomic scripts of :mod:`convoy.shared.lua`; progress is written field by
 field. The README's "Job lifecycle" section draws the states and the key layout.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from shared import keys, lua
-from shared.errors import BrokerError, JobNotFound
-from shared.states import JobStatus, StepState, is_final
+from convoy.shared import keys, lua
+from convoy.shared.errors import BrokerError, JobNotFound
+from convoy.shared.states import JobStatus, StepState, is_final
 
 #: Seconds a client retries a command while the broker restarts. Leases outlive it.
 CLIENT_RETRY_WINDOW_S = 25
@@ -65,7 +65,7 @@ def connect(url: str) -> redis.Redis:
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    from shared.settings import redact_url
+    from convoy.shared.settings import redact_url
 
     try:
         redis.Redis.from_url(client_url(url), socket_connect_timeout=5).ping()
@@ -100,7 +100,7 @@ class NewStep:
     msg: str = field(default_factory=new_message_id)
 
 
-#: A step to send: its job and the step (what :func:`shared.celery_app.send_step` takes).
+#: A step to send: its job and the step (what :func:`convoy.shared.celery_app.send_step` takes).
 Send = tuple[str, NewStep]
 
 
@@ -150,7 +150,7 @@ class JobStore:
 
     # --- creating ---------------------------------------------------------------------
     def create(self, spec, shards: dict[str, list[list]], ttl_s: int, share: Share = DEFAULT_SHARE) -> list[Send]:
-        """Record an extraction job (a :class:`shared.job.JobSpec`); the steps its queue's window
+        """Record an extraction job (a :class:`convoy.shared.job.JobSpec`); the steps its queue's window
         has room for now, to send (the others are sent as steps finish)."""
         steps = [NewStep(s, keys.EXTRACT_QUEUE, keys.EXTRACT_TASK) for s in shards]
         self._create(spec.job_id, "extract", spec.to_json(), shards, steps, spec.max_deliveries, ttl_s,
@@ -158,7 +158,7 @@ class JobStore:
         return self.dispatch(keys.EXTRACT_QUEUE, spec.job_id)
 
     def create_cam(self, spec, batches: dict[str, list[str]], ttl_s: int, share: Share = DEFAULT_SHARE) -> list[Send]:
-        """Record a Grad-CAM job (a :class:`shared.camjob.CamSpec`); the steps to send now."""
+        """Record a Grad-CAM job (a :class:`convoy.shared.camjob.CamSpec`); the steps to send now."""
         steps = [NewStep(s, keys.CAM_QUEUE, keys.CAM_TASK) for s in batches]
         self._create(spec.job_id, "cam", spec.to_json(), batches, steps, spec.max_deliveries, ttl_s,
                      spec.out_dir, spec.created_at, share)
@@ -239,12 +239,12 @@ class JobStore:
         return text
 
     def spec(self, job_id: str):
-        from shared.job import JobSpec
+        from convoy.shared.job import JobSpec
 
         return JobSpec.from_json(self._spec_text(job_id))
 
     def cam_spec(self, job_id: str):
-        from shared.camjob import CamSpec
+        from convoy.shared.camjob import CamSpec
 
         return CamSpec.from_json(self._spec_text(job_id))
 
@@ -518,11 +518,11 @@ class JobStore:
         self._run("OBSERVE_STEP", [task, round(seconds, 6), *STEP_SECONDS_BUCKETS])
 
     def step_seconds(self) -> dict[str, str]:
-        """The step-time histogram's fields (see :func:`shared.keys.step_seconds`)."""
+        """The step-time histogram's fields (see :func:`convoy.shared.keys.step_seconds`)."""
         return self.r.hgetall(keys.step_seconds())
 
     def queue_wait(self) -> dict[str, str]:
-        """The queue-wait histogram's fields, by job priority (see :func:`shared.keys.queue_wait`)."""
+        """The queue-wait histogram's fields, by job priority (see :func:`convoy.shared.keys.queue_wait`)."""
         return self.r.hgetall(keys.queue_wait())
 
     def running_by_job(self) -> dict[str, int]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from shared.errors import HDF5Refused, ModelError
-from shared.memory import mb
+from convoy.shared.errors import HDF5Refused, ModelError
+from convoy.shared.memory import mb
 
 #: Uncompressed size of every member together. VGG16 with its ImageNet top is ~530 MB; every
 #: backbone Convoy builds, with a classifier on top, is well under this.
@@ -30,7 +30,7 @@ MIN_RATIO_BYTES = 2**20
 def check_keras_archive(path: str | Path, what: str = "model file") -> None:
     """ModelError with the reason when ``path`` is not a zip archive, is too large to load, or holds
     HDF5 weights that point outside it (checked in that order: the bounds before any member is read)."""
-    from shared import hdf5
+    from convoy.shared import hdf5
 
     why = _refusal(Path(path))
     if why:

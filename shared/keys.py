@@ -1,6 +1,6 @@
 """Queue names, task names and Redis key names: the one place both sides agree on them.
 
-The job-state scripts in :mod:`shared.jobstore` build the same names in Lua; :data:`LUA`
+The job-state scripts in :mod:`convoy.shared.jobstore` build the same names in Lua; :data:`LUA`
 below is their only spelling there, generated from the functions of this module.
 """
 

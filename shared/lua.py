@@ -1,12 +1,12 @@
 """The job-state transitions, each one atomic Lua script that checks the state it moves from.
 
 Times come from Redis (``TIME``), so leases and heartbeats use one clock whatever the workers'
-clocks say. Key names come from :data:`shared.keys.LUA`. Every script that ends a job goes
+clocks say. Key names come from :data:`convoy.shared.keys.LUA`. Every script that ends a job goes
 through ``end_job``: it drops the job's steps from the cluster-wide sets and gives every key
 of the job its time to live.
 """
 
-from shared.keys import LUA as _KEYS
+from convoy.shared.keys import LUA as _KEYS
 
 #: Upper bounds of the queue-wait histogram's buckets, seconds: a job taken at once to one that
 #: waited an hour behind others on a shared cluster (submission to first step running).

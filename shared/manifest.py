@@ -7,10 +7,10 @@ import json
 import typing
 from pathlib import Path
 
-from shared import storage
-from shared.errors import JobNotFound, ManifestError
-from shared.job import JobSpec
-from shared.storage import Location
+from convoy.shared import storage
+from convoy.shared.errors import JobNotFound, ManifestError
+from convoy.shared.job import JobSpec
+from convoy.shared.storage import Location
 
 MANIFEST_NAME = "manifest.json"
 

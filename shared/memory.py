@@ -5,7 +5,7 @@ Address-space limits (RLIMIT_AS, RLIMIT_DATA) do not work here: TensorFlow reser
 virtual memory than it touches and aborts when a reservation fails. What the machine runs out of
 is resident memory, so that is what is measured: the ``VmRSS`` of a pool process plus that of its
 decoding processes. A step that goes over is stopped at its next Python instruction with
-:class:`~shared.errors.OutOfMemoryBudget`; one stuck over the budget inside a single native call
+:class:`~convoy.shared.errors.OutOfMemoryBudget`; one stuck over the budget inside a single native call
 (a TensorFlow op) for :data:`GRACE_S` is recorded as failed and its process killed, and Celery
 starts a fresh one.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.errors import OutOfMemoryBudget
+from convoy.shared.errors import OutOfMemoryBudget
 
 log = logging.getLogger("convoy.memory")
 

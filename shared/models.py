@@ -1,7 +1,7 @@
 """The one model cache's builders: a backbone's base cut at a layer, and its preprocessing.
 
 TensorFlow is imported lazily: the CLI validates names without paying for it. Which models
-exist, and what each brings, is in :mod:`shared.backbones`.
+exist, and what each brings, is in :mod:`convoy.shared.backbones`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import backbones
-from shared.backbones import BASE_OUTPUT
-from shared.errors import LayerError, UsageError
+from convoy.shared import backbones
+from convoy.shared.backbones import BASE_OUTPUT
+from convoy.shared.errors import LayerError, UsageError
 
 #: ``rescale``: pixels x 1/255, as the seed's ImageDataGenerator did. Any backbone's name means that
 #: model's own keras.applications preprocess_input (the default is the job's model).

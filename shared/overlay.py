@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shared import storage
+from convoy.shared import storage
 
 #: Weight of the coloured heatmap added to the original image (the book's 0.4).
 INTENSITY = 0.4

@@ -11,7 +11,7 @@ root that holds it, with no symlink at any component below the root (:func:`open
 the open file is checked (a regular file) and handed on: Pillow decodes it, Keras loads a private
 copy of it (:func:`opened_copy`). An image that fails is skipped with its reason. What a step
 writes goes into folders under OUT made and opened the same way (:func:`output_folder`, through
-:func:`shared.storage.atomic_path`): a symlinked ``OUT/features`` fails the step with its reason.
+:func:`convoy.shared.storage.atomic_path`): a symlinked ``OUT/features`` fails the step with its reason.
 Inside a root a path must name the real folders and file; a symlink *above* a root (``/home`` to
 ``/srv/home``) is the operator's and is followed once to find the root. With no roots, workers
 may read anywhere: a file is opened once, symlinks followed, and checked all the same.
@@ -33,11 +33,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from shared import storage
-from shared.errors import OutsideRoots, ShardError
-from shared.images import BadImage, fetch_object, file_error
-from shared.settings import Settings
-from shared.storage import Location
+from convoy.shared import storage
+from convoy.shared.errors import OutsideRoots, ShardError
+from convoy.shared.images import BadImage, fetch_object, file_error
+from convoy.shared.settings import Settings
+from convoy.shared.storage import Location
 
 OUTSIDE_DATA = "outside the allowed data roots"
 NUL_IN_PATH = "path contains a NUL byte"

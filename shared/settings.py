@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from shared import values
-from shared.errors import BadValue, UsageError
-from shared.faults import check as check_faults
+from convoy.shared import values
+from convoy.shared.errors import BadValue, UsageError
+from convoy.shared.faults import check as check_faults
 
 #: Redis URL of the broker (and result backend). Unset: ``convoy run`` starts its own.
 BROKER_ENV = "CONVOY_BROKER_URL"
@@ -70,7 +70,7 @@ def _paths(value: str) -> tuple[Path | str, ...]:
 
 
 def _roots(items) -> tuple[Path | str, ...]:
-    from shared import storage
+    from convoy.shared import storage
 
     return tuple(storage.location(str(p)) if storage.is_url(p) else Path(p).resolve() for p in items)
 

@@ -30,8 +30,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import IO
 
-from shared import faults
-from shared.errors import StoreError
+from convoy.shared import faults
+from convoy.shared.errors import StoreError
 
 Location = Path | str
 
@@ -233,7 +233,7 @@ _CONFINED: ContextVar[Path | None] = ContextVar("convoy_confined_writes", defaul
 @contextmanager
 def writes_confined_to(out: Location | None) -> Iterator[None]:
     """While it lasts, every :func:`atomic_path` below ``out`` (a local OUT already confined by
-    :func:`shared.paths.output`) writes into folders made and opened under ``out`` without
+    :func:`convoy.shared.paths.output`) writes into folders made and opened under ``out`` without
     following a symlink: a symlinked ``OUT/features`` is refused, not written through. A step's
     body runs inside it (``workers/step.py``); a store URL has no symlinks, and nothing changes."""
     token = _CONFINED.set(None if out is None or is_url(out) else Path(os.path.abspath(out)))
@@ -261,7 +261,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     file is removed and the exception goes on.
 
     Below the folder of :func:`writes_confined_to`, the folder of ``final`` is opened once
-    (:func:`shared.paths.output_folder`) and everything happens through that descriptor: the
+    (:func:`convoy.shared.paths.output_folder`) and everything happens through that descriptor: the
     temporary path is ``/proc/self/fd/N/<name>``, the rename is relative to it.
     """
     final = Path(os.path.abspath(final))
@@ -272,7 +272,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         folder = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     else:
-        from shared.paths import output_folder  # paths builds on this module
+        from convoy.shared.paths import output_folder  # paths builds on this module
 
         folder = output_folder(out, final.parent.relative_to(out).as_posix())
     try:

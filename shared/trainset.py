@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import hdf5
-from shared.errors import TrainingDataError
-from shared.job import SEED_SPLITS, SINGLE_SPLIT, JobSpec
+from convoy.shared import hdf5
+from convoy.shared.errors import TrainingDataError
+from convoy.shared.job import SEED_SPLITS, SINGLE_SPLIT, JobSpec
 
 #: Share of this machine's RAM the features may take before they stream from disk.
 DEFAULT_MEMORY_FRACTION = 0.25
@@ -191,8 +191,8 @@ def image_data(split: SplitRows, data_dir: Path, size_px: int, num_classes: int,
                shuffle: bool, seed: int, settings, first_epoch: int = 0):
     """A PyDataset of decoded pixels (float32, 0-255) from the images the rows came from. The
     paths come from an HDF5 file: each is confined to DATA and the data roots before it is read."""
-    from shared import paths
-    from shared.images import load_pixels
+    from convoy.shared import paths
+    from convoy.shared.images import load_pixels
 
     def read(rel: str) -> np.ndarray:
         with paths.open_image(paths.relative(data_dir, rel), settings) as fh:

@@ -15,7 +15,7 @@ import math
 import re
 from urllib.parse import urlsplit
 
-from shared.errors import BadValue
+from convoy.shared.errors import BadValue
 
 #: Seeds are 32-bit where they end up (NumPy's legacy seeding, Keras's set_random_seed).
 SEED_MAX = 2**32 - 1

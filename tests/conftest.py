@@ -85,7 +85,7 @@ def redis_url(tmp_path_factory):
         return
     if os.environ.get("CI"):
         pytest.fail("CI must test against the Redis on 127.0.0.1:6379, and it does not answer")
-    from orchestrator.cluster import EmbeddedBroker
+    from convoy.orchestrator.cluster import EmbeddedBroker
 
     broker = EmbeddedBroker(tmp_path_factory.mktemp("broker"))
     url = broker.start()
@@ -93,11 +93,11 @@ def redis_url(tmp_path_factory):
     broker.stop()
 
 
-def convoy(*args: str, env: dict | None = None, timeout: float = 300, check: bool = False):
+def convoy(*args: str, env: dict | None = None, timeout: float = 300, check: bool = False, cwd: Path = ROOT):
     """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "convoy.orchestrator", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"convoy {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
@@ -108,11 +108,11 @@ def submit_watched(url: str, *args: str, timeout: float = 120) -> str:
     store, before its shards run: a small shard can end before the command itself returns, and a
     test that acts on a running shard must start watching at once. The command is checked when it
     ends (an AssertionError at the next call, or at the end of the session)."""
-    from shared.jobstore import JobStore, connect
+    from convoy.shared.jobstore import JobStore, connect
 
     store = JobStore(connect(url))
     before = set(store.job_ids())
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "submit", "extract", *args, "--broker", url],
+    proc = subprocess.Popen([sys.executable, "-m", "convoy.orchestrator", "submit", "extract", *args, "--broker", url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     deadline = time.monotonic() + timeout
@@ -161,7 +161,7 @@ def start_worker(url: str, log_dir: Path, name: str, queues: str = "extract,trai
            **(extra_env or {})}
     log = open(log_dir / f"{name}.log", "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "worker", "--queues", queues, "--hostname", f"{name}@%h"],
+        [sys.executable, "-m", "convoy.orchestrator", "worker", "--queues", queues, "--hostname", f"{name}@%h"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
     )
 
@@ -179,8 +179,8 @@ def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: floa
 def wait_ready(url: str, names: list[str], timeout: float = 90, procs: list | None = None,
                log_dir: Path | None = None) -> None:
     """Block until every named worker answers a ping (its pool is up); fail early if one exits."""
-    from shared.celery_app import make_app
-    from shared.settings import Settings
+    from convoy.shared.celery_app import make_app
+    from convoy.shared.settings import Settings
 
     app = make_app(Settings(broker_url=url))
     deadline = time.monotonic() + timeout
@@ -219,7 +219,7 @@ class OwnRedis:
     """A redis-server of a test's own (for restarts, persistence, passwords)."""
 
     def __init__(self, workdir: Path, *args: str) -> None:
-        from orchestrator.cluster import free_port, redis_binary
+        from convoy.orchestrator.cluster import free_port, redis_binary
 
         self.workdir, self.args, self.port = workdir, args, free_port()
         self.binary = redis_binary()
@@ -276,7 +276,7 @@ def private(tmp_path):
 
     class Private:
         def __init__(self, url: str):
-            from shared.jobstore import JobStore, connect
+            from convoy.shared.jobstore import JobStore, connect
 
             self.url, self.procs, self.log_dir = url, procs, log_dir
             self.store = JobStore(connect(url))
@@ -303,8 +303,8 @@ def private(tmp_path):
 def send_all(url: str, sends) -> None:
     """What a worker's ``send_steps`` does, on the broker at ``url``: the messages of the steps the
     store sent (``(job, NewStep)`` pairs), for tests that record a job in the store by hand."""
-    from shared.celery_app import make_app
-    from shared.settings import Settings
+    from convoy.shared.celery_app import make_app
+    from convoy.shared.settings import Settings
 
     app = _APPS.setdefault(url, make_app(Settings(broker_url=url)))
     for job, step in sends:
@@ -350,7 +350,7 @@ class FlowerServer:
     """``convoy flower`` as a real process, with persistent state so it can be restarted."""
 
     def __init__(self, broker_url: str, state_dir) -> None:
-        from orchestrator.cluster import free_port
+        from convoy.orchestrator.cluster import free_port
 
         self.port, self.log, self.db = free_port(), state_dir / "flower.log", state_dir / "flower.db"
         self.broker_url, self.proc = broker_url, None
@@ -361,7 +361,7 @@ class FlowerServer:
 
     def start(self) -> None:
         env = {**os.environ, "FLOWER_BASIC_AUTH": ":".join(LOGIN)}
-        cmd = [sys.executable, "-m", "orchestrator", "flower", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "convoy.orchestrator", "flower", "--port", str(self.port),
                "--broker", self.broker_url, "--db", str(self.db)]
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from shared import backbones
+from convoy.shared import backbones
 from tests.conftest import convoy
 from tests.imagegen import make_flat, make_tree
 
@@ -41,9 +41,9 @@ def _equals_keras(name: str, pooling: str, tmp_path: Path) -> None:
     """Convoy's extractor on the recorded weights file vs Keras's own model on the same file."""
     import keras
 
-    from orchestrator.weights import resolve_weights
-    from shared.job import ModelConfig
-    from workers.inference import Extractor
+    from convoy.orchestrator.weights import resolve_weights
+    from convoy.shared.job import ModelConfig
+    from convoy.workers.inference import Extractor
 
     backbone = backbones.get(name)
     size = backbone.min_size_px
@@ -81,8 +81,8 @@ def test_every_listed_model_is_registered():
 @pytest.mark.parametrize("name", list(backbones.BACKBONES))
 def test_full_model_preprocessing_equals_preprocess_input(name):
     """The frozen layer in full_model.keras computes the model's own preprocess_input."""
-    from shared.classifier import preprocessing_layer
-    from shared.models import preprocess
+    from convoy.shared.classifier import preprocessing_layer
+    from convoy.shared.models import preprocess
 
     pixels = _pixels(2, 8, seed=1)
     layer = preprocessing_layer(name)
@@ -100,7 +100,7 @@ def test_imagenet_rescaling_folds_into_the_normalization():
     its weights saved into the plain architecture give the same output."""
     import keras
 
-    from orchestrator.weights import transplant
+    from convoy.orchestrator.weights import transplant
 
     def model(extra: bool):
         keras.utils.set_random_seed(1)
@@ -120,7 +120,7 @@ def test_imagenet_rescaling_folds_into_the_normalization():
 
 
 def test_fingerprint_carries_the_model():
-    from shared.job import ModelConfig, fingerprint
+    from convoy.shared.job import ModelConfig, fingerprint
 
     base = dict(layer="output", input_size_px=32, preprocess="x", weights="none", weights_path="w",
                 weights_sha256="s", batch_size=2, dtype="float32")
@@ -186,7 +186,7 @@ def test_gradcam_on_a_nested_mobilenetv2_equals_keras_io(tmp_path):
     picks the base's out_relu and draws keras.io's map for it."""
     import keras
 
-    from shared.gradcam import GradCam, load_model
+    from convoy.shared.gradcam import GradCam, load_model
 
     side = 96  # out_relu is 3x3
     keras.utils.set_random_seed(3)
@@ -227,7 +227,7 @@ def test_resnet50_end_to_end_trains_predicts_and_draws_heatmaps(cluster, tmp_pat
         assert f.attrs["fingerprint"] and f.attrs["model"] == "resnet50"
     # Features: keras.applications.ResNet50 on the weights file the job recorded.
     reference = keras.applications.ResNet50(include_top=False, weights=attrs["weights_path"], input_shape=(32, 32, 3))
-    from shared.images import load_pixels
+    from convoy.shared.images import load_pixels
 
     pixels = np.stack([load_pixels(data / rel, 32) for rel in rels]).astype(np.float32)
     _close(features, np.asarray(reference(keras.applications.resnet50.preprocess_input(pixels.copy()))))

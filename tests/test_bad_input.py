@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import faults, values
-from shared.errors import BadValue
+from convoy.shared import faults, values
+from convoy.shared.errors import BadValue
 from tests.conftest import convoy
 from tests.imagegen import make_flat
 from tests.test_usage import _one_line_error

@@ -272,9 +272,9 @@ def test_vgg16_imagenet_offline_fails_fast(cluster, images, tmp_path):
 def test_cam_for_run_uses_the_trained_model_and_test_images(cluster, models, images, tmp_path):
     import shutil
 
-    from orchestrator.cam import cam_for_run
-    from shared.job import JobSpec, ModelConfig
-    from shared.settings import Settings
+    from convoy.orchestrator.cam import cam_for_run
+    from convoy.shared.job import JobSpec, ModelConfig
+    from convoy.shared.settings import Settings
 
     (tmp_path / "model").mkdir()
     shutil.copy(models["trained"], tmp_path / "model" / "full_model.keras")
@@ -351,7 +351,7 @@ def test_a_reloaded_sequential_classifier_equals_keras_io(tmp_path):
     and still equals keras.io's recipe (it used to find no gradient)."""
     import keras
 
-    from shared.gradcam import GradCam, load_model
+    from convoy.shared.gradcam import GradCam, load_model
 
     keras.utils.set_random_seed(3)
     layers = [keras.layers.Conv2D(4, 3, activation="relu", name="conv"), keras.layers.GlobalAveragePooling2D(),

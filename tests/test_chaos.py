@@ -35,13 +35,13 @@ import h5py
 import pytest
 from redis.exceptions import RedisError
 
-from shared import keys
-from shared.jobstore import JobStore, connect
+from convoy.shared import keys
+from convoy.shared.jobstore import JobStore, connect
+from convoy.workers.step import LEASE_S
 from tests import procs
 from tests.conftest import OwnRedis, convoy, start_worker, stop_worker, wait_ready, wait_until
 from tests.imagegen import make_flat, make_tree
 from tests.test_faults import _exactly_once
-from workers.step import LEASE_S
 
 CHAOS_S = 120
 #: Every job must end within this long after the last fault.

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from orchestrator.parser import build_parser
+from convoy.orchestrator.parser import build_parser
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -12,9 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-from orchestrator.sample import make_sample
-from shared.images import load_pixels
-from shared.job import ModelConfig, fingerprint
+from convoy.orchestrator.sample import make_sample
+from convoy.shared.images import load_pixels
+from convoy.shared.job import ModelConfig, fingerprint
 from tests import procs
 from tests.conftest import convoy
 
@@ -43,7 +43,7 @@ def test_fast_equals_exact_when_the_image_is_under_twice_the_target(photos):
 
 def test_fast_moves_features_little_on_real_photographs(photos, tmp_path):
     """The bound the README states: measured at 150 px, block5_pool, seeded random weights."""
-    from shared.models import build_feature_extractor, preprocess, save_random_weights
+    from convoy.shared.models import build_feature_extractor, preprocess, save_random_weights
 
     exact = np.stack([load_pixels(p, 150, "exact") for p in photos])
     fast = np.stack([load_pixels(p, 150, "fast") for p in photos])
@@ -109,7 +109,7 @@ def test_decode_option_is_validated():
 @pytest.fixture
 def decoders():
     """The decoding processes of this test process, stopped before and after the test."""
-    from workers import decode
+    from convoy.workers import decode
 
     decode.shut_down()
     yield decode
@@ -117,7 +117,7 @@ def decoders():
 
 
 def test_processes_give_load_pixels_pixels_in_order_with_a_reason_for_each_bad_file(decoders, photos, tmp_path):
-    from shared.settings import Settings
+    from convoy.shared.settings import Settings
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(photos[0].read_bytes()[:200])
@@ -136,7 +136,7 @@ def test_processes_give_load_pixels_pixels_in_order_with_a_reason_for_each_bad_f
 
 def test_decoding_processes_write_into_the_shared_ring(decoders, photos):
     """The pixels reach this process through the memfd ring, not pickled: the process returns None."""
-    from shared.settings import Settings
+    from convoy.shared.settings import Settings
 
     ring = decoders.Ring(2, 4, 64)
     try:
@@ -159,7 +159,7 @@ def test_decoding_processes_write_into_the_shared_ring(decoders, photos):
 def test_a_decoding_process_that_dies_costs_only_its_image(decoders, photos, tmp_path):
     """Decoding processes SIGKILLed before images (fault point mid-decode): every image still has
     its exact pixels or the crash as its reason, and this process goes on."""
-    from shared.settings import Settings
+    from convoy.shared.settings import Settings
 
     log = tmp_path / "faults.log"
     settings = Settings(faults="mid-decode=0.3", faults_seed="7", faults_log=str(log))
@@ -176,7 +176,7 @@ def test_a_decoding_process_that_dies_costs_only_its_image(decoders, photos, tmp
 
 
 def test_pool_processes_of_one_worker_split_the_cores_also_after_a_crash(decoders):
-    from shared.settings import Settings
+    from convoy.shared.settings import Settings
 
     decoders.warm_up(Settings(), share=2)  # `convoy worker --concurrency 2`
     pool = decoders.process_pool(Settings())
@@ -191,13 +191,14 @@ def test_decoding_processes_exit_when_their_worker_is_killed(tmp_path):
     import sys
     import time
 
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from shared.settings import Settings\n"
-              "from workers import decode\n"
+    script = ("import sys\n"
+              "from convoy.shared.settings import Settings\n"
+              "from convoy.workers import decode\n"
               "if __name__ == '__main__':\n"
               "    pool = decode.process_pool(Settings(), 2); [pool.submit(int).result() for _ in range(4)]\n"
               "    print(*pool._processes, flush=True); sys.stdin.read()\n")
     (tmp_path / "holder.py").write_text(script)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), str(Path(__file__).parent.parent)],
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "holder.py")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     children = [int(p) for p in proc.stdout.readline().split()]
     assert children and all(Path(f"/proc/{p}").exists() for p in children)

@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 
-from shared import keys
-from shared.jobstore import JobStore, Send, Share, connect
-from shared.states import JobStatus, StepState
+from convoy.shared import keys
+from convoy.shared.jobstore import JobStore, Send, Share, connect
+from convoy.shared.states import JobStatus, StepState
 from tests.conftest import convoy, own_database
 from tests.test_jobstate import MERGE, make_job
 
@@ -68,7 +68,7 @@ def test_a_queue_never_has_more_steps_out_than_its_window(store):
 
 def _created(store: JobStore, spec) -> list[Send]:
     """The steps a job's creation sent (what ``convoy submit`` sends): its queued steps."""
-    from shared.jobstore import NewStep
+    from convoy.shared.jobstore import NewStep
 
     steps = store.steps(spec.job_id)
     return [(spec.job_id, NewStep(name, s["queue"], s["task"], msg=s["msg"]))
@@ -199,9 +199,9 @@ def test_convoy_set_with_nothing_to_change_or_an_unknown_job_says_so():
 def test_an_ended_jobs_leftovers_leave_in_one_tick_and_hide_no_lost_message(store):
     """A cancel that raced a send left messages behind; another job's message was lost on a queue
     nothing overtakes. One tick takes the leftovers off; the lost message is found by its id."""
-    from shared.celery_app import make_app
-    from shared.settings import Settings
-    from workers.reconciler import Reconciler
+    from convoy.shared.celery_app import make_app
+    from convoy.shared.settings import Settings
+    from convoy.workers.reconciler import Reconciler
 
     url = store.r.connection_pool.connection_kwargs
     app = make_app(Settings(broker_url=f"redis://{url['host']}:{url['port']}/{url['db']}"))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import values
-from shared.errors import BadValue
+from convoy.shared import values
+from convoy.shared.errors import BadValue
 from tests.conftest import ROOT
 from tests.imagegen import make_flat, make_tree
 
@@ -28,7 +28,7 @@ HEAVY = ("tensorflow", "keras")
 #: The CLI, then a line to $EDGE_MODULES naming the heavy modules it loaded on the way.
 _PROBE = f"""
 import os, sys
-from orchestrator.cli import main
+from convoy.orchestrator.cli import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
@@ -202,8 +202,8 @@ def test_learning_rates_are_above_0_and_at_most_1():
 
 
 def test_a_request_not_from_the_command_line_is_held_to_the_same_bounds(tmp_path):
-    from orchestrator.jobs import ExtractRequest, validate, with_model_defaults
-    from shared.errors import UsageError
+    from convoy.orchestrator.jobs import ExtractRequest, validate, with_model_defaults
+    from convoy.shared.errors import UsageError
 
     for field, value in (("shard_size", 0), ("batch_size", values.IMAGE_BATCH_MAX + 1), ("max_deliveries", 0),
                          ("seed", -1)):

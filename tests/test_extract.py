@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from shared.job import sha256_file
+from convoy.shared.job import sha256_file
 from tests.conftest import convoy
 from tests.imagegen import make_flat, make_odd_images
 

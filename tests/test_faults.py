@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from orchestrator.scan import scan_data
-from shared.jobstore import JobStore, connect
+from convoy.orchestrator.scan import scan_data
+from convoy.shared.jobstore import JobStore, connect
 from tests.conftest import (
     convoy,
     skip_or_fail,
@@ -124,9 +124,9 @@ def test_duplicate_concurrent_delivery_counts_once(private, tmp_path):
     claim sees the live lease, and nothing is counted or written twice."""
     from celery.result import AsyncResult
 
-    from shared import keys
-    from shared.celery_app import make_app
-    from shared.settings import Settings
+    from convoy.shared import keys
+    from convoy.shared.celery_app import make_app
+    from convoy.shared.settings import Settings
 
     # The job is one shard (30 images, --shard-size 30), run by the one extraction worker; the
     # duplicate goes to a worker of its own, on a queue only it serves, which is idle and takes it

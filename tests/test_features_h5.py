@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from shared.features import ShardResult, materialize, merge_split, read_attrs, shard_fingerprint, write_shard
+from convoy.shared.features import ShardResult, materialize, merge_split, read_attrs, shard_fingerprint, write_shard
 
 
 def _result(n: int, start: int) -> ShardResult:

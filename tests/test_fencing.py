@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from shared import keys
-from shared.jobstore import JobStore, connect
+from convoy.shared import keys
+from convoy.shared.jobstore import JobStore, connect
 from tests.conftest import (
     OwnRedis,
     convoy,

@@ -16,9 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
-from orchestrator import progress
-from orchestrator.cam import pick_spread
-from shared.words import plural
+from convoy.orchestrator import progress
+from convoy.orchestrator.cam import pick_spread
+from convoy.shared.words import plural
 from tests.conftest import ROOT, convoy, skip_or_fail
 from tests.imagegen import make_tree
 
@@ -27,15 +27,21 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """One embedded `convoy run` with training and Grad-CAM, then the same command again."""
+    """One embedded `convoy run` with training and Grad-CAM, then the same command again. The first
+    runs from a folder holding junk `shared/`, `workers/` and `orchestrator/` packages, as a user's
+    project might: Convoy installs only `convoy`, so neither the CLI nor its workers import them."""
     root = tmp_path_factory.mktemp("first-hour")
+    here = root / "project"
+    for name in ("shared", "workers", "orchestrator"):
+        (here / name).mkdir(parents=True)
+        (here / name / "__init__.py").write_text(f"raise ImportError('the junk {name} package was imported')\n")
     data = make_tree(root / "data", {"train": 6, "validation": 3, "test": 4})
     out = root / "out"
     # No broker: `convoy run` starts its own; the job index goes to a folder of the test's own.
     env = {"CONVOY_STATE_DIR": str(root / "state"), "CONVOY_BROKER_URL": ""}
     args = ("run", str(data), "--out", str(out), "--weights", "none", "--input-size", "32", "--workers", "1",
             "--epochs", "2", "--cam", "4", "--shard-size", "10", "--json")
-    first = convoy(*args, env=env, check=True)
+    first = convoy(*args, env=env, check=True, cwd=here)
     status = json.loads(convoy("status", str(out), "--json", env=env, check=True).stdout)  # before OUT is reused
     second = convoy(*args, env=env, check=True)
     return {"out": out, "env": env, "first": first, "second": second, "first_status": status,
@@ -70,7 +76,7 @@ def test_the_summary_gives_the_extraction_rate_and_every_stage(demo):
 
 
 def test_a_rerun_says_its_shards_were_reused_and_extracted_nothing(demo):
-    from orchestrator.watch import summary_lines
+    from convoy.orchestrator.watch import summary_lines
 
     again = demo["again"]
     assert again["reused_shards"] == again["shards"] and again["reused_images"] == 26
@@ -83,7 +89,7 @@ def test_a_rerun_says_its_shards_were_reused_and_extracted_nothing(demo):
 
 
 def test_the_summary_says_the_weights_are_random(demo):
-    from orchestrator.watch import summary_lines
+    from convoy.orchestrator.watch import summary_lines
 
     for summary in (demo["summary"], demo["again"]):
         assert summary["weights"] == "random (seed 0)" and summary["notes"] == [RANDOM], summary
@@ -99,7 +105,7 @@ def test_convoy_report_writes_the_page_again(demo):
 
 
 def test_human_summary_lines_say_reused(demo):
-    from orchestrator.watch import summary_lines
+    from convoy.orchestrator.watch import summary_lines
 
     lines = "\n".join(summary_lines(demo["again"]))
     assert f"0 images extracted, 26 reused from {plural(demo['again']['shards'], 'shard')}" in lines
@@ -136,7 +142,7 @@ def test_status_table_shows_a_shards_skipped_images_and_ended_workers():
 
     from rich.console import Console
 
-    from orchestrator.status import _table, _title
+    from convoy.orchestrator.status import _table, _title
 
     report = {"job_id": "j-1", "status": "done", "source": "manifest", "images_done": 40, "images_total": 40,
               "extracted_images": 36, "reused_images": 3, "reused_shards": 1,
@@ -254,7 +260,7 @@ def test_plain_stage_lines_come_every_interval(monkeypatch):
 
 
 def test_weights_read_the_same_everywhere():
-    from shared.words import job_weights, weights_note, weights_words
+    from convoy.shared.words import job_weights, weights_note, weights_words
 
     assert [weights_words(w, 3) for w in ("imagenet", "none", "/data/w/vgg.weights.h5", "s3://b/w/x.h5")] == [
         "imagenet", "random (seed 3)", "vgg.weights.h5", "x.h5"]
@@ -264,9 +270,9 @@ def test_weights_read_the_same_everywhere():
 
 
 def test_sample_data_says_what_it_is_cut_from(tmp_path, capsys):
-    from orchestrator.cli import _result, main
-    from orchestrator.sample import sample_note
-    from shared.job import JobSpec, ModelConfig
+    from convoy.orchestrator.cli import _result, main
+    from convoy.orchestrator.sample import sample_note
+    from convoy.shared.job import JobSpec, ModelConfig
 
     assert main(["sample", str(tmp_path / "data"), "--images", "12"]) == 0
     words = "cropped from 6 source photographs (cat: 1, other: 5); every split holds crops of the same photographs"
@@ -284,7 +290,7 @@ def test_sample_data_says_what_it_is_cut_from(tmp_path, capsys):
 def test_a_cam_spec_written_before_run_job_and_notes_still_loads():
     from dataclasses import asdict
 
-    from shared.camjob import CamSpec
+    from convoy.shared.camjob import CamSpec
 
     spec = CamSpec(job_id="c-1", model="m.keras", model_path="/m.keras", model_sha256="0", out_dir="/o", root="/r",
                    n_batches=1, n_images=1, batch_size=1)
@@ -328,8 +334,8 @@ def test_out_that_is_a_file_is_a_usage_error(tmp_path):
 
 def _celery(*args: str, url: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CONVOY_BROKER_URL": url}
-    return subprocess.run([sys.executable, "-m", "celery", "-A", "shared.celery_app", *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "convoy.shared.celery_app", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
 def test_celery_inspect_ping_reaches_convoys_workers(cluster):

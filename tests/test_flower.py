@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import requests
 
-from orchestrator.cluster import free_port
+from convoy.orchestrator.cluster import free_port
 from tests.conftest import LOGIN, FlowerServer, chromium, convoy
 from tests.imagegen import make_tree
 

@@ -12,11 +12,18 @@ import h5py
 import numpy as np
 import pytest
 
-from shared import hdf5
-from shared.errors import HDF5Refused, ModelError, WeightsError
-from shared.features import ShardResult, merge_split, open_features, read_shard_summary, shard_fingerprint, write_shard
-from shared.heatmaps import CamRows, read_rows, write_rows
-from shared.job import sha256_file
+from convoy.shared import hdf5
+from convoy.shared.errors import HDF5Refused, ModelError, WeightsError
+from convoy.shared.features import (
+    ShardResult,
+    merge_split,
+    open_features,
+    read_shard_summary,
+    shard_fingerprint,
+    write_shard,
+)
+from convoy.shared.heatmaps import CamRows, read_rows, write_rows
+from convoy.shared.job import sha256_file
 from tests.conftest import convoy, send_all, wait_final
 from tests.imagegen import make_flat
 
@@ -68,7 +75,7 @@ def _shard(path: Path) -> None:
 
 
 def _pixel_cache(out: Path) -> tuple[Path, str, object]:
-    from workers import pixel_cache
+    from convoy.workers import pixel_cache
 
     path = out / "pixels" / "key.h5"
     pixel_cache.write(path, np.zeros((2, 4, 4, 3), np.uint8), [0, 1], [(1, 1), (2, 2)])
@@ -86,7 +93,7 @@ def _merged_file(out: Path) -> tuple[Path, str, object]:
     path = merge_split(out / "features" / "all.h5", [out / "features" / "all" / "shard-00000.h5"], {})
 
     def read():
-        from shared import trainset
+        from convoy.shared import trainset
 
         with open_features(out, "all") as f:
             f["features"][()]
@@ -104,7 +111,7 @@ def _heatmaps(out: Path) -> tuple[Path, str, object]:
 
 
 def _weights(out: Path) -> tuple[Path, str, object]:
-    from orchestrator.weights import check_loads
+    from convoy.orchestrator.weights import check_loads
 
     path = out / "weights" / "vgg16-random-seed0.weights.h5"
     path.parent.mkdir(parents=True)
@@ -115,7 +122,7 @@ def _weights(out: Path) -> tuple[Path, str, object]:
 
 def _keras_member(out: Path) -> tuple[Path, str, object]:
     """A ``.keras`` archive's weights member: planted in the HDF5 file before it is zipped."""
-    from shared.gradcam import load_model
+    from convoy.shared.gradcam import load_model
 
     member = out / "model.weights.h5"
     with h5py.File(member, "w") as f:
@@ -269,8 +276,8 @@ def test_a_forged_job_with_weights_that_point_elsewhere_fails_with_the_reason(cl
     """Real weights with one variable stored in a secret file, under the very hash the job records:
     the worker refuses them before Keras opens them (Keras would load the secret as weights); the
     job fails with the reason and nothing reaches OUT."""
-    from shared.job import JobSpec, ModelConfig, new_job_id
-    from shared.jobstore import JobStore, connect
+    from convoy.shared.job import JobSpec, ModelConfig, new_job_id
+    from convoy.shared.jobstore import JobStore, connect
 
     secret, _ = outside
     data, clean_out = clean
@@ -297,7 +304,7 @@ def test_a_forged_job_with_weights_that_point_elsewhere_fails_with_the_reason(cl
 def test_a_step_opens_hdf5_below_its_out_without_following_a_symlink(tmp_path):
     """A file under OUT that is a symlink to plain HDF5 data elsewhere is refused, not read: the
     step's reads below OUT go through the same no-symlink open as its writes."""
-    from shared import storage
+    from convoy.shared import storage
 
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     (out / "pixels").mkdir(parents=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.images import BadImage, load_pixels
+from convoy.shared.images import BadImage, load_pixels
 from tests.conftest import skip_or_fail
 from tests.imagegen import make_odd_images, pattern
 

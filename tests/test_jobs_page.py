@@ -19,13 +19,13 @@ import pytest
 import requests
 from PIL import Image
 
-from orchestrator.control import set_options
-from orchestrator.jobs_page import job_row, parse_options
-from shared import keys
-from shared.errors import JobNotFound, UsageError
-from shared.gallery import gallery_section, page
-from shared.jobstore import JobStore, connect
-from shared.states import JobStatus, StepState
+from convoy.orchestrator.control import set_options
+from convoy.orchestrator.jobs_page import job_row, parse_options
+from convoy.shared import keys
+from convoy.shared.errors import JobNotFound, UsageError
+from convoy.shared.gallery import gallery_section, page
+from convoy.shared.jobstore import JobStore, connect
+from convoy.shared.states import JobStatus, StepState
 from tests.conftest import (
     LOGIN,
     FlowerServer,

@@ -12,14 +12,14 @@ import time
 
 import pytest
 
-from shared import keys
-from shared.celery_app import make_app
-from shared.job import JobSpec, ModelConfig, new_job_id
-from shared.jobstore import DEFAULT_SHARE, JobStore, NewStep, Share, connect
-from shared.settings import Settings
-from shared.states import JobStatus, StepState
+from convoy.shared import keys
+from convoy.shared.celery_app import make_app
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id
+from convoy.shared.jobstore import DEFAULT_SHARE, JobStore, NewStep, Share, connect
+from convoy.shared.settings import Settings
+from convoy.shared.states import JobStatus, StepState
+from convoy.workers.reconciler import Reconciler
 from tests.conftest import own_database, wait_until
-from workers.reconciler import Reconciler
 
 MERGE = NewStep(keys.MERGE_STEP, keys.MERGE_QUEUE, keys.MERGE_TASK, JobStatus.MERGING)
 TTL_S = 3600
@@ -164,8 +164,8 @@ def test_only_one_of_many_reconcilers_repairs_a_lapsed_lease(store, db):
 
 
 def test_a_lease_outlives_the_client_retry_window():
-    from shared.jobstore import CLIENT_RETRY_WINDOW_S
-    from workers.step import LEASE_S, RENEW_EVERY_S
+    from convoy.shared.jobstore import CLIENT_RETRY_WINDOW_S
+    from convoy.workers.step import LEASE_S, RENEW_EVERY_S
 
     assert LEASE_S > CLIENT_RETRY_WINDOW_S + RENEW_EVERY_S
 
@@ -343,7 +343,7 @@ def test_job_states_follow_the_chain(store):
 
 
 def test_waiting_for_names_the_queue_nobody_consumes(store):
-    from orchestrator.status import brief
+    from convoy.orchestrator.status import brief
 
     spec = make_job(store, n_shards=1, then_train=True)
     job = spec.job_id
@@ -416,7 +416,7 @@ def test_no_module_but_the_store_talks_to_redis():
 
 
 def test_convoy_cancel_ends_a_grad_cam_job(store, db, tmp_path):
-    from shared.camjob import CamSpec
+    from convoy.shared.camjob import CamSpec
     from tests.conftest import convoy
 
     out = tmp_path / "cam"

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from shared import keys
-from shared.jobstore import JobStore, NewStep, Share, connect
-from shared.states import JobStatus, StepState, is_final
+from convoy.shared import keys
+from convoy.shared.jobstore import JobStore, NewStep, Share, connect
+from convoy.shared.states import JobStatus, StepState, is_final
+from convoy.workers.reconciler import Reconciler
 from tests.conftest import own_database
 from tests.test_jobstate import MERGE, make_job
-from workers.reconciler import Reconciler
 
 N_SHARDS = 3
 TRAIN = NewStep(keys.TRAIN_STEP, keys.TRAIN_QUEUE, keys.TRAIN_TASK, JobStatus.TRAINING)

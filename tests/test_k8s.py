@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shared import keys
+from convoy.shared import keys
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"

@@ -27,7 +27,8 @@ def _sigint_as_in_a_terminal() -> None:
 def test_ctrl_c_stops_everything_it_started(tmp_path):
     data = make_tree(tmp_path / "data", {"train": 60, "validation": 2, "test": 2}, size_px=64)
     env = {k: v for k, v in os.environ.items() if k != "CONVOY_BROKER_URL"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(tmp_path / "out"),
+    proc = subprocess.Popen([sys.executable, "-m", "convoy.orchestrator", "run", str(data), "--out",
+                             str(tmp_path / "out"),
                              "--weights", "none", "--input-size", "64", "--workers", "2", "--shard-size", "8",
                              "--no-train"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=_sigint_as_in_a_terminal)

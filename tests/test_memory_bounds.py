@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared import memory
-from shared.camjob import CamSpec
-from shared.errors import ModelError, OutOfMemoryBudget
-from shared.images import BadImage, load_pixels, load_views
-from shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
-from shared.keras_archive import check_keras_archive
+from convoy.shared import memory
+from convoy.shared.camjob import CamSpec
+from convoy.shared.errors import ModelError, OutOfMemoryBudget
+from convoy.shared.images import BadImage, load_pixels, load_views
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
+from convoy.shared.keras_archive import check_keras_archive
 from tests import procs
 from tests.conftest import ROOT, convoy, send_all, wait_final, wait_ready
 from tests.imagegen import make_flat
@@ -114,7 +114,7 @@ def test_a_step_stuck_in_native_code_is_recorded_then_killed(tmp_path):
     record = tmp_path / "reason"
     script = textwrap.dedent(f"""
         import time, numpy as np
-        from shared import memory
+        from convoy.shared import memory
         guard = memory.StepGuard(memory.used_bytes() + 20 * 2**20,
                                  lambda reason: open({str(record)!r}, "w").write(reason))
         with guard:

@@ -28,14 +28,14 @@ from kombu import Exchange, Queue
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.cluster import free_port
-from orchestrator.metrics import ConvoyCollector
-from shared import keys
-from shared.celery_app import make_app
-from shared.jobstore import STEP_SECONDS_BUCKETS, JobStore, connect
-from shared.lua import QUEUE_WAIT_BUCKETS
-from shared.settings import Settings
-from shared.states import JobStatus
+from convoy.orchestrator.cluster import free_port
+from convoy.orchestrator.metrics import ConvoyCollector
+from convoy.shared import keys
+from convoy.shared.celery_app import make_app
+from convoy.shared.jobstore import STEP_SECONDS_BUCKETS, JobStore, connect
+from convoy.shared.lua import QUEUE_WAIT_BUCKETS
+from convoy.shared.settings import Settings
+from convoy.shared.states import JobStatus
 from tests.conftest import ROOT, convoy, own_database, skip_or_fail, wait_final, wait_until
 from tests.imagegen import make_tree
 from tests.test_jobstate import claim, finish, make_job, wide_open
@@ -296,7 +296,8 @@ def test_prometheus_scrapes_a_job_and_promql_gives_its_progress(private, tmp_pat
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(shipped))
     procs = [
-        _start([sys.executable, "-m", "orchestrator", "metrics", "--port", str(exporter_port), "--broker", private.url],
+        _start([sys.executable, "-m", "convoy.orchestrator", "metrics", "--port", str(exporter_port), "--broker",
+                private.url],
                tmp_path / "exporter.log"),
         _start([prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prometheus.log"),

@@ -18,7 +18,7 @@ import h5py
 import pytest
 import redis
 
-from shared.jobstore import JobStore
+from convoy.shared.jobstore import JobStore
 from tests import netns
 from tests.conftest import ROOT, wait_ready
 from tests.imagegen import make_flat
@@ -77,13 +77,13 @@ class Cluster:
         raise RuntimeError("Redis did not come up in its namespace")
 
     def start_worker(self, n: int) -> None:
-        argv = [sys.executable, "-m", "orchestrator", "worker", "--queues", "extract,train,cam",
+        argv = [sys.executable, "-m", "convoy.orchestrator", "worker", "--queues", "extract,train,cam",
                 "--hostname", f"w{n}@%h"]
         self.start(f"worker{n}", argv, f"worker{n}.log")
         wait_ready(self.url, [f"w{n}"], timeout=120, procs=list(self.procs.values()), log_dir=self.log_dir)
 
     def submit(self, data: Path, out: Path) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(out), *JOB_ARGS]
+        argv = [sys.executable, "-m", "convoy.orchestrator", "run", str(data), "--out", str(out), *JOB_ARGS]
         env = {**os.environ, **ENV, "CONVOY_BROKER_URL": self.url}
         return subprocess.Popen(self.net.hosts["orchestrator"].exec_argv(argv), env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

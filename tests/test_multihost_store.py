@@ -15,7 +15,7 @@ import h5py
 import pytest
 import redis
 
-from shared.jobstore import JobStore
+from convoy.shared.jobstore import JobStore
 from tests import netns
 from tests.conftest import ROOT
 from tests.imagegen import make_flat
@@ -47,7 +47,7 @@ class StoreCluster(Cluster):
         return proc
 
     def submit(self, data: str, out: str) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "orchestrator", "run", data, "--out", out, *JOB_ARGS]
+        argv = [sys.executable, "-m", "convoy.orchestrator", "run", data, "--out", out, *JOB_ARGS]
         return subprocess.Popen(self.net.hosts["orchestrator"].exec_argv(argv), env=self.host_env("orchestrator"),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

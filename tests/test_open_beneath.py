@@ -13,10 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from shared import paths, storage
-from shared.errors import OutsideRoots
-from shared.images import BadImage
-from shared.settings import Settings
+from convoy.shared import paths, storage
+from convoy.shared.errors import OutsideRoots
+from convoy.shared.images import BadImage
+from convoy.shared.settings import Settings
 from tests import test_threats
 from tests.conftest import wait_final
 from tests.imagegen import make_flat

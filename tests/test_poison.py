@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from shared import keys
-from shared.celery_app import make_app
-from shared.settings import Settings
+from convoy.shared import keys
+from convoy.shared.celery_app import make_app
+from convoy.shared.settings import Settings
+from convoy.workers import intake
 from tests.conftest import convoy, wait_final, wait_until
 from tests.imagegen import make_flat
-from workers import intake
 
 ARGS = ["--input-size", "32", "--weights", "none", "--seed", "5", "--batch-size", "2", "--shard-size", "100"]
 STAGING = "poison-staging"  # a queue no worker serves: messages are moved from it to the front of extract

@@ -13,11 +13,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.jobs import make_shards
-from orchestrator.scan import scan_data
-from shared.features import ShardResult, merge_split, write_shard
-from shared.job import JobSpec, ModelConfig
-from shared.manifest import read_manifest, spec_and_shards, write_manifest
+from convoy.orchestrator.jobs import make_shards
+from convoy.orchestrator.scan import scan_data
+from convoy.shared.features import ShardResult, merge_split, write_shard
+from convoy.shared.job import JobSpec, ModelConfig
+from convoy.shared.manifest import read_manifest, spec_and_shards, write_manifest
 
 NAME = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\\x00."),
                min_size=1, max_size=12).filter(lambda s: s.strip() == s and not s.startswith("-"))

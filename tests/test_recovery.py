@@ -120,8 +120,8 @@ def test_a_second_job_into_an_owned_output_is_refused(private, tmp_path):
 
 def test_merge_refuses_a_shard_file_another_job_overwrote(private, tmp_path):
     """Defect 8: the merge checks every shard file's fingerprint before writing virtual datasets."""
-    from shared.errors import ShardError
-    from workers.merge import check_shard_files
+    from convoy.shared.errors import ShardError
+    from convoy.workers.merge import check_shard_files
 
     private.start("m1")
     data, out = _data(tmp_path), tmp_path / "out"

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from orchestrator.jobs import make_shards
-from orchestrator.scan import scan_data
-from shared.errors import DataError
+from convoy.orchestrator.jobs import make_shards
+from convoy.orchestrator.scan import scan_data
+from convoy.shared.errors import DataError
 from tests.imagegen import make_flat, make_tree
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import signal
 
-from shared import keys
-from shared.celery_app import make_app
-from shared.job import JobSpec, ModelConfig, new_job_id
-from shared.jobstore import JobStore, connect
-from shared.settings import Settings
+from convoy.shared import keys
+from convoy.shared.celery_app import make_app
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id
+from convoy.shared.jobstore import JobStore, connect
+from convoy.shared.settings import Settings
 from tests.conftest import (
     OwnRedis,
     convoy,
@@ -132,7 +132,7 @@ def _tls_server(tmp_path):
     import shutil
     import subprocess
 
-    from orchestrator.cluster import free_port, redis_binary
+    from convoy.orchestrator.cluster import free_port, redis_binary
 
     if not shutil.which("openssl"):
         skip_or_fail("openssl is needed to make a test certificate")

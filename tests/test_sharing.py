@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from shared import keys
+from convoy.shared import keys
 from tests.conftest import convoy, submit_watched, wait_final, wait_until
 from tests.imagegen import make_flat
 

@@ -27,7 +27,7 @@ def s3env(s3, monkeypatch):  # noqa: F811
 
 
 def test_listing_a_prefix_is_one_paginated_listing(s3, s3env, tmp_path):  # noqa: F811
-    from shared import storage
+    from convoy.shared import storage
 
     s3.bucket("listing")
     client = s3.client()
@@ -43,7 +43,7 @@ def test_listing_a_prefix_is_one_paginated_listing(s3, s3env, tmp_path):  # noqa
 
 
 def test_write_is_whole_read_retries_and_permanent_errors_name_the_store(s3, s3env, tmp_path):  # noqa: F811
-    from shared import storage
+    from convoy.shared import storage
 
     s3.bucket("readwrite")
     url = storage.location("s3://readwrite//a/./b.bin/")
@@ -60,8 +60,8 @@ def test_write_is_whole_read_retries_and_permanent_errors_name_the_store(s3, s3e
 
 
 def test_confinement_matches_whole_segments_of_urls():
-    from shared.errors import OutsideRoots
-    from shared.paths import confine
+    from convoy.shared.errors import OutsideRoots
+    from convoy.shared.paths import confine
 
     roots = ("s3://data/cats",)
     assert confine("s3://data/cats/a.jpg", roots, "image", "R") == "s3://data/cats/a.jpg"
@@ -75,7 +75,7 @@ def test_confinement_matches_whole_segments_of_urls():
 def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path):
     """storage.atomic_path: a write that raises leaves the old file (or none) and no temporary; the
     temporary keeps the final suffixes (Keras reads ".weights.h5" from the name)."""
-    from shared import storage
+    from convoy.shared import storage
 
     final = tmp_path / "model" / "vgg16-imagenet.weights.h5"
     with storage.atomic_path(final) as tmp:
@@ -98,7 +98,7 @@ def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path
 
 
 def test_roots_hold_folders_and_store_prefixes_and_survive_the_environment(tmp_path):
-    from shared.settings import Settings
+    from convoy.shared.settings import Settings
 
     env = {"CONVOY_DATA_ROOTS": f"s3://data/cats/:{tmp_path}:gs://other//x", "CONVOY_OUTPUT_ROOTS": "s3://out"}
     settings = Settings.from_env(env)
@@ -111,7 +111,7 @@ def test_roots_hold_folders_and_store_prefixes_and_survive_the_environment(tmp_p
 def test_run_from_a_bucket_to_a_bucket_equals_the_run_from_a_folder(s3, s3env, tmp_path):  # noqa: F811
     """The whole chain on the store: scan, extract, merge, train, fine-tune, Grad-CAM, the report,
     then predict; features equal to the folder's."""
-    from shared.features import open_features
+    from convoy.shared.features import open_features
 
     data = make_tree(tmp_path / "tree", {"train": 4, "validation": 2, "test": 2})
     s3.bucket("cats")
@@ -195,7 +195,7 @@ def test_a_parquet_list_in_a_folder(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.scan import scan_data
+    from convoy.orchestrator.scan import scan_data
 
     flat = make_flat(tmp_path / "imgs", 3)
     names = sorted(p.name for p in flat.iterdir())

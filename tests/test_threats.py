@@ -12,8 +12,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from shared.camjob import CamSpec
-from shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
+from convoy.shared.camjob import CamSpec
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id, sha256_file
 from tests import procs
 from tests.conftest import ROOT, convoy, send_all, wait_final, wait_until
 from tests.imagegen import make_flat, make_tree
@@ -129,12 +129,13 @@ def test_embedded_broker_wants_its_password_and_ps_shows_no_secret(tmp_path):
 
     import redis
 
-    from orchestrator.cluster import redis_binary
+    from convoy.orchestrator.cluster import redis_binary
 
     data = make_tree(tmp_path / "data", {"train": 20, "validation": 2, "test": 2}, size_px=32)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("CONVOY_BROKER_URL", None)
-    run = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(data), "--out", str(tmp_path / "out"),
+    run = subprocess.Popen([sys.executable, "-m", "convoy.orchestrator", "run", str(data), "--out",
+                            str(tmp_path / "out"),
                             "--weights", "none", "--input-size", "32", "--batch-size", "1", "--workers", "1",
                             "--no-train"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            start_new_session=True)

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared.camjob import CamSpec
-from shared.gradcam import VGG16_IMAGENET
-from shared.job import JobSpec, ModelConfig, new_job_id
-from shared.settings import Settings
+from convoy.shared.camjob import CamSpec
+from convoy.shared.gradcam import VGG16_IMAGENET
+from convoy.shared.job import JobSpec, ModelConfig, new_job_id
+from convoy.shared.settings import Settings
 from tests.conftest import convoy, send_all, wait_final
 from tests.imagegen import make_flat
 from tests.test_threats import _forge_extraction, _weights
@@ -65,8 +65,8 @@ def test_forged_vgg16_imagenet_cam_job_cannot_hash_a_file_outside_the_roots(conf
 @pytest.mark.parametrize("env", [{"CONVOY_DATA_ROOTS": "{allowed}"}, {"CONVOY_OUTPUT_ROOTS": "{allowed}"},
                                  {"CONVOY_DATA_ROOTS": "{allowed}", "CONVOY_OUTPUT_ROOTS": "{other}"}])
 def test_either_root_alone_confines_models_and_weights(tmp_path, env):
-    from shared import paths
-    from shared.errors import OutsideRoots
+    from convoy.shared import paths
+    from convoy.shared.errors import OutsideRoots
 
     allowed, other, elsewhere = tmp_path / "allowed", tmp_path / "other", tmp_path / "elsewhere"
     settings = Settings.from_env({k: v.format(allowed=allowed, other=other) for k, v in env.items()})
@@ -82,9 +82,9 @@ def test_either_root_alone_confines_models_and_weights(tmp_path, env):
 def test_embedded_broker_is_a_unix_socket_every_client_reaches(tmp_path):
     """No port to squat: a Unix socket in a 0700 folder; Celery (kombu), the result backend and
     the job store all connect through the one URL the workers get."""
-    from orchestrator.cluster import EmbeddedBroker
-    from shared.celery_app import make_app
-    from shared.jobstore import connect
+    from convoy.orchestrator.cluster import EmbeddedBroker
+    from convoy.shared.celery_app import make_app
+    from convoy.shared.jobstore import connect
 
     broker = EmbeddedBroker(tmp_path)
     url = broker.start()
@@ -106,7 +106,7 @@ def test_embedded_broker_is_a_unix_socket_every_client_reaches(tmp_path):
 
 
 def test_nul_byte_in_a_list_path_skips_that_entry_and_the_job_goes_on(confined, tmp_path):
-    from orchestrator.scan import scan_data
+    from convoy.orchestrator.scan import scan_data
 
     private, allowed, outs, _elsewhere = confined
     data = make_flat(allowed / "data", 2, size_px=32)
@@ -144,8 +144,8 @@ def test_out_inside_data_is_refused_at_every_edge(tmp_path, redis_url):
 def test_file_names_are_escaped_for_the_terminal(tmp_path):
     """`convoy status OUT` (rich tables and lines) and the plain summary lines: markup is shown as
     text, escape sequences and bidirectional overrides are spelled out, nothing crashes."""
-    from orchestrator.watch import print_summary
-    from shared.terminal import markup, printable
+    from convoy.orchestrator.watch import print_summary
+    from convoy.shared.terminal import markup, printable
 
     names = {"[/b].jpg": "[/b].jpg", "evil\x1b]0;owned\x07.jpg": "evil\\x1b]0;owned\\x07.jpg",
              "gpj.\u202eexe": "gpj.\\u202eexe", "line\nbreak.jpg": "line\\nbreak.jpg", "\udcff.jpg": "\\udcff.jpg"}

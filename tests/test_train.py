@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.jobstore import JobStore, connect
+from convoy.shared.jobstore import JobStore, connect
 from tests.conftest import convoy
 from tests.imagegen import make_flat, make_tree
 
@@ -72,7 +72,7 @@ def test_full_model_on_pixels_equals_classifier_on_features(trained):
     import h5py
     import keras
 
-    from shared.images import load_pixels
+    from convoy.shared.images import load_pixels
 
     model = trained["out"] / "model"
     with h5py.File(trained["out"] / "features" / "test.h5") as f:
@@ -145,13 +145,13 @@ def test_streaming_training_equals_in_memory_training(extracted, cluster):
 
 def test_failed_training_ends_the_job_failed(extracted, cluster):
     """A training task that raises ends the job failed with the traceback's last line."""
-    from orchestrator.watch import wait_for_job
-    from shared import keys
-    from shared.celery_app import configure
-    from shared.errors import JobFailed
-    from shared.jobstore import NewStep
-    from shared.settings import Settings
-    from shared.states import JobStatus
+    from convoy.orchestrator.watch import wait_for_job
+    from convoy.shared import keys
+    from convoy.shared.celery_app import configure
+    from convoy.shared.errors import JobFailed
+    from convoy.shared.jobstore import NewStep
+    from convoy.shared.settings import Settings
+    from convoy.shared.states import JobStatus
 
     job, store = extracted["job"], _store(cluster)
     # No CLI path queues this (it checks --dense-units), so queue the step as the merge would.
@@ -166,11 +166,11 @@ def test_failed_training_ends_the_job_failed(extracted, cluster):
 
 def test_failing_shard_ends_the_job_failed_fast(cluster, tmp_path):
     """Weights changed after submission: every shard fails for good and nothing waits on it."""
-    from orchestrator.jobs import ExtractRequest, prepare, submit
-    from orchestrator.watch import wait_for_job
-    from shared.celery_app import configure
-    from shared.errors import JobFailed
-    from shared.settings import Settings
+    from convoy.orchestrator.jobs import ExtractRequest, prepare, submit
+    from convoy.orchestrator.watch import wait_for_job
+    from convoy.shared.celery_app import configure
+    from convoy.shared.errors import JobFailed
+    from convoy.shared.settings import Settings
 
     data = make_tree(tmp_path / "data", {"train": 3, "validation": 2, "test": 2})
     req = ExtractRequest(data_dir=data, out_dir=tmp_path / "out", input_size_px=32, weights="none",

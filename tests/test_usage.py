@@ -78,9 +78,9 @@ def test_weights_file_that_is_not_vgg16(tmp_path, data):
 def test_a_weights_file_that_loaded_once_is_not_loaded_again_but_a_changed_one_is(tmp_path):
     """The check builds the model (TensorFlow in the CLI, ~3 s before the workers start); its
     success is remembered by the file's hash, so another file at the same path is checked anew."""
-    from orchestrator.weights import resolve_weights
-    from shared.errors import WeightsError
-    from shared.models import save_random_weights
+    from convoy.orchestrator.weights import resolve_weights
+    from convoy.shared.errors import WeightsError
+    from convoy.shared.models import save_random_weights
 
     good, checked = tmp_path / "w.weights.h5", tmp_path / "state" / "weights-checked"
     save_random_weights("vgg16", good, 0)

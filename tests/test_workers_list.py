@@ -7,10 +7,10 @@ import json
 import socket
 import time
 
-from orchestrator.workers_list import list_workers
-from shared.celery_app import configure
-from shared.jobstore import JobStore, connect, is_final
-from shared.settings import Settings
+from convoy.orchestrator.workers_list import list_workers
+from convoy.shared.celery_app import configure
+from convoy.shared.jobstore import JobStore, connect, is_final
+from convoy.shared.settings import Settings
 from tests.conftest import convoy
 from tests.imagegen import make_flat
 

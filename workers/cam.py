@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import keys, paths, storage
-from shared.camjob import HEATMAPS_NAME, INDEX_NAME, ORIGINALS_DIR, OVERLAYS_DIR, PARTS_DIR, CamSpec, batch_index
-from shared.celery_app import app
-from shared.gallery import write_gallery
-from shared.heatmaps import CamRows, concat, read_rows, write_rows
-from shared.images import BadImage, load_views
-from shared.jobstore import NewStep
-from shared.overlay import DISPLAY_PX, overlay_name, superimpose, write_png
-from shared.states import JobStatus
-from shared.terminal import printable
-from workers.runtime import runtime
-from workers.step import ConvoyStep, Outcome, Route
+from convoy.shared import keys, paths, storage
+from convoy.shared.camjob import HEATMAPS_NAME, INDEX_NAME, ORIGINALS_DIR, OVERLAYS_DIR, PARTS_DIR, CamSpec, batch_index
+from convoy.shared.celery_app import app
+from convoy.shared.gallery import write_gallery
+from convoy.shared.heatmaps import CamRows, concat, read_rows, write_rows
+from convoy.shared.images import BadImage, load_views
+from convoy.shared.jobstore import NewStep
+from convoy.shared.overlay import DISPLAY_PX, overlay_name, superimpose, write_png
+from convoy.shared.states import JobStatus
+from convoy.shared.terminal import printable
+from convoy.workers.runtime import runtime
+from convoy.workers.step import ConvoyStep, Outcome, Route
 
 log = logging.getLogger("convoy.cam")
 
@@ -96,8 +96,8 @@ def _decode(files: list[Path], hw: tuple[int, int], settings) -> tuple[list[int]
 def _run(settings, spec: CamSpec, batch: int, rels: list[str], confirm: Callable[[], None] = lambda: None) -> CamRows:
     """One batch's rows, overlays and part file; ``confirm()`` raises before anything is written
     when this holder may no longer publish (the job was cancelled, another holder took the batch)."""
-    from shared.models import preprocess
-    from workers.cam_model import cam_model
+    from convoy.shared.models import preprocess
+    from convoy.workers.cam_model import cam_model
 
     paths.output(spec.out_dir, settings)
     files = [paths.relative(spec.root, rel) for rel in rels]
@@ -149,14 +149,14 @@ def _rows(spec: CamSpec, batch: int, rels, ok, images, result) -> CamRows:
 @contextmanager
 def _on_disk(spec: CamSpec, key: str, fetch: list[str], upload: list[str]) -> Iterator[CamSpec]:
     """The job with CAMDIR in a local folder when it is on a store (PNGs and HDF5 are written as
-    files), uploaded back after: :func:`shared.storage.local_mirror`."""
+    files), uploaded back after: :func:`convoy.shared.storage.local_mirror`."""
     with storage.local_mirror(storage.at(spec.out_dir), f"{spec.job_id}/{key}", fetch, upload) as work:
         yield spec if not storage.is_url(spec.out_dir) else replace(spec, out_dir=str(work))
 
 
 def assemble(spec: CamSpec, settings, confirm: Callable[[], None] = lambda: None) -> dict:
     """heatmaps.h5 and index.html from the part files (``confirm``: as in :func:`_run`)."""
-    from workers.cam_model import cam_model
+    from convoy.workers.cam_model import cam_model
 
     paths.output(spec.out_dir, settings)
     cam = cam_model(spec, settings)
@@ -169,7 +169,7 @@ def assemble(spec: CamSpec, settings, confirm: Callable[[], None] = lambda: None
 
 
 def _assemble(spec: CamSpec, out: Path, cam, confirm: Callable[[], None]) -> dict:
-    from shared.gradcam import VGG16_IMAGENET
+    from convoy.shared.gradcam import VGG16_IMAGENET
 
     rows = concat([read_rows(out / PARTS_DIR / Path(spec.part_file(b)).name) for b in range(spec.n_batches)],
                   cam.heatmap_hw)

@@ -6,16 +6,16 @@ since submission is refused, and a new one replaces the old so memory stays flat
 
 from __future__ import annotations
 
-from shared import paths, storage
-from shared.camjob import CamSpec
-from shared.settings import Settings
-from workers.runtime import check_digest, verify_file
+from convoy.shared import paths, storage
+from convoy.shared.camjob import CamSpec
+from convoy.shared.settings import Settings
+from convoy.workers.runtime import check_digest, verify_file
 
 _MODELS: dict = {}
 
 
 def _opened(path: str, settings: Settings):
-    from shared.errors import ModelError
+    from convoy.shared.errors import ModelError
 
     try:
         return paths.opened_copy(path, settings, "model file")
@@ -28,8 +28,8 @@ def verify_model_file(spec: CamSpec, local: str | None = None) -> None:
 
 
 def cam_model(spec: CamSpec, settings: Settings):
-    """The :class:`shared.gradcam.GradCam` for this job's model file and layer."""
-    from shared import gradcam
+    """The :class:`convoy.shared.gradcam.GradCam` for this job's model file and layer."""
+    from convoy.shared import gradcam
 
     key = (spec.model, spec.model_path, spec.model_sha256, spec.layer)
     if key not in _MODELS:

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import faults, paths, storage
-from shared.images import BadImage, load_pixels
-from shared.memory import set_image_limit
-from shared.settings import Settings
-from workers.pixel_cache import CachedPixels, stamp
+from convoy.shared import faults, paths, storage
+from convoy.shared.images import BadImage, load_pixels
+from convoy.shared.memory import set_image_limit
+from convoy.shared.settings import Settings
+from convoy.workers.pixel_cache import CachedPixels, stamp
 
 log = logging.getLogger("convoy.decode")
 

@@ -11,19 +11,19 @@ import numpy as np
 from celery.exceptions import BackendStoreError
 from kombu.exceptions import OperationalError
 
-from shared import keys
-from shared.celery_app import app
-from shared.features import ShardResult, read_shard_summary, shard_fingerprint, write_shard
-from shared.job import fingerprint
-from shared.jobstore import NewStep
-from shared.paths import shard_images
-from shared.states import JobStatus
-from shared.terminal import printable
-from workers import pixel_cache
-from workers.decode import iter_batches
-from workers.provenance import feature_attrs
-from workers.runtime import runtime
-from workers.step import ChainStep, Outcome, Route
+from convoy.shared import keys
+from convoy.shared.celery_app import app
+from convoy.shared.features import ShardResult, read_shard_summary, shard_fingerprint, write_shard
+from convoy.shared.job import fingerprint
+from convoy.shared.jobstore import NewStep
+from convoy.shared.paths import shard_images
+from convoy.shared.states import JobStatus
+from convoy.shared.terminal import printable
+from convoy.workers import pixel_cache
+from convoy.workers.decode import iter_batches
+from convoy.workers.provenance import feature_attrs
+from convoy.workers.runtime import runtime
+from convoy.workers.step import ChainStep, Outcome, Route
 
 log = logging.getLogger("convoy.extract")
 

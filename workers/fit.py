@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import backbones, storage, trainset
-from shared.classifier import (
+from convoy.shared import backbones, storage, trainset
+from convoy.shared.classifier import (
     TrainConfig,
     build_full_model,
     build_head,
@@ -22,12 +22,12 @@ from shared.classifier import (
     unfreeze_from,
     with_augmentation,
 )
-from shared.errors import ModelFileError
-from shared.job import JobSpec, sha256_file
-from shared.keras_archive import check_keras_archive
-from shared.words import job_weights
-from workers.reports import evaluation_metrics, plot_curves, write_json
-from workers.runtime import verify_weights
+from convoy.shared.errors import ModelFileError
+from convoy.shared.job import JobSpec, sha256_file
+from convoy.shared.keras_archive import check_keras_archive
+from convoy.shared.words import job_weights
+from convoy.workers.reports import evaluation_metrics, plot_curves, write_json
+from convoy.workers.runtime import verify_weights
 
 #: Beside every model: what a predictor needs besides the model (class names, input size).
 MODEL_INFO = "model.json"

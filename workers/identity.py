@@ -46,7 +46,7 @@ def cpu_name() -> str:
 
 def device_name() -> str:
     """``GPU: <name>`` for each GPU TensorFlow will use, else ``CPU: <model>``."""
-    from shared.models import import_tensorflow
+    from convoy.shared.models import import_tensorflow
 
     tf = import_tensorflow()
     names = []
@@ -69,7 +69,7 @@ def _publish(**_kwargs) -> None:
     # threads and GPU memory growth are configured before we list devices.
     if not _NODENAME:
         return
-    from workers.runtime import runtime
+    from convoy.workers.runtime import runtime
 
     try:
         runtime().store.publish_worker(_NODENAME, record(_NODENAME), RECORD_TTL_S)
@@ -80,6 +80,6 @@ def _publish(**_kwargs) -> None:
 @task_prerun.connect
 def _refresh(**_kwargs) -> None:
     if _NODENAME:
-        from workers.runtime import runtime
+        from convoy.workers.runtime import runtime
 
         runtime().store.refresh_worker(_NODENAME, RECORD_TTL_S)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.job import ModelConfig
-from shared.models import build_feature_extractor, preprocess
+from convoy.shared.job import ModelConfig
+from convoy.shared.models import build_feature_extractor, preprocess
 
 
 class Extractor:

@@ -31,10 +31,10 @@ from typing import Any
 from celery import bootsteps
 from celery.signals import task_prerun, worker_shutting_down
 
-from shared import faults, keys
-from shared.celery_app import app, send_steps
-from shared.errors import MessageRefused
-from shared.states import JobStatus, StepState
+from convoy.shared import faults, keys
+from convoy.shared.celery_app import app, send_steps
+from convoy.shared.errors import MessageRefused
+from convoy.shared.states import JobStatus, StepState
 
 log = logging.getLogger("convoy.intake")
 
@@ -201,14 +201,14 @@ def _short(value: Any) -> str:
 
 
 def _main_store():
-    from workers.reconciler import _main_store as store
+    from convoy.workers.reconciler import _main_store as store
 
     return store()
 
 
 def receipts_ttl_s() -> int:
     """A SIGKILLed worker's message comes back after the visibility timeout: three of them must fit."""
-    from workers.runtime import installed_settings
+    from convoy.workers.runtime import installed_settings
 
     return 3 * installed_settings().visibility_timeout_s
 
@@ -305,7 +305,7 @@ app.steps["consumer"].add(Intake)
 @task_prerun.connect
 def _started(task_id=None, **_kwargs) -> None:
     """A pool process has the message: whatever happens now, the main process survived it."""
-    from workers.runtime import runtime
+    from convoy.workers.runtime import runtime
 
     try:
         runtime().store.forget_receipts(task_id)

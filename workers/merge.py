@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from shared import keys
-from shared.celery_app import app
-from shared.errors import ShardError
-from shared.features import merge_job_files, shard_fingerprint
-from shared.job import JobSpec, fingerprint
-from shared.jobstore import JobStore, NewStep
-from shared.manifest import extraction_counts, shard_record, update_states
-from shared.states import JobStatus
-from workers.runtime import runtime
-from workers.step import ChainStep, Outcome, Route
+from convoy.shared import keys
+from convoy.shared.celery_app import app
+from convoy.shared.errors import ShardError
+from convoy.shared.features import merge_job_files, shard_fingerprint
+from convoy.shared.job import JobSpec, fingerprint
+from convoy.shared.jobstore import JobStore, NewStep
+from convoy.shared.manifest import extraction_counts, shard_record, update_states
+from convoy.shared.states import JobStatus
+from convoy.workers.runtime import runtime
+from convoy.workers.step import ChainStep, Outcome, Route
 
 log = logging.getLogger("convoy.merge")
 

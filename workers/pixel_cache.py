@@ -21,10 +21,10 @@ from typing import IO
 import h5py
 import numpy as np
 
-from shared import hdf5, paths
-from shared.errors import HDF5Refused
-from shared.features import publish
-from shared.settings import Settings
+from convoy.shared import hdf5, paths
+from convoy.shared.errors import HDF5Refused
+from convoy.shared.features import publish
+from convoy.shared.settings import Settings
 
 #: Folder under OUT that holds the cache files.
 CACHE_DIR = "pixels"
@@ -46,7 +46,7 @@ def stamp(fh: IO[bytes]) -> Stamp | None:
 def cache_file(out_dir: str, files: list[str], size_px: int, decode: str, settings: Settings) -> Path:
     """Where the pixels of a shard's ``files`` (as the job names them) are kept: below OUT (itself
     confined to the output roots), written into ``OUT/pixels`` opened without following a symlink
-    (:func:`shared.storage.atomic_path`)."""
+    (:func:`convoy.shared.storage.atomic_path`)."""
     payload = json.dumps({"files": files, "input_size_px": size_px, "decode": decode})
     key = hashlib.sha256(payload.encode()).hexdigest()[:32]
     paths.output(out_dir, settings)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import paths, storage
-from shared.classifier import class_probability, predicted_classes
-from shared.errors import ModelFileError, ShardError
-from shared.images import BadImage, load_pixels
-from shared.settings import Settings
-from shared.storage import Location
-from workers.fit import MODEL_INFO
+from convoy.shared import paths, storage
+from convoy.shared.classifier import class_probability, predicted_classes
+from convoy.shared.errors import ModelFileError, ShardError
+from convoy.shared.images import BadImage, load_pixels
+from convoy.shared.settings import Settings
+from convoy.shared.storage import Location
+from convoy.workers.fit import MODEL_INFO
 
 BATCH_SIZE = 32
 
@@ -22,8 +22,8 @@ BATCH_SIZE = 32
 @lru_cache(maxsize=2)
 def _load(path: str, sha256: str):
     """Loaded once per process and model content (by sha256), reused by every predict task."""
-    from shared.errors import ModelError
-    from shared.gradcam import load_model as load_keras_file
+    from convoy.shared.errors import ModelError
+    from convoy.shared.gradcam import load_model as load_keras_file
 
     try:
         return load_keras_file(path)
@@ -33,7 +33,7 @@ def _load(path: str, sha256: str):
 
 def load_model(path: Path, settings: Settings):
     """The model at ``path`` (inside the roots, ``.keras``, safe mode), cached by its sha256."""
-    from workers.runtime import file_digest
+    from convoy.workers.runtime import file_digest
 
     path = paths.readable(path, settings, "model file")
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from shared import __version__
-from shared.job import JobSpec
+from convoy.shared import __version__
+from convoy.shared.job import JobSpec
 
 
 @lru_cache(maxsize=1)

@@ -37,10 +37,10 @@ from collections.abc import Callable
 from celery.signals import task_received, worker_ready, worker_shutting_down
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from shared import faults, keys
-from shared.celery_app import send_step
-from shared.jobstore import JobStore, connect
-from shared.settings import Settings
+from convoy.shared import faults, keys
+from convoy.shared.celery_app import send_step
+from convoy.shared.jobstore import JobStore, connect
+from convoy.shared.settings import Settings
 
 log = logging.getLogger("convoy.reconciler")
 
@@ -178,7 +178,7 @@ _MAIN: dict = {}
 def _main_store() -> JobStore:
     """The worker main process's own client (never the pool children's)."""
     if "store" not in _MAIN:
-        from workers.runtime import installed_settings
+        from convoy.workers.runtime import installed_settings
 
         settings: Settings = installed_settings()
         faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
@@ -202,7 +202,7 @@ def _start(sender=None, **_kwargs) -> None:
     queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else list(keys.ALL_QUEUES)
     store.set_draining(worker, False)  # restarted: take work again
     _MAIN["queues"] = queues
-    from workers.runtime import installed_settings
+    from convoy.workers.runtime import installed_settings
 
     slots = int(getattr(sender, "concurrency", 1) or 1)
     Reconciler(store, incarnation(worker), queues, share=slots * installed_settings().window_per_slot).start()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import storage
+from convoy.shared import storage
 
 
 def write_json(path: Path, body: dict) -> Path:

@@ -13,12 +13,12 @@ from functools import lru_cache
 
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_process_shutdown
 
-from shared import faults
-from shared.errors import WeightsMismatch
-from shared.job import JobSpec, ModelConfig, sha256_file
-from shared.jobstore import JobStore, connect
-from shared.memory import set_image_limit
-from shared.settings import Settings
+from convoy.shared import faults
+from convoy.shared.errors import WeightsMismatch
+from convoy.shared.job import JobSpec, ModelConfig, sha256_file
+from convoy.shared.jobstore import JobStore, connect
+from convoy.shared.memory import set_image_limit
+from convoy.shared.settings import Settings
 
 log = logging.getLogger("convoy.worker")
 
@@ -36,7 +36,7 @@ class Runtime:
         """The feature extractor for ``model``, rebuilt only when the configuration changes."""
         key = replace(model, batch_size=0)  # everything but the batch size shapes the model
         if key not in self._extractors:
-            from workers.inference import Extractor
+            from convoy.workers.inference import Extractor
 
             local = verify_weights(model)
             self._extractors.clear()  # one model per process: memory stays flat
@@ -107,10 +107,10 @@ def check_digest(path: str, digest: str, expected_sha256: str, what: str) -> Non
 
 def verify_weights(model: ModelConfig) -> ModelConfig:
     """The job's weights: inside the roots (or the Keras cache), with the hash the job recorded,
-    and only data in them (:func:`shared.hdf5.check_for_keras`).
+    and only data in them (:func:`convoy.shared.hdf5.check_for_keras`).
     Returns ``model`` with ``weights_path`` a local file (weights on a store are copied to the
-    local cache once: :func:`shared.storage.local_copy`)."""
-    from shared import hdf5, paths, storage
+    local cache once: :func:`convoy.shared.storage.local_copy`)."""
+    from convoy.shared import hdf5, paths, storage
 
     settings = installed_settings()
     found = paths.readable(model.weights_path, settings, "weights file", also=(settings.keras_home,))
@@ -136,7 +136,7 @@ def verify_weights(model: ModelConfig) -> ModelConfig:
 @after_setup_task_logger.connect
 def _printable_logs(logger: logging.Logger, **_kwargs) -> None:
     """A worker's log lines show job paths and names spelled out (shared/terminal.py)."""
-    from shared.terminal import PrintableArgs
+    from convoy.shared.terminal import PrintableArgs
 
     for handler in logger.handlers:
         handler.addFilter(PrintableArgs())
@@ -148,7 +148,7 @@ def _init_process(**_kwargs) -> None:
     faults.configure(settings.faults, settings.faults_seed, settings.faults_log)
     set_image_limit(settings.max_memory_bytes)
     if _EXTRACTS:
-        from workers import decode
+        from convoy.workers import decode
 
         decode.warm_up(settings, share=_EXTRACTS)  # they start while TensorFlow loads
     configure_tensorflow(settings.tf_threads)
@@ -157,14 +157,14 @@ def _init_process(**_kwargs) -> None:
 
 @worker_process_shutdown.connect
 def _end_process(**_kwargs) -> None:
-    from workers import decode
+    from convoy.workers import decode
 
     decode.shut_down()
 
 
 def configure_tensorflow(threads: int) -> None:
     """Size TensorFlow's pools so N workers on C cores don't oversubscribe."""
-    from shared.models import import_tensorflow
+    from convoy.shared.models import import_tensorflow
 
     tf = import_tensorflow()
 

@@ -30,16 +30,16 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from shared import faults, storage
-from shared.backbones import get as get_backbone
-from shared.celery_app import send_steps
-from shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError
-from shared.jobstore import Claim, Finished, JobStore, NewStep
-from shared.manifest import record_end, shard_record
-from shared.memory import StepGuard
-from shared.paths import check_job_paths, output
-from shared.states import JobStatus, StepState
-from workers.runtime import runtime
+from convoy.shared import faults, storage
+from convoy.shared.backbones import get as get_backbone
+from convoy.shared.celery_app import send_steps
+from convoy.shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError
+from convoy.shared.jobstore import Claim, Finished, JobStore, NewStep
+from convoy.shared.manifest import record_end, shard_record
+from convoy.shared.memory import StepGuard
+from convoy.shared.paths import check_job_paths, output
+from convoy.shared.states import JobStatus, StepState
+from convoy.workers.runtime import runtime
 
 log = logging.getLogger("convoy.step")
 
@@ -171,7 +171,7 @@ class ConvoyStep(Task):
     def preflight(self, job_id: str) -> str | None:
         """Checks before the body runs (confinement): raising fails the step, nothing written.
         Returns the job's OUT, whose subfolders every write of the body is confined to
-        (:func:`shared.storage.writes_confined_to`)."""
+        (:func:`convoy.shared.storage.writes_confined_to`)."""
         return None
 
     def describe(self, step: str) -> str:

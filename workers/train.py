@@ -14,17 +14,17 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from shared import keys, storage
-from shared.celery_app import app
-from shared.classifier import TrainConfig
-from shared.errors import ConvoyError
-from shared.job import JobSpec
-from shared.jobstore import JobStore, NewStep
-from shared.states import JobStatus
-from workers.fit import finetune, train_head
-from workers.predict import predict_paths
-from workers.runtime import runtime
-from workers.step import ChainStep, Outcome, Route
+from convoy.shared import keys, storage
+from convoy.shared.celery_app import app
+from convoy.shared.classifier import TrainConfig
+from convoy.shared.errors import ConvoyError
+from convoy.shared.job import JobSpec
+from convoy.shared.jobstore import JobStore, NewStep
+from convoy.shared.states import JobStatus
+from convoy.workers.fit import finetune, train_head
+from convoy.workers.predict import predict_paths
+from convoy.workers.runtime import runtime
+from convoy.workers.step import ChainStep, Outcome, Route
 
 log = logging.getLogger("convoy.train")
 
