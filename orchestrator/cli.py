@@ -43,7 +43,7 @@ def _request(args, settings: Settings):
         precision=args.precision, decode=args.decode, cache_pixels=args.cache_pixels,
         weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
         max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(), model=args.model, pooling=args.pooling,
-        checked_weights=settings.state_dir / "weights-checked",
+        checked_weights=settings.state_dir / "weights-checked", formats=args.formats,
     )
 
 

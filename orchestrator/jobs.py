@@ -48,6 +48,7 @@ class ExtractRequest:
     max_deliveries: int = 3
     keras_home: Path = Path.home() / ".keras"
     checked_weights: Path | None = None  # where weights files that loaded once are remembered
+    formats: tuple[str, ...] = ("hdf5",)  # values.OUTPUT_FORMATS: what OUT gets besides the HDF5 shard files
 
 
 def with_model_defaults(req: ExtractRequest) -> ExtractRequest:
@@ -74,7 +75,8 @@ def validate(req: ExtractRequest) -> None:
     for name, check, value in (("--shard-size", values.shard_size, req.shard_size),
                                ("--batch-size", values.image_batch, req.batch_size),
                                ("--max-deliveries", values.deliveries, req.max_deliveries),
-                               ("--seed", values.seed, req.seed)):
+                               ("--seed", values.seed, req.seed),
+                               ("--format", values.formats, ",".join(req.formats))):
         try:
             check(str(value))
         except BadValue as exc:
@@ -220,7 +222,8 @@ def prepare(
         allow_failed_shards=req.allow_failed_shards,
         max_deliveries=req.max_deliveries,
         options={"scan_skipped": scan.skipped, "ignored": scan.ignored, "layout": scan.layout,
-                 "seed": req.seed, "cache_pixels": req.cache_pixels, **(options or {})},
+                 "seed": req.seed, "cache_pixels": req.cache_pixels,
+                 "formats": list(req.formats), **(options or {})},
     )
     return spec, shards, scan
 

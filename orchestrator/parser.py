@@ -19,6 +19,7 @@ from convoy.shared.values import (
     broker_url,
     count,
     deliveries,
+    formats,
     image_batch,
     max_running,
     positive_int,
@@ -101,6 +102,9 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
                    help="compute type; bfloat16 is several times faster on GPUs and AMX CPUs")
     p.add_argument("--decode", choices=DECODE_MODES, default="exact",
                    help="exact: Keras load_img pixels; fast: JPEG DCT-domain downscaling, ~2x faster")
+    p.add_argument("--format", dest="formats", type=formats, default=("hdf5",), metavar="LIST",
+                   help="outputs, comma-separated: hdf5 (features/), parquet (parquet/<split>/), npy (clip-retrieval's "
+                        "npy/<split>/img_emb + metadata); HDF5 shard files are written whatever is asked")
     p.add_argument("--cache-pixels", action="store_true",
                    help="keep resized pixels under OUT/pixels so a later run at another layer skips decoding")
     p.add_argument("--weights", default="imagenet", help="imagenet, none (random, seeded) or a weights file")

@@ -38,6 +38,7 @@ class ShardResult:
     labels: np.ndarray
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    keys: list[str] | None = None  # the rows' keys for the Parquet and npy outputs (None: from the paths)
 
 
 @contextmanager
@@ -66,13 +67,15 @@ def open_features(out_dir: str | Path, split: str) -> h5py.File:
     return hdf5.open_read(storage.retried(lambda: fs.open(path, "rb"), loc, "open"), f"merged features file {loc}")
 
 
-def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict) -> None:
+def _write_common(f: h5py.File, labels, paths, skipped, attrs: dict, keys: list[str] | None = None) -> None:
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=_STR)
     f.create_dataset("skipped_paths", data=np.array([p for p, _ in skipped], dtype=object), dtype=_STR)
     f.create_dataset(
         "skipped_reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=_STR
     )
+    if keys is not None:
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=_STR)
     for key, value in attrs.items():
         f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
@@ -85,7 +88,7 @@ def write_shard(final: Location, result: ShardResult, attrs: dict) -> None:
         feats = result.features
         chunk_rows = max(1, min(len(feats), 64))
         f.create_dataset("features", data=feats, chunks=(chunk_rows, *feats.shape[1:]) if len(feats) else None)
-        _write_common(f, result.labels, result.paths, result.skipped, attrs)
+        _write_common(f, result.labels, result.paths, result.skipped, attrs, result.keys)
     storage.write_bytes(final, buf.getbuffer())
     if not storage.is_url(final):
         _remove_stale_temporaries(Path(final))
@@ -132,6 +135,15 @@ def read_shard_summary(path: Location) -> dict:
                 )
             ],
         }
+
+
+def read_shard(path: Location) -> ShardResult:
+    """A finished shard file's rows back (to write an output format a former run did not)."""
+    with _h5(path) as f:
+        skipped = list(zip(f["skipped_paths"].asstr()[()].tolist(), f["skipped_reasons"].asstr()[()].tolist(),
+                           strict=True))
+        keys = f["keys"].asstr()[()].tolist() if "keys" in f else None
+        return ShardResult(f["features"][()], f["labels"][()], f["paths"].asstr()[()].tolist(), skipped, keys)
 
 
 def merge_split(merged: Location, shard_files: list[Location], attrs: dict) -> Location:

@@ -120,6 +120,21 @@ def shard_size(text: str) -> int:
     return _bounded(text, "a number of images per shard", 1, SHARD_MAX)
 
 
+#: ``--format`` values: where features are written (HDF5 shard files are always written: they
+#: are what resumes, merges and training read).
+OUTPUT_FORMATS = ("hdf5", "parquet", "npy")
+
+
+def formats(text: str) -> tuple[str, ...]:
+    """One or several output formats, comma-separated (``hdf5,parquet``), each once, in the
+    order of :data:`OUTPUT_FORMATS`."""
+    names = [n.strip().lower() for n in text.split(",")]
+    unknown = [n for n in names if n not in OUTPUT_FORMATS]
+    if not text.strip() or unknown:
+        raise BadValue(f"expected one or more of {', '.join(OUTPUT_FORMATS)} separated by commas, got {text!r}")
+    return tuple(f for f in OUTPUT_FORMATS if f in names)
+
+
 def image_batch(text: str) -> int:
     """Images per forward pass (extraction, Grad-CAM)."""
     return _bounded(text, "a batch size", 1, IMAGE_BATCH_MAX)

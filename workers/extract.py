@@ -13,7 +13,15 @@ from kombu.exceptions import OperationalError
 
 from convoy.shared import keys
 from convoy.shared.celery_app import app
-from convoy.shared.features import ShardResult, read_shard_summary, shard_fingerprint, write_shard
+from convoy.shared.embeddings import missing_outputs, write_outputs
+from convoy.shared.features import (
+    ShardResult,
+    read_attrs,
+    read_shard,
+    read_shard_summary,
+    shard_fingerprint,
+    write_shard,
+)
 from convoy.shared.job import fingerprint
 from convoy.shared.jobstore import NewStep
 from convoy.shared.paths import shard_images
@@ -54,13 +62,20 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
     final = spec.shard_file(shard)
     abs_paths = shard_images(spec, entries, rt.settings)
     fp = fingerprint(spec.model, entries)
+    formats = spec.options.get("formats") or ["hdf5"]
     if shard_fingerprint(final) == fp:
         log.info("shard %s of job %s already has a current file; skipping", shard, spec.job_id)
+        missing = missing_outputs(spec.out_dir, shard, formats, fp)
+        if missing:  # asked for now, or its writer died before the HDF5 file: made from that file
+            self.ctx.confirm()
+            write_outputs(spec.out_dir, shard, missing, read_shard(final), read_attrs(final))
         return _outcome(shard, read_shard_summary(final), reused=True, timings={})
     result, timings = _extract(self, rt, spec, shard, entries, abs_paths)
     t0 = time.perf_counter()
     attrs = feature_attrs(spec, split=shard.split("/")[0]) | {"fingerprint": fp, "shard": shard, "host": host}
     self.ctx.confirm()  # a cancelled job, or a holder another worker superseded, writes nothing
+    # The other formats first: the HDF5 file, written last, is what says the shard is done.
+    write_outputs(spec.out_dir, shard, formats, result, attrs)
     write_shard(final, result, attrs)
     timings["write_s"] = time.perf_counter() - t0
     timings["written_at"] = time.time()
