@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 # --- commands ---------------------------------------------------------------------------
 
 def _request(args, settings: Settings):
+    from convoy.orchestrator.containers import Reading
     from convoy.orchestrator.jobs import ExtractRequest, keras_home_from_env
 
     return ExtractRequest(
@@ -44,6 +45,8 @@ def _request(args, settings: Settings):
         weights=args.weights, seed=args.seed, allow_failed_shards=args.allow_failed_shards,
         max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(), model=args.model, pooling=args.pooling,
         checked_weights=settings.state_dir / "weights-checked", formats=args.formats,
+        reading=Reading(label_field=args.label_field, classes=args.classes or (), split=args.split,
+                        image_column=args.image_column, label_column=args.label_column),
     )
 
 
@@ -137,7 +140,11 @@ def _weights_folder(weights: str) -> list:
 def _scan_words(scan) -> str:
     from convoy.shared.words import plural
 
-    images = sum(len(entries) for entries in scan.splits.values())
+    if scan.layout == "webdataset":
+        tars = sum(len(entries) for entries in scan.splits.values())
+        return f"{plural(tars, 'WebDataset tar')}" + (f", {plural(len(scan.class_names), 'class')}"
+                                                      if scan.class_names else "")
+    images = sum(scan.counted.values()) if scan.counted else sum(len(entries) for entries in scan.splits.values())
     classes = f" in {plural(len(scan.class_names), 'class')}" if scan.class_names else ""
     return f"{plural(images, 'image')}{classes}" + (f", {len(scan.skipped)} skipped" if scan.skipped else "")
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from convoy.orchestrator.containers import Reading
 from convoy.orchestrator.scan import Scan, scan_data
 from convoy.orchestrator.weights import resolve_weights
 from convoy.shared import backbones, storage, values
@@ -49,6 +50,7 @@ class ExtractRequest:
     keras_home: Path = Path.home() / ".keras"
     checked_weights: Path | None = None  # where weights files that loaded once are remembered
     formats: tuple[str, ...] = ("hdf5",)  # values.OUTPUT_FORMATS: what OUT gets besides the HDF5 shard files
+    reading: Reading = Reading()  # how samples are read from WebDataset tars or Parquet image bytes
 
 
 def with_model_defaults(req: ExtractRequest) -> ExtractRequest:
@@ -140,6 +142,8 @@ def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
     workers run the job: a rerun on the same OUT with any number of workers cuts the same shards
     and reuses every finished one. A shorter tail comes from a smaller ``--shard-size``."""
     shards = {}
+    if scan.containers:  # the input's own shards: a tar, a Parquet row group
+        shard_size = 1
     for split, entries in scan.splits.items():
         for index, start in enumerate(range(0, len(entries), shard_size)):
             shards[shard_id(split, index)] = entries[start : start + shard_size]
@@ -151,7 +155,7 @@ def check_inputs(req: ExtractRequest) -> Scan:
     made yet, so a usage error here leaves no trace. The model's defaults fill what the request
     leaves open (:func:`with_model_defaults`)."""
     validate(with_model_defaults(req))
-    scan = scan_data(req.data_dir)
+    scan = scan_data(req.data_dir, req.reading)
     if scan.layout != "list":  # a list names its images: nothing new in its folder joins the job
         check_apart(req.out_dir, scan.data_dir)
     if req.cache_pixels and (storage.is_url(storage.location(str(req.out_dir))) or storage.is_url(scan.data_dir)):
@@ -223,7 +227,8 @@ def prepare(
         max_deliveries=req.max_deliveries,
         options={"scan_skipped": scan.skipped, "ignored": scan.ignored, "layout": scan.layout,
                  "seed": req.seed, "cache_pixels": req.cache_pixels,
-                 "formats": list(req.formats), **(options or {})},
+                 "formats": list(req.formats), **({"reading": req.reading.options()} if scan.containers else {}),
+                 **(options or {})},
     )
     return spec, shards, scan
 

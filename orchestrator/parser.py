@@ -10,6 +10,7 @@ from convoy.orchestrator import monitor_cli
 from convoy.orchestrator.train_options import add_train_options
 from convoy.shared import backbones
 from convoy.shared.images import DECODE_MODES
+from convoy.shared.job import SEED_SPLITS, SINGLE_SPLIT
 from convoy.shared.settings import BROKER_ENV
 from convoy.shared.values import (
     DELIVERIES_MAX,
@@ -17,6 +18,8 @@ from convoy.shared.values import (
     SHARD_MAX,
     WORKERS_MAX,
     broker_url,
+    class_names,
+    column,
     count,
     deliveries,
     formats,
@@ -82,7 +85,9 @@ def _share_options(p: argparse.ArgumentParser) -> None:
 
 def _extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="images: DATA/{train,validation,test}/{class}/*, DATA/{class}/*, flat; a folder, "
-                                "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split)")
+                                "a store URL (s3://bucket/prefix) or a CSV/Parquet list (columns path, label, split); "
+                                "or WebDataset .tar shards (a folder, prefix or DATA/{00000..00099}.tar), or Parquet "
+                                "image bytes with --image-column")
     p.add_argument("--out", required=True, help="output directory or store URL (features, manifest, model)")
     p.add_argument("--shard-size", type=shard_size, default=256,
                    help=f"images per shard, 1 to {SHARD_MAX} (a split's last shard holds the rest): fixed blocks, "
@@ -102,6 +107,16 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
                    help="compute type; bfloat16 is several times faster on GPUs and AMX CPUs")
     p.add_argument("--decode", choices=DECODE_MODES, default="exact",
                    help="exact: Keras load_img pixels; fast: JPEG DCT-domain downscaling, ~2x faster")
+    p.add_argument("--label-field", type=column, metavar="FIELD",
+                   help="WebDataset: the label is this field of each sample's .json (default: its .cls member)")
+    p.add_argument("--classes", type=class_names, metavar="NAMES",
+                   help="WebDataset: class names in index order (cat,dog): labels are indexes into them, or names")
+    p.add_argument("--split", choices=(*SEED_SPLITS, SINGLE_SPLIT),
+                   help="WebDataset or Parquet: the split of every sample (default: all, held out for training)")
+    p.add_argument("--image-column", type=column, metavar="NAME",
+                   help="DATA is Parquet of image bytes (a file, a folder or a brace pattern): the bytes' column")
+    p.add_argument("--label-column", type=column, metavar="NAME",
+                   help="Parquet of image bytes: the class names' column")
     p.add_argument("--format", dest="formats", type=formats, default=("hdf5",), metavar="LIST",
                    help="outputs, comma-separated: hdf5 (features/), parquet (parquet/<split>/), npy (clip-retrieval's "
                         "npy/<split>/img_emb + metadata); HDF5 shard files are written whatever is asked")

@@ -1,7 +1,8 @@
 """Scanning DATA: which layout it has, its classes, and every image in sorted path order.
 
 DATA is a folder, a store prefix (``s3://bucket/cats``: one recursive listing, then the same
-three layouts as a folder), or a list of images (a CSV or Parquet file: :mod:`convoy.orchestrator.lists`).
+three layouts as a folder), a list of images (a CSV or Parquet file: :mod:`convoy.orchestrator.lists`),
+or containers of images (WebDataset tars, Parquet image bytes: :mod:`convoy.orchestrator.containers`).
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ class Scan:
     """What is in DATA. ``splits`` maps a split to its sorted (relative path, label) pairs."""
 
     data_dir: Location  # a folder or store prefix (for a list: the list's own folder)
-    layout: str  # "splits", "classes", "flat" or "list"
+    layout: str  # "splits", "classes", "flat", "list", "webdataset" or "parquet"
     class_names: list[str]
     splits: dict[str, list[list]] = field(default_factory=dict)
     ignored: int = 0
     skipped: list[dict] = field(default_factory=list)
+    #: Images per split where entries are containers (Parquet row groups); None where each
+    #: entry is an image, or where the count is known only once read (WebDataset tars).
+    counted: dict[str, int] | None = None
 
     @property
     def images(self) -> int:
         return sum(len(v) for v in self.splits.values())
+
+    @property
+    def containers(self) -> bool:
+        return self.layout in ("webdataset", "parquet")
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -73,16 +81,29 @@ def _collect(scan: Scan, split: str, folder: Path, label: int, recursive: bool) 
             scan.splits.setdefault(split, []).append([path, label])
 
 
-def scan_data(data_dir: str | Path) -> Scan:
-    """Scan DATA or raise :class:`DataError` saying what is wrong with it."""
+def scan_data(data_dir: str | Path, reading=None) -> Scan:
+    """Scan DATA or raise :class:`DataError` saying what is wrong with it; ``reading``: the
+    options for containers (:class:`convoy.orchestrator.containers.Reading`)."""
+    from convoy.orchestrator.containers import Reading, check_reading, containers, is_tar_name, scan_containers
     from convoy.orchestrator.lists import is_list, scan_list
 
+    reading = reading or Reading()
     try:
-        loc = storage.location(str(data_dir))
+        loc = None if storage.has_braces(str(data_dir)) else storage.location(str(data_dir))
+        # A store prefix is listed once, whatever it holds: tars, or images in a layout.
+        listing = (storage.list_files(loc) if loc is not None and storage.is_url(loc) and not is_list(loc)
+                   and not is_tar_name(storage.name(loc)) else None)
+    except StoreError as exc:
+        raise DataError(f"cannot read DATA: {exc}") from None
+    found = containers(str(data_dir), reading, listing)
+    check_reading(reading, found[2] if found else None)
+    if found:
+        return scan_containers(*found, reading)
+    try:
         if is_list(loc):
             return scan_list(loc)
         if storage.is_url(loc):
-            return _finish(_scan_listing(loc, storage.list_files(loc)), loc)
+            return _finish(_scan_listing(loc, listing), loc)
     except StoreError as exc:
         raise DataError(f"cannot read DATA: {exc}") from None
     data = Path(data_dir)

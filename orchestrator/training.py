@@ -18,7 +18,7 @@ from convoy.shared.celery_app import app, send_steps
 from convoy.shared.classifier import TrainConfig
 from convoy.shared.errors import DataError, JobNotFound, ModelFileError, UsageError
 from convoy.shared.images import is_image_name
-from convoy.shared.job import JobSpec
+from convoy.shared.job import SEED_SPLITS, JobSpec
 from convoy.shared.jobstore import JobStore, NewStep
 from convoy.shared.states import JobStatus
 from convoy.shared.storage import Location
@@ -61,7 +61,15 @@ def chain_options(model: str, layer: str, scan: Scan, config: dict, train: bool,
     """
     if not (train or finetune) or (not scan.class_names and not explicit):
         return {}
-    check_trainable(f"DATA {scan.data_dir}", scan.class_names, scan_sizes(scan.splits))
+    # Containers: a split's images are counted from Parquet footers, or known only once the tars
+    # are read (the training step checks its splits again).
+    if not scan.containers:
+        sizes = scan_sizes(scan.splits)
+    elif scan.counted:
+        sizes = scan_sizes({split: range(n) for split, n in scan.counted.items()})
+    else:
+        sizes = dict.fromkeys(SEED_SPLITS, 1)
+    check_trainable(f"DATA {scan.data_dir}", scan.class_names, sizes)
     if finetune:
         _check_unfreeze(model, layer, config)
     return {"then_train": True, "then_finetune": finetune, "train": config}

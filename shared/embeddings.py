@@ -81,7 +81,7 @@ def write_outputs(out_dir: str, shard: str, formats: list[str], result, attrs: d
     import pyarrow as pa
 
     feats = np.asarray(result.features)
-    flat = feats.reshape(len(feats), -1)
+    flat = feats.reshape(len(feats), int(np.prod(feats.shape[1:])))  # -1 cannot size an empty shard
     meta = {**attrs, "feature_shape": list(feats.shape[1:])}
     split = shard.split("/")[0]
     table = _table(result.paths, result.labels, split, getattr(result, "keys", None))

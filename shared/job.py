@@ -81,7 +81,14 @@ def shard_id(split: str, index: int) -> str:
     return f"{split}/{index:05d}"
 
 
-def fingerprint(model: ModelConfig, entries: list[list]) -> str:
+def shard_fingerprint_of(spec: JobSpec, entries: list[list]) -> str:
+    """The fingerprint of one shard of ``spec``: for containers (tars, Parquet row groups) the
+    labels and splits come from the reading options and class names, so those count too."""
+    reading = spec.options.get("reading")
+    return fingerprint(spec.model, entries, {**reading, "class_names": spec.class_names} if reading else None)
+
+
+def fingerprint(model: ModelConfig, entries: list[list], reading: dict | None = None) -> str:
     """Identifies a shard's content: same model, weights and inputs give the same features."""
     payload = {
         "model": model.model,
@@ -94,6 +101,7 @@ def fingerprint(model: ModelConfig, entries: list[list]) -> str:
         "decode": model.decode,
         "pooling": model.pooling,
         "entries": entries,
+        **({"reading": reading} if reading else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

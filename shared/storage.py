@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import threading
 import time
@@ -70,6 +71,35 @@ def location(text: str | Path) -> Location:
     if ".." in parts or not parts:
         raise StoreError(f"{text}: a store URL needs a bucket and no '..'; got {text!r}")
     return f"{scheme.lower()}://" + "/".join(parts)
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def has_braces(text: str) -> bool:
+    """``text`` is a brace pattern (``s3://b/p/{00000..00999}.tar``), as WebDataset names shards."""
+    return bool(_BRACE.search(str(text)))
+
+
+def expand_braces(text: str) -> list[str]:
+    """Every name a brace pattern stands for, in order: ``{0..3}`` counts (zero-padded to the
+    width of its first bound), ``{a,b}`` lists; several braces multiply. Nothing is listed: a
+    store's shards are named, not found."""
+    match = _BRACE.search(text)
+    if not match:
+        return [text]
+    body = match.group(1)
+    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if bounds:
+        lo, hi = int(bounds.group(1)), int(bounds.group(2))
+        if hi < lo or hi - lo >= 1_000_000:
+            raise StoreError(f"{text}: {{{body}}} must count up, at most a million names")
+        width = len(bounds.group(1))
+        choices = [f"{n:0{width}d}" for n in range(lo, hi + 1)]
+    else:
+        choices = body.split(",")
+    head, tail = text[: match.start()], text[match.end():]
+    return [name for choice in choices for name in expand_braces(head + choice + tail)]
 
 
 def at(text: str | Path) -> Location:

@@ -135,6 +135,21 @@ def formats(text: str) -> tuple[str, ...]:
     return tuple(f for f in OUTPUT_FORMATS if f in names)
 
 
+def class_names(text: str) -> tuple[str, ...]:
+    """Class names in index order, comma-separated (``cat,dog``): each once, none empty."""
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise BadValue(f"expected class names separated by commas, each once and none empty, got {text!r}")
+    return names
+
+
+def column(text: str) -> str:
+    """A column or JSON field name: not empty."""
+    if not text.strip():
+        raise BadValue(f"expected a name, got {text!r}")
+    return text.strip()
+
+
 def image_batch(text: str) -> int:
     """Images per forward pass (extraction, Grad-CAM)."""
     return _bounded(text, "a batch size", 1, IMAGE_BATCH_MAX)

@@ -16,6 +16,7 @@ not on a core, and many threads overlap those waits.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import mmap
@@ -453,3 +454,91 @@ def _fetch(path: str, size_px: int, decode: str, settings: Settings, cached: Cac
             return load_pixels(fh, size_px, decode), seen, True
     except BadImage as exc:
         return str(exc)
+
+
+# --- images as bytes (tar members, Parquet cells): decoded in the processes ------------------
+
+def decode_blobs(blobs: list[bytes], size_px: int, decode: str) -> list[np.ndarray | str]:
+    """In a decoding process: each image's pixels, or the reason it is skipped."""
+    out: list[np.ndarray | str] = []
+    for data in blobs:
+        faults.point("mid-decode")
+        try:
+            out.append(load_pixels(io.BytesIO(data), size_px, decode))
+        except BadImage as exc:
+            out.append(str(exc))
+    return out
+
+
+def iter_blob_batches(items: Iterator[bytes | str], size_px: int, batch_size: int, settings: Settings,
+                      decode: str = "exact") -> Iterator[Batch]:
+    """Decoded batches of images given as bytes (a str: the reason an item is skipped already),
+    in order, decoding ahead of the batch in use. ``items`` is consumed only as far as that: a
+    tar is read while its first batches decode. Pixels travel back pickled (no ring: the bytes
+    went the other way anyway)."""
+    pool = process_pool(settings)
+    ahead = batches_ahead(batch_size, pool._max_workers)
+    pending: list[tuple[int, dict[int, Result], list[tuple[list[int], Future, ProcessPoolExecutor, list[bytes]]]]] = []
+    start = 0
+    for group in _grouped(items, batch_size):
+        pending.append((start, *_send_blobs(group, size_px, decode, settings)))
+        start += len(group)
+        if len(pending) > ahead:
+            yield _blob_batch(*pending.pop(0), size_px, decode, settings)
+    while pending:
+        yield _blob_batch(*pending.pop(0), size_px, decode, settings)
+
+
+def _grouped(items: Iterator[bytes | str], size: int) -> Iterator[list[bytes | str]]:
+    group: list[bytes | str] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _send_blobs(group: list[bytes | str], size_px: int, decode: str, settings: Settings):
+    settled: dict[int, Result] = {i: item for i, item in enumerate(group) if isinstance(item, str)}
+    todo = [(i, item) for i, item in enumerate(group) if not isinstance(item, str)]
+    pool = process_pool(settings)
+    chunk = max(1, math.ceil(len(todo) / pool._max_workers))
+    sent = []
+    for lo in range(0, len(todo), chunk):
+        rows, blobs = (list(column) for column in zip(*todo[lo : lo + chunk], strict=True))
+        sent.append((rows, _submit_blobs(pool, blobs, size_px, decode), pool, blobs))
+    return settled, sent
+
+
+def _submit_blobs(pool: ProcessPoolExecutor, blobs: list[bytes], size_px: int, decode: str) -> Future:
+    try:
+        return pool.submit(decode_blobs, blobs, size_px, decode)
+    except BrokenProcessPool as exc:
+        future: Future = Future()
+        future.set_exception(exc)
+        return future
+
+
+def _blob_batch(start: int, settled: dict[int, Result], sent, size_px: int, decode: str,
+                settings: Settings) -> Batch:
+    results = dict(settled)
+    for rows, future, pool, blobs in sent:
+        try:
+            items = future.result()
+        except BrokenProcessPool:  # each image again by itself: one that kills its process twice is the cause
+            _replace_broken(pool)
+            items = [_blob_alone(blob, size_px, decode, settings) for blob in blobs]
+        for row, item in zip(rows, items, strict=True):
+            results[row] = item if isinstance(item, str) else (item, None, True)
+    return _batch(start, results, size_px)
+
+
+def _blob_alone(blob: bytes, size_px: int, decode: str, settings: Settings) -> np.ndarray | str:
+    pool = process_pool(settings)
+    try:
+        return _submit_blobs(pool, [blob], size_px, decode).result()[0]
+    except BrokenProcessPool:
+        _replace_broken(pool)
+        return CRASHED

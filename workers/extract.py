@@ -22,15 +22,16 @@ from convoy.shared.features import (
     shard_fingerprint,
     write_shard,
 )
-from convoy.shared.job import fingerprint
+from convoy.shared.job import shard_fingerprint_of
 from convoy.shared.jobstore import NewStep
 from convoy.shared.paths import shard_images
 from convoy.shared.states import JobStatus
 from convoy.shared.terminal import printable
 from convoy.workers import pixel_cache
-from convoy.workers.decode import iter_batches
+from convoy.workers.decode import iter_batches, iter_blob_batches
 from convoy.workers.provenance import feature_attrs
 from convoy.workers.runtime import runtime
+from convoy.workers.samples import Sample, read_samples
 from convoy.workers.step import ChainStep, Outcome, Route
 
 log = logging.getLogger("convoy.extract")
@@ -61,7 +62,7 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
     entries = rt.store.inputs(job_id, shard)
     final = spec.shard_file(shard)
     abs_paths = shard_images(spec, entries, rt.settings)
-    fp = fingerprint(spec.model, entries)
+    fp = shard_fingerprint_of(spec, entries)
     formats = spec.options.get("formats") or ["hdf5"]
     if shard_fingerprint(final) == fp:
         log.info("shard %s of job %s already has a current file; skipping", shard, spec.job_id)
@@ -70,7 +71,10 @@ def extract_shard(self, job_id: str, shard: str) -> Outcome:
             self.ctx.confirm()
             write_outputs(spec.out_dir, shard, missing, read_shard(final), read_attrs(final))
         return _outcome(shard, read_shard_summary(final), reused=True, timings={})
-    result, timings = _extract(self, rt, spec, shard, entries, abs_paths)
+    if spec.options.get("reading"):
+        result, timings = _extract_samples(self, rt, spec, shard, entries[0], abs_paths[0])
+    else:
+        result, timings = _extract(self, rt, spec, shard, entries, abs_paths)
     t0 = time.perf_counter()
     attrs = feature_attrs(spec, split=shard.split("/")[0]) | {"fingerprint": fp, "shard": shard, "host": host}
     self.ctx.confirm()  # a cancelled job, or a holder another worker superseded, writes nothing
@@ -129,6 +133,47 @@ def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, di
         paths=[entries[i][0] for i in rows],
         skipped=skipped,
     )
+    return result, timings
+
+
+def _extract_samples(task, rt, spec, shard, entry, location) -> tuple[ShardResult, dict]:
+    """A container shard (a WebDataset tar, a Parquet row group): samples read in one pass while
+    the first batches decode, their bytes decoded by the decoding processes."""
+    model = spec.model
+    extractor = rt.extractor(model)
+    samples: list[Sample] = []
+    feats, rows, skipped = [], [], []
+    timings = {"decode_wait_s": 0.0, "inference_s": 0.0, "decoded": 0}
+
+    def items():
+        for sample in read_samples(spec.options["layout"], entry[0], entry[1], location, spec.options["reading"],
+                                   spec.class_names, rt.settings):
+            samples.append(sample)
+            yield sample.data if sample.data is not None else sample.reason
+
+    t_start = t_mark = time.perf_counter()
+    for batch in iter_blob_batches(items(), model.input_size_px, model.batch_size, rt.settings, model.decode):
+        t_ready = time.perf_counter()
+        timings["decoded"] += batch.decoded
+        timings["decode_wait_s"] += t_ready - t_mark
+        timings.setdefault("first_batch_at", time.time())
+        if len(batch.rows):
+            feats.append(extractor(batch.pixels))
+            rows += batch.rows
+        skipped += [(printable(samples[i].source), reason) for i, reason in batch.skipped]
+        for i, _ in batch.skipped:
+            samples[i].data = None
+        for i in batch.rows:
+            samples[i].data = None  # decoded: the bytes are not kept for the rest of the tar
+        t_mark = time.perf_counter()
+        timings["inference_s"] += t_mark - t_ready
+        done = len(rows) + len(skipped)
+        _report(task, rt.store, spec, shard, done, done, t_start)
+    dtype = np.float16 if model.dtype == "float16" else np.float32
+    features = np.concatenate(feats) if feats else np.zeros((0, *extractor.model.output_shape[1:]), dtype)
+    result = ShardResult(features=features, labels=np.array([samples[i].label for i in rows], dtype=np.int64),
+                         paths=[samples[i].source for i in rows], skipped=skipped,
+                         keys=[samples[i].key for i in rows])
     return result, timings
 
 

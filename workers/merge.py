@@ -13,7 +13,7 @@ from convoy.shared import keys
 from convoy.shared.celery_app import app
 from convoy.shared.errors import ShardError
 from convoy.shared.features import merge_job_files, shard_fingerprint
-from convoy.shared.job import JobSpec, fingerprint
+from convoy.shared.job import JobSpec, shard_fingerprint_of
 from convoy.shared.jobstore import JobStore, NewStep
 from convoy.shared.manifest import extraction_counts, shard_record, update_states
 from convoy.shared.states import JobStatus
@@ -45,7 +45,7 @@ def check_shard_files(store: JobStore, spec: JobSpec, finished: set[str]) -> Non
     """Every finished shard's file exists with its fingerprint: a merged file never reads zeros
     or another job's features."""
     for shard in sorted(finished):
-        expected = fingerprint(spec.model, store.inputs(spec.job_id, shard))
+        expected = shard_fingerprint_of(spec, store.inputs(spec.job_id, shard))
         if shard_fingerprint(spec.shard_file(shard)) != expected:
             raise ShardError(f"shard file {spec.shard_file(shard)} is missing or belongs to another job; "
                              f"run `convoy resume {spec.out_dir}` to extract it again")
