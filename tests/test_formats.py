@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import tarfile
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import convoy
+from tests.conftest import convoy, submit_watched, wait_final, wait_until
 from tests.imagegen import make_tree
+from tests.s3server import s3, start_s3  # noqa: F401 - the fixture
 
 FAST = ["--input-size", "32", "--weights", "none", "--seed", "3", "--no-train"]
 
@@ -159,3 +162,63 @@ def test_webdataset_options_are_checked_at_the_edge(loose, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     proc = convoy("run", str(loose), "--out", str(tmp_path / "out"), *FAST, "--label-field", "label")
     assert proc.returncode == 2 and "--label-field reads WebDataset" in proc.stderr, proc.stderr
+
+
+def test_a_worker_process_killed_mid_tar_leaves_every_image_once(private, tmp_path):
+    """Invariant: every sample of every tar is in the merged file once, in tar order, after the
+    process extracting a tar was SIGKILLed with part of that tar decoded."""
+    images = make_tree(tmp_path / "loose", {"": 10}, splits=("",), size_px=48, fmt="jpg")
+    make_tars(images, tmp_path / "wds", per_tar=10)
+    private.start("k1", extra_env={"CONVOY_FAULTS": "mid-decode=delay:0.15"})
+    out = tmp_path / "out"
+    job = submit_watched(private.url, str(tmp_path / "wds"), "--out", str(out), "--input-size", "32",
+                         "--weights", "none", "--batch-size", "1", "--format", "parquet")
+    shard, state = wait_until(lambda: _running(private.store, job), 120, "a tar under way")
+    os.kill(int(state["pid"]), signal.SIGKILL)
+    final = wait_final(private.store, job)
+    assert final["status"] == "done", (final, private.logs())
+    assert int(private.store.shard_states(job)[shard]["deliveries"]) >= 2
+    expected = [f"{n:05d}.tar#{p.relative_to(images).with_suffix('.jpg').as_posix()}"
+                for n, p in ((i // 10, p) for i, p in enumerate(sorted(images.rglob("*.jpg"))))]
+    assert _h5(out / "features" / "all.h5")["paths"] == expected
+    assert pq.read_table(out / "parquet" / "all")["source"].to_pylist() == expected
+
+
+def _running(store, job: str):
+    """A tar being extracted with two samples done (its shard and state), or None."""
+    for shard, state in store.shard_states(job).items():
+        if state.get("state") == "running" and state.get("pid") and int(state.get("done", 0)) >= 2:
+            return shard, state
+    return None
+
+
+def test_webdataset_on_a_store_by_prefix_and_by_brace_pattern_outputs_on_the_store(cluster, s3, loose, tmp_path):  # noqa: F811
+    """Tars on the S3 server, read by prefix (one listing) and by brace pattern (none), outputs
+    written there and read back with plain pyarrow: equal to the same tars in a folder, and the
+    second run, naming the same tars by pattern, reuses every finished tar."""
+    import s3fs
+
+    tars = make_tars(loose, tmp_path / "wds", per_tar=3)
+    s3.bucket("wds")
+    s3.upload_tree(tmp_path / "wds", "s3://wds/shards")
+    env = {**s3.env, "XDG_CACHE_HOME": str(tmp_path / "cache"), "CONVOY_STATE_DIR": str(tmp_path / "state")}
+    store_args = ("--workers", "1", "--classes", "blobs,stripes", "--format", "parquet,npy")
+    first = _run(None, "s3://wds/shards", "s3://wds/out", *store_args, env=env)
+    assert first["images"] == 8 and first["shards"] == len(tars) == 3
+    requests = s3.log.read_text().splitlines()
+    assert len([line for line in requests if "list-type=2&prefix=shards" in line]) == 1  # the scan's one listing
+    before = len(requests)
+    again = _run(None, f"s3://wds/shards/{{00000..{len(tars) - 1:05d}}}.tar", "s3://wds/out", *store_args, env=env)
+    assert again["reused_shards"] == 3 and again["extracted_images"] == 0, again
+    listings = [line for line in s3.log.read_text().splitlines()[before:] if "list-type=2&prefix=shards" in line]
+    assert not listings, listings
+    local = _run(cluster, tmp_path / "wds", tmp_path / "out", "--classes", "blobs,stripes")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint}, key=env["AWS_ACCESS_KEY_ID"],
+                           secret=env["AWS_SECRET_ACCESS_KEY"])
+    table = pq.read_table("wds/out/parquet/all", filesystem=fs)
+    want = _h5(local["features"]["all"])
+    assert table["source"].to_pylist() == want["paths"]
+    np.testing.assert_array_equal(np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
+                                  want["features"].reshape(8, -1))
+    with fs.open("wds/out/npy/all/img_emb/img_emb_2.npy", "rb") as fh:
+        np.testing.assert_array_equal(np.load(fh), want["features"][6:].reshape(2, -1))
