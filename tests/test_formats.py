@@ -222,3 +222,69 @@ def test_webdataset_on_a_store_by_prefix_and_by_brace_pattern_outputs_on_the_sto
                                   want["features"].reshape(8, -1))
     with fs.open("wds/out/npy/all/img_emb/img_emb_2.npy", "rb") as fh:
         np.testing.assert_array_equal(np.load(fh), want["features"][6:].reshape(2, -1))
+
+
+# --- Parquet of image bytes ------------------------------------------------------------------
+
+def make_parquet(images: Path, path: Path, rows_per_group: int, bad: bool = False) -> Path:
+    """A Parquet file as img2dataset's parquet output holds images: ``key``, ``jpg`` (the bytes),
+    ``label`` (the class name); ``bad``: rows with no bytes and with bytes of no image."""
+    import pyarrow as pa
+
+    files = sorted(images.rglob("*.jpg"))
+    rows = {"key": [p.relative_to(images).with_suffix("").as_posix() for p in files],
+            "jpg": [p.read_bytes() for p in files], "label": [p.parent.name for p in files]}
+    if bad:
+        rows = {"key": [*rows["key"], "bad/none", "bad/text"], "jpg": [*rows["jpg"], None, b"no image"],
+                "label": [*rows["label"], "blobs", "stripes"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path, row_group_size=rows_per_group)
+    return path
+
+
+def test_parquet_image_bytes_one_shard_per_row_group_labels_from_a_column(cluster, loose, tmp_path):
+    data = make_parquet(loose, tmp_path / "pq" / "part-00000.parquet", rows_per_group=4, bad=True)
+    summary = _run(cluster, data, tmp_path / "out", "--image-column", "jpg", "--label-column", "label",
+                   "--split", "test", "--format", "npy")
+    assert summary["images"] == 8 and summary["shards"] == 3  # 10 rows in row groups of 4
+    reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
+    assert "no image bytes in column 'jpg'" in reasons["part-00000.parquet#8"]
+    assert "not an image" in reasons["part-00000.parquet#9"]
+    got = _h5(summary["features"]["test"])
+    assert got["paths"][:2] == ["part-00000.parquet#0", "part-00000.parquet#1"]
+    assert got["labels"].tolist() == [0] * 4 + [1] * 4  # class names from the column, sorted
+    meta = pq.read_table(tmp_path / "out" / "npy" / "test" / "metadata" / "metadata_0.parquet")
+    assert meta["key"].to_pylist() == [f"blobs/img-{i:03d}" for i in range(4)]
+
+
+def test_parquet_options_are_checked_at_the_edge(loose, tmp_path):
+    data = make_parquet(loose, tmp_path / "pq" / "a.parquet", rows_per_group=4)
+    for args, words in ((["--image-column", "png"], "no column 'png' (--image-column)"),
+                        (["--image-column", "jpg", "--label-column", "class"], "no column 'class'"),
+                        (["--image-column", "jpg", "--label-field", "x"], "--label-field does not apply")):
+        proc = convoy("run", str(data), "--out", str(tmp_path / "out"), *FAST, *args)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# --- fidelity ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decode", ["exact", pytest.param("fast", marks=pytest.mark.slow)])
+def test_a_folder_a_tar_and_parquet_bytes_give_the_same_features_bit_for_bit(cluster, tmp_path, decode):
+    """The same JPEGs (large enough that ``fast`` decodes them shrunk) as loose files, WebDataset
+    tars and Parquet bytes: the same pixels through the one decoder, so equal features."""
+    images = make_tree(tmp_path / "loose", {"": 3}, splits=("",), size_px=80, fmt="jpg")
+    make_tars(images, tmp_path / "wds", per_tar=4)
+    make_parquet(images, tmp_path / "pq" / "a.parquet", rows_per_group=2)
+    args = ("--decode", decode, "--pooling", "avg")
+    runs = {"folder": _run(cluster, images, tmp_path / "o1", *args, "--format", "parquet"),
+            "tar": _run(cluster, tmp_path / "wds", tmp_path / "o2", *args, "--format", "parquet"),
+            "parquet": _run(cluster, tmp_path / "pq", tmp_path / "o3", *args, "--format", "parquet",
+                            "--image-column", "jpg", "--label-column", "label")}
+    tables = {name: pq.read_table(tmp_path / f"o{i}" / "parquet" / "all").sort_by("key")
+              for i, name in enumerate(runs, start=1)}
+    keys = tables["folder"]["key"].to_pylist()
+    assert len(keys) == 6 and all(t["key"].to_pylist() == keys for t in tables.values())
+    emb = {name: np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for name, t in tables.items()}
+    assert np.array_equal(emb["folder"], emb["tar"]) and np.array_equal(emb["folder"], emb["parquet"])
+    assert tables["folder"]["label"].to_pylist() == tables["parquet"]["label"].to_pylist()
