@@ -19,7 +19,7 @@ from convoy.shared.camjob import CAM_PREPROCESS, CamSpec, batch_id
 from convoy.shared.celery_app import send_steps
 from convoy.shared.errors import DataError, JobFailed, LayerError, ModelFileError, UsageError
 from convoy.shared.gradcam import VGG16_IMAGENET
-from convoy.shared.images import is_image_name
+from convoy.shared.images import is_image_name, sample_in_container
 from convoy.shared.job import new_job_id, sha256_file
 from convoy.shared.jobstore import DEFAULT_SHARE, JobStore, Share
 from convoy.shared.settings import Settings
@@ -77,7 +77,7 @@ def collect_images(inputs: list, root: Location | None = None) -> tuple[Location
     for item in inputs:
         if item.is_dir():
             files += _images_under(item)
-        elif item.is_file():
+        elif item.is_file() or (sample_in_container(item) and Path(sample_in_container(item)[0]).is_file()):
             files.append(item)
         else:
             raise DataError(f"{item} is neither an image file nor a folder")
@@ -332,7 +332,9 @@ def run_images(out_dir: Location, n: int, model: Location | None = None) -> tupl
     manifest = read_manifest(out_dir)
     data = storage.at(manifest["spec"]["data_dir"])
     by_split: dict[str, dict[str, int]] = {}
-    for shard in manifest["shards"]:
+    if "reading" in manifest["spec"]["options"]:  # containers: the samples are named in the merged files
+        by_split = _merged_samples(out_dir, manifest["spec"]["shard_ids"])
+    for shard in manifest["shards"] if not by_split else []:
         by_split.setdefault(shard["id"].split("/")[0], {}).update({rel: int(lab) for rel, lab in shard["entries"]})
     for split in ("test", "validation", *sorted(by_split)):
         if by_split.get(split):
@@ -341,6 +343,17 @@ def run_images(out_dir: Location, n: int, model: Location | None = None) -> tupl
             chosen = pick_spread(labels, wrong, n)
             return data, [storage.join(data, rel) for rel in chosen], {rel: labels[rel] for rel in chosen}
     return data, [], {}
+
+
+def _merged_samples(out_dir: Location, shard_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Split -> {sample (``tar#member``, ``file.parquet#row``): label} from the merged features."""
+    from convoy.shared.features import open_features
+
+    found = {}
+    for split in dict.fromkeys(s.split("/")[0] for s in shard_ids):
+        with open_features(out_dir, split) as f:
+            found[split] = dict(zip(f["paths"].asstr()[()].tolist(), f["labels"][()].tolist(), strict=True))
+    return found
 
 
 def _misclassified(model: Location | None, labels: dict[str, int]) -> set[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,16 @@ class BadImage(Exception):
 
 def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+_SAMPLE = re.compile(r"^(.*\.(?:tar|tar\.gz|tgz|parquet))#(.+)$", re.IGNORECASE)
+
+
+def sample_in_container(path: str | Path) -> tuple[str, str] | None:
+    """(container, member or row) for an image inside a WebDataset tar or a Parquet file, named
+    as its features name it (``.../00003.tar#a/1.jpg``, ``.../part.parquet#17``); else None."""
+    found = _SAMPLE.match(str(path))
+    return (found.group(1), found.group(2)) if found else None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

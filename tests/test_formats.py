@@ -288,3 +288,22 @@ def test_a_folder_a_tar_and_parquet_bytes_give_the_same_features_bit_for_bit(clu
     emb = {name: np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for name, t in tables.items()}
     assert np.array_equal(emb["folder"], emb["tar"]) and np.array_equal(emb["folder"], emb["parquet"])
     assert tables["folder"]["label"].to_pylist() == tables["parquet"]["label"].to_pylist()
+
+
+def test_training_grad_cam_and_report_from_tars_with_parquet_asked_for(cluster, tmp_path):
+    """A labelled WebDataset job trains (its one split held out), draws Grad-CAM maps of test
+    samples read back out of their tars, and reports; asked for Parquet, it keeps the HDF5
+    shard files training reads."""
+    images = make_tree(tmp_path / "loose", {"": 8}, splits=("",), fmt="jpg")
+    make_tars(images, tmp_path / "wds", per_tar=6)
+    out = tmp_path / "out"
+    proc = convoy("run", str(tmp_path / "wds"), "--out", str(out), "--json", "--input-size", "32", "--weights", "none",
+                  "--classes", "blobs,stripes", "--format", "parquet", "--epochs", "1", "--cam", "2", env=cluster.env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["cam"]["rows"] == 2, summary["cam"]
+    with h5py.File(summary["cam"]["heatmaps"]) as f:
+        assert all(".tar#" in p for p in f["paths"].asstr()[()]), f["paths"][()]
+    assert (out / "model" / "full_model.keras").exists() and pq.read_table(out / "parquet" / "all").num_rows == 16
+    report = convoy("report", str(out), check=True).stdout.strip()
+    assert report.endswith("report.html") and ".tar#" in (out / "report.html").read_text()

@@ -24,6 +24,7 @@ from convoy.shared.overlay import DISPLAY_PX, overlay_name, superimpose, write_p
 from convoy.shared.states import JobStatus
 from convoy.shared.terminal import printable
 from convoy.workers.runtime import runtime
+from convoy.workers.samples import open_sample
 from convoy.workers.step import ConvoyStep, Outcome, Route
 
 log = logging.getLogger("convoy.cam")
@@ -83,7 +84,7 @@ def _decode(files: list[Path], hw: tuple[int, int], settings) -> tuple[list[int]
     ok, images, skipped = [], [], []
     for i, path in enumerate(files):
         try:
-            with paths.open_image(path, settings) as fh:
+            with open_sample(path, settings) as fh:  # a file, an object, or a tar's or Parquet file's sample
                 small, shown = load_views(fh, hw, DISPLAY_PX)
         except BadImage as exc:
             skipped.append((i, str(exc)))

@@ -13,6 +13,7 @@ consecutive in the tar.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from typing import IO
 
 from convoy.shared import paths, storage
-from convoy.shared.errors import OutsideRoots, ShardError
-from convoy.shared.images import is_image_name
+from convoy.shared.errors import OutsideRoots, ShardError, StoreError
+from convoy.shared.images import BadImage, is_image_name, sample_in_container
 from convoy.shared.settings import Settings
 from convoy.shared.storage import Location
 
@@ -182,3 +183,56 @@ def _parquet_samples(rel: str, group: int, loc: Location, reading: dict, classes
         if not sample.reason:
             sample.data = bytes(data)
         yield sample
+
+
+# --- one sample by its name (Grad-CAM of a few test images) ------------------------------------
+
+@contextmanager
+def open_sample(path: Location, settings: Settings) -> Iterator[IO[bytes]]:
+    """An image to read: a file or object (:func:`convoy.shared.paths.open_image`), or a sample
+    in a container by its name (``x.tar#member``: the tar read up to that member;
+    ``x.parquet#row``: that row's row group, its bytes from the file's first binary column);
+    :class:`BadImage` with the reason."""
+    found = sample_in_container(path)
+    if not found:
+        with paths.open_image(path, settings) as fh:
+            yield fh
+        return
+    container, inner = storage.location(found[0]), found[1]
+    try:
+        data = _parquet_cell(container, int(inner), settings) if container_is_parquet(container) else \
+            _tar_member(container, inner, settings)
+    except (ShardError, StoreError, OSError, ValueError, tarfile.TarError) as exc:
+        raise BadImage(f"cannot read {inner} from {storage.name(container)}: {exc}") from None
+    if data is None:
+        raise BadImage(f"{storage.name(container)} holds no {inner}")
+    yield io.BytesIO(data)
+
+
+def container_is_parquet(loc: Location) -> bool:
+    return storage.name(loc).lower().endswith(".parquet")
+
+
+def _tar_member(loc: Location, name: str, settings: Settings) -> bytes | None:
+    with _open(loc, settings) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        for member in tar:
+            if member.name == name and member.isfile():
+                return tar.extractfile(member).read()
+    return None
+
+
+def _parquet_cell(loc: Location, row: int, settings: Settings) -> bytes | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with _open(loc, settings) as fh:
+        pf = pq.ParquetFile(fh)
+        binary = [f.name for f in pf.schema_arrow if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+        column = binary[0] if binary else None
+        start = 0
+        for group in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(group).num_rows
+            if column and start <= row < start + rows:
+                return pf.read_row_group(group, columns=[column]).column(0)[row - start].as_py()
+            start += rows
+    return None
