@@ -144,7 +144,8 @@ def _scan_words(scan) -> str:
         tars = sum(len(entries) for entries in scan.splits.values())
         return f"{plural(tars, 'WebDataset tar')}" + (f", {plural(len(scan.class_names), 'class')}"
                                                       if scan.class_names else "")
-    images = sum(scan.counted.values()) if scan.counted else sum(len(entries) for entries in scan.splits.values())
+    counts = scan.counted or {split: [1] * len(entries) for split, entries in scan.splits.items()}
+    images = sum(map(sum, counts.values()))
     classes = f" in {plural(len(scan.class_names), 'class')}" if scan.class_names else ""
     return f"{plural(images, 'image')}{classes}" + (f", {len(scan.skipped)} skipped" if scan.skipped else "")
 

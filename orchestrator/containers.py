@@ -118,16 +118,15 @@ def scan_containers(base: Location, found: list[str], layout: str, reading: Read
         scan.splits[split] = [[rel, 0] for rel in found]
         return scan
     labels: set[str] = set()
-    rows = 0
+    scan.counted = {split: []}
     for rel in found:
         groups, names = _row_groups(storage.join(base, rel), reading)
         scan.splits.setdefault(split, []).extend([rel, g] for g in range(len(groups)))
-        rows += sum(groups)
+        scan.counted[split] += groups
         labels |= names
     if not reading.classes and reading.label_column:
         scan.class_names = sorted(labels, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
-    scan.counted = {split: rows}
-    if not rows:
+    if not sum(scan.counted[split]):
         raise DataError(f"no rows in {base} ({len(found)} Parquet files); {HELP}")
     return scan
 

@@ -202,6 +202,9 @@ def prepare(
     weights_path, sha = weights or resolve_weights(req.model, req.weights, req.seed, out, req.keras_home,
                                                    req.checked_weights)
     shards = make_shards(scan, req.shard_size)
+    if scan.counted:  # one shard per entry, in order: each Parquet row group's rows
+        sizes = [n for split in scan.splits for n in scan.counted[split]]
+        options = {**(options or {}), "shard_images": dict(zip(shards, sizes, strict=True))}
     model = ModelConfig(
         layer=req.layer,
         input_size_px=req.input_size_px,

@@ -32,9 +32,9 @@ class Scan:
     splits: dict[str, list[list]] = field(default_factory=dict)
     ignored: int = 0
     skipped: list[dict] = field(default_factory=list)
-    #: Images per split where entries are containers (Parquet row groups); None where each
-    #: entry is an image, or where the count is known only once read (WebDataset tars).
-    counted: dict[str, int] | None = None
+    #: Images of each entry, per split, where entries are containers (Parquet row groups); None
+    #: where each entry is an image, or where the count is known only once read (WebDataset tars).
+    counted: dict[str, list[int]] | None = None
 
     @property
     def images(self) -> int:

@@ -66,7 +66,7 @@ def chain_options(model: str, layer: str, scan: Scan, config: dict, train: bool,
     if not scan.containers:
         sizes = scan_sizes(scan.splits)
     elif scan.counted:
-        sizes = scan_sizes({split: range(n) for split, n in scan.counted.items()})
+        sizes = scan_sizes({split: range(sum(n)) for split, n in scan.counted.items()})
     else:
         sizes = dict.fromkeys(SEED_SPLITS, 1)
     check_trainable(f"DATA {scan.data_dir}", scan.class_names, sizes)

@@ -154,7 +154,7 @@ class JobStore:
         has room for now, to send (the others are sent as steps finish)."""
         steps = [NewStep(s, keys.EXTRACT_QUEUE, keys.EXTRACT_TASK) for s in shards]
         self._create(spec.job_id, "extract", spec.to_json(), shards, steps, spec.max_deliveries, ttl_s,
-                     spec.out_dir, spec.created_at, share)
+                     spec.out_dir, spec.created_at, share, spec.options.get("shard_images"))
         return self.dispatch(keys.EXTRACT_QUEUE, spec.job_id)
 
     def create_cam(self, spec, batches: dict[str, list[str]], ttl_s: int, share: Share = DEFAULT_SHARE) -> list[Send]:
@@ -165,7 +165,10 @@ class JobStore:
         return self.dispatch(keys.CAM_QUEUE, spec.job_id)
 
     def _create(self, job: str, kind: str, spec_json: str, inputs: dict[str, list], steps: list[NewStep],
-                max_deliveries: int, ttl_s: int, out_dir: str, created_at: float, share: Share) -> None:
+                max_deliveries: int, ttl_s: int, out_dir: str, created_at: float, share: Share,
+                totals: dict[str, int] | None = None) -> None:
+        # A step's images: its inputs, or (a Parquet row group: one input) as many as ``totals`` says.
+        totals = {s: (totals or {}).get(s, len(v)) for s, v in inputs.items()}
         pipe = self.r.pipeline(transaction=True)
         for step in self.r.hkeys(keys.job_steps(job)):  # a resumed job starts afresh
             pipe.delete(keys.job_step(job, step))
@@ -175,14 +178,14 @@ class JobStore:
         now = seconds + micros / 1e6
         pipe.hset(keys.job_state(job), mapping={
             "kind": kind, "status": JobStatus.QUEUED.value, "created_at": created_at, "submitted_at": now,
-            "images_done": 0, "images_total": sum(len(v) for v in inputs.values()), "max_deliveries": max_deliveries,
+            "images_done": 0, "images_total": sum(totals.values()), "max_deliveries": max_deliveries,
             "ttl": ttl_s, "out_key": keys.out_owner(_path_hash(out_dir)), "priority": share.priority,
             "weight": share.weight, "max_running": share.max_running})
         pipe.hset(keys.job_inputs(job), mapping={s: json.dumps(v) for s, v in inputs.items()})
         for order, step in enumerate(steps):
             pipe.hset(keys.job_step(job, step.step), mapping={
                 "state": StepState.READY.value, "queue": step.queue, "task": step.task, "msg": step.msg,
-                "deliveries": 0, "done": 0, "total": len(inputs[step.step]), "params": "{}", "ready_at": now})
+                "deliveries": 0, "done": 0, "total": totals[step.step], "params": "{}", "ready_at": now})
             pipe.hset(keys.job_steps(job), step.step, step.queue)
             pipe.zadd(keys.job_ready(job, step.queue), {step.step: order})
         pipe.zadd(keys.jobs_index(), {job: created_at})

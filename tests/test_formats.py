@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from convoy.shared.jobstore import JobStore, connect
 from tests.conftest import convoy, submit_watched, wait_final, wait_until
 from tests.imagegen import make_tree
 from tests.s3server import s3, start_s3  # noqa: F401 - the fixture
@@ -68,6 +70,7 @@ def test_parquet_and_npy_outputs_hold_the_hdf5_features_and_faiss_indexes_them(c
     assert not list(out.rglob(".*.tmp-*"))
 
 
+@pytest.mark.slow  # six seconds; the formats' writing is covered by the test above
 def test_a_format_asked_for_on_resume_is_made_from_the_finished_shards(cluster, images_tree, tmp_path):
     out = tmp_path / "out"
     first = _run(cluster, images_tree, out, "--shard-size", "10")
@@ -143,6 +146,7 @@ def test_webdataset_tars_one_shard_each_bad_members_skipped_by_name(cluster, loo
     assert _h5(summary["features"]["all"])["paths"] == table["source"].to_pylist()
 
 
+@pytest.mark.slow  # the store test names tars by pattern too
 def test_webdataset_brace_pattern_json_label_field_and_split(cluster, loose, tmp_path):
     make_tars(loose, tmp_path / "wds", per_tar=5)
     summary = _run(cluster, str(tmp_path / "wds" / "{00000..00001}.tar"), tmp_path / "out",
@@ -164,6 +168,7 @@ def test_webdataset_options_are_checked_at_the_edge(loose, tmp_path):
     assert proc.returncode == 2 and "--label-field reads WebDataset" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # a dozen seconds of fault and recovery
 def test_a_worker_process_killed_mid_tar_leaves_every_image_once(private, tmp_path):
     """Invariant: every sample of every tar is in the merged file once, in tar order, after the
     process extracting a tar was SIGKILLed with part of that tar decoded."""
@@ -192,6 +197,7 @@ def _running(store, job: str):
     return None
 
 
+@pytest.mark.slow  # half a minute: two embedded runs and one on the cluster
 def test_webdataset_on_a_store_by_prefix_and_by_brace_pattern_outputs_on_the_store(cluster, s3, loose, tmp_path):  # noqa: F811
     """Tars on the S3 server, read by prefix (one listing) and by brace pattern (none), outputs
     written there and read back with plain pyarrow: equal to the same tars in a folder, and the
@@ -247,6 +253,8 @@ def test_parquet_image_bytes_one_shard_per_row_group_labels_from_a_column(cluste
     summary = _run(cluster, data, tmp_path / "out", "--image-column", "jpg", "--label-column", "label",
                    "--split", "test", "--format", "npy")
     assert summary["images"] == 8 and summary["shards"] == 3  # 10 rows in row groups of 4
+    state = JobStore(connect(cluster.url)).status(summary["job_id"])
+    assert state["images_total"] == state["images_done"] == "10"  # the rows, counted from the footer
     reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
     assert "no image bytes in column 'jpg'" in reasons["part-00000.parquet#8"]
     assert "not an image" in reasons["part-00000.parquet#9"]
@@ -276,13 +284,12 @@ def test_a_folder_a_tar_and_parquet_bytes_give_the_same_features_bit_for_bit(clu
     images = make_tree(tmp_path / "loose", {"": 3}, splits=("",), size_px=80, fmt="jpg")
     make_tars(images, tmp_path / "wds", per_tar=4)
     make_parquet(images, tmp_path / "pq" / "a.parquet", rows_per_group=2)
-    args = ("--decode", decode, "--pooling", "avg")
-    runs = {"folder": _run(cluster, images, tmp_path / "o1", *args, "--format", "parquet"),
-            "tar": _run(cluster, tmp_path / "wds", tmp_path / "o2", *args, "--format", "parquet"),
-            "parquet": _run(cluster, tmp_path / "pq", tmp_path / "o3", *args, "--format", "parquet",
-                            "--image-column", "jpg", "--label-column", "label")}
-    tables = {name: pq.read_table(tmp_path / f"o{i}" / "parquet" / "all").sort_by("key")
-              for i, name in enumerate(runs, start=1)}
+    args = ("--decode", decode, "--pooling", "avg", "--format", "parquet")
+    runs = {"folder": (images,), "tar": (tmp_path / "wds",),
+            "parquet": (tmp_path / "pq", "--image-column", "jpg", "--label-column", "label")}
+    with ThreadPoolExecutor(3) as pool:  # three jobs on the cluster at once: a third of the wait
+        list(pool.map(lambda kv: _run(cluster, kv[1][0], tmp_path / kv[0], *args, *kv[1][1:]), runs.items()))
+    tables = {name: pq.read_table(tmp_path / name / "parquet" / "all").sort_by("key") for name in runs}
     keys = tables["folder"]["key"].to_pylist()
     assert len(keys) == 6 and all(t["key"].to_pylist() == keys for t in tables.values())
     emb = {name: np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for name, t in tables.items()}
@@ -290,6 +297,7 @@ def test_a_folder_a_tar_and_parquet_bytes_give_the_same_features_bit_for_bit(clu
     assert tables["folder"]["label"].to_pylist() == tables["parquet"]["label"].to_pylist()
 
 
+@pytest.mark.slow  # a dozen seconds: training and Grad-CAM
 def test_training_grad_cam_and_report_from_tars_with_parquet_asked_for(cluster, tmp_path):
     """A labelled WebDataset job trains (its one split held out), draws Grad-CAM maps of test
     samples read back out of their tars, and reports; asked for Parquet, it keeps the HDF5
