@@ -46,6 +46,7 @@ def _request(args, settings: Settings):
         max_deliveries=args.max_deliveries, keras_home=keras_home_from_env(), model=args.model, pooling=args.pooling,
         checked_weights=settings.state_dir / "weights-checked", formats=args.formats,
         reading=Reading(label_field=args.label_field, classes=args.classes or (), split=args.split,
+                        split_field=args.split_field,
                         image_column=args.image_column, label_column=args.label_column),
     )
 

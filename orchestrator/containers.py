@@ -18,7 +18,7 @@ from pathlib import Path
 from convoy.orchestrator.scan import Scan
 from convoy.shared import storage
 from convoy.shared.errors import DataError, UsageError
-from convoy.shared.job import SINGLE_SPLIT
+from convoy.shared.job import SEED_SPLITS, SINGLE_SPLIT
 from convoy.shared.storage import Location, StoreError
 
 WEBDATASET, PARQUET = "webdataset", "parquet"
@@ -37,16 +37,19 @@ class Reading:
     label_field: str | None = None  # WebDataset: the .json field holding the label (default: the .cls member)
     classes: tuple[str, ...] = ()  # the class names, in index order (WebDataset labels: an index, or a name)
     split: str | None = None  # the split every sample belongs to (default: "all")
+    split_field: str | None = None  # or each sample's: a field of its .json, a column of the Parquet file
     image_column: str | None = None  # Parquet: the column of image bytes
     label_column: str | None = None  # Parquet: the column of class names
 
     def options(self) -> dict:
         return {"label_field": self.label_field, "image_column": self.image_column,
-                "label_column": self.label_column, "split": self.split or SINGLE_SPLIT}
+                "label_column": self.label_column, "split": self.split or SINGLE_SPLIT,
+                "split_field": self.split_field}
 
     @property
     def given(self) -> list[str]:
         names = {"--label-field": self.label_field, "--classes": self.classes, "--split": self.split,
+                 "--split-field": self.split_field,
                  "--image-column": self.image_column, "--label-column": self.label_column}
         return [name for name, value in names.items() if value]
 
@@ -111,36 +114,46 @@ def _local_files(folder: Path) -> list[str]:
 
 
 def scan_containers(base: Location, found: list[str], layout: str, reading: Reading) -> Scan:
-    """A :class:`Scan` with one entry per tar (or per Parquet row group), all in one split."""
-    split = reading.split or SINGLE_SPLIT
+    """A :class:`Scan` with one entry per tar (or per Parquet row group) and split: all in one
+    split, or with ``--split-field`` each in the splits its samples name. A tar's are known only
+    once it is read, so it is an entry of each of train, validation and test (each of those
+    shards keeps its own split's samples); a row group's are read from its split column."""
     scan = Scan(base, layout, list(reading.classes))
     if layout == WEBDATASET:
-        scan.splits[split] = [[rel, 0] for rel in found]
+        for split in SEED_SPLITS if reading.split_field else (reading.split or SINGLE_SPLIT,):
+            scan.splits[split] = [[rel, 0] for rel in found]
         return scan
     labels: set[str] = set()
-    scan.counted = {split: []}
+    scan.counted = {}
     for rel in found:
-        groups, names = _row_groups(storage.join(base, rel), reading)
-        scan.splits.setdefault(split, []).extend([rel, g] for g in range(len(groups)))
-        scan.counted[split] += groups
+        groups, names, splits = _row_groups(storage.join(base, rel), reading)
+        for g, rows in enumerate(groups):
+            for split, n in (splits[g] if reading.split_field else {reading.split or SINGLE_SPLIT: rows}).items():
+                scan.splits.setdefault(split, []).append([rel, g])
+                scan.counted.setdefault(split, []).append(n)
+        scan.skipped += [{"path": f"{rel}#{row}", "reason": reason} for row, reason in splits.get("bad", [])]
         labels |= names
     if not reading.classes and reading.label_column:
         scan.class_names = sorted(labels, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
-    if not sum(scan.counted[split]):
+    if not sum(map(sum, scan.counted.values())):
         raise DataError(f"no rows in {base} ({len(found)} Parquet files); {HELP}")
+    scan.splits = {s: scan.splits[s] for s in (*SEED_SPLITS, SINGLE_SPLIT) if s in scan.splits}
+    scan.counted = {s: scan.counted[s] for s in scan.splits}
     return scan
 
 
-def _row_groups(loc: Location, reading: Reading) -> tuple[list[int], set[str]]:
-    """The rows of each row group of a Parquet file (from its footer, read in ranges), and the
-    class names its label column holds (that column only)."""
+def _row_groups(loc: Location, reading: Reading) -> tuple[list[int], set[str], dict]:
+    """The rows of each row group of a Parquet file (from its footer, read in ranges), the
+    class names its label column holds, and with ``--split-field`` each row group's rows per
+    split (by index; ``"bad"``: (row, reason) of rows naming no split). Those columns only."""
     import pyarrow.parquet as pq
 
     try:
         with storage.open_read(loc) as fh:
             pf = pq.ParquetFile(fh)
             columns = pf.schema_arrow.names
-            for option, column in (("--image-column", reading.image_column), ("--label-column", reading.label_column)):
+            for option, column in (("--image-column", reading.image_column), ("--label-column", reading.label_column),
+                                   ("--split-field", reading.split_field)):
                 if column and column not in columns:
                     raise DataError(f"{loc} has no column {column!r} ({option}); its columns: {', '.join(columns)}")
             groups = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
@@ -148,11 +161,29 @@ def _row_groups(loc: Location, reading: Reading) -> tuple[list[int], set[str]]:
             if reading.label_column:
                 values = pf.read(columns=[reading.label_column]).column(0).to_pylist()
                 names = {str(v).strip() for v in values if v is not None and str(v).strip()}
+            splits = _splits(pf.read(columns=[reading.split_field]).column(0).to_pylist(), groups) \
+                if reading.split_field else {}
     except (OSError, StoreError) as exc:
         raise DataError(f"cannot read {loc}: {exc}") from None
     except ValueError as exc:  # pyarrow's ArrowInvalid: not a Parquet file
         raise DataError(f"{loc} is not a readable Parquet file: {exc}") from None
-    return groups, names
+    return groups, names, splits
+
+
+def _splits(values: list, groups: list[int]) -> dict:
+    """Row group index -> {split: rows}, and "bad" -> [(row, reason)] for rows naming none."""
+    out: dict = {"bad": []}
+    start = 0
+    for g, rows in enumerate(groups):
+        out[g] = {}
+        for row in range(start, start + rows):
+            value = str(values[row] or "").strip()
+            if value in SEED_SPLITS:
+                out[g][value] = out[g].get(value, 0) + 1
+            else:
+                out["bad"].append((row, f"split {value!r} is not one of {', '.join(SEED_SPLITS)}"))
+        start += rows
+    return out
 
 
 def check_reading(reading: Reading, layout: str | None) -> None:
@@ -160,6 +191,8 @@ def check_reading(reading: Reading, layout: str | None) -> None:
     if layout is None and reading.given:
         raise UsageError(f"{reading.given[0]} reads WebDataset tars or Parquet image bytes; DATA is a folder or "
                          f"a list of images ({HELP})")
+    if reading.split and reading.split_field:
+        raise UsageError("give --split (every sample's) or --split-field (each sample's), not both")
     wrong = {WEBDATASET: ("--label-column",), PARQUET: ("--label-field",)}.get(layout or "", ())
     for name in wrong:
         if name in reading.given:

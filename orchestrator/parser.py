@@ -113,6 +113,9 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
                    help="WebDataset: class names in index order (cat,dog): labels are indexes into them, or names")
     p.add_argument("--split", choices=(*SEED_SPLITS, SINGLE_SPLIT),
                    help="WebDataset or Parquet: the split of every sample (default: all, held out for training)")
+    p.add_argument("--split-field", type=column, metavar="NAME",
+                   help="WebDataset: the .json field naming each sample's split (train, validation, test); "
+                        "Parquet: the column")
     p.add_argument("--image-column", type=column, metavar="NAME",
                    help="DATA is Parquet of image bytes (a file, a folder or a brace pattern): the bytes' column")
     p.add_argument("--label-column", type=column, metavar="NAME",

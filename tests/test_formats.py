@@ -112,7 +112,7 @@ def make_tars(images: Path, out: Path, per_tar: int, bad: bool = False) -> list[
                 key = path.relative_to(images).with_suffix("").as_posix()
                 _member(tar, f"{key}.jpg", path.read_bytes())
                 _member(tar, f"{key}.cls", str(classes.index(path.parent.name)).encode())
-                _member(tar, f"{key}.json", json.dumps({"label": path.parent.name}).encode())
+                _member(tar, f"{key}.json", json.dumps({"label": path.parent.name, "split": _split_of(key)}).encode())
     if bad:
         good = files[0].read_bytes()
         with tarfile.open(out / f"{len(groups):05d}.tar", "w") as tar:
@@ -120,7 +120,16 @@ def make_tars(images: Path, out: Path, per_tar: int, bad: bool = False) -> list[
                 _member(tar, f"{key}.jpg", data)
                 _member(tar, f"{key}.cls", b"0")
             _member(tar, "bad/lonely.json", b'{"label": "blobs"}')
+            _member(tar, "bad/elsewhere.cls", b"0")
+            _member(tar, "bad/elsewhere.jpg", good)
+            _member(tar, "bad/elsewhere.json", b'{"label": "blobs", "split": "holdout"}')
     return sorted(out.glob("*.tar"))
+
+
+def _split_of(key: str) -> str:
+    """The split folder a test image came from (train/blobs/img-000), else all."""
+    first = key.split("/")[0]
+    return first if first in ("train", "validation", "test") else "all"
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +142,7 @@ def test_webdataset_tars_one_shard_each_bad_members_skipped_by_name(cluster, loo
     make_tars(loose, tmp_path / "wds", per_tar=3, bad=True)
     out = tmp_path / "out"
     summary = _run(cluster, tmp_path / "wds", out, "--classes", "blobs,stripes", "--format", "parquet")
-    assert summary["images"] == 8 and summary["shards"] == 4  # 3 tars of images, one of bad members
+    assert summary["images"] == 9 and summary["shards"] == 4  # 3 tars of images, one of bad members (and one good)
     reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
     assert set(reasons) == {"00003.tar#bad/text.jpg", "00003.tar#bad/half.jpg", "00003.tar#bad/lonely"}, reasons
     assert "not an image" in reasons["00003.tar#bad/text.jpg"]
@@ -142,7 +151,7 @@ def test_webdataset_tars_one_shard_each_bad_members_skipped_by_name(cluster, loo
     table = pq.read_table(out / "parquet" / "all")
     assert table["source"].to_pylist()[:2] == ["00000.tar#blobs/img-000.jpg", "00000.tar#blobs/img-001.jpg"]
     assert table["key"].to_pylist()[0] == "blobs/img-000"
-    assert table["label"].to_pylist() == [0] * 4 + [1] * 4
+    assert table["label"].to_pylist() == [0] * 4 + [1] * 4 + [0]
     assert _h5(summary["features"]["all"])["paths"] == table["source"].to_pylist()
 
 
@@ -160,7 +169,8 @@ def test_webdataset_options_are_checked_at_the_edge(loose, tmp_path):
     make_tars(loose, tmp_path / "wds", per_tar=5)
     for args, words in ((["--label-column", "x"], "--label-column does not apply"),
                         (["--classes", "a,a"], "--classes"),
-                        (["--split", "nope"], "--split")):
+                        (["--split", "nope"], "--split"),
+                        (["--split", "train", "--split-field", "split"], "not both")):
         proc = convoy("run", str(tmp_path / "wds"), "--out", str(tmp_path / "out"), *FAST, *args)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
@@ -238,11 +248,12 @@ def make_parquet(images: Path, path: Path, rows_per_group: int, bad: bool = Fals
     import pyarrow as pa
 
     files = sorted(images.rglob("*.jpg"))
-    rows = {"key": [p.relative_to(images).with_suffix("").as_posix() for p in files],
-            "jpg": [p.read_bytes() for p in files], "label": [p.parent.name for p in files]}
+    keys = [p.relative_to(images).with_suffix("").as_posix() for p in files]
+    rows = {"key": keys, "jpg": [p.read_bytes() for p in files], "label": [p.parent.name for p in files],
+            "split": [_split_of(k) for k in keys]}
     if bad:
         rows = {"key": [*rows["key"], "bad/none", "bad/text"], "jpg": [*rows["jpg"], None, b"no image"],
-                "label": [*rows["label"], "blobs", "stripes"]}
+                "label": [*rows["label"], "blobs", "stripes"], "split": [*rows["split"], "holdout", "all"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path, row_group_size=rows_per_group)
     return path
@@ -315,3 +326,23 @@ def test_training_grad_cam_and_report_from_tars_with_parquet_asked_for(cluster, 
     assert (out / "model" / "full_model.keras").exists() and pq.read_table(out / "parquet" / "all").num_rows == 16
     report = convoy("report", str(out), check=True).stdout.strip()
     assert report.endswith("report.html") and ".tar#" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow  # a dozen seconds: two runs
+def test_split_field_of_webdataset_json_and_of_a_parquet_column(cluster, tmp_path):
+    """Each sample's split from its .json (a tar is a shard of each split, keeping its own) or
+    from a Parquet column (a row group is a shard of each split it holds): the same rows per
+    split both ways; a sample naming no split is reported once."""
+    images = make_tree(tmp_path / "loose", {"train": 3, "validation": 1, "test": 1}, fmt="jpg")
+    make_tars(images, tmp_path / "wds", per_tar=4, bad=True)
+    make_parquet(images, tmp_path / "pq" / "a.parquet", rows_per_group=4, bad=True)
+    tars = _run(cluster, tmp_path / "wds", tmp_path / "o1", "--split-field", "split", "--classes", "blobs,stripes")
+    rows = _run(cluster, tmp_path / "pq", tmp_path / "o2", "--split-field", "split", "--image-column", "jpg",
+                "--label-column", "label")
+    assert tars["shards"] == 3 * 4 and tars["images"] == rows["images"] == 10
+    assert [s["path"] for s in tars["skipped"]].count("00003.tar#bad/elsewhere.json") == 1, tars["skipped"]
+    assert "'holdout'" in {s["path"]: s["reason"] for s in rows["skipped"]}["a.parquet#10"]
+    for split, n in (("train", 6), ("validation", 2), ("test", 2)):
+        a, b = _h5(tars["features"][split]), _h5(rows["features"][split])
+        assert len(a["paths"]) == n and all(p.split("#")[1].startswith(split + "/") for p in a["paths"])
+        assert np.array_equal(a["features"], b["features"]) and a["labels"].tolist() == b["labels"].tolist()

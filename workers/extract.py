@@ -147,7 +147,7 @@ def _extract_samples(task, rt, spec, shard, entry, location) -> tuple[ShardResul
 
     def items():
         for sample in read_samples(spec.options["layout"], entry[0], entry[1], location, spec.options["reading"],
-                                   spec.class_names, rt.settings):
+                                   spec.class_names, rt.settings, shard.split("/")[0]):
             samples.append(sample)
             yield sample.data if sample.data is not None else sample.reason
 

@@ -26,6 +26,7 @@ from typing import IO
 from convoy.shared import paths, storage
 from convoy.shared.errors import OutsideRoots, ShardError, StoreError
 from convoy.shared.images import BadImage, is_image_name, sample_in_container
+from convoy.shared.job import SEED_SPLITS
 from convoy.shared.settings import Settings
 from convoy.shared.storage import Location
 
@@ -57,25 +58,36 @@ def _open(loc: Location, settings: Settings) -> Iterator[IO[bytes]]:
 
 
 def read_samples(layout: str, rel: str, part: int, loc: Location, reading: dict, classes: list[str],
-                 settings: Settings) -> Iterator[Sample]:
-    """The samples of the container ``rel`` (at ``loc``): a whole tar, or row group ``part``."""
+                 settings: Settings, split: str = "") -> Iterator[Sample]:
+    """The samples of the container ``rel`` (at ``loc``): a whole tar, or row group ``part``;
+    with a split field, those of ``split`` only (the shard's)."""
     if layout == "parquet":
-        yield from _parquet_samples(rel, part, loc, reading, classes, settings)
+        yield from _parquet_samples(rel, part, loc, reading, classes, settings, split)
     else:
-        yield from _tar_samples(rel, loc, reading, classes, settings)
+        yield from _tar_samples(rel, loc, reading, classes, settings, split)
 
 
 # --- WebDataset ----------------------------------------------------------------------------
 
-def _tar_samples(rel: str, loc: Location, reading: dict, classes: list[str], settings: Settings) -> Iterator[Sample]:
+def _tar_samples(rel: str, loc: Location, reading: dict, classes: list[str], settings: Settings,
+                 split: str) -> Iterator[Sample]:
+    # With a split field, each tar is a shard of train, validation and test: what belongs to no
+    # split (a bad split value, a truncated tar) is reported by the first of them only.
+    first = not reading.get("split_field") or split == SEED_SPLITS[0]
     with _open(loc, settings) as fh:
         last = ""
         try:
             with tarfile.open(fileobj=fh, mode="r|*") as tar:
                 for key, members in _groups(tar):
                     last = max(name for name, _ in members.values())
-                    yield _tar_sample(rel, key, members, reading, classes)
+                    owner, reason = _tar_split(members, reading, split)
+                    if reason and first:
+                        yield Sample(f"{rel}#{last}", key, reason=reason)
+                    elif owner:
+                        yield _tar_sample(rel, key, members, reading, classes)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            if not first:
+                return
             where = f"after member {last}" if last else "at its start"
             yield Sample(f"{rel}#{last or '-'}", "", reason=f"the tar is truncated or corrupt {where}: {exc}; "
                                                              "the members after it are not read")
@@ -110,6 +122,20 @@ def _tar_sample(rel: str, key: str, members: dict[str, tuple[str, bytes]], readi
     if sample.reason:
         sample.data = None
     return sample
+
+
+def _tar_split(members: dict[str, tuple[str, bytes]], reading: dict, split: str) -> tuple[bool, str]:
+    """(the sample belongs to ``split``, why it belongs to none)."""
+    field = reading.get("split_field")
+    if not field:
+        return True, ""
+    try:
+        value = json.loads(members["json"][1]).get(field) if "json" in members else None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return False, "its .json member is not a JSON object"
+    if value not in SEED_SPLITS:
+        return False, f"split {value!r} (its .json's {field!r}) is not one of {', '.join(SEED_SPLITS)}"
+    return value == split, ""
 
 
 def _tar_label(members: dict[str, tuple[str, bytes]], reading: dict, classes: list[str]) -> tuple[int, str]:
@@ -150,10 +176,10 @@ def label_index(value, classes: list[str]) -> tuple[int, str]:
 # --- Parquet ---------------------------------------------------------------------------------
 
 def _parquet_samples(rel: str, group: int, loc: Location, reading: dict, classes: list[str],
-                     settings: Settings) -> Iterator[Sample]:
+                     settings: Settings, split: str) -> Iterator[Sample]:
     import pyarrow.parquet as pq
 
-    image, label = reading["image_column"], reading.get("label_column")
+    image, label, split_field = reading["image_column"], reading.get("label_column"), reading.get("split_field")
     with _open(loc, settings) as fh:
         pf = pq.ParquetFile(fh)
         if group >= pf.metadata.num_row_groups:
@@ -161,10 +187,13 @@ def _parquet_samples(rel: str, group: int, loc: Location, reading: dict, classes
                              "it changed since the job was submitted")
         offset = sum(pf.metadata.row_group(g).num_rows for g in range(group))
         has_key = "key" in pf.schema_arrow.names
-        columns = [image, *([label] if label else []), *(["key"] if has_key else [])]
+        columns = [image, *([label] if label else []), *([split_field] if split_field else []),
+                   *(["key"] if has_key else [])]
         table = pf.read_row_group(group, columns=list(dict.fromkeys(columns)))
     rows = table.to_pydict()
     for i, data in enumerate(rows[image]):
+        if split_field and str(rows[split_field][i] or "").strip() != split:
+            continue  # another split's (or none's: the scan reported it)
         row = offset + i
         key = str(rows["key"][i]) if has_key and rows["key"][i] is not None else str(row)
         sample = Sample(f"{rel}#{row}", key)
