@@ -281,6 +281,10 @@ if a.done then
   redis.call('HINCRBY', k_state(j), 'images_done', a.done - old)
   f[#f + 1] = 'done'; f[#f + 1] = a.done
 end
+if a.fields.total then  -- a tar's images, known once it is read, replace the one it was counted as
+  local planned = tonumber(redis.call('HGET', sk, 'total') or '0')
+  redis.call('HINCRBY', k_state(j), 'images_total', tonumber(a.fields.total) - planned)
+end
 redis.call('HSET', sk, unpack(f))
 redis.call('ZREM', k_leases(), m)
 redis.call('ZREM', k_pending(q), m)

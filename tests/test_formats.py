@@ -143,6 +143,8 @@ def test_webdataset_tars_one_shard_each_bad_members_skipped_by_name(cluster, loo
     out = tmp_path / "out"
     summary = _run(cluster, tmp_path / "wds", out, "--classes", "blobs,stripes", "--format", "parquet")
     assert summary["images"] == 9 and summary["shards"] == 4  # 3 tars of images, one of bad members (and one good)
+    state = JobStore(connect(cluster.url)).status(summary["job_id"])
+    assert state["images_total"] == state["images_done"] == "12"  # each tar's samples, counted as it was read
     reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
     assert set(reasons) == {"00003.tar#bad/text.jpg", "00003.tar#bad/half.jpg", "00003.tar#bad/lonely"}, reasons
     assert "not an image" in reasons["00003.tar#bad/text.jpg"]
