@@ -108,7 +108,7 @@ def _has_tars(folder: Location) -> bool:
 
 def _local_files(folder: Path) -> list[str]:
     if not folder.is_dir():
-        raise DataError(f"data directory {folder} does not exist; {HELP}")
+        raise DataError(f"{folder} is neither a folder nor a .parquet file; {HELP}")
     with os.scandir(folder) as it:
         return [e.name for e in it if e.is_file()]
 

@@ -92,6 +92,30 @@ def test_a_bad_format_is_a_usage_error_that_creates_nothing(images_tree, tmp_pat
 
 # --- WebDataset tars -----------------------------------------------------------------------
 
+def test_brace_patterns_and_keys():
+    from convoy.shared.embeddings import key_of
+    from convoy.shared.storage import expand_braces
+
+    assert expand_braces("s3://b/p/{00008..00011}.tar") == [f"s3://b/p/{n:05d}.tar" for n in range(8, 12)]
+    assert expand_braces("d/{a,b}-{1..2}.tar") == ["d/a-1.tar", "d/a-2.tar", "d/b-1.tar", "d/b-2.tar"]
+    assert key_of("00001.tar#a/b.seg.png") == "a/b" and key_of("train/cats/1.jpg") == "train/cats/1"
+    assert key_of("part.parquet#17") == "17"
+
+
+def test_a_truncated_tar_keeps_the_samples_before_the_cut_and_names_where(loose, tmp_path):
+    from convoy.shared.settings import Settings
+    from convoy.workers.samples import read_samples
+
+    whole = make_tars(loose, tmp_path / "wds", per_tar=8)[0].read_bytes()
+    cut = tmp_path / "cut" / "00000.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(whole[: len(whole) * 2 // 3])  # in the middle of some member
+    samples = list(read_samples("webdataset", "00000.tar", 0, cut, {}, ["blobs", "stripes"],
+                                Settings(data_roots=(cut.parent,))))
+    good, bad = [s for s in samples if s.data], [s for s in samples if s.reason]
+    assert 3 <= len(good) < 8 and [s.label for s in good] == [0] * min(4, len(good)) + [1] * (len(good) - 4)
+    assert len(bad) == 1 and "truncated" in bad[0].reason and bad[0].source.startswith("00000.tar#")
+
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -209,11 +233,12 @@ def _running(store, job: str):
     return None
 
 
-@pytest.mark.slow  # half a minute: two embedded runs and one on the cluster
-def test_webdataset_on_a_store_by_prefix_and_by_brace_pattern_outputs_on_the_store(cluster, s3, loose, tmp_path):  # noqa: F811
+@pytest.mark.slow  # most of a minute: three embedded runs and one on the cluster
+def test_tars_by_prefix_and_brace_pattern_and_parquet_bytes_on_a_store_outputs_there(cluster, s3, loose, tmp_path):  # noqa: F811
     """Tars on the S3 server, read by prefix (one listing) and by brace pattern (none), outputs
     written there and read back with plain pyarrow: equal to the same tars in a folder, and the
-    second run, naming the same tars by pattern, reuses every finished tar."""
+    second run, naming the same tars by pattern, reuses every finished tar. Parquet image bytes
+    there give the same embeddings."""
     import s3fs
 
     tars = make_tars(loose, tmp_path / "wds", per_tar=3)
@@ -240,6 +265,15 @@ def test_webdataset_on_a_store_by_prefix_and_by_brace_pattern_outputs_on_the_sto
                                   want["features"].reshape(8, -1))
     with fs.open("wds/out/npy/all/img_emb/img_emb_2.npy", "rb") as fh:
         np.testing.assert_array_equal(np.load(fh), want["features"][6:].reshape(2, -1))
+    # Parquet image bytes on the store too: row groups read in ranges, the same features.
+    make_parquet(loose, tmp_path / "pq" / "a.parquet", rows_per_group=3)
+    s3.upload_tree(tmp_path / "pq", "s3://wds/pq")
+    rows = _run(None, "s3://wds/pq", "s3://wds/pq-out", "--workers", "1", "--image-column", "jpg",
+                "--label-column", "label", "--format", "parquet", env=env)
+    assert rows["shards"] == 3 and rows["images"] == 8
+    got = pq.read_table("wds/pq-out/parquet/all", filesystem=fs)
+    assert got["key"].to_pylist() == table["key"].to_pylist() and got["label"] == table["label"]
+    assert got["embedding"] == table["embedding"]
 
 
 # --- Parquet of image bytes ------------------------------------------------------------------
