@@ -191,6 +191,7 @@ def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, 
         "reused_images": reused,
         "skipped": summary.get("skipped", []),
         "features": summary.get("features", {}),
+        "embeddings": summary.get("embeddings", {}),  # --format parquet, npy: format -> split -> folder
         "failed_shards": summary.get("failed_shards", []),
         "seconds": round(seconds, 3),
         "images_per_s": round(images / max(seconds, 1e-9), 2),  # the whole command's, start-up included

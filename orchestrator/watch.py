@@ -127,6 +127,8 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"  {name:<12} {fmt_seconds(seconds):>10}  {stage_detail(name, summary)}".rstrip())
     for split, path in summary["features"].items():
         lines.append(f"  features[{split}] -> {path}")
+    for fmt, folders in summary.get("embeddings", {}).items():
+        lines += [f"  {fmt}[{split}] -> {path}" for split, path in folders.items()]
     for name, value in summary.get("metrics", {}).items():
         lines.append(f"  {name}: {value:.4f}")
     for name, path in summary.get("model", {}).items():

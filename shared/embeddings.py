@@ -54,6 +54,14 @@ def npy_files(out_dir: str, shard: str) -> tuple[Location, Location]:
             storage.join(base, "metadata", f"metadata_{n}.parquet"))
 
 
+def output_folders(out_dir: str, formats: list[str], splits: list[str]) -> dict[str, dict[str, str]]:
+    """Where each split's ``parquet`` and ``npy`` outputs are: format -> split -> folder."""
+    base = storage.at(out_dir)
+    folders = {"parquet": lambda s: storage.join(base, "parquet", s),
+               "npy": lambda s: storage.join(base, "npy", s, "img_emb")}
+    return {f: {s: str(folders[f](s)) for s in splits} for f in formats if f in folders}
+
+
 def _table(sources: list[str], labels: np.ndarray, split: str, keys: list[str] | None = None):
     import pyarrow as pa
 

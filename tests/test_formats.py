@@ -43,6 +43,9 @@ def test_parquet_and_npy_outputs_hold_the_hdf5_features_and_faiss_indexes_them(c
     out = tmp_path / "out"
     summary = _run(cluster, images_tree, out, "--shard-size", "5", "--format", "npy,parquet,hdf5")
     train = _h5(summary["features"]["train"])
+    splits = ("train", "validation", "test")
+    assert summary["embeddings"] == {"parquet": {s: str(out / "parquet" / s) for s in splits},
+                                     "npy": {s: str(out / "npy" / s / "img_emb") for s in splits}}
     # Parquet: a split's folder is one dataset; three lines of pyarrow.
     table = pq.read_table(out / "parquet" / "train")
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from convoy.shared import keys
 from convoy.shared.celery_app import app
+from convoy.shared.embeddings import output_folders
 from convoy.shared.errors import ShardError
 from convoy.shared.features import merge_job_files, shard_fingerprint
 from convoy.shared.job import JobSpec, shard_fingerprint_of
@@ -66,6 +67,7 @@ def merge_all(store: JobStore, spec: JobSpec, confirm: Callable[[], None] = lamb
               for s in sorted(store.failed_shards(spec.job_id))]
     counts = extraction_counts({sid: states[sid] for sid in finished})
     summary = {"images": images, "skipped": skipped, "features": features, "failed_shards": failed,
+               "embeddings": output_folders(spec.out_dir, spec.options.get("formats") or [], spec.splits),
                "reused_shards": counts["reused_shards"], "reused_images": counts["reused_images"],
                "extracted_images": counts["extracted_images"], "extract_timings": extract_timings(states)}
     confirm()
