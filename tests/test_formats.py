@@ -315,6 +315,21 @@ def test_parquet_image_bytes_one_shard_per_row_group_labels_from_a_column(cluste
     assert meta["key"].to_pylist() == [f"blobs/img-{i:03d}" for i in range(4)]
 
 
+def test_a_hugging_face_image_column_is_read_too(loose, tmp_path):
+    """Hugging Face datasets store an Image feature as a struct {bytes, path}."""
+    import pyarrow as pa
+
+    from convoy.shared.settings import Settings
+    from convoy.workers.samples import read_samples
+
+    files = sorted(loose.rglob("*.jpg"))[:3]
+    path = tmp_path / "hf.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in files]}), path)
+    samples = list(read_samples("parquet", "hf.parquet", 0, path, {"image_column": "image"}, [],
+                                Settings(data_roots=(tmp_path,))))
+    assert [s.data for s in samples] == [p.read_bytes() for p in files] and [s.key for s in samples] == ["0", "1", "2"]
+
+
 def test_parquet_options_are_checked_at_the_edge(loose, tmp_path):
     data = make_parquet(loose, tmp_path / "pq" / "a.parquet", rows_per_group=4)
     for args, words in ((["--image-column", "png"], "no column 'png' (--image-column)"),
