@@ -105,6 +105,26 @@ def test_brace_patterns_and_keys():
     assert key_of("part.parquet#17") == "17"
 
 
+def test_tars_the_webdataset_package_writes_are_read_as_it_reads_them(loose, tmp_path):
+    """Shards from ``webdataset.ShardWriter`` (as img2dataset writes them) read by Convoy give
+    the samples ``webdataset.WebDataset`` itself yields: the same keys, images and labels."""
+    wds = pytest.importorskip("webdataset")
+    from convoy.shared.settings import Settings
+    from convoy.workers.samples import read_samples
+
+    files = sorted(loose.rglob("*.jpg"))
+    with wds.ShardWriter(str(tmp_path / "%05d.tar"), maxcount=5, verbose=0) as sink:
+        for path in files:
+            sink.write({"__key__": path.relative_to(loose).with_suffix("").as_posix(), "jpg": path.read_bytes(),
+                        "cls": int(path.parent.name == "stripes"), "json": {"label": path.parent.name}})
+    theirs = [(s["__key__"], s["jpg"], int(s["cls"])) for s in
+              wds.WebDataset(str(tmp_path / "{00000..00001}.tar"), shardshuffle=False)]
+    ours = [(s.key, s.data, s.label) for n in range(2)
+            for s in read_samples("webdataset", f"{n:05d}.tar", 0, tmp_path / f"{n:05d}.tar", {}, ["blobs", "stripes"],
+                                  Settings(data_roots=(tmp_path,)))]
+    assert ours == theirs and len(ours) == len(files)
+
+
 def test_a_truncated_tar_keeps_the_samples_before_the_cut_and_names_where(loose, tmp_path):
     from convoy.shared.settings import Settings
     from convoy.workers.samples import read_samples
