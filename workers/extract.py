@@ -99,34 +99,13 @@ def _outcome(shard: str, summary: dict, reused: bool, timings: dict) -> Outcome:
 
 def _extract(task, rt, spec, shard, entries, abs_paths) -> tuple[ShardResult, dict]:
     model = spec.model
-    extractor = rt.extractor(model)
-    feats, rows, skipped = [], [], []
-    timings = {"decode_wait_s": 0.0, "inference_s": 0.0, "decoded": 0}
     cache = pixel_cache.ShardCache(spec, abs_paths, rt.settings) if spec.options.get("cache_pixels") else None
-    t_start = time.perf_counter()
-    t_mark = t_start
-    done = 0
-    for batch in iter_batches(abs_paths, model.input_size_px, model.batch_size, rt.settings, model.decode,
-                              cache.cached if cache else None):
-        t_ready = time.perf_counter()
-        timings["decoded"] += batch.decoded
-        if cache:
-            cache.add(batch)
-        timings["decode_wait_s"] += t_ready - t_mark
-        timings.setdefault("first_batch_at", time.time())
-        if len(batch.rows):
-            feats.append(extractor(batch.pixels))
-            rows += batch.rows
-        # A skipped path is kept as shown: HDF5 text holds no NUL byte and no undecodable name.
-        skipped += [(printable(entries[i][0]), reason) for i, reason in batch.skipped]
-        t_mark = time.perf_counter()
-        timings["inference_s"] += t_mark - t_ready
-        done += len(batch.rows) + len(batch.skipped)
-        _report(task, rt.store, spec, shard, done, len(entries), t_start)
+    batches = iter_batches(abs_paths, model.input_size_px, model.batch_size, rt.settings, model.decode,
+                           cache.cached if cache else None)
+    features, rows, skipped, timings = _infer(task, rt, spec, shard, batches, lambda i: entries[i][0], len(entries),
+                                              cache.add if cache else None)
     if cache:
         cache.save(timings["decoded"])
-    dtype = np.float16 if model.dtype == "float16" else np.float32
-    features = np.concatenate(feats) if feats else np.zeros((0, *extractor.model.output_shape[1:]), dtype)
     result = ShardResult(
         features=features,
         labels=np.array([entries[i][1] for i in rows], dtype=np.int64),
@@ -140,10 +119,7 @@ def _extract_samples(task, rt, spec, shard, entry, location) -> tuple[ShardResul
     """A container shard (a WebDataset tar, a Parquet row group): samples read in one pass while
     the first batches decode, their bytes decoded by the decoding processes."""
     model = spec.model
-    extractor = rt.extractor(model)
     samples: list[Sample] = []
-    feats, rows, skipped = [], [], []
-    timings = {"decode_wait_s": 0.0, "inference_s": 0.0, "decoded": 0}
 
     def items():
         for sample in read_samples(spec.options["layout"], entry[0], entry[1], location, spec.options["reading"],
@@ -151,30 +127,48 @@ def _extract_samples(task, rt, spec, shard, entry, location) -> tuple[ShardResul
             samples.append(sample)
             yield sample.data if sample.data is not None else sample.reason
 
+    def release(batch) -> None:  # decoded: the bytes are not kept for the rest of the tar
+        for i in (*batch.rows, *(i for i, _ in batch.skipped)):
+            samples[i].data = None
+
+    batches = iter_blob_batches(items(), model.input_size_px, model.batch_size, rt.settings, model.decode)
+    # A tar's total is known only once it is read: progress counts what is done.
+    features, rows, skipped, timings = _infer(task, rt, spec, shard, batches, lambda i: samples[i].source, None,
+                                              release)
+    result = ShardResult(features=features, labels=np.array([samples[i].label for i in rows], dtype=np.int64),
+                         paths=[samples[i].source for i in rows], skipped=skipped,
+                         keys=[samples[i].key for i in rows])
+    return result, timings
+
+
+def _infer(task, rt, spec, shard, batches, name, total, on_batch) -> tuple[np.ndarray, list[int], list, dict]:
+    """Features of each decoded batch as it comes: (features, their positions in the shard,
+    (name, reason) of each image skipped, timings); ``name(i)``: how position ``i`` is shown,
+    ``total``: the shard's images (None: not known before the end), ``on_batch``: called with each."""
+    model = spec.model
+    extractor = rt.extractor(model)
+    feats, rows, skipped = [], [], []
+    timings = {"decode_wait_s": 0.0, "inference_s": 0.0, "decoded": 0}
     t_start = t_mark = time.perf_counter()
-    for batch in iter_blob_batches(items(), model.input_size_px, model.batch_size, rt.settings, model.decode):
+    for batch in batches:
         t_ready = time.perf_counter()
         timings["decoded"] += batch.decoded
+        if on_batch:
+            on_batch(batch)
         timings["decode_wait_s"] += t_ready - t_mark
         timings.setdefault("first_batch_at", time.time())
         if len(batch.rows):
             feats.append(extractor(batch.pixels))
             rows += batch.rows
-        skipped += [(printable(samples[i].source), reason) for i, reason in batch.skipped]
-        for i, _ in batch.skipped:
-            samples[i].data = None
-        for i in batch.rows:
-            samples[i].data = None  # decoded: the bytes are not kept for the rest of the tar
+        # A skipped path is kept as shown: HDF5 text holds no NUL byte and no undecodable name.
+        skipped += [(printable(name(i)), reason) for i, reason in batch.skipped]
         t_mark = time.perf_counter()
         timings["inference_s"] += t_mark - t_ready
         done = len(rows) + len(skipped)
-        _report(task, rt.store, spec, shard, done, done, t_start)
+        _report(task, rt.store, spec, shard, done, total or done, t_start)
     dtype = np.float16 if model.dtype == "float16" else np.float32
     features = np.concatenate(feats) if feats else np.zeros((0, *extractor.model.output_shape[1:]), dtype)
-    result = ShardResult(features=features, labels=np.array([samples[i].label for i in rows], dtype=np.int64),
-                         paths=[samples[i].source for i in rows], skipped=skipped,
-                         keys=[samples[i].key for i in rows])
-    return result, timings
+    return features, rows, skipped, timings
 
 
 def _rss_mb() -> float:
