@@ -74,6 +74,9 @@ def containers(text: str, reading: Reading, listing: list[tuple[str, int]] | Non
             names = storage.expand_braces(text)
             base = storage.location(text[: text.index("{")].rsplit("/", 1)[0] or ".")
             found = [storage.relative_to(storage.location(n), base) for n in names]
+            missing = [n for n in names if not storage.is_url(n) and not Path(n).is_file()]
+            if missing:  # a folder's are looked up (cheap); a store's are named, not asked for
+                raise DataError(f"{missing[0]} does not exist ({len(missing)} of the {len(names)} files {text} names)")
         else:
             loc = storage.location(text)
             if wanted(storage.name(loc)) and storage.is_name_of_object(loc):

@@ -223,6 +223,8 @@ def test_webdataset_options_are_checked_at_the_edge(loose, tmp_path):
         proc = convoy("run", str(tmp_path / "wds"), "--out", str(tmp_path / "out"), *FAST, *args)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    proc = convoy("run", str(tmp_path / "wds" / "{00000..00002}.tar"), "--out", str(tmp_path / "out"), *FAST)
+    assert proc.returncode == 2 and "00002.tar does not exist (1 of the 3 files" in proc.stderr, proc.stderr
     proc = convoy("run", str(loose), "--out", str(tmp_path / "out"), *FAST, "--label-field", "label")
     assert proc.returncode == 2 and "--label-field reads WebDataset" in proc.stderr, proc.stderr
 
