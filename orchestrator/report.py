@@ -44,6 +44,10 @@ def _summary(manifest: dict) -> str:
             ("shards", len(manifest["shards"])), ("classes", ", ".join(spec.get("class_names") or []) or "none"),
             ("layer", model["layer"]), ("input size", f"{model['input_size_px']} px"),
             ("weights", job_weights(spec)[0])]
+    if spec["options"].get("layout") in ("webdataset", "parquet"):
+        rows.append(("input", spec["options"]["layout"]))
+    formats = ["hdf5", *(spec["options"].get("formats") or [])]  # the HDF5 shard files are always written
+    rows.append(("outputs", ", ".join(dict.fromkeys(formats))))
     if run.get("seconds"):
         rows.append(("wall time", fmt_seconds(run["seconds"])))
     if end.get("error"):

@@ -401,7 +401,8 @@ def test_training_grad_cam_and_report_from_tars_with_parquet_asked_for(cluster, 
         assert all(".tar#" in p for p in f["paths"].asstr()[()]), f["paths"][()]
     assert (out / "model" / "full_model.keras").exists() and pq.read_table(out / "parquet" / "all").num_rows == 16
     report = convoy("report", str(out), check=True).stdout.strip()
-    assert report.endswith("report.html") and ".tar#" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert report.endswith("report.html") and ".tar#" in page and "webdataset" in page and "hdf5, parquet" in page
 
 
 @pytest.mark.slow  # a dozen seconds: two runs
