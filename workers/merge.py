@@ -17,6 +17,7 @@ from convoy.shared.job import JobSpec, fingerprint
 from convoy.shared.jobstore import JobStore, NewStep
 from convoy.shared.manifest import extraction_counts, shard_record, update_states
 from convoy.shared.states import JobStatus
+from convoy.workers.job_weights import settled
 from convoy.workers.runtime import runtime
 from convoy.workers.step import ChainStep, Outcome, Route
 
@@ -37,7 +38,7 @@ class MergeStep(ChainStep):
 def merge_job(self, job_id: str, step: str = keys.MERGE_STEP) -> Outcome:
     """Merge a job's finished shards into ``features/<split>.h5``."""
     store = runtime().store
-    summary = merge_all(store, store.spec(job_id), confirm=self.ctx.confirm)
+    summary = merge_all(store, settled(store, store.spec(job_id)), confirm=self.ctx.confirm)
     return Outcome(result={"images": summary["images"]}, job_fields={"summary": summary})
 
 
