@@ -23,7 +23,9 @@ from convoy.shared.jobstore import JobStore
 log = logging.getLogger("convoy.weights")
 
 #: How long a maker holds its turn: a maker that dies frees it for the next worker after this.
-MAKER_TTL_S = 300
+#: Making takes about a second; a slower one overlapping with a second maker is harmless, for
+#: both write the same bytes (seeded weights saved by the same Keras are byte-identical).
+MAKER_TTL_S = 60
 #: How long a worker waits for another's weights before its step fails (and is retried).
 WAIT_S = 900
 POLL_S = 0.2
