@@ -18,12 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import h5py
+import pytest
 
 from convoy.orchestrator.cluster import free_port
 from convoy.shared.job import sha256_file
 from convoy.shared.jobstore import JobStore, connect
-from tests.conftest import LOGIN, ROOT, wait_final, wait_until
-from tests.imagegen import make_tree
+from tests.conftest import LOGIN, ROOT, convoy, wait_final, wait_until
+from tests.imagegen import make_flat, make_tree
 
 HEAVY = {"tensorflow", "keras"}
 TINY = ("--weights", "none", "--input-size", "32", "--batch-size", "2")
@@ -130,3 +131,29 @@ def test_metrics_and_flower_never_import_tensorflow(cluster, tmp_path):
     port = free_port()
     _assert_light("flower", _serve(("flower", "--port", port, "--db", tmp_path / "flower.db"), port, "/healthcheck",
                                    env, tmp_path))
+
+
+@pytest.mark.slow
+def test_a_maker_killed_holding_its_turn_hands_it_on_and_every_image_comes_once(private, tmp_path):
+    """The worker that took the turn to make a job's random weights dies holding it: another
+    worker waits the turn out (30 s), makes them, and every worker still checks one sha256."""
+    data = make_flat(tmp_path / "data", 6, size_px=32)
+    out, faults_log = tmp_path / "out", tmp_path / "faults.log"
+    private.start("maker", extra_env={"CONVOY_FAULTS": "making-weights=1", "CONVOY_FAULTS_LOG": str(faults_log)})
+    job = convoy("submit", "extract", str(data), "--out", str(out), *TINY, "--shard-size", "2",
+                 "--broker", private.url, check=True).stdout.strip()
+    wait_until(lambda: faults_log.exists(), 120, "the maker to die holding its turn")
+    private.kill("maker")
+    assert private.store.weights_sha256(job) is None
+    private.start("w1", "w2")
+    state = wait_final(private.store, job, timeout=300)
+    assert state["status"] == "done", private.logs()
+    assert faults_log.read_text().count("making-weights") == 1
+    sha = private.store.weights_sha256(job)
+    assert sha == sha256_file(out / "weights" / "vgg16-random-seed0.weights.h5")
+    rows = 0
+    for shard in (out / "features").rglob("shard-*.h5"):
+        with h5py.File(shard) as fh:
+            assert fh.attrs["weights_sha256"] == sha
+            rows += len(fh["paths"])
+    assert rows == 6

@@ -15,17 +15,18 @@ import socket
 import time
 from dataclasses import replace
 
-from convoy.shared import storage, weightfiles
+from convoy.shared import faults, storage, weightfiles
 from convoy.shared.errors import WeightsMismatch
 from convoy.shared.job import JobSpec
 from convoy.shared.jobstore import JobStore
 
 log = logging.getLogger("convoy.weights")
 
-#: How long a maker holds its turn: a maker that dies frees it for the next worker after this.
-#: Making takes about a second; a slower one overlapping with a second maker is harmless, for
-#: both write the same bytes (seeded weights saved by the same Keras are byte-identical).
-MAKER_TTL_S = 60
+#: How long a maker holds its turn: a maker that dies frees it for the next worker after this,
+#: before its step's lease lapses (45 s), so the step's next holder finds the turn free. Making
+#: takes about a second; a slower maker overlapping with a second one is harmless, for both
+#: write the same bytes (seeded weights saved by the same Keras are byte-identical).
+MAKER_TTL_S = 30
 #: How long a worker waits for another's weights before its step fails (and is retried).
 WAIT_S = 900
 POLL_S = 0.2
@@ -54,6 +55,7 @@ def settled(store: JobStore, spec: JobSpec) -> JobSpec:
 def _make(store: JobStore, spec: JobSpec) -> JobSpec:
     m = spec.model
     t0 = time.perf_counter()
+    faults.point("making-weights")
     where = weightfiles.random_weights(m.model, storage.at(spec.out_dir), m.seed)
     if str(where) != m.weights_path:  # a spec that names another file: not one this worker made
         raise WeightsMismatch(f"job {spec.job_id} names weights {m.weights_path}, not {where}; resubmit the job")
