@@ -3,7 +3,7 @@
 One layout serves every kind of job (an extraction chain shard → merge → train → fine-tune, and
 Grad-CAM batch → assemble). Each job has a spec, a state hash, its steps' inputs, and one hash per
 step; transitions are the atomic scripts of :mod:`convoy.shared.lua`; progress is written field by
-field. The README's "Job lifecycle" section draws the states and the key layout.
+field. docs/internals.md draws the states and the key layout.
 """
 
 from __future__ import annotations

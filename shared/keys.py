@@ -112,7 +112,7 @@ def leases() -> str:
     return f"{PREFIX}:leases"
 
 
-# --- dispatch: which job's step goes next on a queue (see the README's "Sharing the cluster") ---
+# --- dispatch: which job's step goes next on a queue (docs/internals.md, "The dispatcher") ---
 
 def outstanding(queue: str) -> str:
     """Sorted set ``job|step`` -> time sent, of every step sent on ``queue`` and not yet finished:

@@ -264,6 +264,6 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_weights(private, tmp_path
     # RMSprop moves a weight by at most about the learning rate (1e-5) per step whatever its
     # gradient, so float noise in a near-zero gradient can cost up to lr x the 40 steps of the
     # resumed epoch: that bounds the largest difference; the typical weight agrees to ~1e-6.
-    # (Seen here: max 2e-4, median 1e-6. Bit-exact equality is not reached yet: see the README.)
+    # (Seen here: max 2e-4, median 1e-6. Not bit for bit: see docs/usage.md.)
     assert diff.max() <= 2 * 1e-5 * 40
     assert np.median(diff) < 1e-5
