@@ -49,7 +49,7 @@ class ExtractShard(ChainStep):
 def extract_shard(self, job_id: str, shard: str) -> Outcome:
     """Extract features for ``shard`` (e.g. ``train/00003``) of job ``job_id``."""
     rt = runtime()
-    spec = settled(rt.store, rt.spec(job_id))  # seeded random weights: made by the first worker here
+    spec = settled(rt.store, rt.spec(job_id), self.ctx.check)  # random weights: the first worker makes them
     host = self.request.hostname or socket.gethostname()
     entries = rt.store.inputs(job_id, shard)
     final = spec.shard_file(shard)

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from convoy.shared import faults, storage, weightfiles
@@ -32,13 +33,15 @@ WAIT_S = 900
 POLL_S = 0.2
 
 
-def settled(store: JobStore, spec: JobSpec) -> JobSpec:
-    """``spec`` with its weights' sha256, the random weights made here first if no worker has."""
+def settled(store: JobStore, spec: JobSpec, check: Callable[[], None] = lambda: None) -> JobSpec:
+    """``spec`` with its weights' sha256, the random weights made here first if no worker has.
+    ``check`` raises while waiting when the step must stop (its job ended, another holder)."""
     if spec.model.weights_sha256 != weightfiles.PENDING:
         return spec
     me = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
+        check()
         sha = store.weights_sha256(spec.job_id)
         if sha:
             return _with_sha(spec, sha)
