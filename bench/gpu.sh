@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run, one command: decode throughput per core on this host, then the seed's Keras loop
+# The GPU run, one command: decode throughput per core on this host, then the reference loop
 # vs `convoy run --decode fast --precision bfloat16` from JPEG files on one GPU (H100/H200).
 # Needs TensorFlow's CUDA build:  pip install -e '.[gpu]'   (or run inside docker/Dockerfile.gpu)
 # Usage: bash bench/gpu.sh [IMAGES] [BATCH]      -> bench/results/gpu/{decode,extract}.json

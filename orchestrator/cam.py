@@ -52,6 +52,9 @@ class CamRequest:
     share: Share = DEFAULT_SHARE  # priority, weight and cap on the cam queue
     run_job: str = ""  # the extraction job of `convoy run` that asks for these heatmaps
     notes: list[str] | None = None  # default: the weights note in model.json beside a Convoy model
+    #: The model `convoy run` just trained into OUT: the CAM workers load and check it, as they do
+    #: every model; the CLI only hashes it (loading it here would import TensorFlow for nothing).
+    own_model: bool = False
 
 
 # --- validating at the edge ---------------------------------------------------------------
@@ -131,6 +134,9 @@ def _check_classes(req: CamRequest, n_classes: int) -> None:
 
 def resolve_model(req: CamRequest) -> tuple[Path, str]:
     """(file the workers load, its sha256), after proving the model, layer and class fit."""
+    if req.own_model:
+        where = storage.location(req.model)
+        return where, (sha256_file(storage.local_copy(where)) if storage.is_url(where) else sha256_file(where))
     if req.model == VGG16_IMAGENET:
         from convoy.orchestrator.weights import fetch_imagenet_top
 
@@ -399,7 +405,7 @@ def cam_for_run(out_dir: Location, settings: Settings, n: int, workers: int = 1,
     manifest = read_manifest(out_dir)
     note = job_weights(manifest["spec"])[1]
     req = CamRequest(model=str(model), inputs=images, out_dir=storage.join(out_dir, "cam"), root=data, labels=labels,
-                     run_job=manifest["job_id"], notes=[note] if note else [])
+                     run_job=manifest["job_id"], notes=[note] if note else [], own_model=True)
     summary = run_cam(req, settings, workers=workers, stages=stages)
     return {"dir": summary["out"], "heatmaps": summary["heatmaps"], "index": summary["index"],
             "overlays": summary["overlays"], "rows": summary["rows"]}

@@ -80,7 +80,7 @@ def cmd_run(args, settings: Settings) -> int:
     from convoy.orchestrator.lists import data_roots
     from convoy.orchestrator.watch import wait_for_job
 
-    t0 = time.monotonic()
+    t0 = time.monotonic() - _process_age_s()  # the command's start: the interpreter's own start-up counts
     stages = _stages(args)
     request = _request(args, settings)
     stages.begin("scanning", unit="images")
@@ -101,7 +101,7 @@ def cmd_run(args, settings: Settings) -> int:
         return spec, shards
 
     if store is not None:
-        since = store.now()
+        since, since_s = store.now(), time.monotonic() - t0
         spec, shards = job()
         submit(store, spec, shards, settings.job_ttl_s, _share(args))
         state = wait_for_job(store, spec.job_id, stages)
@@ -113,12 +113,13 @@ def cmd_run(args, settings: Settings) -> int:
         logs = storage.join(out, "logs") if not storage.is_url(out) else settings.state_dir / "logs" / str(os.getpid())
         with local_cluster(settings, args.workers, logs, data, (out,)) as (local, pool):
             store = _store(local)
-            since = store.now()
+            since, since_s = store.now(), time.monotonic() - t0
             spec, shards = job()
             submit(store, spec, shards, local.job_ttl_s, _share(args))
             state = wait_for_job(store, spec.job_id, stages, alive=pool.alive)
             cam = _cam_after_training(args, spec, local, stages)
     summary = _result(spec, state, time.monotonic() - t0, stages.times, since, cam)
+    summary["first_batch_s"] = _first_batch_s(state, since, since_s)
     _keep_run(spec, summary)
     _print_result(summary, args.json)
     return 0
@@ -207,6 +208,26 @@ def _result(spec, state: dict, seconds: float, stage_times: dict, since: float, 
     if cam is not None:
         result["cam"] = cam
     return result
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux's /proc), 0.0 where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as fh:
+            started_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _first_batch_s(state: dict, since: float, since_s: float) -> float | None:
+    """Seconds from the command's start to the job's first batch of features (its first worker's
+    first progress report; ``since`` is the broker's clock ``since_s`` seconds into the command);
+    None when no image was extracted (every shard reused)."""
+    at = state.get("first_batch_at")
+    return round(float(at) - since + since_s, 3) if at else None
 
 
 def _keep_run(spec, summary: dict) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from convoy.orchestrator.containers import Reading
 from convoy.orchestrator.scan import Scan, scan_data
-from convoy.orchestrator.weights import resolve_weights
-from convoy.shared import backbones, storage, values
+from convoy.orchestrator.weights import resolve_apart
+from convoy.shared import backbones, storage, values, weightfiles
 from convoy.shared.celery_app import send_steps
 from convoy.shared.errors import BadValue, OutputError, UsageError
 from convoy.shared.images import DECODE_MODES
@@ -132,8 +132,16 @@ def weights_first(req: ExtractRequest) -> tuple[Location, str] | None:
     if req.weights == "none":
         return None
     req = with_model_defaults(req)
-    return resolve_weights(req.model, req.weights, req.seed, storage.location(str(req.out_dir)), req.keras_home,
-                           req.checked_weights)
+    return resolve_apart(req.model, req.weights, req.seed, storage.location(str(req.out_dir)), req.keras_home,
+                         req.checked_weights)
+
+
+def random_weights_of(req: ExtractRequest, out: Location) -> tuple[Location, str]:
+    """Where the job's seeded random weights go, and their sha256 when a run into this OUT made
+    them before; else :data:`~convoy.shared.weightfiles.PENDING`: the job's first worker that
+    needs them makes them (:mod:`convoy.workers.job_weights`) while the others start."""
+    where = weightfiles.location(out, weightfiles.random_name(req.model, req.seed))
+    return where, weightfiles.sha256_if_made(where) or weightfiles.PENDING
 
 
 def make_shards(scan: Scan, shard_size: int) -> dict[str, list[list]]:
@@ -199,8 +207,10 @@ def prepare(
     unless ``weights`` already holds them)."""
     req = with_model_defaults(req)
     scan, out = checked or check_request(req)
-    weights_path, sha = weights or resolve_weights(req.model, req.weights, req.seed, out, req.keras_home,
-                                                   req.checked_weights)
+    if weights is None:
+        weights = random_weights_of(req, out) if req.weights == "none" else \
+            resolve_apart(req.model, req.weights, req.seed, out, req.keras_home, req.checked_weights)
+    weights_path, sha = weights
     shards = make_shards(scan, req.shard_size)
     if scan.counted:  # one shard per entry, in order: each Parquet row group's rows
         sizes = [n for split in scan.splits for n in scan.counted[split]]
@@ -218,6 +228,7 @@ def prepare(
         decode=req.decode,
         model=req.model,
         pooling=req.pooling,
+        seed=req.seed,
     )
     spec = JobSpec(
         job_id=new_job_id(),

@@ -39,7 +39,7 @@ from tornado.ioloop import IOLoop
 
 from convoy.orchestrator import control
 from convoy.orchestrator.progress import STAGE_OF, fmt_seconds
-from convoy.orchestrator.status import brief, waiting_for, waiting_words
+from convoy.orchestrator.status import brief, extraction_rate, waiting_for, waiting_words
 from convoy.shared import keys, storage
 from convoy.shared.errors import BadValue, JobNotFound, UsageError
 from convoy.shared.jobstore import JobStore
@@ -127,6 +127,19 @@ class JobsPage:
                 "skipped": _skipped(self.store, job_id, kind, steps)}
 
 
+def _final_rate(state: dict, done: int) -> float:
+    """The rate an ended job had: an extraction's over its extracting stage (images it extracted,
+    reused ones apart), a Grad-CAM job's from its first step running to its end; 0 when unknown."""
+    if state.get("kind", "extract") == "extract":
+        try:
+            extracted = int(json.loads(state.get("summary") or "{}").get("extracted_images", done))
+        except (ValueError, TypeError, AttributeError):
+            extracted = done
+        return extraction_rate(extracted, state)
+    seconds = _float(state.get("ended_at")) - _float(state.get("first_running_at"))
+    return done / seconds if done and seconds > 0 and _float(state.get("first_running_at")) else 0.0
+
+
 def job_row(store: JobStore, item: dict, live: dict[str, int], out_dir: str | None) -> dict:
     """One job as the pages show it: raw values, and ``text``, the words of each cell (the page's
     script sets a cell ``data-field=name`` to ``text[name]``)."""
@@ -135,7 +148,7 @@ def job_row(store: JobStore, item: dict, live: dict[str, int], out_dir: str | No
     final = is_final(status)
     done, total = _int(state.get("images_done")), _int(state.get("images_total"))
     running = item.get("running", {})
-    rate = 0.0 if final else sum(_float(s.get("images_per_s")) for s in running.values())
+    rate = _final_rate(state, done) if final else sum(_float(s.get("images_per_s")) for s in running.values())
     eta = (total - done) / rate if rate > 0 and total > done else None
     stage = _stage(item, status)
     percent = 100.0 * done / total if total else (100.0 if status == JobStatus.DONE else 0.0)

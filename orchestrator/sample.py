@@ -1,4 +1,4 @@
-"""A small sample of real photographs in the seed's layout, cut from scikit-image's data.
+"""A small sample of real photographs in the book's layout, cut from scikit-image's data.
 
 Class ``cat`` is crops of scikit-image's ``chelsea`` photo; class ``other`` is crops of its
 other colour photographs (coffee, rocket, astronaut, motorcycle, Hubble deep field). Every split

@@ -21,7 +21,7 @@ from convoy.shared.values import (
 def add_train_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
     """Classifier options; ``batch_flag`` is ``--train-batch-size`` where extraction has --batch-size."""
     d = TrainConfig()
-    g = p.add_argument_group("training (defaults: the seed's)")
+    g = p.add_argument_group("training (defaults: the book's, Deep Learning with Python 5.3)")
     g.add_argument("--epochs", type=epochs, default=d.epochs, help=f"epochs of the classifier, 1 to {EPOCHS_MAX}")
     g.add_argument("--learning-rate", type=learning_rate, default=d.learning_rate,
                    help="RMSprop rate, above 0 and at most 1")

@@ -123,6 +123,8 @@ def summary_lines(summary: dict) -> list[str]:
              f"{plural(summary['images'], 'image')} in {plural(summary['shards'], 'shard')}"
              + (f", weights {summary['weights']}" if summary.get("weights") else "")]
     lines += [f"  note: {note}" for note in summary.get("notes", [])]
+    if summary.get("first_batch_s") is not None:
+        lines.append(f"  first batch of features {fmt_seconds(summary['first_batch_s'])} after the start")
     for name, seconds in summary.get("stages", {}).items():
         lines.append(f"  {name:<12} {fmt_seconds(seconds):>10}  {stage_detail(name, summary)}".rstrip())
     for split, path in summary["features"].items():

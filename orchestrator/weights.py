@@ -1,15 +1,22 @@
-"""Turning ``--weights`` into one file every worker loads, and the sha256 they verify."""
+"""Turning ``--weights`` into one file every worker loads, and the sha256 they verify.
+
+What needs Keras (fetching ImageNet weights, proving a new file loads into the base) runs in a
+child process (:func:`resolve_apart`): the CLI itself never imports TensorFlow, which costs
+seconds that its workers spend importing it anyway."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
-import tempfile
+import subprocess
+import sys
 from pathlib import Path
 
-from convoy.shared import backbones, storage
+from convoy.shared import backbones, storage, weightfiles
 from convoy.shared.errors import HDF5Refused, WeightsError
 from convoy.shared.job import sha256_file
-from convoy.shared.models import build_base, import_tensorflow, save_random_weights
+from convoy.shared.models import build_base, import_tensorflow
 from convoy.shared.storage import Location
 
 #: Keras's own address and MD5 for VGG16 with its ImageNet classifier top (1000 classes, input 224).
@@ -40,7 +47,7 @@ def imagenet_weights(model: str, out_dir: Location, keras_home: Path) -> Locatio
         transplant(pretrained, plain)
         plain.save_weights(path)
 
-    return _weights_file(out_dir, f"{model}-imagenet.weights.h5", save)
+    return weightfiles.make_once(out_dir, weightfiles.imagenet_name(model), save)
 
 
 def transplant(pretrained, plain) -> None:
@@ -114,29 +121,6 @@ def _with_timeout(fetch, cached: Path, hint: str):
         socket.setdefaulttimeout(old)
 
 
-def _weights_file(out_dir: Location, name: str, save) -> Location:
-    """OUT/weights/NAME, made once by ``save(path)``: in place in a folder, or made here and
-    uploaded whole to a store."""
-    if storage.is_url(out_dir):
-        target = storage.join(out_dir, "weights", name)
-        if not storage.exists(target):
-            with tempfile.TemporaryDirectory(prefix="convoy-weights-") as tmp:
-                save(Path(tmp) / name)
-                storage.upload_file(Path(tmp) / name, target)
-        return target
-    path = Path(out_dir) / "weights" / name
-    if not path.exists():
-        with storage.atomic_path(path) as tmp:  # keeps the ".weights.h5" Keras asks for
-            save(tmp)
-    return path
-
-
-def random_weights(model: str, out_dir: Location, seed: int) -> Location:
-    """Random weights made once per OUT, model and seed, so every worker loads the same bytes."""
-    return _weights_file(out_dir, f"{model}-random-seed{seed}.weights.h5",
-                         lambda path: save_random_weights(model, path, seed))
-
-
 def check_loads(model: str, path: Path, sha256: str, checked: Path | None = None) -> None:
     """Fail at submission, not on every worker, when a weights file doesn't fit the model's base.
 
@@ -144,7 +128,7 @@ def check_loads(model: str, path: Path, sha256: str, checked: Path | None = None
     the next run with it does not import TensorFlow here before the workers start (~3 s).
     """
     backbone = backbones.get(model)
-    marker = checked / f"{model}-{sha256}" if checked else None
+    marker = _marker(model, sha256, checked)
     if marker and marker.exists():
         return
     from convoy.shared import hdf5  # h5py: only when a file is checked, not at every CLI start
@@ -169,12 +153,16 @@ def check_loads(model: str, path: Path, sha256: str, checked: Path | None = None
             pass  # only a shortcut for next time
 
 
+def _marker(model: str, sha256: str, checked: Path | None) -> Path | None:
+    return checked / f"{model}-{sha256}" if checked else None
+
+
 def resolve_weights(model: str, weights: str, seed: int, out_dir: Location,
                     keras_home: Path, checked: Path | None = None) -> tuple[Location, str]:
     """(absolute path or store URL, sha256) of the weights file the job's workers will load."""
     if weights in ("imagenet", "none"):
         made = imagenet_weights(model, out_dir, keras_home) if weights == "imagenet" else \
-            random_weights(model, out_dir, seed)
+            weightfiles.random_weights(model, out_dir, seed)
         if storage.is_url(made):
             return made, sha256_file(storage.local_copy(made))
         path = Path(made)
@@ -188,16 +176,70 @@ def resolve_weights(model: str, weights: str, seed: int, out_dir: Location,
         check_loads(model, local, sha, checked)
         return url, sha
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsError(
-                f"weights file {path} does not exist; use --weights imagenet, none, or a file path"
-            )
-        if not path.name.endswith((".h5", ".keras")):
-            raise WeightsError(f"weights file {path} must end in .weights.h5, .h5 or .keras")
-        path = path.resolve()
+        path = _weights_path(weights)
         sha = sha256_file(path)
         check_loads(model, path, sha, checked)
         return path, sha
     path = path.resolve()
     return path, sha256_file(path)
+
+
+def resolve_apart(model: str, weights: str, seed: int, out_dir: Location, keras_home: Path,
+                  checked: Path | None = None) -> tuple[Location, str]:
+    """:func:`resolve_weights` for the CLI: done here when no Keras is needed (ImageNet weights
+    already in OUT, a file that loaded before), else in a child process whose WeightsError comes
+    back as this process's."""
+    known = _known(model, weights, out_dir, checked)
+    if known:
+        return known
+    args = json.dumps([model, weights, seed, str(out_dir), str(keras_home), str(checked) if checked else None])
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "convoy.orchestrator.weights", args], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode == 0:
+        where, sha = json.loads(proc.stdout.strip().splitlines()[-1])
+        return storage.at(where), sha
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    if proc.returncode == 2 and lines:
+        raise WeightsError(lines[-1].removeprefix("convoy: "))
+    raise WeightsError(f"resolving --weights {weights} failed ({lines[-1] if lines else proc.returncode}); "
+                       "use --weights PATH or --weights none")
+
+
+def _known(model: str, weights: str, out_dir: Location, checked: Path | None) -> tuple[Location, str] | None:
+    """(location, sha256) when finding them needs no Keras, else None."""
+    if weights == "imagenet":
+        made = weightfiles.location(out_dir, weightfiles.imagenet_name(model))
+        sha = weightfiles.sha256_if_made(made)
+        return (made, sha) if sha else None
+    if weights == "none" or storage.is_url(weights):
+        return None
+    path = _weights_path(weights)
+    sha = sha256_file(path)
+    marker = _marker(model, sha, checked)
+    return (path, sha) if marker and marker.exists() else None
+
+
+def _weights_path(weights: str) -> Path:
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; use --weights imagenet, none, or a file path")
+    if not path.name.endswith((".h5", ".keras")):
+        raise WeightsError(f"weights file {path} must end in .weights.h5, .h5 or .keras")
+    return path.resolve()
+
+
+def _child(args: str) -> int:
+    model, weights, seed, out_dir, keras_home, checked = json.loads(args)
+    try:
+        where, sha = resolve_weights(model, weights, seed, storage.at(out_dir), Path(keras_home),
+                                     Path(checked) if checked else None)
+    except WeightsError as exc:
+        print(f"convoy: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps([str(where), sha]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child(sys.argv[1]))

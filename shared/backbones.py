@@ -30,7 +30,7 @@ class Backbone:
     family: str
     constructor: str  # attribute of keras.applications, e.g. "ResNet50"
     module: str  # keras.applications submodule whose preprocess_input goes with it
-    default_size_px: int  # Keras's native input size (VGG16: the seed's 150)
+    default_size_px: int  # Keras's native input size (VGG16: the book's 150)
     min_size_px: int  # the smallest input Keras accepts
     default_layer: str  # the last feature layer (the base's output)
     last_conv: str  # Grad-CAM's layer: the last spatial layer of the base's last block

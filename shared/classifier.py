@@ -1,4 +1,5 @@
-"""The seed's classifier and the models around it. TensorFlow is imported inside the functions.
+"""The book's classifier (Deep Learning with Python 5.3) and the models around it. TensorFlow is
+imported inside the functions.
 
 - the head: ``Flatten -> Dense(256, relu) -> Dropout(0.5) -> Dense(1, sigmoid)`` (or K softmax);
 - the full model: raw RGB pixels (0-255) -> preprocessing -> the backbone's base (pooled when the
@@ -20,7 +21,7 @@ from convoy.shared.models import RESCALE, build_feature_extractor
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train and fine-tune; the defaults are the seed's."""
+    """How to train and fine-tune; the defaults are the book's."""
 
     epochs: int = 30
     learning_rate: float = 2e-5

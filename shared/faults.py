@@ -21,10 +21,11 @@ from convoy.shared.errors import BadValue
 #: in a worker's main process right after it received a message (it dies holding it), in the
 #: middle of uploading an object to a store (shared.storage: after each part is handed to the store),
 #: in a decoding process before each image (workers.decode: the image is decoded again alone),
-#: in a step right before it publishes what it wrote (workers.step: StepContext.confirm), and in a
-#: worker's main process handing a checked message to its pool (raises: see :func:`fail`).
+#: in a step right before it publishes what it wrote (workers.step: StepContext.confirm), in a
+#: worker's main process handing a checked message to its pool (raises: see :func:`fail`), and in
+#: the worker that took the turn to make a job's random weights (workers.job_weights), holding it.
 POINTS = ("after-claim", "before-enqueue", "after-receive", "mid-upload", "mid-decode", "before-publish",
-          "before-pool")
+          "before-pool", "making-weights")
 #: A rate of ``stop`` freezes the process (SIGSTOP) instead of killing it: a holder that a test
 #: thaws later (SIGCONT), after its job was cancelled or its lease was taken over.
 STOP = "stop"

@@ -8,7 +8,7 @@ Two decode modes (``--decode``):
   in the DCT domain (libjpeg's scaled decoding, via Pillow's ``draft``), so most of its pixels are
   never computed; any other image large enough is first box-reduced by a whole factor
   (``reducing_gap``). The bilinear resize to (s, s) follows as in ``exact``. Features move a
-  little (README, "Performance"); the mode is recorded with them.
+  little (docs/performance.md, "Decoding"); the mode is recorded with them.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ class ModelConfig:
     precision: str = "float32"  # compute type: float32, or bfloat16 (mixed) for GPUs and AMX CPUs
     decode: str = "exact"  # exact (Keras load_img pixels) or fast (JPEG DCT scaling): shared.images
     pooling: str = "none"  # none (the 4-D map), avg or max: Keras's pooling= on the chosen layer
+    seed: int = 0  # --seed: with weights "none", the random weights' seed (their file's name says it too)
 
 
 @dataclass

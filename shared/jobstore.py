@@ -3,7 +3,7 @@
 One layout serves every kind of job (an extraction chain shard → merge → train → fine-tune, and
 Grad-CAM batch → assemble). Each job has a spec, a state hash, its steps' inputs, and one hash per
 step; transitions are the atomic scripts of :mod:`convoy.shared.lua`; progress is written field by
-field. The README's "Job lifecycle" section draws the states and the key layout.
+field. docs/internals.md draws the states and the key layout.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class JobStore:
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
             "CLAIM", "RENEW", "PROGRESS", "NOTE", "FINISH", "RELEASE", "END", "REOPEN", "RECEIVED", "REPAIR",
             "LAPSED", "OLD_PENDING", "OVERTAKEN", "OLD_HELD", "HEARTBEAT", "LIVE_WORKERS", "CLAIM_OUT", "PRUNE",
-            "OBSERVE_STEP", "RATES", "FORGET_RATE", "DISPATCH", "SET_OPTIONS")}
+            "OBSERVE_STEP", "RATES", "FORGET_RATE", "DISPATCH", "SET_OPTIONS", "SETTLE_WEIGHTS")}
 
     def _run(self, name: str, args: list, script_keys: list | None = None):
         return self._scripts[name](keys=script_keys or [], args=[str(a) for a in args])
@@ -250,6 +250,25 @@ class JobStore:
         from convoy.shared.camjob import CamSpec
 
         return CamSpec.from_json(self._spec_text(job_id))
+
+    # --- a job's random weights (made by its first worker: workers/job_weights.py) ------------
+    def weights_sha256(self, job_id: str) -> str | None:
+        """The sha256 of the job's random weights, once a worker made and recorded them."""
+        return self.r.hget(keys.job_state(job_id), "weights_sha256") or None
+
+    def take_weights_turn(self, job_id: str, worker: str, ttl_s: int) -> bool:
+        """True for the one worker that makes the job's random weights now (for ``ttl_s`` at most:
+        a maker that dies leaves the turn to the next one)."""
+        return bool(self.r.set(keys.job_weights_maker(job_id), worker, nx=True, ex=ttl_s))
+
+    def end_weights_turn(self, job_id: str, worker: str) -> None:
+        if self.r.get(keys.job_weights_maker(job_id)) == worker:
+            self.r.delete(keys.job_weights_maker(job_id))
+
+    def settle_weights(self, job_id: str, sha256: str, spec_json: str) -> str | None:
+        """Record the weights' sha256 and the spec that carries it; the sha256 every worker checks
+        against (the first one recorded), or None when the job is gone."""
+        return self._run("SETTLE_WEIGHTS", [job_id, sha256, spec_json])
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(keys.job_spec(job_id)))

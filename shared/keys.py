@@ -38,8 +38,14 @@ def job_spec(job_id: str) -> str:
 
 
 def job_state(job_id: str) -> str:
-    """Hash: kind, status, error, images_done/total, max_deliveries, ttl, summary, timestamps."""
+    """Hash: kind, status, error, images_done/total, max_deliveries, ttl, summary, timestamps, and
+    ``weights_sha256`` once a worker made the job's random weights."""
     return f"{PREFIX}:job:{job_id}:state"
+
+
+def job_weights_maker(job_id: str) -> str:
+    """String with a TTL: the worker making the job's random weights now (expires by itself)."""
+    return f"{PREFIX}:job:{job_id}:weights-maker"
 
 
 def job_inputs(job_id: str) -> str:
@@ -106,7 +112,7 @@ def leases() -> str:
     return f"{PREFIX}:leases"
 
 
-# --- dispatch: which job's step goes next on a queue (see the README's "Sharing the cluster") ---
+# --- dispatch: which job's step goes next on a queue (docs/internals.md, "The dispatcher") ---
 
 def outstanding(queue: str) -> str:
     """Sorted set ``job|step`` -> time sent, of every step sent on ``queue`` and not yet finished:

@@ -236,6 +236,7 @@ local old = tonumber(redis.call('HGET', sk, 'done') or '0')
 if new ~= old then redis.call('HINCRBY', k_state(j), 'images_done', new - old) end
 redis.call('HSET', sk, 'done', new, 'images_per_s', ARGV[5])
 local t = now()
+if new > 0 then redis.call('HSETNX', k_state(j), 'first_batch_at', t) end
 redis.call('HSET', k_rates(), token, ARGV[6] .. '|' .. ARGV[5])
 redis.call('ZADD', k_rates_seen(), t, token)
 prune_rates(t - tonumber(ARGV[7]))
@@ -356,6 +357,18 @@ return dispatch(ARGV[1], now(), {})
 
 #: ARGV: job, priority, weight, max_running ('' keeps a value). -> {'ended'} for a job that ended,
 #: else {'ok', then job, step, task, queue, msg of each step to send}.
+# A job's seeded random weights, made by its first worker: the sha256 of the file is recorded once
+# (HSETNX: a second maker cannot change what the others verify against), and the spec every
+# worker reads from then on carries it. Nothing for a job that is gone.
+SETTLE_WEIGHTS = _PRELUDE + """
+local j = ARGV[1]
+if redis.call('EXISTS', k_spec(j)) == 0 then return false end
+if redis.call('HSETNX', k_state(j), 'weights_sha256', ARGV[2]) == 1 then
+  redis.call('SET', k_spec(j), ARGV[3], 'KEEPTTL')
+end
+return redis.call('HGET', k_state(j), 'weights_sha256')
+"""
+
 SET_OPTIONS = _PRELUDE + """
 local j = ARGV[1]
 local js = job_status(j)

@@ -7,7 +7,7 @@ import json
 import typing
 from pathlib import Path
 
-from convoy.shared import storage
+from convoy.shared import storage, weightfiles
 from convoy.shared.errors import JobNotFound, ManifestError
 from convoy.shared.job import JobSpec
 from convoy.shared.storage import Location
@@ -133,7 +133,14 @@ def _is(value, kind) -> bool:
 
 
 def spec_and_shards(manifest: dict) -> tuple[JobSpec, dict[str, list[list]]]:
+    """The job and its shards; random weights a worker made after the manifest was written (a job
+    that never ended) get their sha256 from the file, as a rerun into the same OUT would."""
     spec = JobSpec.from_json(json.dumps(manifest["spec"]))
+    m = spec.model
+    if m.weights == "none" and m.weights_sha256 == weightfiles.PENDING:
+        sha = weightfiles.sha256_if_made(storage.at(m.weights_path))
+        if sha:
+            spec = dataclasses.replace(spec, model=dataclasses.replace(m, weights_sha256=sha))
     return spec, {s["id"]: s["entries"] for s in manifest["shards"]}
 
 
@@ -185,10 +192,13 @@ END_FIELDS = ("status", "error", "failed_step", "created_at", "ended_at", "image
               "extracting_at", "merging_at", "training_at", "finetuning_at")
 
 
-def record_end(out_dir: str | Path, state: dict, states: dict[str, str | dict]) -> None:
-    """The job's final status, error and summary, for when Redis no longer has its keys."""
+def record_end(out_dir: str | Path, state: dict, states: dict[str, str | dict], spec: JobSpec | None = None) -> None:
+    """The job's final status, error and summary, for when Redis no longer has its keys; and its
+    spec as the workers ended it (with the sha256 of random weights a worker made)."""
     end = {k: state[k] for k in END_FIELDS if k in state}
-    extra = {"end": end}
+    extra: dict = {"end": end}
+    if spec is not None:
+        extra["spec"] = json.loads(spec.to_json())
     if state.get("summary"):
         extra["summary"] = json.loads(state["summary"])
     update_states(out_dir, states, extra)

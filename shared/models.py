@@ -17,7 +17,7 @@ from convoy.shared import backbones
 from convoy.shared.backbones import BASE_OUTPUT
 from convoy.shared.errors import LayerError, UsageError
 
-#: ``rescale``: pixels x 1/255, as the seed's ImageDataGenerator did. Any backbone's name means that
+#: ``rescale``: pixels x 1/255, as the book's ImageDataGenerator did. Any backbone's name means that
 #: model's own keras.applications preprocess_input (the default is the job's model).
 RESCALE = "rescale"
 

@@ -28,6 +28,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -343,8 +344,32 @@ def opened_copy(path: str | Path, settings: Settings, what: str, also: tuple[Pat
     final.parent.mkdir(exist_ok=True, mode=0o700)
     os.replace(dst.name, final)
     _COPIES[key] = (final, digest.hexdigest())
+    prune_copies(folder, keep=final.parent)
     return _COPIES[key]
 
 
 #: The private copies this process made, by the opened file's identity (ctime changes with any write).
 _COPIES: dict[tuple, tuple[Path, str]] = {}
+#: A private copy not made again for this long is removed when another one is made: each is a
+#: model or weights file (tens of MB), and a worker loads it right after the copy. A process that
+#: still wants a pruned one copies it again (:func:`opened_copy` checks it is there).
+COPY_KEEP_S = 24 * 3600
+
+
+def prune_copies(folder: Path, keep: Path | None = None, now: float | None = None) -> int:
+    """Remove the copies in ``folder`` older than :data:`COPY_KEEP_S` (never ``keep``); how many."""
+    import shutil
+
+    cutoff, removed = (now if now is not None else time.time()) - COPY_KEEP_S, 0
+    for entry in folder.iterdir():
+        try:
+            if entry == keep or entry.lstat().st_mtime >= cutoff:
+                continue
+        except FileNotFoundError:  # another worker pruned it first
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)  # a temporary file a killed copy left
+        removed += 1
+    return removed

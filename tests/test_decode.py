@@ -42,7 +42,7 @@ def test_fast_equals_exact_when_the_image_is_under_twice_the_target(photos):
 
 
 def test_fast_moves_features_little_on_real_photographs(photos, tmp_path):
-    """The bound the README states: measured at 150 px, block5_pool, seeded random weights."""
+    """The bound docs/performance.md states: measured at 150 px, block5_pool, seeded random weights."""
     from convoy.shared.models import build_feature_extractor, preprocess, save_random_weights
 
     exact = np.stack([load_pixels(p, 150, "exact") for p in photos])

@@ -2,7 +2,7 @@
 
 The store's scripts are driven directly, as workers drive them: a step is claimed when it is
 sent, and finished when a test says so; every finish sends what the store chose next. Each test
-names the promise it holds (the README's "Sharing the cluster" states them).
+names the promise it holds (docs/usage.md, "Sharing the cluster", states them).
 """
 
 from __future__ import annotations

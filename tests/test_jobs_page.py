@@ -131,6 +131,7 @@ def test_jobs_page_in_headless_chromium(flower, store, done_job, tmp_path):
     assert row, jobs[:3000]
     assert "<progress" in row.group(0) and ">done<" in row.group(0) and ">report.html</a>" in row.group(0)
     assert re.search(r'<body[^>]* data-polls="\d+"', jobs), "the page's poll of /jobs.json did not succeed"
+    assert _job_json(base, job_id)["images_per_s"] > 0, "an ended job shows the rate it had, not 0"
 
     job = _browse(base, f"/jobs/{job_id}", tmp_path / "jobs-page-job.png", "--window-size=1600,1150")
     assert f'Job <span class="mono">{job_id}</span>' in job and 'id="step-counts"' in job

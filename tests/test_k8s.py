@@ -1,6 +1,6 @@
 """deploy/k8s, checked offline: every manifest against the Kubernetes schemas (bundled by
 kubernetes-validate) or KEDA's ScaledObject CRD (vendored under tests/schemas), then against the
-rules the README's "Autoscaling" section promises."""
+rules docs/operations.md's "Autoscaling" section promises."""
 
 from __future__ import annotations
 

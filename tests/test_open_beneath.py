@@ -186,3 +186,21 @@ def test_a_symlinked_folder_inside_out_is_refused_and_nothing_is_written_through
         assert final["status"] == "failed", final
         assert f"output folder {out / folder}: a symlink below the output directory: refused" in final["error"], final
     assert not list(elsewhere.iterdir())
+
+
+def test_private_copies_not_made_again_for_a_day_are_pruned_when_another_is_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = Settings(data_roots=(tmp_path,), output_roots=(tmp_path,))
+    first, second = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
+    first.write_bytes(b"a" * 1000)
+    second.write_bytes(b"b" * 1000)
+    old, _ = paths.opened_copy(first, settings, "weights file")
+    two_days_ago = old.stat().st_mtime - 2 * paths.COPY_KEEP_S
+    os.utime(old.parent, (two_days_ago, two_days_ago))
+    stray = old.parent.parent / ".copy-left-by-a-kill"
+    stray.write_bytes(b"x")
+    os.utime(stray, (two_days_ago, two_days_ago))
+    new, _ = paths.opened_copy(second, settings, "weights file")
+    assert new.is_file() and not old.parent.exists() and not stray.exists()
+    again, _ = paths.opened_copy(first, settings, "weights file")  # pruned: copied again, not lost
+    assert again == old and again.read_bytes() == first.read_bytes()

@@ -1,4 +1,4 @@
-"""The threat model's lines (README, "Security"), one test each: forged jobs written straight into
+"""The threat model's lines (docs/security.md), one test each: forged jobs written straight into
 the broker, symlinks out of the roots, models that carry code, the embedded broker's password."""
 
 from __future__ import annotations

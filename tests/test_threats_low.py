@@ -1,4 +1,4 @@
-"""The threat model's smaller lines (README, "Security"), one test each: a forged Grad-CAM job that
+"""The threat model's smaller lines (docs/security.md), one test each: a forged Grad-CAM job that
 names any file as its weights, one root set alone, the embedded broker's socket, a NUL byte in a
 list, OUT inside DATA, and file names that would drive the terminal."""
 
@@ -75,7 +75,7 @@ def test_either_root_alone_confines_models_and_weights(tmp_path, env):
         paths.readable(elsewhere / "model.keras", settings, "model file")
     keras_cache = elsewhere / ".keras"
     assert paths.readable(keras_cache / "w.h5", settings, "weights file", also=(keras_cache,)) == keras_cache / "w.h5"
-    # Neither set: anywhere (the README's unconfined default).
+    # Neither set: anywhere (the unconfined default, docs/security.md).
     assert paths.readable(elsewhere / "model.keras", Settings.from_env({}), "model file") == elsewhere / "model.keras"
 
 

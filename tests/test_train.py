@@ -171,12 +171,15 @@ def test_failing_shard_ends_the_job_failed_fast(cluster, tmp_path):
     from convoy.shared.celery_app import configure
     from convoy.shared.errors import JobFailed
     from convoy.shared.settings import Settings
+    from convoy.shared.weightfiles import random_weights
 
     data = make_tree(tmp_path / "data", {"train": 3, "validation": 2, "test": 2})
     req = ExtractRequest(data_dir=data, out_dir=tmp_path / "out", input_size_px=32, weights="none",
                          seed=9731, shard_size=4)
+    random_weights("vgg16", tmp_path / "out", 9731)  # made before, as by a run into this OUT: hashed at submission
     spec, shards, _scan = prepare(req, options={"then_train": True})
     weights = Path(spec.model.weights_path)
+    assert spec.model.weights_sha256
     weights.write_bytes(weights.read_bytes() + b"changed after submission")
     configure(Settings(broker_url=cluster.url))
     store = _store(cluster)
@@ -264,6 +267,6 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_weights(private, tmp_path
     # RMSprop moves a weight by at most about the learning rate (1e-5) per step whatever its
     # gradient, so float noise in a near-zero gradient can cost up to lr x the 40 steps of the
     # resumed epoch: that bounds the largest difference; the typical weight agrees to ~1e-6.
-    # (Seen here: max 2e-4, median 1e-6. Bit-exact equality is not reached yet: see the README.)
+    # (Seen here: max 2e-4, median 1e-6. Not bit for bit: see docs/usage.md.)
     assert diff.max() <= 2 * 1e-5 * 40
     assert np.median(diff) < 1e-5

@@ -29,6 +29,7 @@ from convoy.shared.states import JobStatus
 from convoy.shared.terminal import printable
 from convoy.workers import pixel_cache
 from convoy.workers.decode import iter_batches, iter_blob_batches
+from convoy.workers.job_weights import settled
 from convoy.workers.provenance import feature_attrs
 from convoy.workers.runtime import runtime
 from convoy.workers.samples import Sample, read_samples
@@ -57,7 +58,7 @@ class ExtractShard(ChainStep):
 def extract_shard(self, job_id: str, shard: str) -> Outcome:
     """Extract features for ``shard`` (e.g. ``train/00003``) of job ``job_id``."""
     rt = runtime()
-    spec = rt.spec(job_id)
+    spec = settled(rt.store, rt.spec(job_id), self.ctx.check)  # random weights: the first worker makes them
     host = self.request.hostname or socket.gethostname()
     entries = rt.store.inputs(job_id, shard)
     final = spec.shard_file(shard)

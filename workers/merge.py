@@ -18,6 +18,7 @@ from convoy.shared.job import JobSpec, shard_fingerprint_of
 from convoy.shared.jobstore import JobStore, NewStep
 from convoy.shared.manifest import extraction_counts, shard_record, update_states
 from convoy.shared.states import JobStatus
+from convoy.workers.job_weights import settled
 from convoy.workers.runtime import runtime
 from convoy.workers.step import ChainStep, Outcome, Route
 
@@ -38,7 +39,7 @@ class MergeStep(ChainStep):
 def merge_job(self, job_id: str, step: str = keys.MERGE_STEP) -> Outcome:
     """Merge a job's finished shards into ``features/<split>.h5``."""
     store = runtime().store
-    summary = merge_all(store, store.spec(job_id), confirm=self.ctx.confirm)
+    summary = merge_all(store, settled(store, store.spec(job_id)), confirm=self.ctx.confirm)
     return Outcome(result={"images": summary["images"]}, job_fields={"summary": summary})
 
 
@@ -85,4 +86,21 @@ def extract_timings(states: dict[str, dict]) -> dict:
     firsts = [t["first_batch_at"] for t in runs if "first_batch_at" in t]
     lasts = [t["written_at"] for t in runs if "written_at" in t]
     return {**total, "shards_run": len(runs), "rss_mb": rss, "first_batch_at": min(firsts) if firsts else None,
-            "last_written_at": max(lasts) if lasts else None}
+            "last_written_at": max(lasts) if lasts else None, **_between_shards(states)}
+
+
+def _between_shards(states: dict[str, dict]) -> dict:
+    """The time each worker's inference had nothing to do between two of its shards: from one
+    shard's file written to the next shard's first decoded batch (finishing, dispatch, delivery,
+    the next task's set-up and its first decode), summed and at most."""
+    by_worker: dict[str, list[dict]] = {}
+    for s in states.values():
+        t = s.get("timings") or {}
+        if "first_batch_at" in t and "written_at" in t:
+            by_worker.setdefault(str(s.get("worker", "")), []).append(t)
+    gaps = []
+    for runs in by_worker.values():
+        runs.sort(key=lambda t: t["first_batch_at"])
+        gaps += [max(0.0, b["first_batch_at"] - a["written_at"]) for a, b in zip(runs, runs[1:], strict=False)]
+    return {"between_shards_s": round(sum(gaps), 3), "max_between_shards_s": round(max(gaps, default=0.0), 3),
+            "shard_switches": len(gaps)}

@@ -345,6 +345,6 @@ class ChainStep(ConvoyStep):
         states = {step: shard_record(s) for step, s in store.shard_states(job_id).items()}
         try:
             output(spec.out_dir, runtime().settings)  # a job refused for its OUT writes nothing there
-            record_end(spec.out_dir, store.status(job_id), states)
+            record_end(spec.out_dir, store.status(job_id), states, spec)
         except (OSError, OutsideRoots) as exc:  # the job's state in Redis says it all; the manifest is a copy
             log.warning("could not record the end of job %s in %s: %s", job_id, spec.out_dir, exc)

@@ -22,6 +22,7 @@ from convoy.shared.job import JobSpec
 from convoy.shared.jobstore import JobStore, NewStep
 from convoy.shared.states import JobStatus
 from convoy.workers.fit import finetune, train_head
+from convoy.workers.job_weights import settled
 from convoy.workers.predict import predict_paths
 from convoy.workers.runtime import runtime
 from convoy.workers.step import ChainStep, Outcome, Route
@@ -97,7 +98,7 @@ def predict_images(self, model_path: str, paths: list[str]) -> dict:
 def _open(job_id: str) -> tuple[JobStore, JobSpec]:
     # Read the spec afresh, not from the per-process cache: `submit train` may follow an old job.
     store = runtime().store
-    return store, store.spec(job_id)
+    return store, settled(store, store.spec(job_id))
 
 
 def _summary(store: JobStore, job_id: str) -> dict:
