@@ -118,6 +118,15 @@ def image_too_big(width: int, height: int) -> str | None:
     return None
 
 
+def bytes_too_big(size: int, what: str) -> str | None:
+    """Why ``what`` of ``size`` bytes (a container's member, read whole) must not be read into
+    this worker's memory, or None: it may take what one decoded image may."""
+    if _image_limit and size > _image_limit:
+        return (f"out of memory budget: {what} holds {mb(size)}, more than the {mb(_image_limit)} one image may "
+                f"take on this worker (a quarter of its share of CONVOY_MAX_MEMORY)")
+    return None
+
+
 # --- the watcher ---------------------------------------------------------------------------
 
 class StepGuard:

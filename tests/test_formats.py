@@ -139,6 +139,31 @@ def test_a_truncated_tar_keeps_the_samples_before_the_cut_and_names_where(loose,
     assert 3 <= len(good) < 8 and [s.label for s in good] == [0] * min(4, len(good)) + [1] * (len(good) - 4)
     assert len(bad) == 1 and "truncated" in bad[0].reason and bad[0].source.startswith("00000.tar#")
 
+def test_a_member_over_the_workers_one_image_share_is_skipped_unread(loose, tmp_path):
+    from convoy.shared import memory
+    from convoy.shared.settings import Settings
+    from convoy.workers.samples import read_samples
+
+    jpeg = next(loose.rglob("*.jpg")).read_bytes()
+    path = tmp_path / "big" / "00000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        _member(tar, "a.jpg", jpeg)
+        _member(tar, "a.cls", b"0")
+        _member(tar, "b.jpg", jpeg + b"\0" * (4 * len(jpeg)))  # a JPEG with a long tail: 5x the size
+        _member(tar, "b.cls", b"1")
+        _member(tar, "c.jpg", jpeg)
+        _member(tar, "c.cls", b"1")
+    memory.set_image_limit(int(len(jpeg) * 3 / memory.IMAGE_SHARE))  # one image may take 3x a.jpg
+    try:
+        samples = list(read_samples("webdataset", "00000.tar", 0, path, {}, ["blobs", "stripes"],
+                                    Settings(data_roots=(path.parent,))))
+    finally:
+        memory.set_image_limit(0)
+    assert [(s.key, s.data is not None) for s in samples] == [("a", True), ("b", False), ("c", True)]
+    assert samples[1].source == "00000.tar#b.jpg" and "out of memory budget: member b.jpg" in samples[1].reason
+
+
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)

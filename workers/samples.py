@@ -27,6 +27,7 @@ from convoy.shared import paths, storage
 from convoy.shared.errors import OutsideRoots, ShardError, StoreError
 from convoy.shared.images import BadImage, is_image_name, sample_in_container
 from convoy.shared.job import SEED_SPLITS
+from convoy.shared.memory import bytes_too_big
 from convoy.shared.settings import Settings
 from convoy.shared.storage import Location
 
@@ -80,6 +81,10 @@ def _tar_samples(rel: str, loc: Location, reading: dict, classes: list[str], set
             with tarfile.open(fileobj=fh, mode="r|*") as tar:
                 for key, members in _groups(tar):
                     last = max(name for name, _ in members.values())
+                    if _OVERSIZE in members:  # not read: neither its image nor its split is known
+                        if first:
+                            yield Sample(f"{rel}#{members[_OVERSIZE][0]}", key, reason=members[_OVERSIZE][1])
+                        continue
                     owner, reason = _tar_split(members, reading, split)
                     if reason and first:
                         yield Sample(f"{rel}#{last}", key, reason=reason)
@@ -93,8 +98,14 @@ def _tar_samples(rel: str, loc: Location, reading: dict, classes: list[str], set
                                                              "the members after it are not read")
 
 
+#: The key of a sample's members under which :func:`_groups` puts (member, reason) when one of
+#: them is too big to read into memory: the sample is skipped with that reason.
+_OVERSIZE = "\0oversize"
+
+
 def _groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
-    """(key, {extension: (member name, bytes)}) per sample, in tar order."""
+    """(key, {extension: (member name, bytes)}) per sample, in tar order; a member over the
+    worker's one-image memory share is not read (:data:`_OVERSIZE`)."""
     key, members = None, {}
     for member in tar:
         if not member.isfile() or os.path.basename(member.name).startswith("."):
@@ -105,6 +116,10 @@ def _groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tuple[str, by
             yield key, members
             members = {}
         key = this
+        too_big = bytes_too_big(member.size, f"member {member.name}")
+        if too_big:
+            members.setdefault(_OVERSIZE, (member.name, too_big))
+            continue
         members.setdefault(ext, (member.name, tar.extractfile(member).read()))
     if members:
         yield key, members
