@@ -59,13 +59,28 @@ def _make(store: JobStore, spec: JobSpec) -> JobSpec:
     m = spec.model
     t0 = time.perf_counter()
     faults.point("making-weights")
-    where = weightfiles.random_weights(m.model, storage.at(spec.out_dir), m.seed)
-    if str(where) != m.weights_path:  # a spec that names another file: not one this worker made
+    out = storage.at(spec.out_dir)
+    where = weightfiles.location(out, weightfiles.random_name(m.model, m.seed))
+    if str(where) != m.weights_path:  # a spec that names another file (forged): nothing is made for it
         raise WeightsMismatch(f"job {spec.job_id} names weights {m.weights_path}, not {where}; resubmit the job")
-    made = _with_sha(spec, weightfiles.sha256_of(where))
+    weightfiles.random_weights(m.model, out, m.seed)
+    made = _with_sha(spec, _sha256(where))
     recorded = store.settle_weights(spec.job_id, made.model.weights_sha256, made.to_json())
     log.info("made the random weights of job %s (seed %d) in %.1f s", spec.job_id, m.seed, time.perf_counter() - t0)
     return _with_sha(spec, recorded) if recorded else made
+
+
+def _sha256(where) -> str:
+    """The file's sha256, read as the workers will load it: a local file opened beneath its root,
+    never through a symlink (:func:`convoy.shared.paths.opened_copy`; its copy is the one
+    :func:`~convoy.workers.runtime.verify_weights` then loads)."""
+    if storage.is_url(where):
+        return weightfiles.sha256_of(where)
+    from convoy.shared import paths
+    from convoy.workers.runtime import installed_settings
+
+    settings = installed_settings()
+    return paths.opened_copy(where, settings, "weights file", also=(settings.keras_home,))[1]
 
 
 def _with_sha(spec: JobSpec, sha: str) -> JobSpec:
