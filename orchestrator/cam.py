@@ -136,7 +136,7 @@ def resolve_model(req: CamRequest) -> tuple[Path, str]:
     """(file the workers load, its sha256), after proving the model, layer and class fit."""
     if req.own_model:
         where = storage.location(req.model)
-        return where, (sha256_file(storage.local_copy(where)) if storage.is_url(where) else sha256_file(where))
+        return where, sha256_file(where)
     if req.model == VGG16_IMAGENET:
         from convoy.orchestrator.weights import fetch_imagenet_top
 

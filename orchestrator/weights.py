@@ -164,7 +164,7 @@ def resolve_weights(model: str, weights: str, seed: int, out_dir: Location,
         made = imagenet_weights(model, out_dir, keras_home) if weights == "imagenet" else \
             weightfiles.random_weights(model, out_dir, seed)
         if storage.is_url(made):
-            return made, sha256_file(storage.local_copy(made))
+            return made, sha256_file(made)
         path = Path(made)
     elif storage.is_url(weights):
         url = storage.location(weights)

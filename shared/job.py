@@ -8,7 +8,6 @@ import json
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from convoy.shared import storage
 from convoy.shared.storage import Location
@@ -107,7 +106,10 @@ def fingerprint(model: ModelConfig, entries: list[list], reading: dict | None = 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: Location) -> str:
+    """The sha256 of a file, or of a store object (copied to the local cache first)."""
+    if storage.is_url(path):
+        path = storage.local_copy(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -58,13 +58,8 @@ def random_weights(model: str, out_dir: Location, seed: int) -> Location:
     return make_once(out_dir, random_name(model, seed), lambda path: save_random_weights(model, path, seed))
 
 
-def sha256_of(where: Location) -> str:
-    """The file's sha256 (a store object is copied to the local cache first)."""
-    return sha256_file(storage.local_copy(where) if storage.is_url(where) else where)
-
-
 def sha256_if_made(where: Location) -> str | None:
     """The sha256 of a weights file that exists already (a rerun into the same OUT), else None."""
     if storage.is_url(where):
-        return sha256_of(where) if storage.exists(where) else None
+        return sha256_file(where) if storage.exists(where) else None
     return sha256_file(where) if Path(where).is_file() else None

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from convoy.shared import faults, storage, weightfiles
 from convoy.shared.errors import WeightsMismatch
-from convoy.shared.job import JobSpec
+from convoy.shared.job import JobSpec, sha256_file
 from convoy.shared.jobstore import JobStore
 
 log = logging.getLogger("convoy.weights")
@@ -75,7 +75,7 @@ def _sha256(where) -> str:
     never through a symlink (:func:`convoy.shared.paths.opened_copy`; its copy is the one
     :func:`~convoy.workers.runtime.verify_weights` then loads)."""
     if storage.is_url(where):
-        return weightfiles.sha256_of(where)
+        return sha256_file(where)
     from convoy.shared import paths
     from convoy.workers.runtime import installed_settings
 
