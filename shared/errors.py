@@ -57,6 +57,11 @@ class WeightsMismatch(ConvoyError):
     """A worker's weights file does not have the hash the orchestrator recorded."""
 
 
+class WeightsNotReady(ConvoyError):
+    """Another worker is still making the job's random weights after this step waited as long as
+    its time limit allows: the step goes back to its queue, no delivery counted."""
+
+
 class ShardError(ConvoyError):
     """A shard cannot be processed (not a bad image: those are skipped, not raised)."""
 

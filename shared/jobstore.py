@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
+from redis.lock import Lock
 
 from convoy.shared import keys, lua
 from convoy.shared.errors import BrokerError, JobNotFound
@@ -256,14 +257,10 @@ class JobStore:
         """The sha256 of the job's random weights, once a worker made and recorded them."""
         return self.r.hget(keys.job_state(job_id), "weights_sha256") or None
 
-    def take_weights_turn(self, job_id: str, worker: str, ttl_s: int) -> bool:
-        """True for the one worker that makes the job's random weights now (for ``ttl_s`` at most:
-        a maker that dies leaves the turn to the next one)."""
-        return bool(self.r.set(keys.job_weights_maker(job_id), worker, nx=True, ex=ttl_s))
-
-    def end_weights_turn(self, job_id: str, worker: str) -> None:
-        if self.r.get(keys.job_weights_maker(job_id)) == worker:
-            self.r.delete(keys.job_weights_maker(job_id))
+    def weights_turn(self, job_id: str, ttl_s: float) -> Lock:
+        """The turn to make the job's random weights: a lock that lapses ``ttl_s`` after its last
+        renewal, so a maker that dies (or loses Redis) leaves the turn to the next worker."""
+        return self.r.lock(keys.job_weights_maker(job_id), timeout=ttl_s, blocking=False)
 
     def settle_weights(self, job_id: str, sha256: str, spec_json: str) -> str | None:
         """Record the weights' sha256 and the spec that carries it; the sha256 every worker checks

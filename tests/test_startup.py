@@ -136,7 +136,7 @@ def test_metrics_and_flower_never_import_tensorflow(cluster, tmp_path):
 @pytest.mark.slow
 def test_a_maker_killed_holding_its_turn_hands_it_on_and_every_image_comes_once(private, tmp_path):
     """The worker that took the turn to make a job's random weights dies holding it: another
-    worker waits the turn out (30 s), makes them, and every worker still checks one sha256."""
+    worker waits the turn out (10 s after its last renewal), makes them, and every worker still checks one sha256."""
     data = make_flat(tmp_path / "data", 6, size_px=32)
     out, faults_log = tmp_path / "out", tmp_path / "faults.log"
     private.start("maker", extra_env={"CONVOY_FAULTS": "making-weights=1", "CONVOY_FAULTS_LOG": str(faults_log)})
@@ -157,3 +157,28 @@ def test_a_maker_killed_holding_its_turn_hands_it_on_and_every_image_comes_once(
             assert fh.attrs["weights_sha256"] == sha
             rows += len(fh["paths"])
     assert rows == 6
+
+
+@pytest.mark.slow
+def test_a_step_kept_waiting_for_the_weights_goes_back_to_its_queue_uncounted(private, tmp_path):
+    """Another holds the turn to make the weights longer than half a step's soft time limit: the
+    step goes back to its queue without counting a delivery (a wait is not work, and failing it
+    "for the time limit" would blame the shard), then runs once the weights are made."""
+    data = make_flat(tmp_path / "data", 2, size_px=32)
+    job = convoy("submit", "extract", str(data), "--out", str(tmp_path / "out"), *TINY, "--max-deliveries", "1",
+                 "--broker", private.url, check=True).stdout.strip()
+    turn = private.store.weights_turn(job, 120)
+    assert turn.acquire()  # the test is the maker that takes too long
+    private.start("w1", extra_env={"CONVOY_TASK_TIME_LIMIT_S": "8"})  # waits 3.6 s at most
+    log = tmp_path / "logs" / "w1.log"
+
+    def handed_back(times: int) -> bool:  # Celery's own line for a message rejected back to its queue
+        said = "reject requeue=True: step handed back: another worker was still making the random weights"
+        return log.read_text(errors="replace").count(said) >= times
+
+    wait_until(lambda: handed_back(2), 60, "the step to go back to its queue twice", poll_s=0.2)
+    assert private.store.weights_sha256(job) is None
+    turn.release()
+    state = wait_final(private.store, job, timeout=120)
+    assert state["status"] == "done", private.logs()  # --max-deliveries 1: no handback was counted
+    assert private.store.weights_sha256(job)

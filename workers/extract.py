@@ -58,7 +58,8 @@ class ExtractShard(ChainStep):
 def extract_shard(self, job_id: str, shard: str) -> Outcome:
     """Extract features for ``shard`` (e.g. ``train/00003``) of job ``job_id``."""
     rt = runtime()
-    spec = settled(rt.store, rt.spec(job_id), self.ctx.check)  # random weights: the first worker makes them
+    # random weights: the first worker makes them
+    spec = settled(rt.store, rt.spec(job_id), self.ctx.check, rt.settings.task_soft_time_limit_s)
     host = self.request.hostname or socket.gethostname()
     entries = rt.store.inputs(job_id, shard)
     final = spec.shard_file(shard)

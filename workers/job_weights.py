@@ -10,49 +10,79 @@ the bytes it loads against it: all of them provably use identical weights."""
 from __future__ import annotations
 
 import logging
-import os
-import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 
+from redis.exceptions import LockError, RedisError
+from redis.lock import Lock
+
 from convoy.shared import faults, storage, weightfiles
-from convoy.shared.errors import WeightsMismatch
+from convoy.shared.errors import WeightsMismatch, WeightsNotReady
 from convoy.shared.job import JobSpec, sha256_file
 from convoy.shared.jobstore import JobStore
 
 log = logging.getLogger("convoy.weights")
 
-#: How long a maker holds its turn: a maker that dies frees it for the next worker after this,
-#: before its step's lease lapses (45 s), so the step's next holder finds the turn free. Making
-#: takes about a second; a slower maker overlapping with a second one is harmless, for both
-#: write the same bytes (seeded weights saved by the same Keras are byte-identical).
-MAKER_TTL_S = 30
-#: How long a worker waits for another's weights before its step fails (and is retried).
+#: How long a maker's turn outlives its last renewal. The maker renews it every third of that
+#: while it works, so a maker that dies or loses Redis frees it within this long, well before its
+#: step's lease (45 s) lapses. A slow maker that lost its turn overlapping with a second one is
+#: harmless: both write the same bytes (seeded weights saved by the same Keras are byte-identical).
+MAKER_TTL_S = 10
+#: How long a worker waits for another's weights at most; a step waits no more than half its soft
+#: time limit either, then goes back to its queue (:class:`~convoy.shared.errors.WeightsNotReady`)
+#: rather than fail for a time it did not spend working.
 WAIT_S = 900
 POLL_S = 0.2
 
 
-def settled(store: JobStore, spec: JobSpec, check: Callable[[], None] = lambda: None) -> JobSpec:
+def settled(store: JobStore, spec: JobSpec, check: Callable[[], None] = lambda: None,
+            time_limit_s: float = WAIT_S) -> JobSpec:
     """``spec`` with its weights' sha256, the random weights made here first if no worker has.
-    ``check`` raises while waiting when the step must stop (its job ended, another holder)."""
+    ``check`` raises while waiting when the step must stop (its job ended, another holder);
+    ``time_limit_s`` is the step's soft time limit."""
     if spec.model.weights_sha256 != weightfiles.PENDING:
         return spec
-    me = f"{socket.gethostname()}:{os.getpid()}"
-    deadline = time.monotonic() + WAIT_S
+    wait_s = min(WAIT_S, time_limit_s / 2)
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         check()
         sha = store.weights_sha256(spec.job_id)
         if sha:
             return _with_sha(spec, sha)
-        if store.take_weights_turn(spec.job_id, me, MAKER_TTL_S):
-            try:
+        turn = store.weights_turn(spec.job_id, MAKER_TTL_S)
+        if turn.acquire():
+            with _renewed(turn):
                 return _make(store, spec)
-            finally:
-                store.end_weights_turn(spec.job_id, me)
         time.sleep(POLL_S)
-    raise WeightsMismatch(f"no worker made the random weights of job {spec.job_id} within {WAIT_S} s; "
-                          "see the workers' logs")
+    raise WeightsNotReady(f"another worker was still making the random weights of job {spec.job_id} "
+                          f"after {wait_s:.0f} s")
+
+
+@contextmanager
+def _renewed(turn: Lock) -> Iterator[None]:
+    """Hold ``turn`` while the body runs, renewing it; let it go after."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(MAKER_TTL_S / 3):
+            try:
+                turn.reacquire()
+            except (LockError, RedisError) as exc:  # lost (Redis restarted, or lapsed): the maker goes on
+                log.warning("the turn to make weights lapsed while making them (%s)", exc)
+                return
+
+    thread = threading.Thread(target=renew, name="weights-turn", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        with suppress(LockError, RedisError):
+            turn.release()
 
 
 def _make(store: JobStore, spec: JobSpec) -> JobSpec:

@@ -38,8 +38,9 @@ class MergeStep(ChainStep):
 @app.task(name=keys.MERGE_TASK, base=MergeStep, bind=True)
 def merge_job(self, job_id: str, step: str = keys.MERGE_STEP) -> Outcome:
     """Merge a job's finished shards into ``features/<split>.h5``."""
-    store = runtime().store
-    summary = merge_all(store, settled(store, store.spec(job_id)), confirm=self.ctx.confirm)
+    rt = runtime()
+    spec = settled(rt.store, rt.store.spec(job_id), self.ctx.check, rt.settings.task_soft_time_limit_s)
+    summary = merge_all(rt.store, spec, confirm=self.ctx.confirm)
     return Outcome(result={"images": summary["images"]}, job_fields={"summary": summary})
 
 

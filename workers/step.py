@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from convoy.shared import faults, storage
 from convoy.shared.backbones import get as get_backbone
 from convoy.shared.celery_app import send_steps
-from convoy.shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError
+from convoy.shared.errors import ConvoyError, OutOfMemoryBudget, OutsideRoots, ShardError, WeightsNotReady
 from convoy.shared.jobstore import Claim, Finished, JobStore, NewStep
 from convoy.shared.manifest import record_end, shard_record
 from convoy.shared.memory import StepGuard
@@ -206,6 +206,8 @@ class ConvoyStep(Task):
                 return self._handback(ctx, f"Redis was out of reach ({exc})")
             except SoftTimeLimitExceeded:
                 return self._fail(store, job_id, step, self.time_limit_hint)
+            except WeightsNotReady as exc:  # waiting is not the step's work: it costs no delivery
+                return self._handback(ctx, str(exc))
             except ConvoyError as exc:
                 return self._fail(store, job_id, step, str(exc))
             except OSError as exc:

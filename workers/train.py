@@ -97,8 +97,8 @@ def predict_images(self, model_path: str, paths: list[str]) -> dict:
 
 def _open(job_id: str) -> tuple[JobStore, JobSpec]:
     # Read the spec afresh, not from the per-process cache: `submit train` may follow an old job.
-    store = runtime().store
-    return store, settled(store, store.spec(job_id))
+    rt = runtime()
+    return rt.store, settled(rt.store, rt.store.spec(job_id), time_limit_s=rt.settings.train_soft_time_limit_s)
 
 
 def _summary(store: JobStore, job_id: str) -> dict:
