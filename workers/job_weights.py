@@ -47,12 +47,12 @@ def settled(store: JobStore, spec: JobSpec, check: Callable[[], None] = lambda: 
         return spec
     wait_s = min(WAIT_S, time_limit_s / 2)
     deadline = time.monotonic() + wait_s
+    turn = store.weights_turn(spec.job_id, MAKER_TTL_S)
     while time.monotonic() < deadline:
         check()
         sha = store.weights_sha256(spec.job_id)
         if sha:
             return _with_sha(spec, sha)
-        turn = store.weights_turn(spec.job_id, MAKER_TTL_S)
         if turn.acquire():
             with _renewed(turn):
                 return _make(store, spec)
